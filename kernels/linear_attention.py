@@ -1,0 +1,49 @@
+"""Block linear attention of one chunk: ReLU kernel, RoPE on the numerator only, carried running sums.
+
+For the tokens i of a chunk, with a state (S0, z0) summed over all earlier chunks:
+
+    S_c = sum_j v_j (R_j k_j)^T        z_c = sum_j k_j          (j over the chunk's tokens)
+    o_i = (S0 + S_c) (R_i q_i) / ((z0 + z_c) . q_i + eps)
+
+q, k arrive already RMS-normed and ReLU'd. R_i rotates adjacent channel pairs (2m, 2m+1) by the angle whose
+cos/sin are given per token. The d x d products and the normalizer are accumulated in fp32 whatever the input
+dtype. A whole bidirectional clip is the special case S0 = 0, z0 = 0.
+
+This file holds the plain PyTorch reference; faster implementations must match it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs. x: (B, N, H, d); cos, sin: (N, d/2) fp32. Returns fp32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, N, H, d/2) each
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def chunk_state(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """This chunk's contribution to the running sums: S_c (B, H, d, d) and z_c (B, H, d), fp32."""
+    kr = apply_rope(k, cos, sin)
+    S = torch.einsum("bnhv,bnhk->bhvk", v.float(), kr)
+    z = k.float().sum(dim=1)
+    return S, z
+
+
+def linear_attention_ref(q, k, v, cos, sin, S0=None, z0=None, eps: float = 1e-8, return_state: bool = False):
+    """Reference. q, k, v: (B, N, H, d); cos, sin: (N, d/2); S0: (B, H, d, d) fp32; z0: (B, H, d) fp32.
+
+    Returns o (B, N, H, d) in v's dtype, and (S_c, z_c) when return_state.
+    """
+    S, z = chunk_state(k, v, cos, sin)
+    S_c, z_c = S, z
+    if S0 is not None:
+        S, z = S + S0, z + z0
+    qr = apply_rope(q, cos, sin)
+    num = torch.einsum("bhvk,bnhk->bnhv", S, qr)
+    den = torch.einsum("bhk,bnhk->bnh", z, q.float()) + eps
+    o = (num / den[..., None]).to(v.dtype)
+    return (o, (S_c, z_c)) if return_state else o
+

@@ -1,0 +1,33 @@
+"""The `longsana` command. Each subcommand lives beside the code it drives and is imported only when used,
+so `longsana --help` stays fast and a missing optional piece never breaks the others."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> "module:click_command"; a new subcommand is one line here.
+COMMANDS: dict[str, str] = {
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="longsana")
+def main():
+    """LongSANA: stream endless videos from a prompt, in real time."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Model configurations: plain dataclasses plus a dict of named configs.
+
+A config says what the network *is* (shapes, epsilons, RoPE table); how it is *run* (chunk size, denoising
+timesteps, guidance) lives with the samplers. Configs are selectable by name (`get_config("longsana-2b-480p")`)
+and can be read from a diffusers `transformer/config.json` or `vae/config.json`.
+
+The two numerical conventions that differ between the original NVlabs code and diffusers are explicit fields,
+defaulting to the original (the weights were trained with it); tests against diffusers set diffusers' values
+(`DIFFUSERS_CONVENTIONS`):
+  - `linear_attn_eps`: 1e-8 original, 1e-15 diffusers (denominator of the linear attention)
+  - `cross_qk_norm_eps`: 1e-6 original, 1e-5 diffusers (q/k RMSNorm of the cross-attention)
+  - `floor_timestep`: the original casts t to an integer, diffusers does not
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WAN_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                   3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    in_channels: int = 16
+    out_channels: int = 16
+    num_heads: int = 20
+    head_dim: int = 112
+    num_layers: int = 20
+    cross_num_heads: int = 20
+    cross_head_dim: int = 112
+    caption_channels: int = 2304
+    mlp_ratio: float = 3.0
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    norm_eps: float = 1e-6  # the affine-free LayerNorms
+    qk_norm_eps: float = 1e-5  # self-attention q/k RMSNorm
+    cross_qk_norm_eps: float = 1e-6  # cross-attention q/k RMSNorm (diffusers: 1e-5)
+    caption_norm_eps: float = 1e-5
+    linear_attn_eps: float = 1e-8  # linear-attention denominator (diffusers: 1e-15)
+    rope_max_len: int = 1024  # RoPE table rows per axis
+    rope_theta: float = 10000.0
+    floor_timestep: bool = True  # the original network casts t to an integer; diffusers feeds it as it is
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(self.mlp_ratio * self.dim)
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Per-axis RoPE channels (t, h, w) of one head: h = w = 2 * (d // 6), t takes the rest."""
+        hw = 2 * (self.head_dim // 6)
+        return self.head_dim - 2 * hw, hw, hw
+
+    def __post_init__(self):
+        if self.cross_num_heads * self.cross_head_dim != self.dim:
+            raise ValueError("cross-attention width must equal the hidden size "
+                             f"({self.cross_num_heads}x{self.cross_head_dim} != {self.dim})")
+        if self.head_dim % 2 or min(self.rope_split) <= 0 or any(s % 2 for s in self.rope_split):
+            raise ValueError(f"head_dim {self.head_dim} gives an unusable RoPE split {self.rope_split}")
+
+    # -- diffusers config.json ------------------------------------------------------------------------------
+    _DIFFUSERS_KEYS = {  # ours: diffusers'
+        "in_channels": "in_channels", "out_channels": "out_channels", "num_heads": "num_attention_heads",
+        "head_dim": "attention_head_dim", "num_layers": "num_layers",
+        "cross_num_heads": "num_cross_attention_heads", "cross_head_dim": "cross_attention_head_dim",
+        "caption_channels": "caption_channels", "mlp_ratio": "mlp_ratio", "patch_size": "patch_size",
+        "norm_eps": "norm_eps", "rope_max_len": "rope_max_seq_len",
+    }
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict | str | Path, **overrides) -> TransformerConfig:
+        """Read a diffusers `SanaVideoTransformer3DModel` config (dict or path to config.json)."""
+        if not isinstance(cfg, dict):
+            cfg = json.loads(Path(cfg).read_text())
+        unsupported = {
+            "guidance_embeds": False, "qk_norm": "rms_norm_across_heads", "attention_bias": False,
+            "norm_elementwise_affine": False,
+        }
+        for key, want in unsupported.items():
+            if key in cfg and cfg[key] != want:
+                raise ValueError(f"unsupported transformer config: {key}={cfg[key]!r} (expected {want!r})")
+        if cfg.get("cross_attention_dim") not in (None, cfg.get("num_attention_heads", 20) * cfg.get("attention_head_dim", 112)):
+            raise ValueError(f"unsupported transformer config: cross_attention_dim={cfg['cross_attention_dim']}")
+        kw = {ours: cfg[theirs] for ours, theirs in cls._DIFFUSERS_KEYS.items() if cfg.get(theirs) is not None}
+        if "patch_size" in kw:
+            kw["patch_size"] = tuple(kw["patch_size"])
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_diffusers(self) -> dict:
+        """The diffusers config.json content for this architecture."""
+        cfg = {theirs: getattr(self, ours) for ours, theirs in self._DIFFUSERS_KEYS.items()}
+        cfg["patch_size"] = list(self.patch_size)
+        cfg.update(_class_name="SanaVideoTransformer3DModel", cross_attention_dim=self.dim, attention_bias=False,
+                   qk_norm="rms_norm_across_heads", guidance_embeds=False, norm_elementwise_affine=False)
+        return cfg
+
+
+DIFFUSERS_CONVENTIONS = dict(linear_attn_eps=1e-15, cross_qk_norm_eps=1e-5, floor_timestep=False)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Wan 2.1 causal VAE (diffusers `AutoencoderKLWan`)."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    latents_mean: tuple[float, ...] = WAN_LATENTS_MEAN
+    latents_std: tuple[float, ...] = WAN_LATENTS_STD
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    _DIFFUSERS_KEYS = {"base_dim": "base_dim", "z_dim": "z_dim", "dim_mult": "dim_mult",
+                       "num_res_blocks": "num_res_blocks", "temporal_downsample": "temperal_downsample",
+                       "latents_mean": "latents_mean", "latents_std": "latents_std"}
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict | str | Path) -> VAEConfig:
+        if not isinstance(cfg, dict):
+            cfg = json.loads(Path(cfg).read_text())
+        if cfg.get("attn_scales"):
+            raise ValueError(f"unsupported VAE config: attn_scales={cfg['attn_scales']!r}")
+        if cfg.get("decoder_base_dim") not in (None, cfg.get("base_dim", 96)):
+            raise ValueError(f"unsupported VAE config: decoder_base_dim={cfg['decoder_base_dim']!r}")
+        kw = {ours: cfg[theirs] for ours, theirs in cls._DIFFUSERS_KEYS.items() if cfg.get(theirs) is not None}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+
+    def to_diffusers(self) -> dict:
+        cfg = {theirs: getattr(self, ours) for ours, theirs in self._DIFFUSERS_KEYS.items()}
+        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+        cfg.update(_class_name="AutoencoderKLWan", attn_scales=[], dropout=0.0)
+        return cfg
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: its architecture, whether it is block-causal, and its sampling defaults."""
+
+    transformer: TransformerConfig
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    causal: bool = True  # block-causal LongSANA (streams chunk by chunk) or the bidirectional base model
+    chunk_frames: int = 10  # latent frames per chunk (the first chunk absorbs the remainder)
+    denoise_timesteps: tuple[int, ...] = (1000, 960, 889, 727)  # the 4-step causal sampler
+    motion_score: int = 10
+    weights: str | None = None  # official release name, for messages
+
+
+CONFIGS: dict[str, ModelSpec] = {
+    "longsana-2b-480p": ModelSpec(TransformerConfig(), causal=True,
+                                  weights="Efficient-Large-Model/SANA-Video_2B_480p_LongLive_diffusers"),
+    "sana-video-2b-480p": ModelSpec(TransformerConfig(), causal=False, motion_score=30,
+                                    weights="Efficient-Large-Model/SANA-Video_2B_480p_diffusers"),
+    # Small configs for tests and demos. "tiny" has head_dim 40 -> RoPE split 16/12/12 (uneven).
+    "tiny": ModelSpec(TransformerConfig(num_heads=2, head_dim=40, num_layers=2, cross_num_heads=2, cross_head_dim=40,
+                                        caption_channels=24, mlp_ratio=2.5),
+                      VAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1), chunk_frames=2),
+}
+
+
+def get_config(name: str) -> ModelSpec:
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise KeyError(f"unknown config {name!r}; known: {', '.join(sorted(CONFIGS))}") from None
+

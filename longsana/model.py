@@ -1,0 +1,320 @@
+"""The SANA-Video / LongSANA transformer: pure architecture, nothing about sampling or speed tricks.
+
+Parameter names and shapes follow diffusers' `SanaVideoTransformer3DModel`, so a diffusers state dict loads with
+`load_state_dict` as it is (the original `.pth` layout is mapped in `loading.py`). See SPEC section 2 for the math.
+
+Two ways to run it:
+  forward(x, y, t, y_mask)               whole clip, bidirectional (the base model; diffusers' call signature)
+  forward_chunk(x, t, text, state, s)    one chunk of latent frames starting at absolute latent frame s, reading a
+                                         constant-size block-causal `State`; with update_state=True (the
+                                         clean-context pass) the chunk's contribution is added to the state in place.
+
+Block-causal state per layer (SPEC section 3): S = sum v (R k)^T, z = sum k over all past tokens, and `tail`, the
+FFN's last latent frame before the temporal conv, which is the left padding of the next chunk's temporal conv.
+Inside a chunk everything is bidirectional; the right side of a chunk's temporal conv sees zeros.
+
+Layouts: tokens are ordered (frame, row, col), so a (B, N, D) activation is also (B, F, H*W, D) channels-last.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.linear_attention import apply_rope
+from kernels.linear_attention import linear_attention_ref as linear_attention
+from kernels.ln_modulate import ln_modulate_ref as ln_modulate
+
+from .config import TransformerConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned weight; the mean square is taken in fp32 (as diffusers and the original do)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return x.to(self.weight.dtype) * self.weight
+
+
+class MLP2(nn.Module):
+    """Linear -> activation -> Linear, named linear_1/linear_2 as diffusers names its embedders."""
+
+    def __init__(self, d_in: int, d: int, act: nn.Module):
+        super().__init__()
+        self.linear_1, self.act, self.linear_2 = nn.Linear(d_in, d), act, nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class TimestepEmbed(nn.Module):
+    """adaLN-single: t -> sinusoid(256) -> MLP = temb; SiLU(temb) -> Linear(D, 6D) = t0."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.emb = nn.Module()
+        self.emb.timestep_embedder = MLP2(256, dim, nn.SiLU())
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, channels: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+        half = channels // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        angles = t.float()[..., None] * freqs
+        return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype):
+        temb = self.emb.timestep_embedder(self.sinusoid(t).to(dtype))
+        return self.linear(F.silu(temb)), temb
+
+
+class SelfAttention(nn.Module):
+    """ReLU linear attention, RoPE on the numerator only (the maths is in kernels/linear_attention.py)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        D = cfg.dim
+        self.heads, self.eps = cfg.num_heads, cfg.linear_attn_eps
+        self.to_q, self.to_k, self.to_v = (nn.Linear(D, D, bias=False) for _ in range(3))
+        self.norm_q, self.norm_k = RMSNorm(D, cfg.qk_norm_eps), RMSNorm(D, cfg.qk_norm_eps)
+        self.to_out = nn.ModuleList([nn.Linear(D, D)])
+
+    def forward(self, x, rope, S=None, z=None, update_state=False):
+        """x: (B, N, D). S: (B, H, d, d), z: (B, H, d) fp32 running sums of earlier chunks, updated in place."""
+        q = F.relu(self.norm_q(self.to_q(x))).unflatten(-1, (self.heads, -1))  # (B, N, H, d)
+        k = F.relu(self.norm_k(self.to_k(x))).unflatten(-1, (self.heads, -1))
+        v = self.to_v(x).unflatten(-1, (self.heads, -1))
+        if update_state:
+            o, (S_c, z_c) = linear_attention(q, k, v, *rope, S, z, eps=self.eps, return_state=True)
+            S.add_(S_c)
+            z.add_(z_c)
+        else:
+            o = linear_attention(q, k, v, *rope, S, z, eps=self.eps)
+        return self.to_out[0](o.flatten(-2))
+
+
+class CrossAttention(nn.Module):
+    """Softmax attention from video tokens to the prompt; the prompt's K/V come precomputed (`TextKV`)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        D = cfg.dim
+        self.heads = cfg.cross_num_heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(D, D) for _ in range(3))
+        self.norm_q, self.norm_k = RMSNorm(D, cfg.cross_qk_norm_eps), RMSNorm(D, cfg.cross_qk_norm_eps)
+        self.to_out = nn.ModuleList([nn.Linear(D, D)])
+
+    def text_kv(self, y):
+        """y: (B, L, D) -> k, v: (B, heads, L, d)."""
+        k = self.norm_k(self.to_k(y)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        v = self.to_v(y).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, k, v, bias):
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.to_out[0](o.transpose(1, 2).flatten(-2))
+
+
+class MixFFN(nn.Module):
+    """GLU inverted-bottleneck conv FFN with a full temporal conv: 1x1 up, SiLU, depthwise 3x3, gate, 1x1 down,
+    then out = z + TConv(z) along frames. Weights keep diffusers' conv shapes; 1x1 convs run as matmuls."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        D, C = cfg.dim, cfg.ffn_dim
+        self.conv_inverted = nn.Conv2d(D, 2 * C, 1)
+        self.conv_depth = nn.Conv2d(2 * C, 2 * C, 3, padding=1, groups=2 * C)
+        self.conv_point = nn.Conv2d(C, D, 1, bias=False)
+        self.conv_temp = nn.Conv2d(D, D, (3, 1), padding=(1, 0), bias=False)
+
+    def forward(self, x, frames: int, height: int, width: int, tail=None, update_state=False):
+        """x: (B, N, D) with N = frames * height * width. tail: (B, H*W, D), the previous chunk's last frame of z
+        (None: zeros, as at the start of a video or in a whole-clip pass); written in place when update_state."""
+        B, N, D = x.shape
+        h = F.silu(F.linear(x, self.conv_inverted.weight.flatten(1), self.conv_inverted.bias))
+        h = h.view(B * frames, height, width, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+        h = self.conv_depth(h).permute(0, 2, 3, 1)  # (B*F, H, W, 2C)
+        a, g = h.chunk(2, dim=-1)
+        z = F.linear(a * F.silu(g), self.conv_point.weight.flatten(1)).view(B, frames, height * width, D)
+        out = z + self.temporal_conv(z, tail)
+        if update_state:
+            tail.copy_(z[:, -1])
+        return out.view(B, N, D)
+
+    def temporal_conv(self, z, tail):
+        """out[f] = W0 z[f-1] + W1 z[f] + W2 z[f+1], with z[-1] = tail (or 0) and z[F] = 0. z: (B, F, HW, D)."""
+        W = self.conv_temp.weight[..., 0]  # (D_out, D_in, 3)
+        left = torch.zeros_like(z[:, :1]) if tail is None else tail[:, None].to(z.dtype)
+        zp = torch.cat([left, z, torch.zeros_like(z[:, :1])], dim=1)  # (B, F+2, HW, D)
+        frames = z.shape[1]
+        return sum(F.linear(zp[:, k:k + frames], W[:, :, k]) for k in range(3))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm_eps = cfg.norm_eps
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, cfg.dim))
+        self.attn1 = SelfAttention(cfg)
+        self.attn2 = CrossAttention(cfg)
+        self.ff = MixFFN(cfg)
+
+    def forward(self, x, t0, k, v, bias, rope, grid, S=None, z=None, tail=None, update_state=False):
+        """x: (B, N, D); t0: (B, 1 or N, 6D); grid: (frames, height, width) of the tokens."""
+        mods = self.scale_shift_table + t0.unflatten(-1, (6, -1))  # (B, 1 or N, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.unbind(2)
+        h = ln_modulate(x, shift_msa, scale_msa, self.norm_eps)
+        x = x + gate_msa * self.attn1(h, rope, S, z, update_state)
+        x = x + self.attn2(x, k, v, bias)
+        h = ln_modulate(x, shift_mlp, scale_mlp, self.norm_eps)
+        return x + gate_mlp * self.ff(h, *grid, tail=tail, update_state=update_state)
+
+
+@dataclass
+class TextKV:
+    """A prompt prepared for the network: per-layer cross-attention K/V (B, heads, L, d) and the padding bias
+    (B, 1, 1, L). Depends only on the prompt, so it is computed once per prompt, not per step."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    bias: torch.Tensor | None
+
+
+@dataclass
+class State:
+    """Block-causal state of a stream, preallocated once; every update is in place, so its size never changes.
+
+    S: (L, B, H, d, d) fp32, z: (L, B, H, d) fp32, tail: (L, B, h*w, D) in the model's dtype.
+    """
+
+    S: torch.Tensor
+    z: torch.Tensor
+    tail: torch.Tensor
+
+    def tensors(self):
+        return self.S, self.z, self.tail
+
+    def reset(self) -> None:
+        for a in self.tensors():
+            a.zero_()
+
+    def snapshot(self, device=None) -> State:
+        """A copy (optionally on another device, e.g. "cpu" to keep rewind points off the GPU)."""
+        return State(*(a.to(device=device, copy=True) for a in self.tensors()))
+
+    def restore(self, snap: State) -> None:
+        for a, b in zip(self.tensors(), snap.tensors()):
+            a.copy_(b)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.tensors())
+
+
+class LongSANATransformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.dim, cfg.patch_size
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, D, kernel_size=p, stride=p)
+        self.time_embed = TimestepEmbed(D)
+        self.caption_projection = MLP2(cfg.caption_channels, D, nn.GELU(approximate="tanh"))
+        self.caption_norm = RMSNorm(D, cfg.caption_norm_eps)
+        self.transformer_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, D))
+        self.proj_out = nn.Linear(D, math.prod(p) * cfg.out_channels)
+
+    # -- conditioning ------------------------------------------------------------------------------------------
+    def prepare_text(self, y: torch.Tensor, y_mask: torch.Tensor | None = None) -> TextKV:
+        """y: (B, L, caption_channels) text-encoder states; y_mask: (B, L), 1 = keep."""
+        dtype = self.proj_out.weight.dtype
+        y = self.caption_norm(self.caption_projection(y.to(dtype)))
+        bias = None if y_mask is None else ((1 - y_mask.to(dtype)) * -10000.0)[:, None, None, :]
+        return TextKV([blk.attn2.text_kv(y) for blk in self.transformer_blocks], bias)
+
+    def timestep(self, t: torch.Tensor, batch: int):
+        """t: (B,) per sample or (B, N) / (B, ...) per token -> t0 (B, 1|N, 6D), temb (B, 1|N, D)."""
+        if self.cfg.floor_timestep:
+            t = t.floor()  # the original network casts t to an integer
+        t = t.reshape(batch, -1)
+        return self.time_embed(t, self.proj_out.weight.dtype)
+
+    def rope(self, frame0: int, frames: int, height: int, width: int, device=None):
+        """cos, sin (N, d/2) fp32 for the token grid starting at latent frame `frame0` (absolute position).
+
+        Angles are formed in fp64 and rounded once, as diffusers' table is."""
+        cfg = self.cfg
+        if frame0 < 0 or frame0 + frames > cfg.rope_max_len or max(height, width) > cfg.rope_max_len:
+            raise ValueError(f"positions [{frame0}, {frame0 + frames}) x {height} x {width} exceed the RoPE table "
+                             f"({cfg.rope_max_len}); rebase the stream's positions first")
+        axes = []
+        for dim, pos, n_axis in zip(cfg.rope_split, (frame0, 0, 0), (frames, height, width)):
+            freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+            axes.append(torch.arange(pos, pos + n_axis, dtype=torch.float64, device=device)[:, None] * freqs)
+        tf, th, tw = axes
+        grid = (frames, height, width)
+        angles = torch.cat([tf[:, None, None].expand(*grid, -1), th[None, :, None].expand(*grid, -1),
+                            tw[None, None, :].expand(*grid, -1)], dim=-1).reshape(-1, cfg.head_dim // 2)
+        return angles.cos().float(), angles.sin().float()
+
+    # -- the network ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, y_mask: torch.Tensor | None = None):
+        """Whole clip, bidirectional. x: (B, C, F, H, W) latents; y: (B, L, caption_channels); t: (B,) or per
+        token. Returns the flow velocity, shaped like x."""
+        return self.run(x, t, self.prepare_text(y, y_mask))
+
+    def forward_chunk(self, x, t, text: TextKV, state: State, frame0: int, update_state: bool = False,
+                      output: bool = True):
+        """One chunk x: (B, C, f, H, W) at absolute latent frame `frame0`, attending to the state of all earlier
+        chunks. update_state=True (the clean-context pass) adds this chunk to the state; output=False skips the
+        final projection (the clean-context pass needs only the state) and returns None."""
+        return self.run(x, t, text, state, frame0, update_state, output)
+
+    def run(self, x, t, text: TextKV, state: State | None = None, frame0: int = 0, update_state=False, output=True):
+        B, _, frames, H, W = x.shape
+        pt, ph, pw = self.cfg.patch_size
+        grid = (frames // pt, H // ph, W // pw)
+        rope = self.rope(frame0 // pt, *grid, device=x.device)
+        h = self.patch_embedding(x.to(self.proj_out.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
+        t0, temb = self.timestep(t, B)
+        for i, blk in enumerate(self.transformer_blocks):
+            S, z, tail = (None, None, None) if state is None else (state.S[i], state.z[i], state.tail[i])
+            h = blk(h, t0, *text.kv[i], text.bias, rope, grid, S, z, tail, update_state)
+        if not output:
+            return None
+        shift, scale = (self.scale_shift_table + temb[:, :, None]).unbind(2)
+        h = self.proj_out(F.layer_norm(h, h.shape[-1:], eps=self.cfg.norm_eps) * (1 + scale) + shift)
+        # unpatchify: (B, f, h, w, pt, ph, pw, C) -> (B, C, f*pt, h*ph, w*pw)
+        h = h.reshape(B, *grid, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return h.reshape(B, -1, frames, H, W)
+
+    # -- streaming state ----------------------------------------------------------------------------------------
+    def new_state(self, batch: int, height: int, width: int, device=None) -> State:
+        """Zeroed state for latents of spatial size height x width."""
+        cfg = self.cfg
+        L, Hh, d = cfg.num_layers, cfg.num_heads, cfg.head_dim
+        hw = (height // cfg.patch_size[1]) * (width // cfg.patch_size[2])
+        f32 = dict(device=device, dtype=torch.float32)
+        return State(torch.zeros(L, batch, Hh, d, d, **f32), torch.zeros(L, batch, Hh, d, **f32),
+                     torch.zeros(L, batch, hw, cfg.dim, device=device, dtype=self.proj_out.weight.dtype))
+
+    def rebase_state(self, state: State, delta: int) -> None:
+        """Shift every stored position by -delta (exact): S' = S R_delta, i.e. each row of S, a vector in key
+        space, is rotated by -delta frames on the time channels. New chunks must then use positions - delta."""
+        t_dim = self.cfg.rope_split[0]
+        freqs = 1.0 / self.cfg.rope_theta ** (torch.arange(0, t_dim, 2, dtype=torch.float64) / t_dim)
+        angles = torch.zeros(self.cfg.head_dim // 2, dtype=torch.float64)
+        angles[: t_dim // 2] = -delta * freqs
+        S = state.S.flatten(0, 2)  # (L*B*H, d_v, d_k): rows are key-space vectors
+        rows = S.reshape(-1, 1, 1, self.cfg.head_dim)  # as (tokens=rows, N=1, heads=1, d) for apply_rope
+        cos, sin = (a.float().to(S.device)[None] for a in (angles.cos(), angles.sin()))
+        S.copy_(apply_rope(rows, cos, sin).view_as(S))
