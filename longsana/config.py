@@ -159,6 +159,8 @@ class ModelSpec:
     chunk_frames: int = 10  # latent frames per chunk (the first chunk absorbs the remainder)
     denoise_timesteps: tuple[int, ...] = (1000, 960, 889, 727)  # the 4-step causal sampler
     motion_score: int = 10
+    height: int = 480  # default video size in pixels
+    width: int = 832
     weights: str | None = None  # official release name, for messages
 
 
@@ -170,8 +172,18 @@ CONFIGS: dict[str, ModelSpec] = {
     # Small configs for tests and demos. "tiny" has head_dim 40 -> RoPE split 16/12/12 (uneven).
     "tiny": ModelSpec(TransformerConfig(num_heads=2, head_dim=40, num_layers=2, cross_num_heads=2, cross_head_dim=40,
                                         caption_channels=24, mlp_ratio=2.5),
-                      VAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1), chunk_frames=2),
+                      VAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1), chunk_frames=2,
+                      height=32, width=32),
 }
+
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_MODEL = "demo"  # what `longsana serve` / `generate` use when no model is named
+
+
+def bundled_folder(name: str) -> Path | None:
+    """The folder of a built-in model whose weights ship with the package, or None."""
+    folder = ASSETS / name
+    return folder if (folder / "transformer").is_dir() else None
 
 
 def get_config(name: str) -> ModelSpec:

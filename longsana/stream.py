@@ -1,0 +1,324 @@
+"""The streaming generator: a prompt in, an endless sequence of decoded frames out, chunk by chunk.
+
+    pipe = Pipeline.from_pretrained("demo")            # or a diffusers model folder
+    stream = pipe.stream("a red circle moving left", seed=0)
+    for chunk in stream:                                # chunk.frames: uint8 (n, H, W, 3)
+        ...
+        stream.set_prompt("two yellow squares bouncing")  # from any thread; applies at the next chunk
+
+One chunk (SPEC section 3): the previous chunk's clean-context pass adds it to the block-causal state; the 4-step
+causal sampler (4 denoising passes) gives this chunk's x0; the streaming VAE decodes it and the frames go out.
+Running the clean-context pass at the start of the NEXT chunk rather than at the end of its own gets the frames
+out one pass earlier, and it makes the LongLive prompt "re-cache" free: a prompt switched before chunk c is in
+force when chunk c-1's clean-context pass runs, which is exactly "rebuild the state before c-1 and re-run c-1's
+clean-context pass with the new prompt". Older chunks keep their old-prompt contribution (a sum cannot be
+un-mixed). Frames already yielded never change.
+
+Per-stream memory is fixed when the stream starts: the transformer state, the last chunk's x0, the VAE cache and
+a bounded ring of rewind points (on the CPU when the model is on a GPU). Positions are re-based before the RoPE
+table ends, so a stream can run for hours.
+
+Determinism: chunk c's noise comes from a generator seeded by (seed, c), so a stream is a pure function of the
+seed and the prompt schedule, and a rewind followed by the original prompt replays the original continuation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ModelSpec, get_config
+from .model import LongSANATransformer, State
+from .sampling import sample_chunk
+from .text import PromptCache, TextEncoder
+
+FPS = 16
+LATENT_STRIDE = 4  # video frames per latent frame (after the first)
+
+
+@dataclass
+class Chunk:
+    frames: np.ndarray  # uint8 (n, H, W, 3)
+    index: int  # chunk index in the stream
+    start_frame: int  # video frame index of frames[0] (goes back after a rewind)
+    prompt: str  # the prompt this chunk was generated with
+    prompt_seq: int  # increments with each set_prompt call that took effect
+    gen_seconds: float  # wall time spent generating (and decoding) this chunk
+
+
+@dataclass
+class StreamSettings:
+    """How a stream runs; the defaults are the checkpoint's (ModelSpec)."""
+
+    chunk_frames: int = 10  # latent frames per chunk; the first chunk has one more (1 + 4k video frames)
+    timesteps: tuple[float, ...] = (1000.0, 960.0, 889.0, 727.0)
+    bf16_timesteps: bool = False  # feed the bf16-rounded t the official sampler feeds (1000, 960, 888, 728)
+    motion_score: int = 10
+    rewind_points: int = 4  # chunk-boundary snapshots kept for rewind (on the CPU when the model is on a GPU)
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, **overrides) -> StreamSettings:
+        s = cls(chunk_frames=spec.chunk_frames, timesteps=tuple(map(float, spec.denoise_timesteps)),
+                motion_score=spec.motion_score)
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(s, k, v)
+        return s
+
+
+def check_size(height: int, width: int) -> None:
+    if height % 32 or width % 32 or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of 32, got {height}x{width}")
+
+
+class Pipeline:
+    """Transformer + streaming VAE + text encoder, loaded once, serving any number of streams."""
+
+    def __init__(self, model: LongSANATransformer, vae, text: TextEncoder, spec: ModelSpec, prompt_cache: int = 8):
+        self.model, self.vae, self.text, self.spec = model, vae, text, spec
+        self.device = next(model.parameters()).device
+        self.prompts = PromptCache(text, derive=model.prepare_text, capacity=prompt_cache)
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | Path, device=None, dtype=None, spec: str | ModelSpec | None = None):
+        """A diffusers-layout model folder (transformer/, vae/, text_encoder/, tokenizer/) or a built-in name."""
+        from .loading import default_device_dtype, load_transformer
+        from .vae import load_vae
+
+        folder, spec = resolve_model(path_or_name, spec)
+        device, dtype = default_device_dtype(device, dtype)
+        model = load_transformer(folder, config=spec.transformer, device=device, dtype=dtype)
+        vae = load_vae(folder / "vae", device=device, dtype=dtype)
+        text = TextEncoder.from_pretrained(folder, device=device, dtype=dtype)
+        return cls(model, vae, text, spec)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write a diffusers-layout model folder that `from_pretrained` (and diffusers, part by part) can read."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from .loading import save_diffusers_transformer
+
+        folder = Path(folder)
+        save_diffusers_transformer(self.model.state_dict(), self.model.cfg, folder / "transformer")
+        (folder / "vae").mkdir(parents=True, exist_ok=True)
+        (folder / "vae" / "config.json").write_text(json.dumps(self.vae.cfg.to_diffusers(), indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in self.vae.state_dict().items()},
+                  folder / "vae" / "diffusion_pytorch_model.safetensors")
+        self.text.model.save_pretrained(folder / "text_encoder")
+        self.text.tokenizer.save_pretrained(folder / "tokenizer")
+        index = {"_class_name": "SanaVideoPipeline", "transformer": ["diffusers", "SanaVideoTransformer3DModel"],
+                 "vae": ["diffusers", "AutoencoderKLWan"], "text_encoder": ["transformers", "Gemma2Model"],
+                 "tokenizer": ["transformers", type(self.text.tokenizer).__name__]}
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return folder
+
+    def stream(self, prompt: str, seed: int = 0, height: int | None = None, width: int | None = None,
+               num_frames: int | None = None, **settings) -> Stream:
+        """An endless stream (or `num_frames` video frames, rounded up to whole chunks' worth of latents)."""
+        height, width = height or self.spec.height, width or self.spec.width
+        check_size(height, width)
+        return Stream(self, prompt, seed, height, width, num_frames, StreamSettings.from_spec(self.spec, **settings))
+
+
+def resolve_model(path_or_name: str | Path, spec: str | ModelSpec | None) -> tuple[Path, ModelSpec]:
+    """(model folder, spec): a built-in name maps to its bundled folder; a folder takes `spec` or the default."""
+    if isinstance(spec, str):
+        spec = get_config(spec)
+    path = Path(path_or_name)
+    if not path.exists():
+        from .config import CONFIGS, bundled_folder
+
+        name = str(path_or_name)
+        if name in CONFIGS and (folder := bundled_folder(name)) is not None:
+            return folder, spec or CONFIGS[name]
+        raise FileNotFoundError(f"model {name!r}: no such folder, and not a built-in model with bundled weights "
+                                f"({', '.join(n for n in CONFIGS if bundled_folder(n))})")
+    if not (path / "transformer").is_dir():
+        raise FileNotFoundError(f"{path}: not a model folder (expected transformer/, vae/, text_encoder/, tokenizer/)")
+    return path, spec or get_config("longsana-2b-480p")
+
+
+@dataclass
+class _Boundary:
+    """Everything needed to restart at the boundary before chunk `index` (a rewind point). Taken before the
+    previous chunk's clean-context pass, so a prompt set after a rewind re-caches that chunk like any switch."""
+
+    index: int
+    frame0: int  # latent frame of the chunk
+    origin: int  # RoPE re-basing offset at that time
+    state: State
+    pending: tuple[torch.Tensor, int] | None  # (x0, RoPE position) of the chunk whose clean pass is due
+    vae: object
+    prompt: str
+    prompt_seq: int
+
+
+class Stream:
+    """Iterate for chunks. set_prompt / rewind / close are thread-safe and take effect at the next chunk."""
+
+    def __init__(self, pipe: Pipeline, prompt: str, seed: int, height: int, width: int, num_frames: int | None,
+                 settings: StreamSettings):
+        from .vae import StreamingDecoder
+
+        self.pipe, self.seed, self.settings = pipe, seed, settings
+        self.height, self.width, self.fps = height, width, FPS
+        vs = pipe.vae.cfg.spatial_stride
+        self.latent_hw = (height // vs, width // vs)
+        self.total_latents = None if num_frames is None else latent_frames(num_frames)
+        self.state = pipe.model.new_state(1, *self.latent_hw, device=pipe.device)
+        self.pending: tuple[torch.Tensor, int] | None = None  # last chunk's (x0, position): clean pass due
+        self.decoder = StreamingDecoder(pipe.vae, height, width)
+        self.snapshot_device = "cpu" if pipe.device.type == "cuda" else None
+        self.rewind_points: deque[_Boundary] = deque(maxlen=settings.rewind_points)
+        self._lock = threading.Lock()
+        self._pending_prompt: str | None = None
+        self._pending_rewind: _Boundary | None = None
+        self._closed = False
+        self.prompt, self.prompt_seq = prompt, 0
+        self.text = self._encode(prompt)
+        self.index = 0  # next chunk
+        self.frame0 = 0  # its first latent frame (absolute)
+        self.origin = 0  # positions fed to RoPE are frame0 - origin
+
+    # -- control (any thread) -------------------------------------------------------------------------------
+    def set_prompt(self, prompt: str) -> None:
+        """Raises ValueError for a bad prompt. Encodes it here, in the caller's thread, so the switch itself
+        costs the producer nothing (a cache hit)."""
+        self._encode(prompt)
+        with self._lock:
+            self._pending_prompt = prompt
+
+    def rewind(self, seconds: float) -> float:
+        """Go back at least `seconds` (to a chunk boundary), as far as the kept rewind points allow. Returns the
+        seconds actually rewound from the end of what was generated (0 when there is nothing to go back to)."""
+        if not seconds > 0:
+            raise ValueError(f"rewind needs a positive number of seconds, got {seconds!r}")
+        with self._lock:
+            if not self.rewind_points:
+                return 0.0
+            now = video_frame(self.frame0)
+            fits = [b for b in self.rewind_points if video_frame(b.frame0) <= now - seconds * self.fps]
+            b = fits[-1] if fits else self.rewind_points[0]
+            self._pending_rewind = b
+            return (now - video_frame(b.frame0)) / self.fps
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self.rewind_points.clear()
+        self.state = self.pending = self.decoder = self.text = None
+
+    # -- generation (the producer thread) -----------------------------------------------------------------------
+    def __iter__(self):
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                rewind, self._pending_rewind = self._pending_rewind, None
+                prompt, self._pending_prompt = self._pending_prompt, None
+            if rewind is not None:
+                self._restore(rewind)
+            if prompt is not None and prompt != self.prompt:
+                self.prompt, self.prompt_seq, self.text = prompt, self.prompt_seq + 1, self._encode(prompt)
+            if self.total_latents is not None and self.frame0 >= self.total_latents:
+                return
+            yield self._next_chunk()
+
+    def _next_chunk(self) -> Chunk:
+        t_start = time.perf_counter()
+        n = self._chunk_len()
+        self._maybe_rebase(n)
+        self._keep_rewind_point()
+        m, text, pos = self.pipe.model, self.text, self.frame0 - self.origin
+        g = torch.Generator(self.pipe.device).manual_seed(self.seed * 1_000_003 + self.index)
+        shape = (1, m.cfg.in_channels, n, *self.latent_hw)
+        noise = lambda: torch.randn(shape, generator=g, device=self.pipe.device)  # noqa: E731
+        velocity = lambda x, t: m.forward_chunk(x, t.reshape(1), text, self.state, pos)  # noqa: E731
+        with torch.inference_mode():
+            self._clean_pass()
+            x0 = sample_chunk(velocity, noise, self.settings.timesteps, bf16_like=self.settings.bf16_timesteps)
+            frames = self.decoder.decode(x0)
+        self.pending = (x0, pos)
+        chunk = Chunk(frames.cpu().numpy(), self.index, video_frame(self.frame0), self.prompt, self.prompt_seq,
+                      time.perf_counter() - t_start)
+        self.index += 1
+        self.frame0 += n
+        return chunk
+
+    def _clean_pass(self) -> None:
+        """Add the previous chunk to the state, with the CURRENT prompt: deferred to here so that its frames go
+        out first, and so that a prompt switched in between re-caches that chunk with the new prompt."""
+        if self.pending is None:
+            return
+        x0, pos = self.pending
+        self.pipe.model.forward_chunk(x0, torch.zeros(1, device=x0.device), self.text, self.state, pos,
+                                      update_state=True, output=False)
+        self.pending = None
+
+    def _chunk_len(self) -> int:
+        n = self.settings.chunk_frames + (1 if self.index == 0 else 0)
+        if self.total_latents is not None:
+            n = min(n, self.total_latents - self.frame0)
+        return n
+
+    def _maybe_rebase(self, n: int) -> None:
+        """Shift positions back before the RoPE table ends (exact: attention depends on relative positions)."""
+        if self.frame0 - self.origin + n <= self.pipe.model.cfg.rope_max_len:
+            return
+        delta = self.frame0 - self.origin - self.settings.chunk_frames - 1  # the pending chunk stays at >= 0
+        self.pipe.model.rebase_state(self.state, delta)
+        self.origin += delta
+        if self.pending is not None:
+            self.pending = (self.pending[0], self.pending[1] - delta)
+
+    def _keep_rewind_point(self) -> None:
+        if not self.settings.rewind_points:
+            return
+        dev = self.snapshot_device
+        pending = None if self.pending is None else (self.pending[0].to(dev or self.pending[0].device, copy=True),
+                                                      self.pending[1])
+        b = _Boundary(self.index, self.frame0, self.origin, self.state.snapshot(dev), pending,
+                      self.decoder.snapshot(), self.prompt, self.prompt_seq)
+        with self._lock:
+            self.rewind_points.append(b)
+
+    def _restore(self, b: _Boundary) -> None:
+        self.index, self.frame0, self.origin = b.index, b.frame0, b.origin
+        self.state.restore(b.state)
+        self.pending = None if b.pending is None else (b.pending[0].to(self.pipe.device), b.pending[1])
+        self.decoder.restore(b.vae)
+        if b.prompt != self.prompt:
+            self.prompt, self.text = b.prompt, self._encode(b.prompt)
+        self.prompt_seq = b.prompt_seq
+        with self._lock:  # points after the boundary describe a future that no longer happens
+            while self.rewind_points and self.rewind_points[-1].index >= b.index:
+                self.rewind_points.pop()
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    def _encode(self, prompt: str):
+        return self.pipe.prompts.get(prompt, self.settings.motion_score).ctx
+
+    def memory_bytes(self) -> int:
+        """Bytes of every tensor this stream holds: state, pending x0, VAE cache, rewind points."""
+        total = self.state.nbytes + self.decoder.nbytes + (self.pending[0].nbytes if self.pending else 0)
+        for b in self.rewind_points:
+            total += b.state.nbytes + b.vae.nbytes + (b.pending[0].nbytes if b.pending else 0)
+        return total
+
+
+def latent_frames(num_frames: int) -> int:
+    """Latent frames that decode to at least `num_frames` video frames (1 + 4 (T - 1))."""
+    return (max(num_frames, 1) - 1 + LATENT_STRIDE - 1) // LATENT_STRIDE + 1
+
+
+def video_frame(latent_frame: int) -> int:
+    """Index of the first video frame decoded from `latent_frame` (latent 0 -> 1 frame, then 4 each)."""
+    return 0 if latent_frame == 0 else 1 + LATENT_STRIDE * (latent_frame - 1)
