@@ -18,6 +18,7 @@ Layouts: tokens are ordered (frame, row, col), so a (B, N, D) activation is also
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -88,18 +89,31 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(D, cfg.qk_norm_eps), RMSNorm(D, cfg.qk_norm_eps)
         self.to_out = nn.ModuleList([nn.Linear(D, D)])
 
-    def forward(self, x, rope, S=None, z=None, update_state=False):
-        """x: (B, N, D). S: (B, H, d, d), z: (B, H, d) fp32 running sums of earlier chunks, updated in place."""
+    def forward(self, x, rope, S=None, z=None, update_state=False, chunk_tokens=None):
+        """x: (B, N, D). S: (B, H, d, d), z: (B, H, d) fp32 running sums of earlier chunks, updated in place.
+        chunk_tokens: token counts of consecutive chunks for a block-causal pass over a whole sequence."""
         q = F.relu(self.norm_q(self.to_q(x))).unflatten(-1, (self.heads, -1))  # (B, N, H, d)
         k = F.relu(self.norm_k(self.to_k(x))).unflatten(-1, (self.heads, -1))
         v = self.to_v(x).unflatten(-1, (self.heads, -1))
-        if update_state:
+        if chunk_tokens is not None:
+            o = self.block_causal(q, k, v, rope, chunk_tokens)
+        elif update_state:
             o, (S_c, z_c) = linear_attention(q, k, v, *rope, S, z, eps=self.eps, return_state=True)
             S.add_(S_c)
             z.add_(z_c)
         else:
             o = linear_attention(q, k, v, *rope, S, z, eps=self.eps)
         return self.to_out[0](o.flatten(-2))
+
+    def block_causal(self, q, k, v, rope, chunk_tokens):
+        """The streaming recurrence over the chunks of one sequence, without in-place updates (differentiable)."""
+        outs, S, z = [], None, None
+        for sl in _slices(chunk_tokens):
+            o, (S_c, z_c) = linear_attention(q[:, sl], k[:, sl], v[:, sl], rope[0][sl], rope[1][sl], S, z,
+                                             eps=self.eps, return_state=True)
+            S, z = (S_c, z_c) if S is None else (S + S_c, z + z_c)
+            outs.append(o)
+        return torch.cat(outs, dim=1)
 
 
 class CrossAttention(nn.Module):
@@ -137,27 +151,31 @@ class MixFFN(nn.Module):
         self.conv_point = nn.Conv2d(C, D, 1, bias=False)
         self.conv_temp = nn.Conv2d(D, D, (3, 1), padding=(1, 0), bias=False)
 
-    def forward(self, x, frames: int, height: int, width: int, tail=None, update_state=False):
+    def forward(self, x, frames: int, height: int, width: int, tail=None, update_state=False, chunk_ends=None):
         """x: (B, N, D) with N = frames * height * width. tail: (B, H*W, D), the previous chunk's last frame of z
-        (None: zeros, as at the start of a video or in a whole-clip pass); written in place when update_state."""
+        (None: zeros, as at the start of a video or in a whole-clip pass); written in place when update_state.
+        chunk_ends: (frames,) bool, True on the last frame of each chunk of a block-causal sequence, whose right
+        neighbour (the next chunk, in the future) the temporal conv must not see."""
         B, N, D = x.shape
         h = F.silu(F.linear(x, self.conv_inverted.weight.flatten(1), self.conv_inverted.bias))
         h = h.view(B * frames, height, width, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         h = self.conv_depth(h).permute(0, 2, 3, 1)  # (B*F, H, W, 2C)
         a, g = h.chunk(2, dim=-1)
         z = F.linear(a * F.silu(g), self.conv_point.weight.flatten(1)).view(B, frames, height * width, D)
-        out = z + self.temporal_conv(z, tail)
+        out = z + self.temporal_conv(z, tail, chunk_ends)
         if update_state:
             tail.copy_(z[:, -1])
         return out.view(B, N, D)
 
-    def temporal_conv(self, z, tail):
-        """out[f] = W0 z[f-1] + W1 z[f] + W2 z[f+1], with z[-1] = tail (or 0) and z[F] = 0. z: (B, F, HW, D)."""
+    def temporal_conv(self, z, tail, chunk_ends=None):
+        """out[f] = W0 z[f-1] + W1 z[f] + W2 z[f+1], with z[-1] = tail (or 0) and z[F] = 0, and z[f+1] = 0 where
+        chunk_ends[f]. z: (B, F, HW, D)."""
         W = self.conv_temp.weight[..., 0]  # (D_out, D_in, 3)
         left = torch.zeros_like(z[:, :1]) if tail is None else tail[:, None].to(z.dtype)
         zp = torch.cat([left, z, torch.zeros_like(z[:, :1])], dim=1)  # (B, F+2, HW, D)
         frames = z.shape[1]
-        return sum(F.linear(zp[:, k:k + frames], W[:, :, k]) for k in range(3))
+        right = zp[:, 2:] if chunk_ends is None else zp[:, 2:] * ~chunk_ends[None, :, None, None]
+        return F.linear(zp[:, :frames], W[:, :, 0]) + F.linear(z, W[:, :, 1]) + F.linear(right, W[:, :, 2])
 
 
 class Block(nn.Module):
@@ -169,15 +187,30 @@ class Block(nn.Module):
         self.attn2 = CrossAttention(cfg)
         self.ff = MixFFN(cfg)
 
-    def forward(self, x, t0, k, v, bias, rope, grid, S=None, z=None, tail=None, update_state=False):
-        """x: (B, N, D); t0: (B, 1 or N, 6D); grid: (frames, height, width) of the tokens."""
+    def forward(self, x, t0, k, v, bias, rope, grid, S=None, z=None, tail=None, update_state=False, chunks=None):
+        """x: (B, N, D); t0: (B, 1 or N, 6D); grid: (frames, height, width) of the tokens; chunks: latent frames
+        per chunk for a block-causal pass over a whole sequence."""
+        hw = grid[1] * grid[2]
+        chunk_tokens = None if chunks is None else [n * hw for n in chunks]
+        chunk_ends = None if chunks is None else _chunk_ends(chunks, x.device)
         mods = self.scale_shift_table + t0.unflatten(-1, (6, -1))  # (B, 1 or N, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.unbind(2)
         h = ln_modulate(x, shift_msa, scale_msa, self.norm_eps)
-        x = x + gate_msa * self.attn1(h, rope, S, z, update_state)
+        x = x + gate_msa * self.attn1(h, rope, S, z, update_state, chunk_tokens)
         x = x + self.attn2(x, k, v, bias)
         h = ln_modulate(x, shift_mlp, scale_mlp, self.norm_eps)
-        return x + gate_mlp * self.ff(h, *grid, tail=tail, update_state=update_state)
+        return x + gate_mlp * self.ff(h, *grid, tail=tail, update_state=update_state, chunk_ends=chunk_ends)
+
+
+def _slices(sizes):
+    bounds = [0, *itertools.accumulate(sizes)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _chunk_ends(chunks, device) -> torch.Tensor:
+    ends = torch.zeros(sum(chunks), dtype=torch.bool, device=device)
+    ends[torch.tensor(list(itertools.accumulate(chunks)), device=device) - 1] = True
+    return ends
 
 
 @dataclass
@@ -267,10 +300,13 @@ class LongSANATransformer(nn.Module):
         return angles.cos().float(), angles.sin().float()
 
     # -- the network ------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, y_mask: torch.Tensor | None = None):
-        """Whole clip, bidirectional. x: (B, C, F, H, W) latents; y: (B, L, caption_channels); t: (B,) or per
-        token. Returns the flow velocity, shaped like x."""
-        return self.run(x, t, self.prepare_text(y, y_mask))
+    def forward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, y_mask: torch.Tensor | None = None,
+                chunks: list[int] | None = None):
+        """Whole clip. x: (B, C, F, H, W) latents; y: (B, L, caption_channels); t: (B,) or per token (B, N).
+        Bidirectional, or with `chunks` (latent frames per chunk, summing to F) block-causal: exactly what
+        streaming the chunks one by one computes, in one differentiable pass (for training).
+        Returns the flow velocity, shaped like x."""
+        return self.run(x, t, self.prepare_text(y, y_mask), chunks=chunks)
 
     def forward_chunk(self, x, t, text: TextKV, state: State, frame0: int, update_state: bool = False,
                       output: bool = True):
@@ -279,8 +315,11 @@ class LongSANATransformer(nn.Module):
         final projection (the clean-context pass needs only the state) and returns None."""
         return self.run(x, t, text, state, frame0, update_state, output)
 
-    def run(self, x, t, text: TextKV, state: State | None = None, frame0: int = 0, update_state=False, output=True):
+    def run(self, x, t, text: TextKV, state: State | None = None, frame0: int = 0, update_state=False, output=True,
+            chunks: list[int] | None = None):
         B, _, frames, H, W = x.shape
+        if chunks is not None and (state is not None or sum(chunks) != frames or min(chunks) < 1):
+            raise ValueError(f"chunks {chunks} must be positive and sum to the {frames} frames, with no state")
         pt, ph, pw = self.cfg.patch_size
         grid = (frames // pt, H // ph, W // pw)
         rope = self.rope(frame0 // pt, *grid, device=x.device)
@@ -288,7 +327,7 @@ class LongSANATransformer(nn.Module):
         t0, temb = self.timestep(t, B)
         for i, blk in enumerate(self.transformer_blocks):
             S, z, tail = (None, None, None) if state is None else (state.S[i], state.z[i], state.tail[i])
-            h = blk(h, t0, *text.kv[i], text.bias, rope, grid, S, z, tail, update_state)
+            h = blk(h, t0, *text.kv[i], text.bias, rope, grid, S, z, tail, update_state, chunks)
         if not output:
             return None
         shift, scale = (self.scale_shift_table + temb[:, :, None]).unbind(2)

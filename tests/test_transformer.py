@@ -177,10 +177,22 @@ def test_streaming_equals_block_causal_reference(seed):
         f0 += n
     want = block_causal_reference(model, x, y, t, chunks)
     assert rel_err(torch.cat(outs, dim=2), want) <= 1e-5
+    t_tok = t.repeat_interleave((H // 2) * (W // 2), dim=1)
+    assert rel_err(model(x, y, t_tok, chunks=chunks), want) <= 1e-5  # the one-pass block-causal forward
 
     x_noisy = torch.cat([x[:, :, :-chunks[-1]], noisy], dim=2)
     want_noisy = block_causal_reference(model, x_noisy, y, t, chunks)[:, :, -chunks[-1]:]
     assert rel_err(got_noisy, want_noisy) <= 1e-5
+
+
+def test_block_causal_forward_is_differentiable_and_causal():
+    model = randomize_(LongSANATransformer(TINY))
+    x = torch.randn(1, 16, 5, 4, 4, requires_grad=True)
+    y, t = torch.randn(1, 3, TINY.caption_channels), torch.tensor([500.0])
+    out = model(x, y, t, chunks=[3, 2])
+    out[:, :, :3].square().sum().backward()  # the first chunk's output
+    assert x.grad[:, :, :3].abs().sum() > 0 and x.grad[:, :, 3:].abs().sum() == 0  # never sees the future
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 @torch.no_grad()
