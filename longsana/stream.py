@@ -286,7 +286,7 @@ class Stream:
         pending = None if self.pending is None else (self.pending[0].to(dev or self.pending[0].device, copy=True),
                                                       self.pending[1])
         b = _Boundary(self.index, self.frame0, self.origin, self.state.snapshot(dev), pending,
-                      self.decoder.snapshot(), self.prompt, self.prompt_seq)
+                      self.decoder.snapshot(dev), self.prompt, self.prompt_seq)
         with self._lock:
             self.rewind_points.append(b)
 

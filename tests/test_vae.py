@@ -1,0 +1,285 @@
+"""The Wan 2.1 VAE: parity with diffusers' AutoencoderKLWan (decode, encode), streaming decode equal to the
+whole-clip decode for every chunking, constant cache memory, snapshot / restore, both checkpoint layouts.
+
+diffusers decodes one latent frame per call (its first-frame rule lives in a "Rep" cache marker); ours decodes
+any piece. Agreement for chunkings whose first chunk is 1, 3, 7 or 11 latent frames shows that the first-frame
+rule is right wherever the first frame falls inside a call.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from longsana.config import VAEConfig, get_config
+from longsana.loading import CheckpointError
+from longsana.vae import StreamingDecoder, WanVAE, load_vae, original_to_diffusers, to_uint8
+from tests.helpers import randomize_, rel_err
+
+CFG = get_config("tiny").vae  # base 8, dim_mult (1, 2, 2, 2), 1 res block: shortcuts in 2 decoder blocks
+B, H, W = 2, 16, 24  # batch 2 also exercises the batch dimension (and CPU convs are faster at B > 1)
+h, w = H // 8, W // 8
+
+
+def diffusers_vae(cfg: VAEConfig, seed: int | None = 0):
+    """diffusers' AutoencoderKLWan for `cfg`, with random weights (seed None: its own init, e.g. on meta)."""
+    from diffusers import AutoencoderKLWan
+
+    ref = AutoencoderKLWan(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}).eval()
+    return ref if seed is None else randomize_(ref, seed)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: a second CPU thread only adds synchronization (and, on a busy machine, waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    ref = diffusers_vae(CFG)
+    ours = WanVAE(CFG).eval()
+    ours.load_state_dict(ref.state_dict())  # strict: same names, same shapes
+    return ref, ours
+
+
+@pytest.fixture(scope="module")
+def clips(pair):
+    """Normalized latents of 7 and 21 frames and diffusers' whole-clip decode of each."""
+    ref, ours = pair
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    for f in (7, 21):
+        z_norm = torch.randn(B, CFG.z_dim, f, h, w, generator=g)
+        with torch.no_grad():
+            video = ref.decode(ours.denormalize(z_norm)).sample
+        assert video.shape == (B, 3, 1 + 4 * (f - 1), H, W)
+        # non-degenerate: mostly inside (-1, 1), where clamping hides nothing, and far from constant
+        assert (video.abs() < 1).float().mean() > 0.6 and video.std() > 0.2
+        out[f] = z_norm, video
+    return out
+
+
+def test_architecture_matches_diffusers():
+    for cfg in (VAEConfig(), CFG):
+        with torch.device("meta"):
+            ours, ref = WanVAE(cfg), diffusers_vae(cfg, seed=None)
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+        if cfg == VAEConfig():
+            assert sum(p.numel() for p in ours.parameters()) == 126_892_531  # SPEC: 126.9 M
+
+
+def test_whole_clip_decode(pair, clips):
+    z_norm, video = clips[7]
+    assert rel_err(pair[1].decode(z_norm), video) <= 1e-5  # all 7 latents in one pass
+
+
+@pytest.mark.parametrize("frames,chunks,max_latent_frames_per_call", [
+    (7, [1] * 7, 2), (7, [1, 3, 3], 2), (7, [1, 6], 2), (7, [1, 6], 6), (7, [7], 3), (7, [3, 4], 1),
+    (21, [11, 10], 3), (21, [11, 10], 10),  # LongSANA: 11-latent first chunk, then 10
+])
+def test_streaming_equals_whole_clip(pair, clips, frames, chunks, max_latent_frames_per_call):
+    z_norm, video = clips[frames]
+    dec = StreamingDecoder(pair[1], H, W, batch=B, max_latent_frames_per_call=max_latent_frames_per_call)
+    outs, s = [], 0
+    for c in chunks:
+        assert dec.frames_out(c) == (1 + 4 * (c - 1) if s == 0 else 4 * c)
+        outs.append(dec.decode_float(z_norm[:, :, s:s + c]))
+        s += c
+        assert outs[-1].shape[2] == (1 + 4 * (c - 1) if s == c else 4 * c) and dec.latent_frames == s
+    assert rel_err(torch.cat(outs, dim=2), video) <= 1e-5
+
+
+def test_sub_pieces_bound_the_work_per_call(pair, clips):
+    z_norm, _ = clips[21]
+    dec = StreamingDecoder(pair[1], H, W, batch=B, max_latent_frames_per_call=3)
+    calls = []
+    hook = pair[1].decoder.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[2]))
+    try:
+        dec.decode(z_norm[:, :, :11])
+        assert calls == [1, 3, 3, 3, 1]  # the stream's first latent frame alone, then at most 3
+        calls.clear()
+        dec.decode(z_norm[:, :, 11:])
+        assert calls == [3, 3, 3, 1]
+    finally:
+        hook.remove()
+
+
+def test_uint8_frames(pair, clips):
+    z_norm, _ = clips[7]
+    a = StreamingDecoder(pair[1], H, W, batch=B)
+    frames = a.decode(z_norm[:, :, :3])
+    b = StreamingDecoder(pair[1], H, W, batch=B)
+    assert frames.dtype == torch.uint8 and frames.shape == (B, 9, H, W, 3)
+    assert torch.equal(frames, to_uint8(b.decode_float(z_norm[:, :, :3])))
+    one = StreamingDecoder(pair[1], H, W, batch=1).decode(z_norm[:1, :, :3])
+    assert one.shape == (9, H, W, 3)  # batch 1 runs other conv kernels: rounding may differ by one level
+    assert (one.int() - frames[0].int()).abs().max() <= 1 and (one == frames[0]).float().mean() > 0.99
+    x = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.3, 1.0, 2.0]).view(1, 1, 1, 1, 7).expand(1, 3, 1, 1, 7)
+    assert to_uint8(x)[0, 0, 0, :, 0].tolist() == [0, 0, 64, 128, 166, 255, 255]  # round(127.5 x + 127.5)
+
+
+def test_cache_is_preallocated_and_constant(pair):
+    dec = StreamingDecoder(pair[1], H, W, batch=B)
+    layout = lambda: {id(k): (b.data_ptr(), b.shape, b.dtype) for k, b in dec.cache.frames.items()}  # noqa: E731
+    at_start, nbytes = layout(), dec.nbytes
+    assert nbytes > 0 and len(at_start) == sum(1 for _ in _causal_layers(pair[1].decoder))
+    g = torch.Generator().manual_seed(2)
+    for i in range(50):
+        dec.decode(torch.randn(B, CFG.z_dim, 1 if i == 0 else 2, h, w, generator=g))
+        if i == 4:
+            after_5 = layout()
+    assert after_5 == layout() == at_start and dec.nbytes == nbytes and dec.latent_frames == 99
+
+
+def _causal_layers(decoder):
+    """Layers with temporal context: 3-frame causal convs (3x3x3 and the upsamplers' time convs)."""
+    return (m for m in decoder.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size[0] == 3)
+
+
+def test_snapshot_restore_and_reset(pair, clips):
+    z_norm, _ = clips[7]
+    dec = StreamingDecoder(pair[1], H, W, batch=B, max_latent_frames_per_call=2)
+    first = dec.decode(z_norm[:, :, :1])
+    dec.decode(z_norm[:, :, 1:3])
+    snap, snap_cpu = dec.snapshot(), dec.snapshot("cpu")
+    assert snap.nbytes == dec.nbytes and snap.t == 3
+    nxt = dec.decode(z_norm[:, :, 3:6])
+    dec.decode(z_norm[:, :, 6:])
+    dec.restore(snap)
+    assert torch.equal(dec.decode(z_norm[:, :, 3:6]), nxt)
+    dec.restore(snap_cpu)
+    assert torch.equal(dec.decode(z_norm[:, :, 3:6]), nxt)
+    dec.reset()
+    assert dec.latent_frames == 0 and torch.equal(dec.decode(z_norm[:, :, :1]), first)
+    with pytest.raises(ValueError, match="different decoder"):
+        dec.restore(StreamingDecoder(pair[1], 2 * H, W, batch=B).snapshot())
+
+
+def test_bad_inputs(pair):
+    dec = StreamingDecoder(pair[1], H, W, batch=B)
+    good = torch.randn(B, CFG.z_dim, 2, h, w)
+    for bad in (good[:, :15], good[:1], good[..., :-1], good[:, :, 0], good[:, :, :0], good.long()):
+        with pytest.raises(ValueError, match="latent chunk must be"):
+            dec.decode(bad)
+    assert dec.latent_frames == 0  # nothing consumed by a refused chunk
+    assert dec.decode(good).shape == (B, 5, H, W, 3)  # the first chunk's split is automatic
+    with pytest.raises(ValueError, match="multiples of 8"):
+        StreamingDecoder(pair[1], 20, W)
+    with pytest.raises(ValueError, match=r"1 \+ 4k"):
+        pair[1].encode(torch.zeros(1, 3, 6, H, W))
+
+
+@pytest.mark.parametrize("latent_frames_per_call", [1, 2])
+def test_encoder_parity(pair, latent_frames_per_call):
+    ref, ours = pair
+    video = torch.rand(B, 3, 9, H, W, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        mean = ref.encode(video).latent_dist.mean
+    z = ours.encode(video, latent_frames_per_call)
+    assert z.shape == (B, CFG.z_dim, 3, h, w) and mean.std() > 0.1
+    assert rel_err(z, mean) <= 1e-5
+    assert rel_err(ours.encode_normalized(video, latent_frames_per_call), ours.normalize(mean)) <= 1e-5
+    assert rel_err(ours.denormalize(ours.normalize(mean)), mean) <= 1e-6
+
+
+def test_bf16_stream_as_close_to_fp32_as_diffusers_bf16(pair, clips):
+    z_norm, video = clips[7]
+    ref = copy.deepcopy(pair[0]).to(torch.bfloat16)
+    with torch.no_grad():
+        ref_err = rel_err(ref.decode(pair[1].denormalize(z_norm).bfloat16()).sample, video)
+    vae = copy.deepcopy(pair[1]).to(torch.bfloat16)
+    dec = StreamingDecoder(vae, H, W, batch=B)
+    assert all(b.dtype == torch.bfloat16 for b in dec.cache.frames.values())
+    out = torch.cat([dec.decode_float(z_norm[:, :, s:e]) for s, e in ((0, 3), (3, 7))], dim=2)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, video) <= min(1.25 * ref_err, 3e-2)  # bf16 rounding only (diffusers' bf16: ~1.3e-2 here)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+
+_RESNET = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
+           "conv_shortcut": "shortcut"}
+
+
+def to_original(sd: dict, cfg: VAEConfig) -> dict:
+    """diffusers names -> the original Wan repo's (`Wan2.1_VAE.pth`), written from the original module tree."""
+    flat, i = {}, 0  # decoder.up_blocks.{b}.(resnets.{j}|upsamplers.0) -> decoder.upsamples.{i}
+    for b in range(len(cfg.dim_mult)):
+        for j in range(cfg.num_res_blocks + 1):
+            flat[f"{b}.resnets.{j}"], i = i, i + 1
+        if b < len(cfg.dim_mult) - 1:
+            flat[f"{b}.upsamplers.0"], i = i, i + 1
+    out = {}
+    for key, v in sd.items():
+        k = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d)", lambda m: f"{m[1]}.middle.{2 * int(m[2])}", key)
+        k = re.sub(r"^(encoder|decoder)\.mid_block\.attentions\.0", r"\1.middle.1", k)
+        k = re.sub(r"^decoder\.up_blocks\.(\d+\.(resnets\.\d+|upsamplers\.0))",
+                   lambda m: f"decoder.upsamples.{flat[m[1]]}", k)
+        k = k.replace("encoder.down_blocks.", "encoder.downsamples.")
+        k = re.sub(r"\.(norm1|conv1|norm2|conv2|conv_shortcut)\.", lambda m: f".{_RESNET[m[1]]}.", k)
+        k = re.sub(r"^(encoder|decoder)\.conv_in\.", r"\1.conv1.", k)
+        k = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.head.0.", k)
+        k = re.sub(r"^(encoder|decoder)\.conv_out\.", r"\1.head.2.", k)
+        k = re.sub(r"^quant_conv\.", "conv1.", k)
+        k = re.sub(r"^post_quant_conv\.", "conv2.", k)
+        out[k] = v
+    return out
+
+
+def test_original_key_layout_matches_diffusers_converter():
+    """Our test-side inverse, checked against diffusers' own converter on the layout it hard-codes (dim_mult
+    [1, 2, 4, 4], 2 res blocks); then our loader's mapping inverts it, for that and the tiny layout."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    standard = VAEConfig(base_dim=4, num_res_blocks=2)
+    with torch.device("meta"):
+        sd = WanVAE(standard).state_dict()
+    orig = to_original(sd, standard)
+    assert "decoder.upsamples.14.residual.6.weight" in orig and "decoder.upsamples.4.shortcut.weight" in orig
+    assert set(convert_wan_vae_to_diffusers(dict(orig))) == set(sd)
+    for cfg in (standard, CFG):
+        with torch.device("meta"):
+            sd = WanVAE(cfg).state_dict()
+        assert set(original_to_diffusers(to_original(sd, cfg), cfg)) == set(sd)
+
+
+def test_checkpoints_load_and_agree(pair, clips, tmp_path):
+    ref, ours = pair
+    ref.save_pretrained(tmp_path / "model" / "vae")
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    torch.save(to_original(ref.state_dict(), CFG), tmp_path / "Wan2.1_VAE.pth")
+    loaded = [load_vae(tmp_path / "model" / "vae"), load_vae(tmp_path / "model"), load_vae(tmp_path / "sharded"),
+              load_vae(tmp_path / "Wan2.1_VAE.pth", cfg=CFG)]
+    z_norm, video = clips[7]
+    expect = ours.decode(z_norm[:, :, :3])
+    for vae in loaded:
+        assert vae.cfg == CFG
+        assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), ours.state_dict().values()))
+        assert torch.equal(vae.decode(z_norm[:, :, :3]), expect)
+    assert load_vae(tmp_path / "Wan2.1_VAE.pth", dtype=torch.bfloat16, cfg=CFG).dtype == torch.bfloat16
+    assert load_vae(tmp_path / "sharded", cfg=CFG).cfg == CFG
+    with pytest.raises(CheckpointError, match="disagrees with the given config"):
+        load_vae(tmp_path / "sharded", cfg=VAEConfig())
+
+
+def test_checkpoint_errors(pair, tmp_path):
+    ref, _ = pair
+    ref.save_pretrained(tmp_path / "vae")
+    (tmp_path / "vae" / "config.json").rename(tmp_path / "config.moved")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_vae(tmp_path / "vae")
+    orig = to_original(ref.state_dict(), CFG)
+    del orig["decoder.head.2.bias"]
+    torch.save(orig, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match=r"broken\.pth.*\n.*missing keys: decoder\.conv_out\.bias"):
+        load_vae(tmp_path / "broken.pth", cfg=CFG)
+    with pytest.raises(CheckpointError, match="shape mismatches"):  # the default (full) architecture
+        load_vae(tmp_path / "broken.pth")
