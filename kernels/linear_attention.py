@@ -9,17 +9,29 @@ q, k arrive already RMS-normed and ReLU'd. R_i rotates adjacent channel pairs (2
 cos/sin are given per token. The d x d products and the normalizer are accumulated in fp32 whatever the input
 dtype. A whole bidirectional clip is the special case S0 = 0, z0 = 0.
 
-This file holds the plain PyTorch reference; faster implementations must match it.
+This file holds the plain PyTorch reference, which faster implementations must match, and the entry point
+`linear_attention`, which runs the Triton kernels (triton_linear_attention.py) on CUDA tensors and the reference
+elsewhere (kernels/backend.py).
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.backend import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    from kernels.triton_linear_attention import linear_attention_triton
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """fp32, or fp64 for fp64 inputs (which makes the reference an fp64 oracle for the kernels' tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs. x: (B, N, H, d); cos, sin: (N, d/2) fp32. Returns fp32."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, N, H, d/2) each
+    """Rotate adjacent channel pairs. x: (B, N, H, d); cos, sin: (N, d/2) fp32. Returns fp32 (fp64 for fp64 x)."""
+    x1, x2 = _wide(x).unflatten(-1, (-1, 2)).unbind(-1)  # (B, N, H, d/2) each
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
@@ -27,8 +39,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def chunk_state(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """This chunk's contribution to the running sums: S_c (B, H, d, d) and z_c (B, H, d), fp32."""
     kr = apply_rope(k, cos, sin)
-    S = torch.einsum("bnhv,bnhk->bhvk", v.float(), kr)
-    z = k.float().sum(dim=1)
+    S = torch.einsum("bnhv,bnhk->bhvk", _wide(v), kr)
+    z = _wide(k).sum(dim=1)
     return S, z
 
 
@@ -43,7 +55,15 @@ def linear_attention_ref(q, k, v, cos, sin, S0=None, z0=None, eps: float = 1e-8,
         S, z = S + S0, z + z0
     qr = apply_rope(q, cos, sin)
     num = torch.einsum("bhvk,bnhk->bnhv", S, qr)
-    den = torch.einsum("bhk,bnhk->bnh", z, q.float()) + eps
+    den = torch.einsum("bhk,bnhk->bnh", z, _wide(q)) + eps
     o = (num / den[..., None]).to(v.dtype)
     return (o, (S_c, z_c)) if return_state else o
 
+
+def linear_attention(q, k, v, cos, sin, S0=None, z0=None, eps: float = 1e-8, return_state: bool = False,
+                     backend: str | None = None):
+    """`linear_attention_ref`'s contract, run by the Triton kernels where `use_triton` says so."""
+    if not use_triton(v, backend):
+        return linear_attention_ref(q, k, v, cos, sin, S0, z0, eps, return_state)
+    o, S_c, z_c = linear_attention_triton(q, k, v, cos, sin, S0, z0, eps)
+    return (o, (S_c, z_c)) if return_state else o

@@ -1,12 +1,27 @@
 """LayerNorm (no affine) followed by adaLN modulation, x * (1 + scale) + shift: the prologue of every
-self-attention and FFN branch. This file holds the plain PyTorch reference; faster implementations must match it."""
+self-attention and FFN branch. This file holds the plain PyTorch reference, which faster implementations must
+match, and the entry point `ln_modulate`, which runs the Triton kernel (triton_ln_modulate.py) on CUDA tensors and
+the reference elsewhere (kernels/backend.py)."""
 
 from __future__ import annotations
 
 import torch
+
+from kernels.backend import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    from kernels.triton_ln_modulate import ln_modulate_triton
 
 
 def ln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm without affine, then x * (1 + scale) + shift. x: (B, N, D); shift, scale broadcast to it."""
     xn = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], eps=eps)
     return (xn * (1 + scale.float()) + shift.float()).to(x.dtype)
+
+
+def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                backend: str | None = None) -> torch.Tensor:
+    """`ln_modulate_ref`'s contract, run by the Triton kernel where `use_triton` says so."""
+    if not use_triton(x, backend):
+        return ln_modulate_ref(x, shift, scale, eps)
+    return ln_modulate_triton(x, shift, scale, eps)

@@ -1,0 +1,184 @@
+"""GPU micro-benchmark of the Triton kernels at full LongSANA shapes: `python -m benchmarks.kernels [--sweep]`.
+
+Prints a cost card (FLOPs, bytes, roofline floors on an H100: 781 TFLOP/s bf16 dense, 3.0 TB/s), checks accuracy
+against an fp64 run of the reference, then times each variant (median of `triton.testing.do_bench`, which warms
+up and flushes L2 between runs) against the eager PyTorch reference and the reference under torch.compile.
+`--sweep` first tunes both kernels' tiling by coordinate descent and reports the best configs. The last
+line is one JSON object with every number.
+
+Shapes: one 10-latent-frame chunk of the 2B model at 480p: B = 1, N = 15,600 tokens, H = 20 heads of d = 112,
+bf16; ln_modulate on (1, 15600, 2240) with per-sample (B, 1, D) or per-token (B, N, D) shift and scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+import triton
+
+from kernels import triton_linear_attention as tla
+from kernels import triton_ln_modulate as tln
+from kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref
+from kernels.ln_modulate import ln_modulate, ln_modulate_ref
+
+PEAK_FLOPS, PEAK_BYTES = 781e12, 3.0e12  # H100: measured bf16 matmul ceiling, device copy bandwidth
+B, N, H, d = 1, 15600, 20, 112
+D = H * d
+
+
+def bench_us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def floor_us(flops: float, nbytes: float) -> float:
+    return max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES) * 1e6
+
+
+def la_inputs(g: torch.Generator):
+    x = torch.randn(B, N, 3, H, d, generator=g)
+    q, k, v = (t.contiguous().cuda().bfloat16() for t in (x[:, :, 0].relu(), x[:, :, 1].relu(), x[:, :, 2]))
+    angle = torch.rand(N, d // 2, generator=g) * 100
+    cos, sin = angle.cos().cuda(), angle.sin().cuda()
+    S0, z0 = chunk_state(k.flip(1), v.flip(1), cos, sin)  # a carried state of realistic size
+    return q, k, v, cos, sin, S0, z0
+
+
+def la_cost() -> dict:
+    tokens = B * N * H
+    flops = 4 * tokens * d * d  # S_c (2 N d^2 per head) and S (R q) (2 N d^2 per head)
+    nbytes = 4 * tokens * d * 2 + 3 * B * H * d * d * 4  # q, k, v read, o written (bf16); S0 read, S_c, S written
+    pass_floor = floor_us(flops / 2, 2 * tokens * d * 2)  # pass 1 reads k, v; pass 2 reads q, writes o
+    return dict(flops=flops, bytes=nbytes, floor_us=floor_us(flops, nbytes), pass1_floor_us=pass_floor,
+                pass2_floor_us=pass_floor)
+
+
+def cuda_graph(fn):
+    """fn captured once in a CUDA graph; returns the replay."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench_linear_attention(g) -> dict:
+    q, k, v, cos, sin, S0, z0 = la_inputs(g)
+    exact = linear_attention_ref(*(t.double() for t in (q, k, v, cos, sin, S0, z0)))
+    ref = lambda: linear_attention_ref(q, k, v, cos, sin, S0, z0)  # noqa: E731
+    ref_compiled = torch.compile(linear_attention_ref)
+    ours = lambda: linear_attention(q, k, v, cos, sin, S0, z0)  # noqa: E731
+    errors = dict(reference=rel_err(ref(), exact), triton=rel_err(ours(), exact))
+    times = dict(reference=bench_us(ref), reference_compiled=bench_us(lambda: ref_compiled(q, k, v, cos, sin, S0, z0)),
+                 triton=bench_us(ours), triton_cuda_graph=bench_us(cuda_graph(ours)))
+    # the passes alone, replayed from CUDA graphs: outside the op, wrap_triton would add Python dispatch time
+    times["pass1_state_graph"] = bench_us(cuda_graph(lambda: tla.chunk_state_triton(k, v, cos, sin)))
+    S_c, z_c = tla.chunk_state_triton(k, v, cos, sin)
+    S, z = S_c + S0, z_c + z0
+    times["pass2_output_graph"] = bench_us(cuda_graph(lambda: tla.chunk_output_triton(q, cos, sin, S, z, 1e-8,
+                                                                                      v.dtype)))
+    plain = dataclasses.replace(tla.CONFIG, hi_lo=False)
+    tuned, tla.CONFIG = tla.CONFIG, plain
+    errors["triton_no_hi_lo"] = rel_err(ours(), exact)
+    times["triton_no_hi_lo"] = bench_us(ours)
+    tla.CONFIG = tuned
+    return dict(errors=errors, times_us=times)
+
+
+def sweep(module, choices: dict, run) -> dict:
+    """Coordinate descent, one round, over `module.CONFIG`'s fields: keep a value only if it is 2% faster."""
+    best, best_us = module.CONFIG, bench_us(run)
+    print(f"  start: {best_us:.1f} us")
+    for field, values in choices.items():
+        for value in values:
+            if value == getattr(best, field):
+                continue
+            module.CONFIG = dataclasses.replace(best, **{field: value})
+            try:
+                us = bench_us(run)
+            except Exception as e:  # e.g. out of shared memory for a large tile
+                print(f"  {field}={value}: failed ({type(e).__name__}: {str(e)[:80]})")
+                continue
+            print(f"  {field}={value}: {us:.1f} us")
+            if us < best_us * 0.98:
+                best, best_us = module.CONFIG, us
+        module.CONFIG = best
+    print(f"  best: {best} ({best_us:.1f} us)")
+    return dict(best=dataclasses.asdict(best), best_us=best_us)
+
+
+def sweep_all(g) -> dict:
+    q, k, v, cos, sin, S0, z0 = la_inputs(g)
+    la = sweep(tla, dict(state_block_n=[32, 64, 128], state_warps=[4, 8], state_programs=[264, 528, 1056],
+                         out_block_n=[32, 64, 128], out_warps=[4, 8], out_tokens=[256, 512, 1024, 2048],
+                         num_stages=[1, 2, 3]),
+               lambda: linear_attention(q, k, v, cos, sin, S0, z0))
+    x = torch.randn(B, N, D, generator=g).cuda().bfloat16()
+    mods = torch.randn(B, 1, 6, D, generator=g).cuda().bfloat16()
+    ln = sweep(tln, dict(rows=[1, 2, 4], num_warps=[4, 8, 16]), lambda: ln_modulate(x, mods[:, :, 0], mods[:, :, 1]))
+    return dict(linear_attention=la, ln_modulate=ln)
+
+
+def bench_ln_modulate(g, per_token: bool) -> dict:
+    x = (3 * torch.randn(B, N, D, generator=g) + 1).cuda().bfloat16()
+    mods = torch.randn(B, N if per_token else 1, 6, D, generator=g).cuda().bfloat16()
+    shift, scale = mods[:, :, 0], mods[:, :, 1]
+    ref_compiled = torch.compile(ln_modulate_ref)
+    nbytes = 2 * x.numel() * 2 + (2 * x.numel() * 2 if per_token else 0)
+    exact = ln_modulate_ref(x.float(), shift.float(), scale.float())  # fp32 output: no bf16 rounding
+    return dict(
+        bytes=nbytes, floor_us=nbytes / PEAK_BYTES * 1e6,
+        errors=dict(reference=rel_err(ln_modulate_ref(x, shift, scale), exact),
+                    triton=rel_err(ln_modulate(x, shift, scale), exact)),
+        times_us=dict(reference=bench_us(lambda: ln_modulate_ref(x, shift, scale)),
+                      reference_compiled=bench_us(lambda: ref_compiled(x, shift, scale)),
+                      triton=bench_us(lambda: ln_modulate(x, shift, scale))))
+
+
+def print_times(times: dict, nbytes: int):
+    """One line per variant: median time, effective bandwidth (minimal bytes: half of them for one pass of the
+    linear attention), speed-ups."""
+    for name, us in times.items():
+        moved = nbytes / 2 if name.startswith("pass") else nbytes
+        print(f"  {name:22s} {us:9.1f} us  {moved / us / 1e6:5.2f} TB/s  x{times['reference'] / us:5.1f} vs ref  "
+              f"x{times['reference_compiled'] / us:5.1f} vs compiled ref")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="tune the kernels' tiling first")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.kernels needs a CUDA GPU")
+    g = torch.Generator().manual_seed(0)
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  shape=dict(B=B, N=N, H=H, d=d))
+    la = la_cost()
+    print(f"linear attention (B={B}, N={N}, H={H}, d={d}, bf16): {la['flops'] / 1e9:.1f} GFLOP, "
+          f"{la['bytes'] / 1e6:.1f} MB -> floor {la['floor_us']:.1f} us "
+          f"(compute {la['flops'] / PEAK_FLOPS * 1e6:.1f} us, memory {la['bytes'] / PEAK_BYTES * 1e6:.1f} us)")
+    if args.sweep:  # leaves the best configs in place for the timings below
+        result["sweep"] = sweep_all(g)
+    result["linear_attention"] = dict(cost=la, **bench_linear_attention(g))
+    r = result["linear_attention"]
+    print("  rel. error vs fp64: " + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
+    print_times(r["times_us"], la["bytes"])
+    for per_token in (False, True):
+        key = "ln_modulate_" + ("per_token" if per_token else "per_sample")
+        r = result[key] = bench_ln_modulate(g, per_token)
+        print(f"{key} (1, {N}, {D}) bf16: {r['bytes'] / 1e6:.1f} MB -> floor {r['floor_us']:.1f} us; "
+              "rel. error vs fp32: " + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
+        print_times(r["times_us"], r["bytes"])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

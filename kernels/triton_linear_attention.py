@@ -1,0 +1,215 @@
+"""Triton block linear attention of one chunk; the semantics are `linear_attention_ref` in linear_attention.py.
+
+Two passes, because attention inside a chunk is bidirectional (every output needs the whole chunk's S_c):
+  1. state:  each program reduces a slice of the chunk's tokens to fp32 partial sums of S_c = sum_j v_j (R_j k_j)^T
+             and z_c = sum_j k_j; the partials are then summed by torch (deterministic: no atomics) and the
+             carried (S0, z0) added.
+  2. output: each program loads S = S0 + S_c once, then for each token tile computes
+             o_i = S (R_i q_i) / (z . q_i + eps).
+Tiles are loaded whole and contiguous; the rotation of adjacent channel pairs (2m, 2m+1) happens in registers
+(reshape to pairs, split, rotate, join). Head dims that are not powers of 2 (112, 40) are padded to the next
+power of 2 with masked loads and stores.
+
+Matrix products accumulate in fp32. fp32 inputs use exact fp32 ("ieee") products. 16-bit inputs use tensor-core
+products in their dtype: v is exact in it, but R k, R q and S are fp32 values, and rounding them to bf16 doubles
+the output error of the fp32 reference (H100, full shapes: 3.1e-3 against 1.66e-3 vs fp64). With `hi_lo` each
+such operand x is split into hi = bf16(x) and lo = bf16(x - hi), and the products hi.hi + lo.hi + hi.lo give the
+fp32 reference's accuracy (1.66e-3) for a few percent more time: the kernels are memory-bound.
+
+Triton's interpreter multiplies bf16 tiles as raw 16-bit integers, so under it (UPCAST) the operands, already
+rounded to the input dtype, are multiplied in fp32: a product of two bf16 numbers is exact in fp32, so this is the
+tensor-core arithmetic up to the summation order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from kernels import triton_common
+
+
+@dataclass
+class LinearAttentionConfig:
+    """Tiling; defaults tuned on an H100 at 1 x 15600 tokens x 20 heads x 112 (benchmarks/kernels.py --sweep)."""
+    state_block_n: int = 128  # pass 1: tokens per tile
+    state_programs: int = 264  # pass 1 splits the tokens so that splits x B x H comes near this (2 per H100 SM)
+    state_warps: int = 8
+    out_block_n: int = 128  # pass 2: tokens per tile
+    out_tokens: int = 512  # tokens per pass-2 program: S is loaded once per program
+    out_warps: int = 8
+    num_stages: int = 2
+    hi_lo: bool = True  # 16-bit inputs: products of fp32 values as hi + lo halves (3 products, not 1), ~fp32 exact
+
+
+CONFIG = LinearAttentionConfig()
+
+
+@triton.jit
+def _chunk_state_kernel(
+    k_ptr, v_ptr, cos_ptr, sin_ptr, S_ptr, z_ptr,  # S_ptr: (splits, B, H, D, D), z_ptr: (splits, B, H, D), fp32
+    N, H, tokens_per_split,
+    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_cn,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, COS_ALIGN: tl.constexpr,
+    PRECISION: tl.constexpr, HI_LO: tl.constexpr, UPCAST: tl.constexpr,
+):
+    split, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    n = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_D)
+    p = tl.arange(0, BLOCK_D // 2)  # channel pair (2p, 2p + 1)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    S = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
+    z = tl.zeros((BLOCK_D,), tl.float32)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, N)
+    for n0 in range(start, end, BLOCK_N):
+        rows = n0 + n
+        ok = (rows < end)[:, None] & (c < D)[None, :]  # (BLOCK_N, BLOCK_D)
+        k = tl.load(k_base + rows[:, None] * stride_kn + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(v_base + rows[:, None] * stride_vn + c[None, :], mask=ok, other=0.0)
+        pair_ok = (rows < end)[:, None] & (p < D // 2)[None, :]
+        cs = tl.multiple_of(rows * stride_cn, COS_ALIGN)[:, None] + p[None, :]  # lets the loads be vectorized
+        cos = tl.load(cos_ptr + cs, mask=pair_ok, other=0.0)
+        sin = tl.load(sin_ptr + cs, mask=pair_ok, other=0.0)
+        k1, k2 = tl.split(tl.reshape(k, (BLOCK_N, BLOCK_D // 2, 2)))  # even, odd channels
+        kr = tl.reshape(tl.join(k1 * cos - k2 * sin, k1 * sin + k2 * cos), (BLOCK_N, BLOCK_D))  # R k, fp32
+        hi = kr.to(v.dtype)
+        lo = (kr - hi.to(tl.float32)).to(v.dtype)
+        vt = tl.trans(v)
+        if UPCAST:
+            vt, hi, lo = vt.to(tl.float32), hi.to(tl.float32), lo.to(tl.float32)
+        S = tl.dot(vt, hi, S, input_precision=PRECISION)
+        if HI_LO:  # v is exact in its dtype: adding R k's rounding error makes the product fp32-accurate
+            S = tl.dot(vt, lo, S, input_precision=PRECISION)
+        z += tl.sum(k, axis=0)
+    out = split * tl.num_programs(1) + bh  # this program's (split, b, h) slot
+    c_ok = c < D
+    tl.store(S_ptr + out * D * D + c[:, None] * D + c[None, :], S, mask=c_ok[:, None] & c_ok[None, :])
+    tl.store(z_ptr + out * D + c, z, mask=c_ok)
+
+
+@triton.jit
+def _chunk_output_kernel(
+    q_ptr, cos_ptr, sin_ptr, S_ptr, z_ptr, o_ptr,  # S_ptr: (B, H, D, D), z_ptr: (B, H, D) fp32; o: (B, N, H, D)
+    N, H, tokens_per_program, eps,
+    stride_qb, stride_qn, stride_qh, stride_ob, stride_on, stride_oh, stride_cn,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, COS_ALIGN: tl.constexpr,
+    PRECISION: tl.constexpr, HI_LO: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    n = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_D)
+    p = tl.arange(0, BLOCK_D // 2)
+    c_ok = c < D
+    dtype = q_ptr.dtype.element_ty
+    # S^T (BLOCK_D, BLOCK_D), as hi + lo in q's dtype: S to ~16 significant bits
+    St = tl.load(S_ptr + bh * D * D + c[None, :] * D + c[:, None], mask=c_ok[:, None] & c_ok[None, :], other=0.0)
+    St_hi = St.to(dtype)
+    St_lo = (St - St_hi.to(tl.float32)).to(dtype)
+    if UPCAST:
+        St_hi, St_lo = St_hi.to(tl.float32), St_lo.to(tl.float32)
+    z = tl.load(z_ptr + bh * D + c, mask=c_ok, other=0.0)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    o_base = o_ptr + b * stride_ob + h * stride_oh
+    start = tile * tokens_per_program
+    end = tl.minimum(start + tokens_per_program, N)
+    for n0 in range(start, end, BLOCK_N):
+        rows = n0 + n
+        ok = (rows < end)[:, None] & c_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qn + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        pair_ok = (rows < end)[:, None] & (p < D // 2)[None, :]
+        cs = tl.multiple_of(rows * stride_cn, COS_ALIGN)[:, None] + p[None, :]  # lets the loads be vectorized
+        cos = tl.load(cos_ptr + cs, mask=pair_ok, other=0.0)
+        sin = tl.load(sin_ptr + cs, mask=pair_ok, other=0.0)
+        q1, q2 = tl.split(tl.reshape(q, (BLOCK_N, BLOCK_D // 2, 2)))
+        qr = tl.reshape(tl.join(q1 * cos - q2 * sin, q1 * sin + q2 * cos), (BLOCK_N, BLOCK_D))  # R q, fp32
+        hi = qr.to(dtype)
+        lo = (qr - hi.to(tl.float32)).to(dtype)
+        if UPCAST:
+            hi, lo = hi.to(tl.float32), lo.to(tl.float32)
+        num = tl.dot(hi, St_hi, input_precision=PRECISION)
+        if HI_LO:  # lo x lo lies below the fp32 rounding of the sum
+            num = tl.dot(lo, St_hi, num, input_precision=PRECISION)
+            num = tl.dot(hi, St_lo, num, input_precision=PRECISION)
+        den = tl.sum(q * z[None, :], axis=1) + eps  # the normalizer uses the un-rotated q
+        tl.store(o_base + rows[:, None] * stride_on + c[None, :], (num / den[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=ok)
+
+
+def _check(q, k, v, cos, sin, S0, z0):
+    B, N, H, d = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"linear_attention: q, k, v must share one (B, N, H, d) shape, got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    if d % 2 or cos.shape != (N, d // 2) or sin.shape != (N, d // 2):
+        raise ValueError(f"linear_attention: head dim {d} must be even and cos, sin (N, d/2) = {(N, d // 2)}, "
+                         f"got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    if q.numel() >= 2**31:
+        raise ValueError(f"linear_attention: {tuple(q.shape)} is too large for the kernels' 32-bit offsets")
+    if (S0 is None) != (z0 is None):
+        raise ValueError("linear_attention: give both S0 and z0, or neither")
+    if S0 is not None and (S0.shape != (B, H, d, d) or z0.shape != (B, H, d)):
+        raise ValueError(f"linear_attention: S0, z0 must be {(B, H, d, d)}, {(B, H, d)}, got {tuple(S0.shape)}, "
+                         f"{tuple(z0.shape)}")
+
+
+def _dot_meta(x: torch.Tensor, cos: torch.Tensor) -> dict:
+    """Compile-time arguments common to both kernels, for (B, N, H, d) inputs like x."""
+    d, interpret = x.shape[-1], os.environ.get("TRITON_INTERPRET") == "1"
+    exact = x.dtype == torch.float32 or interpret  # fp32 operands, multiplied exactly
+    stride = cos.stride(0)
+    return dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),  # >= 16: the smallest matrix-product side
+                COS_ALIGN=min(16, stride & -stride),  # power of 2 dividing the row stride (d/2 = 56: 8)
+                PRECISION="ieee" if exact else None, HI_LO=CONFIG.hi_lo and x.dtype != torch.float32,
+                UPCAST=interpret, num_stages=CONFIG.num_stages)
+
+
+def chunk_state_triton(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Pass 1: (S_c, z_c) of the chunk, fp32. k, v: (B, N, H, d), last dim contiguous; cos, sin fp32 contiguous."""
+    B, N, H, d = k.shape
+    tiles = triton.cdiv(N, CONFIG.state_block_n)
+    splits = max(1, min(tiles, CONFIG.state_programs // (B * H)))
+    per_split = triton.cdiv(tiles, splits) * CONFIG.state_block_n  # tokens per program, whole tiles
+    splits = triton.cdiv(N, per_split)
+    S_part = triton_common.empty((splits, B, H, d, d), torch.float32, k.device)
+    z_part = triton_common.empty((splits, B, H, d), torch.float32, k.device)
+    wrap_triton(_chunk_state_kernel)[(splits, B * H)](
+        k, v, cos, sin, S_part, z_part, N, H, per_split,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), cos.stride(0),
+        BLOCK_N=CONFIG.state_block_n, num_warps=CONFIG.state_warps, **_dot_meta(v, cos))
+    return S_part.sum(0), z_part.sum(0)  # a fixed-order sum: deterministic, unlike atomics
+
+
+def chunk_output_triton(q, cos, sin, S, z, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Pass 2: o (B, N, H, d) in `dtype` from q and the total (S, z), fp32 contiguous."""
+    B, N, H, d = q.shape
+    o = triton_common.empty((B, N, H, d), dtype, q.device)
+    wrap_triton(_chunk_output_kernel)[(triton.cdiv(N, CONFIG.out_tokens), B * H)](
+        q, cos, sin, S, z, o, N, H, CONFIG.out_tokens, eps,
+        q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2), cos.stride(0),
+        BLOCK_N=CONFIG.out_block_n, num_warps=CONFIG.out_warps, **_dot_meta(q, cos))
+    return o
+
+
+@triton_op("longsana::linear_attention", mutates_args=())
+def linear_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    S0: torch.Tensor | None, z0: torch.Tensor | None, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns o (B, N, H, d) in v's dtype and this chunk's own (S_c, z_c), fp32."""
+    _check(q, k, v, cos, sin, S0, z0)
+    dtype = v.dtype
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))  # other strides are free
+    cos, sin = (x.float().contiguous() for x in (cos, sin))
+    S_c, z_c = chunk_state_triton(k, v, cos, sin)
+    S, z = (S_c + S0.float(), z_c + z0.float()) if S0 is not None else (S_c, z_c)
+    return chunk_output_triton(q, cos, sin, S.contiguous(), z.contiguous(), eps, dtype), S_c, z_c

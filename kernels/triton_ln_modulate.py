@@ -1,0 +1,68 @@
+"""Triton LayerNorm-modulate, x_hat * (1 + scale) + shift; semantics: `ln_modulate_ref` in ln_modulate.py.
+
+Each program takes a few token rows whole (D = 2240 for the 2B model, padded to the next power of 2 with a mask):
+each row is read once, its mean and variance taken in fp32 from registers, and the output written once. shift and
+scale are read through strides, so per-sample (B, 1, D), per-token (B, N, D) and strided views (rows of a
+(B, N, 6, D) tensor of modulations) all work without a copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from kernels import triton_common
+
+
+@dataclass
+class LnModulateConfig:
+    """Defaults tuned on an H100 at (1, 15600, 2240) bf16 (benchmarks/kernels.py --sweep)."""
+    rows: int = 2  # token rows per program
+    num_warps: int = 8
+
+
+CONFIG = LnModulateConfig()
+
+
+@triton.jit
+def _ln_modulate_kernel(
+    x_ptr, shift_ptr, scale_ptr, y_ptr,
+    M, N, D, eps,  # M = B * N rows
+    stride_xb, stride_xn, stride_sb, stride_sn, stride_sd, stride_cb, stride_cn, stride_cd,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # b * N + n; y is contiguous (B, N, D)
+    b, n = row // N, row % N
+    c = tl.arange(0, BLOCK_D)
+    ok = (row < M)[:, None] & (c < D)[None, :]  # (ROWS, BLOCK_D)
+    x = tl.load(x_ptr + (b * stride_xb + n * stride_xn)[:, None] + c[None, :], mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    shift = tl.load(shift_ptr + (b * stride_sb + n * stride_sn)[:, None] + c[None, :] * stride_sd, mask=ok,
+                    other=0.0)
+    scale = tl.load(scale_ptr + (b * stride_cb + n * stride_cn)[:, None] + c[None, :] * stride_cd, mask=ok,
+                    other=0.0)
+    y = xc * rstd[:, None] * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
+    tl.store(y_ptr + row[:, None] * D + c[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton_op("longsana::ln_modulate", mutates_args=())
+def ln_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (B, N, D); shift, scale broadcastable to it (typically (B, 1, D) or (B, N, D)). Returns x's dtype."""
+    if x.ndim != 3:
+        raise ValueError(f"ln_modulate: x must be (B, N, D), got shape {tuple(x.shape)}")
+    shift, scale = torch.broadcast_to(shift, x.shape), torch.broadcast_to(scale, x.shape)  # strides 0 where broadcast
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    B, N, D = x.shape
+    y = triton_common.empty((B, N, D), x.dtype, x.device)
+    wrap_triton(_ln_modulate_kernel)[(triton.cdiv(B * N, CONFIG.rows),)](
+        x, shift, scale, y, B * N, N, D, eps,
+        x.stride(0), x.stride(1), *shift.stride(), *scale.stride(),
+        ROWS=CONFIG.rows, BLOCK_D=triton.next_power_of_2(D), num_warps=CONFIG.num_warps)
+    return y

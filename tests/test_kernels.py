@@ -1,0 +1,275 @@
+"""The Triton kernels against their PyTorch references.
+
+Without a GPU the kernels run under Triton's interpreter on small awkward shapes: token counts that are not
+multiples of the tile, head dims 40 and 112 (not powers of 2), several pass-1 splits. The interpreter must be
+switched on (TRITON_INTERPRET=1) before `import triton`, which other test modules may already have done in this
+process, so on CPU one test re-runs this file in a fresh process with the variable set, and the kernel tests of
+this process defer to it. With a GPU the same tests run compiled, in this process, and the full LongSANA shapes,
+torch.compile and CUDA graphs are checked too. Every buffer a kernel writes starts as NaN (poisoned), so an
+element left unwritten fails the test.
+
+Tolerances come from the dtype: fp32 1e-5, bf16 1e-2. Under the interpreter a bf16 result also carries the
+interpreter's truncating fp32 -> bf16 conversion (the GPU rounds to nearest), which still fits 1e-2.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels import triton_common, triton_linear_attention  # noqa: E402
+from kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref  # noqa: E402
+from kernels.ln_modulate import ln_modulate, ln_modulate_ref  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available() and not INTERPRETER
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+runs_triton = pytest.mark.skipif(not (CUDA or INTERPRETER),
+                                 reason="runs in test_kernels_under_interpreter's process (TRITON_INTERPRET=1)")
+
+
+@pytest.mark.skipif(CUDA or INTERPRETER, reason="only without a GPU, and not inside itself")
+def test_kernels_under_interpreter():
+    """This file again, in a process that had TRITON_INTERPRET=1 before it imported triton."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                         cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+@pytest.fixture(autouse=True)
+def poisoned_small(monkeypatch):
+    """NaN-filled output buffers; a small linear-attention tiling (several splits and tiles on small shapes)."""
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_common, "empty", poisoned)
+    small = triton_linear_attention.LinearAttentionConfig(state_block_n=32, state_programs=4, out_block_n=32,
+                                                          out_tokens=64)
+    monkeypatch.setattr(triton_linear_attention, "CONFIG", small)
+
+
+def rope_tables(N: int, d: int, g: torch.Generator):
+    angle = torch.rand(N, d // 2, generator=g) * 20  # arbitrary angles: every cos/sin sign
+    return angle.cos().to(DEVICE), angle.sin().to(DEVICE)
+
+
+def qkv(B, N, H, d, dtype, g, fused=False):
+    """q, k as the model makes them (ReLU'd, non-negative), v signed; `fused` gives strided views of one tensor."""
+    x = torch.randn(B, N, 3, H, d, generator=g)
+    x[:, :, :2] = x[:, :, :2].relu()
+    x = x.to(DEVICE, dtype)
+    if fused:
+        return x.unbind(2)
+    return (x[:, :, i].contiguous() for i in range(3))
+
+
+def past_state(B, N, H, d, g):
+    """A carried (S0, z0) as a previous chunk leaves it."""
+    k, v = torch.randn(B, N, H, d, generator=g).relu(), torch.randn(B, N, H, d, generator=g)
+    angle = torch.rand(N, d // 2, generator=g) * 20
+    S0, z0 = chunk_state(k, v, angle.cos(), angle.sin())
+    return S0.to(DEVICE), z0.to(DEVICE)
+
+
+LA_CASES = [  # (B, N, H, d, dtype, with_state, fused)
+    (1, 1, 1, 40, torch.float32, False, False),
+    (1, 1, 1, 40, torch.bfloat16, True, False),
+    (2, 37, 3, 40, torch.float32, True, False),
+    (2, 37, 1, 40, torch.bfloat16, False, True),
+    (1, 130, 2, 112, torch.float32, True, True),
+    (1, 130, 2, 112, torch.bfloat16, True, False),
+    (2, 37, 1, 112, torch.bfloat16, False, False),
+]
+
+
+@runs_triton
+@pytest.mark.parametrize("B,N,H,d,dtype,with_state,fused", LA_CASES)
+def test_linear_attention_matches_reference(B, N, H, d, dtype, with_state, fused):
+    g = torch.Generator().manual_seed(N * 1000 + d)
+    q, k, v = qkv(B, N, H, d, dtype, g, fused)
+    cos, sin = rope_tables(N, d, g)
+    S0, z0 = past_state(B, 7, H, d, g) if with_state else (None, None)
+    o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True, backend="triton")
+    o_ref, (S_ref, z_ref) = linear_attention_ref(q, k, v, cos, sin, S0, z0, return_state=True)
+    assert o.dtype == v.dtype and o.shape == v.shape and S_c.dtype == z_c.dtype == torch.float32
+    for out in (o, S_c, z_c):
+        assert torch.isfinite(out).all(), "an output element was left unwritten (NaN poison survived)"
+    assert rel_err(o, o_ref) < TOL[dtype]
+    # S_c, z_c are fp32 sums; with 16-bit inputs R k enters the products as hi + lo halves: 16 significant bits
+    assert rel_err(S_c, S_ref) < (TOL[torch.float32] if dtype == torch.float32 else 2**-15)
+    assert rel_err(z_c, z_ref) < TOL[torch.float32]
+    o_only = linear_attention(q, k, v, cos, sin, S0, z0, backend="triton")
+    assert torch.equal(o_only, o)
+
+
+@runs_triton
+def test_linear_attention_state_carries_across_chunks():
+    """Two chunks run one after the other with the carried state equal the second chunk of a causal reference."""
+    g = torch.Generator().manual_seed(3)
+    B, N, H, d = 1, 40, 2, 40
+    q, k, v = qkv(B, 2 * N, H, d, torch.float32, g)
+    cos, sin = rope_tables(2 * N, d, g)
+    first = slice(0, N)
+    _, (S1, z1) = linear_attention(q[:, first], k[:, first], v[:, first], cos[first], sin[first], return_state=True,
+                                   backend="triton")
+    second = slice(N, 2 * N)
+    o2 = linear_attention(q[:, second], k[:, second], v[:, second], cos[second], sin[second], S1, z1,
+                          backend="triton")
+    # the second chunk attends to everything: the bidirectional reference over all tokens, restricted to chunk 2
+    o_all = linear_attention_ref(q, k, v, cos, sin)
+    assert rel_err(o2, o_all[:, second]) < TOL[torch.float32]
+
+
+LN_CASES = [  # (B, N, D, dtype, per_token)
+    (1, 1, 40, torch.float32, False),
+    (2, 5, 112, torch.bfloat16, True),
+    (2, 3, 2240, torch.float32, True),
+    (1, 4, 2240, torch.bfloat16, False),
+]
+
+
+@runs_triton
+@pytest.mark.parametrize("B,N,D,dtype,per_token", LN_CASES)
+def test_ln_modulate_matches_reference(B, N, D, dtype, per_token):
+    g = torch.Generator().manual_seed(D + N)
+    x = (3 * torch.randn(B, N, D, generator=g) + 1).to(DEVICE, dtype)  # a mean and a spread to normalize away
+    mods = torch.randn(B, N if per_token else 1, 6, D, generator=g).to(DEVICE, dtype)
+    shift, scale = mods[:, :, 0], mods[:, :, 1]  # strided views, as the model passes them
+    y = ln_modulate(x, shift, scale, backend="triton")
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert torch.isfinite(y).all(), "an output element was left unwritten (NaN poison survived)"
+    assert rel_err(y, ln_modulate_ref(x, shift, scale)) < TOL[dtype]
+
+
+@runs_triton
+def test_dispatch():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = qkv(1, 5, 1, 40, torch.float32, g)
+    cos, sin = rope_tables(5, 40, g)
+    ref = linear_attention_ref(q, k, v, cos, sin)
+    assert torch.equal(linear_attention(q, k, v, cos, sin, backend="torch"), ref)
+    x = torch.randn(1, 3, 40, generator=g).to(DEVICE)
+    assert torch.equal(ln_modulate(x, x[:, :1], x[:, 1:2], backend="torch"), ln_modulate_ref(x, x[:, :1], x[:, 1:2]))
+    with pytest.raises(ValueError, match="backend"):
+        ln_modulate(x, x, x, backend="cuda")
+    with pytest.raises(ValueError, match="cos, sin"):
+        linear_attention(q, k, v, cos[:, :3], sin, backend="triton")
+    with pytest.raises(ValueError, match="S0 and z0"):
+        linear_attention(q, k, v, cos, sin, S0=torch.zeros(1, 1, 40, 40, device=DEVICE), backend="triton")
+
+
+@pytest.mark.skipif(CUDA, reason="CPU dispatch")
+def test_auto_backend_uses_reference_on_cpu(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the Triton op ran on a CPU tensor under backend='auto'")
+
+    monkeypatch.setattr("kernels.linear_attention.linear_attention_triton", refuse)
+    monkeypatch.setattr("kernels.ln_modulate.ln_modulate_triton", refuse)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = qkv(1, 5, 1, 40, torch.float32, g)
+    cos, sin = rope_tables(5, 40, g)
+    linear_attention(q, k, v, cos, sin)
+    ln_modulate(q[0], q[0, :1], q[0, :1])
+
+
+@pytest.mark.skipif(INTERPRETER, reason="Triton's interpreter would run the kernels on the fake tensors")
+def test_fake_tensors_give_shapes():
+    """torch.compile traces the ops with fake tensors: the shapes and dtypes must come out without running."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 37, 3, 112, dtype=torch.bfloat16, device=DEVICE)
+        cos = torch.empty(37, 56, device=DEVICE)
+        S0, z0 = torch.empty(2, 3, 112, 112, device=DEVICE), torch.empty(2, 3, 112, device=DEVICE)
+        o, S_c, z_c = torch.ops.longsana.linear_attention(q, q, q, cos, cos, S0, z0, 1e-8)
+        y = torch.ops.longsana.ln_modulate(q[:, :, 0], q[:, :1, 0], q[:, :, 1], 1e-6)
+    assert (o.shape, o.dtype) == (q.shape, q.dtype)
+    assert (S_c.shape, S_c.dtype, z_c.shape) == (S0.shape, torch.float32, z0.shape)
+    assert (y.shape, y.dtype) == ((2, 37, 112), torch.bfloat16)
+
+
+# ---- GPU: full LongSANA shapes, torch.compile, CUDA graphs ----
+
+FULL = dict(B=1, N=15600, H=20, d=112)  # one 10-latent-frame chunk of the 2B model at 480p
+
+
+@pytest.fixture
+def tuned(monkeypatch):
+    """The default (tuned) linear-attention tiling instead of the small test one."""
+    monkeypatch.setattr(triton_linear_attention, "CONFIG", triton_linear_attention.LinearAttentionConfig())
+
+
+@needs_cuda
+def test_linear_attention_full_shape(tuned):
+    g = torch.Generator().manual_seed(0)
+    B, N, H, d = FULL.values()
+    q, k, v = qkv(B, N, H, d, torch.bfloat16, g)
+    cos, sin = rope_tables(N, d, g)
+    S0, z0 = past_state(B, N, H, d, g)
+    o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True)
+    o_ref, (S_ref, z_ref) = linear_attention_ref(q, k, v, cos, sin, S0, z0, return_state=True)
+    assert torch.isfinite(o).all() and torch.isfinite(S_c).all()
+    exact = linear_attention_ref(*(x.double() for x in (q, k, v, cos, sin, S0, z0)))
+    # as accurate as the fp32 reference (both are dominated by rounding o to bf16), and close to it
+    assert rel_err(o, exact) < 1.1 * rel_err(o_ref, exact)
+    assert rel_err(o, o_ref) < TOL[torch.bfloat16]
+    assert rel_err(S_c, S_ref) < 2**-15 and rel_err(z_c, z_ref) < TOL[torch.float32]
+
+
+@needs_cuda
+@pytest.mark.parametrize("per_token", [False, True])
+def test_ln_modulate_full_shape(per_token):
+    g = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(1, FULL["N"], 2240, generator=g) + 1).to(DEVICE, torch.bfloat16)
+    mods = torch.randn(1, FULL["N"] if per_token else 1, 6, 2240, generator=g).to(DEVICE)
+    shift, scale = mods[:, :, 0], mods[:, :, 1]
+    y = ln_modulate(x, shift, scale)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ln_modulate_ref(x, shift, scale)) < TOL[torch.bfloat16]
+
+
+@needs_cuda
+def test_compile_and_cuda_graph(tuned):
+    """Both ops inside torch.compile(fullgraph=True) (no graph break) and inside a captured CUDA graph."""
+    g = torch.Generator().manual_seed(2)
+    B, N, H, d = 1, 1560, 20, 112
+    q, k, v = qkv(B, N, H, d, torch.bfloat16, g)
+    cos, sin = rope_tables(N, d, g)
+    S0, z0 = past_state(B, 50, H, d, g)
+    x = torch.randn(B, N, H * d, generator=g).to(DEVICE, torch.bfloat16)
+    mod = torch.randn(B, 1, 2, H * d, generator=g).to(DEVICE)
+
+    def block(x, q, k, v):
+        h = ln_modulate(x, mod[:, :, 0], mod[:, :, 1])
+        o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True)
+        return h, o, S_c
+
+    eager = block(x, q, k, v)
+    compiled = torch.compile(block, fullgraph=True)(x, q, k, v)
+    for a, b in zip(eager, compiled):  # Inductor recompiles the same kernels (its own fp contraction, its own
+        assert rel_err(b, a) < 1e-4  # order for the sum of the pass-1 partials): a few 1-ulp bf16 differences
+
+    static = [t.clone() for t in (x, q, k, v)]
+    block(*static)  # warm up (compiles the kernels) outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = block(*static)
+    for s, t in zip(static, (x, q, k, v)):
+        s.copy_(t * 0.5)  # new inputs, then replay
+    graph.replay()
+    fresh = block(*(t * 0.5 for t in (x, q, k, v)))
+    for a, b in zip(out, fresh):
+        assert torch.equal(a, b)
