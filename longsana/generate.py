@@ -4,8 +4,20 @@
     longsana generate --timeline story.txt --seconds 60 -o story.mp4      # prompt switches at given seconds
     longsana generate --txt-file prompts.txt --out-dir videos/            # one video per line
 
+    longsana generate -m SANA-Video_2B_480p_diffusers --spec sana-video-2b-480p -p "a fox in the snow"
+    longsana generate -m SANA-Video_2B_480p_diffusers --spec sana-video-2b-480p --image fox.png -p "it runs"
+
 A timeline file has one segment per line, "<start second> <prompt>", the first starting at 0; blank lines and
 lines starting with # are skipped. Frames are written as they are made, so a killed run leaves a playable file.
+
+Which path runs is the model's spec: a block-causal spec (LongSANA, the default) streams chunk by chunk; a
+bidirectional one (sana-video-2b-480p) runs the base model, one whole clip per prompt with 50 steps of guided
+DPM-Solver++ (`base.py`), text-to-video or, with --image, image-to-video. A model folder cannot say which it holds:
+both transformers have the same keys and the same config.json; the base folder's model_index.json names
+SanaVideoPipeline, the LongSANA one is made for diffusers' unreleased LongSanaVideoPipeline, and our own
+save_pretrained writes SanaVideoPipeline for either. So a folder runs as LongSANA unless --spec names a
+bidirectional spec. Clip length: --seconds (rounded up to whole latent frames) or --frames, 1 + 4k; 5 s = 81
+frames by default. The base model takes any --height/--width (binned to its 480p table, resized back).
 """
 
 from __future__ import annotations
@@ -57,14 +69,13 @@ def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "video"
 
 
-def stream_to_file(pipe, timeline: Timeline, out: Path, seconds: float, seed: int, height, width, **settings):
+def stream_to_file(pipe, timeline: Timeline, out: Path, frames: int, seed: int, height, width, **settings):
     """Run one stream through the timeline and write it to `out`, with a progress bar. Returns frames written."""
     from tqdm import tqdm
 
     from .video import VideoWriter
 
-    stream = pipe.stream(timeline[0][1], seed=seed, height=height, width=width,
-                         num_frames=max(1, round(seconds * 16)), **settings)
+    stream = pipe.stream(timeline[0][1], seed=seed, height=height, width=width, num_frames=frames, **settings)
     total = (stream.total_latents - 1) * 4 + 1
     upcoming = list(timeline[1:])
     with VideoWriter(out, stream.width, stream.height, stream.fps) as video, \
@@ -79,6 +90,40 @@ def stream_to_file(pipe, timeline: Timeline, out: Path, seconds: float, seed: in
     return video.frames
 
 
+def clip_to_file(pipe, prompt: str, out: Path, seed: int, **call) -> int:
+    """Generate one base-model clip, with a progress bar over its steps, and write it to `out`. Returns frames."""
+    import torch
+    from tqdm import tqdm
+
+    from .stream import FPS
+    from .video import VideoWriter
+
+    with tqdm(total=call["num_inference_steps"], unit="step", desc=out.name, leave=False, dynamic_ncols=True) as bar:
+        frames = pipe(prompt, generator=torch.Generator(pipe.device).manual_seed(seed),
+                      callback=lambda i, n: bar.update(), **call)
+    with VideoWriter(out, frames.shape[2], frames.shape[1], FPS) as video:
+        video.write(frames)
+    return video.frames
+
+
+def base_clip_settings(spec, image: Path | None, height: int | None, width: int | None) -> dict:
+    """Output size of the base path, checked before any model is loaded. Without --height/--width an
+    image-to-video clip takes the image's aspect ratio (the nearest table entry of a binned model)."""
+    from .base import aspect_ratio_table, generation_size, read_image
+    from .resolution import classify_height_width_bin
+
+    table = aspect_ratio_table(spec)
+    if image is not None:
+        image = read_image(image)  # a bad file fails here, not after loading the model
+        if height is None and width is None and table:
+            height, width = classify_height_width_bin(*image.shape[1:], table)
+    height, width = height or spec.height, width or spec.width
+    generation_size(height, width, table)
+    if height % 2 or width % 2:
+        raise click.BadParameter(f"H.264 needs an even height and width, got {height}x{width}")
+    return dict(image=image, height=height, width=width)
+
+
 @click.command("generate")
 @click.option("--prompt", "-p", help="The prompt.")
 @click.option("--timeline", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -88,10 +133,17 @@ def stream_to_file(pipe, timeline: Timeline, out: Path, seconds: float, seed: in
 @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
               help="A built-in model name or a diffusers-layout model folder.")
 @click.option("--spec", default=None, help="Named config of a model folder (e.g. longsana-2b-480p).")
-@click.option("--seconds", "-s", default=5.0, show_default=True, type=click.FloatRange(min=0.0625))
+@click.option("--seconds", "-s", default=None, type=click.FloatRange(min=0.0625), help="Length (default 5).")
+@click.option("--frames", type=click.IntRange(min=1), default=None, help="Length in frames, 1 + 4k (5 s: 81).")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Base model: image-to-video, starting from this picture (PNG, JPEG, WebP, ...).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Base model: denoising steps (50).")
+@click.option("--guidance", type=click.FloatRange(min=1.0), default=None,
+              help="Base model: classifier-free guidance scale, 1 = none (6).")
+@click.option("--negative-prompt", default=None, help="Base model: negative prompt (default: the original's).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--height", type=int, default=None, help="Pixels, a multiple of 32 (default: the model's).")
-@click.option("--width", type=int, default=None, help="Pixels, a multiple of 32 (default: the model's).")
+@click.option("--height", type=int, default=None, help="Pixels (default: the model's; streaming: a multiple of 32).")
+@click.option("--width", type=int, default=None, help="Pixels (default: the model's; streaming: a multiple of 32).")
 @click.option("--chunk-frames", type=click.IntRange(min=1), default=None, help="Latent frames per chunk.")
 @click.option("--bf16-timesteps", is_flag=True, help="Feed the official sampler's bf16-rounded timesteps.")
 @click.option("--device", default=None, help="cuda, cpu, ... (default: cuda if available).")
@@ -99,28 +151,67 @@ def stream_to_file(pipe, timeline: Timeline, out: Path, seconds: float, seed: in
               show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("videos"),
               show_default=True, help="Where --txt-file videos go.")
-def generate_cmd(prompt, timeline, txt_file, model, spec, seconds, seed, height, width, chunk_frames,
-                 bf16_timesteps, device, output, out_dir):
+def generate_cmd(prompt, timeline, txt_file, model, spec, seconds, frames, image, steps, guidance, negative_prompt,
+                 seed, height, width, chunk_frames, bf16_timesteps, device, output, out_dir):
     """Generate videos from prompts and write them as H.264 MP4 (16 fps)."""
-    from .stream import Pipeline, check_size
+    from .base import MAX_STEPS
+    from .stream import FPS, latent_frames, resolve_model
 
     if sum(x is not None for x in (prompt, timeline, txt_file)) != 1:
         raise click.UsageError("give exactly one of --prompt, --timeline, --txt-file")
-    if height is not None or width is not None:
-        try:
-            check_size(height or 32, width or 32)
-        except ValueError as e:
-            raise click.BadParameter(str(e)) from e
-    jobs: list[tuple[Timeline, Path]]
-    if txt_file:
-        jobs = [([(0.0, p)], out_dir / f"{i:03d}_{slug(p)}.mp4") for i, p in enumerate(read_prompt_file(txt_file))]
-    else:
-        jobs = [(read_timeline(timeline) if timeline else [(0.0, prompt)], output)]
+    if seconds is not None and frames is not None:
+        raise click.UsageError("give at most one of --seconds and --frames")
+    if frames is not None and (frames - 1) % 4:
+        raise click.BadParameter(f"must be 1 + 4k (e.g. 81), got {frames}", param_hint="--frames")
+    if steps is not None and steps > MAX_STEPS:
+        raise click.BadParameter(f"at most {MAX_STEPS}, got {steps}", param_hint="--steps")
+    frames = frames or 1 + 4 * (latent_frames(round((seconds or 5.0) * FPS)) - 1)
+    prompts = read_prompt_file(txt_file) if txt_file else [prompt]
+    outputs = [out_dir / f"{i:03d}_{slug(p)}.mp4" for i, p in enumerate(prompts)] if txt_file else [output]
+    segments = read_timeline(timeline) if timeline else None
     try:
-        pipe = Pipeline.from_pretrained(model, device=device, spec=spec)
-        settings = dict(chunk_frames=chunk_frames, bf16_timesteps=bf16_timesteps or None)
-        for tl, out in jobs:
-            frames = stream_to_file(pipe, tl, out, seconds, seed, height, width, **settings)
-            click.echo(f"wrote {out} ({frames} frames)")
+        folder, model_spec = resolve_model(model, spec)
+    except (FileNotFoundError, KeyError) as e:
+        raise click.ClickException(str(e.args[0])) from e
+    if model_spec.causal:
+        _refuse("base-model", "this model streams (LongSANA); for a base-model folder pass --spec sana-video-2b-480p",
+                image=image, steps=steps, guidance=guidance, negative_prompt=negative_prompt)
+    else:
+        _refuse("streaming", "this model is the base model (one clip per prompt)", timeline=timeline,
+                chunk_frames=chunk_frames, bf16_timesteps=bf16_timesteps or None)
+    try:
+        if model_spec.causal:
+            from .stream import Pipeline, check_size
+
+            if height is not None or width is not None:
+                try:
+                    check_size(height or 32, width or 32)
+                except ValueError as e:
+                    raise click.BadParameter(str(e)) from e
+            timelines = [segments] if segments else [[(0.0, p)] for p in prompts]
+            pipe = Pipeline.from_pretrained(folder, device=device, spec=model_spec)
+            settings = dict(chunk_frames=chunk_frames, bf16_timesteps=bf16_timesteps or None)
+            for tl, out in zip(timelines, outputs):
+                n = stream_to_file(pipe, tl, out, frames, seed, height, width, **settings)
+                click.echo(f"wrote {out} ({n} frames)")
+        else:
+            from tqdm import tqdm
+
+            from .base import BasePipeline
+
+            call = dict(base_clip_settings(model_spec, image, height, width), frames=frames,
+                        num_inference_steps=steps or 50, guidance_scale=guidance or 6.0,
+                        negative_prompt=negative_prompt)
+            pipe = BasePipeline.from_pretrained(folder, device=device, spec=model_spec)
+            jobs = list(zip(prompts, outputs))
+            for p, out in tqdm(jobs, unit="clip", desc="clips", disable=len(jobs) == 1, dynamic_ncols=True):
+                n = clip_to_file(pipe, p, out, seed, **call)
+                tqdm.write(f"wrote {out} ({n} frames)")
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
+
+
+def _refuse(kind: str, why: str, **options) -> None:
+    """UsageError naming the given options (not None) that this path does not take."""
+    if given := [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]:
+        raise click.UsageError(f"{', '.join(given)}: {kind} option(s), but {why}")
