@@ -41,6 +41,14 @@ def diffusers_transformer(cfg: TransformerConfig, seed: int = 0):
     return randomize_(SanaVideoTransformer3DModel(**kw).eval(), seed)
 
 
+def diffusers_vae(cfg, seed: int | None = 0):
+    """diffusers' AutoencoderKLWan for `cfg` (a VAEConfig), with random weights (seed None: its own init)."""
+    from diffusers import AutoencoderKLWan
+
+    ref = AutoencoderKLWan(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}).eval()
+    return ref if seed is None else randomize_(ref, seed)
+
+
 PROMPT_WORDS = ("a an the one two three red green blue yellow white black purple orange circle circles square "
                 "squares triangle triangles star moving left right up down bouncing still spinning on background "
                 "motion score : . 10 30")

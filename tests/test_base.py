@@ -21,8 +21,7 @@ from longsana.model import LongSANATransformer
 from longsana.resolution import ASPECT_RATIO_480_BIN, resize_and_crop
 from longsana.sampling import dpm_solver_schedule, flow_euler_schedule
 from longsana.vae import WanVAE, to_uint8
-from tests.helpers import diffusers_transformer, rel_err, save_pipeline, tiny_pipeline
-from tests.test_vae import diffusers_vae, one_thread  # noqa: F401  (one_thread: an autouse fixture, tiny tensors)
+from tests.helpers import diffusers_transformer, diffusers_vae, rel_err, save_pipeline, tiny_pipeline
 
 TINY = get_config("tiny")
 CFG = replace(TINY.transformer, **DIFFUSERS_CONVENTIONS)

@@ -17,28 +17,11 @@ import torch
 from longsana.config import VAEConfig, get_config
 from longsana.loading import CheckpointError
 from longsana.vae import StreamingDecoder, WanVAE, load_vae, original_to_diffusers, to_uint8
-from tests.helpers import randomize_, rel_err
+from tests.helpers import diffusers_vae, randomize_, rel_err
 
 CFG = get_config("tiny").vae  # base 8, dim_mult (1, 2, 2, 2), 1 res block: shortcuts in 2 decoder blocks
 B, H, W = 2, 16, 24  # batch 2 also exercises the batch dimension (and CPU convs are faster at B > 1)
 h, w = H // 8, W // 8
-
-
-def diffusers_vae(cfg: VAEConfig, seed: int | None = 0):
-    """diffusers' AutoencoderKLWan for `cfg`, with random weights (seed None: its own init, e.g. on meta)."""
-    from diffusers import AutoencoderKLWan
-
-    ref = AutoencoderKLWan(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}).eval()
-    return ref if seed is None else randomize_(ref, seed)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: a second CPU thread only adds synchronization (and, on a busy machine, waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
