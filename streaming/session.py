@@ -1,0 +1,340 @@
+"""One viewer's stream: the generator on a producer thread, the encoders on an encoder thread, and a pacer on the
+event loop that releases frames at the video's own rate with evenly spaced 90 kHz timestamps.
+
+    producer thread --Handoff (1 chunk)--> encoder thread --credits (ENCODE_AHEAD frames)--> pacer --> transport
+
+Back-pressure runs right to left: the pacer takes a frame only when it is due, the encoder waits for a credit, and
+the producer asks the generator for chunk c+1 only once chunk c has started playing. The generator is therefore
+one chunk ahead of the screen at most, and a new prompt, which the generator applies at the next chunk it starts,
+is on screen after the rest of the current chunk plus one chunk.
+
+Timestamps: frames are released every `step` seconds and their pts advance by exactly `step`, so the browser's
+jitter buffer sees a steady source. `step` is the video's 1/fps, or the measured generation time per frame when the
+generator is slower than real time (chunks are produced in bursts; spreading them evenly plays smoothly, where
+sending at 1/fps would freeze between chunks). After a stall (a late chunk, a pause) the clock restarts at the
+current time and the pts jump by the real gap: frames are never duplicated and never sent in a catch-up burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
+
+import av
+import numpy as np
+
+from streaming.media import H264Encoder, JpegEncoder, Recording, to_video_frame
+from streaming.metrics import Metrics
+
+CLOCK_RATE = 90_000  # RTP video clock
+TIME_BASE = Fraction(1, CLOCK_RATE)
+ENCODE_AHEAD = 4  # frames the encoder may have ready before the pacer asks for them
+STEP_MARGIN = 1.05  # pace slightly slower than a slow generator so that its bursts never run dry
+SPF_SMOOTHING = 0.3  # weight of the newest chunk in the seconds-per-frame average
+SEND_RATE_WINDOW = 2.0  # seconds over which stats() counts the frames sent
+MAX_PROMPT_REQUESTS = 16  # prompt changes remembered for the switch latency
+
+
+class StreamEnded(Exception):
+    """The stream has no more frames: it was closed, or the generator finished or failed."""
+
+
+@dataclass
+class Frame:
+    image: av.VideoFrame  # yuv420p
+    packet: av.Packet  # its H.264 access unit
+    jpeg: bytes | None  # its JPEG image, for WebSocket viewers
+    index: int  # video frame index (chunk.start_frame + i)
+    chunk: int
+    prompt_seq: int
+    announce: dict | None  # the chunk event, on a chunk's first frame
+    pts: int = 0  # 90 kHz, set by the pacer
+
+
+def check_frames(frames) -> None:
+    """The generator's side of the contract: uint8 RGB frames (n, H, W, 3) in a numpy array."""
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
+        kind = f"{frames.dtype} {tuple(frames.shape)}" if hasattr(frames, "shape") else type(frames).__name__
+        raise TypeError(f"chunk.frames must be a uint8 numpy array (n, H, W, 3), got {kind}")
+
+
+class Handoff:
+    """Chunks from the producer thread to the encoder thread, one at a time: `put` returns once the pacer has
+    put the chunk's first frame on screen (`shown()`), so the generator starts chunk c+1 when chunk c starts
+    playing and is never more than one chunk ahead of the screen."""
+
+    _EMPTY = object()
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._item, self._closed = self._EMPTY, False
+        self._put = self._shown = 0  # chunks handed over, chunks on screen
+
+    def put(self, item) -> bool:
+        """Hand over `item` and wait until it is on screen; False if the handoff was closed instead."""
+        with self._cv:
+            self._item = item
+            self._put += 1
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: self._shown >= self._put or self._closed)
+            return not self._closed
+
+    def get(self):
+        """The next item; StreamEnded once the handoff is closed."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._item is not self._EMPTY or self._closed)
+            if self._closed:
+                raise StreamEnded
+            item, self._item = self._item, self._EMPTY
+            return item
+
+    def shown(self) -> None:
+        with self._cv:
+            self._shown += 1
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+
+class Session:
+    def __init__(self, sid: str, pipe, prompt: str, *, seed: int, stream_kwargs: dict, jpeg: bool,
+                 recording: Recording, metrics: Metrics, loop: asyncio.AbstractEventLoop):
+        self.sid, self.recording = sid, recording
+        self.emit: Callable[[dict], None] = lambda message: None  # the transport's way to send an event
+        self.fps = self.width = self.height = None  # known once the generator has started
+        self.closing, self.end_reason = False, None
+        self.closed = asyncio.Event()
+        self.last_message = self.created = loop.time()
+        self._pipe, self._prompt, self._seed, self._stream_kwargs, self._jpeg = pipe, prompt, seed, stream_kwargs, jpeg
+        self._metrics, self._loop = metrics, loop
+        self._stream = None
+        self._lock = threading.Lock()  # guards _stream / _prompt between the producer and the event loop
+        self._handoff = Handoff()
+        self._credits = threading.Semaphore(ENCODE_AHEAD)
+        self._frames: asyncio.Queue[Frame | None] = asyncio.Queue()  # bounded by the credits
+        self._playing = asyncio.Event()
+        self._playing.set()
+        self._spf = 0.0  # smoothed generation seconds per frame (written by the encoder thread)
+        self._frontier = 0  # video frame index after the last generated chunk (written by the producer)
+        self._chunk_frames, self._generating = 0, True  # last chunk's length; a chunk is being generated
+        self._due, self._pts = None, 0  # pacer clock: loop time the last frame was due, and its pts
+        self._shown, self._prompt_seq = 0, 0  # after the last released frame: next frame index, its prompt_seq
+        self._requests: dict[str, float] = {}  # prompt -> loop time it was last asked for, until it is on screen
+        self._send_times: deque[float] = deque(maxlen=256)  # release times, for the send rate
+        self.frames_sent = self.chunks_generated = 0
+        self.ttff = self.switch_latency = None
+
+    def start(self, threads: ThreadPoolExecutor) -> None:
+        """Run the producer and the encoder, each on its own thread of `threads`, which must have two free."""
+        self._threads_done = [asyncio.wrap_future(threads.submit(f)) for f in (self._produce, self._encode)]
+
+    # -- threads ------------------------------------------------------------------------------------------------
+    def _call(self, fn, *args) -> None:
+        """Run fn(*args) on the event loop, from a stream thread (a no-op once the loop is gone)."""
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed at shutdown
+            pass
+
+    def _produce(self) -> None:
+        stream = None
+        try:
+            with self._lock:
+                prompt = self._prompt
+            stream = self._pipe.stream(prompt, seed=self._seed, **self._stream_kwargs)
+            self.fps = stream.fps
+            with self._lock:
+                if self._prompt != prompt:  # changed while the stream was being created
+                    stream.set_prompt(self._prompt)
+                self._stream = stream
+            if self.closing:  # the viewer left while the stream was being created
+                return
+            for chunk in stream:
+                self._frontier, self._chunk_frames = chunk.start_frame + len(chunk.frames), len(chunk.frames)
+                self._generating = False
+                if self.closing or not self._handoff.put(chunk):
+                    return
+                self._generating = True
+            self.end_reason = "the generator finished"
+        except Exception as e:  # the generator failed: tell the viewer, end this stream, keep the server up
+            self._fail("generator", e)
+        finally:
+            if stream is not None:
+                stream.close()  # frees its GPU memory, from the thread that used it
+            self._handoff.close()
+
+    def _encode(self) -> None:
+        h264 = jpeg = None
+        try:
+            while True:
+                chunk = self._handoff.get()
+                check_frames(chunk.frames)
+                if not len(chunk.frames):  # nothing to show: let the producer go on
+                    self._handoff.shown()
+                    continue
+                if h264 is None:
+                    _, self.height, self.width, _ = chunk.frames.shape
+                    h264 = H264Encoder(self.width, self.height, self.fps)
+                    jpeg = JpegEncoder(self.width, self.height, self.fps) if self._jpeg else None
+                self._generated(chunk)
+                announce = {"type": "chunk", "index": chunk.index, "start_frame": chunk.start_frame,
+                            "frames": len(chunk.frames), "prompt": chunk.prompt, "prompt_seq": chunk.prompt_seq,
+                            "gen_seconds": round(chunk.gen_seconds, 4), "fps": self.fps}
+                for i, rgb in enumerate(chunk.frames):
+                    image = to_video_frame(rgb)
+                    packet = h264.encode(image)
+                    self.recording.append(bytes(packet))
+                    frame = Frame(image, packet, jpeg.encode(image) if jpeg else None, chunk.start_frame + i,
+                                  chunk.index, chunk.prompt_seq, announce if i == 0 else None)
+                    self._credits.acquire()
+                    if self.closing:
+                        return
+                    self._call(self._frames.put_nowait, frame)
+        except StreamEnded:
+            pass
+        except Exception as e:
+            self._fail("encoder", e)
+        finally:
+            self._call(self._frames.put_nowait, None)
+
+    def _generated(self, chunk) -> None:
+        n = len(chunk.frames)
+        spf = chunk.gen_seconds / n
+        self._spf = spf if self._spf == 0 else (1 - SPF_SMOOTHING) * self._spf + SPF_SMOOTHING * spf
+        self.chunks_generated += 1
+        self._metrics.inc("longsana_chunks_generated_total")
+        self._metrics.inc("longsana_frames_generated_total", n)
+        self._metrics.inc("longsana_generation_seconds_total", chunk.gen_seconds)
+
+    def _fail(self, stage: str, e: Exception) -> None:
+        """Report a failed thread. The stream then ends once the frames made before the failure have been sent:
+        the thread's exit closes the handoff, the encoder's ends the frame queue, and the pacer closes."""
+        self._metrics.inc("longsana_stream_failures_total", stage=stage)
+        message = f"{stage} failed: {type(e).__name__}: {e}"
+        if not self.closing:
+            self.end_reason = message
+        self._call(self.emit, {"type": "error", "seq": None, "code": stage, "message": message})
+
+    # -- pacer (event loop) -------------------------------------------------------------------------------------
+    async def next_frame(self) -> Frame:
+        """The next frame, when it is due, with its pts set; StreamEnded when there are no more."""
+        await self._playing.wait()
+        frame = await self._frames.get()
+        if frame is None:  # the encoder has stopped: the stream is over
+            self._frames.put_nowait(None)  # so that every later call ends too
+            self.close(self.end_reason or "the stream ended")
+            raise StreamEnded(self.end_reason)
+        self._credits.release()
+        now = self._loop.time()
+        step = max(1 / self.fps, STEP_MARGIN * self._spf)
+        if self._due is None:
+            self._due = now
+        elif now > self._due + 2 * step:  # stalled: restart the clock, the pts jump by the real gap
+            self._pts += round((now - self._due) * CLOCK_RATE)
+            self._due = now
+        else:
+            self._due += step
+            self._pts += round(step * CLOCK_RATE)
+            await asyncio.sleep(self._due - now)
+        frame.pts = frame.packet.pts = frame.packet.dts = frame.image.pts = self._pts
+        frame.packet.time_base = frame.image.time_base = TIME_BASE
+        self._released(frame)
+        return frame
+
+    def _released(self, frame: Frame) -> None:
+        now = self._loop.time()
+        self.frames_sent += 1
+        self._send_times.append(now)
+        self._shown = frame.index + 1
+        if self.ttff is None:
+            self.ttff = now - self.created
+            self._metrics.observe("longsana_time_to_first_frame_seconds", self.ttff)
+        if frame.announce is None:
+            return
+        self._handoff.shown()  # the producer may start the next chunk
+        event = dict(frame.announce, pts=frame.pts)
+        if frame.prompt_seq != self._prompt_seq:
+            self._prompt_seq = frame.prompt_seq
+            requested = self._requests.pop(event["prompt"], None)
+            if requested is not None:
+                self.switch_latency = event["switch_latency"] = now - requested
+                self._metrics.observe("longsana_prompt_switch_seconds", self.switch_latency)
+        self.emit(event)
+
+    # -- control (event loop) -----------------------------------------------------------------------------------
+    async def set_prompt(self, prompt: str, executor: Executor) -> None:
+        """Switch the prompt at the generator's next chunk; ValueError if the generator refuses it. The generator
+        may encode the prompt right away, so its set_prompt runs on `executor`, off the event loop."""
+        self._requests[prompt] = self._loop.time()
+        while len(self._requests) > MAX_PROMPT_REQUESTS:
+            del self._requests[next(iter(self._requests))]
+        try:
+            await self._loop.run_in_executor(executor, self._set_prompt, prompt)
+        except ValueError:
+            self._requests.pop(prompt, None)
+            raise
+
+    def _set_prompt(self, prompt: str) -> None:
+        with self._lock:
+            if self._stream is None:  # still starting: the first chunk will use it
+                self._prompt = prompt
+                return
+            stream = self._stream
+        stream.set_prompt(prompt)
+
+    def rewind(self, seconds: float) -> float:
+        """Go back `seconds` from the frame on screen; returns how far that was possible.
+
+        The generator is ahead of the screen by the frames generated but not shown yet, and by the chunk it is
+        generating (the rewind applies to the chunk after it), so that lead is added: once those frames have
+        played, the stream continues from what was on screen `seconds` ago."""
+        with self._lock:
+            stream = self._stream
+        if stream is None:
+            return 0.0
+        ahead = self._frontier - self._shown + (self._chunk_frames if self._generating else 0)
+        lead = max(0, ahead) / self.fps
+        return max(0.0, stream.rewind(seconds + lead) - lead)
+
+    def pause(self) -> None:
+        self._playing.clear()
+
+    def resume(self) -> None:
+        self._playing.set()
+
+    def stats(self) -> dict:
+        now = self._loop.time()
+        recent = sum(1 for t in self._send_times if t > now - SEND_RATE_WINDOW)
+        return {"type": "stats", "session": self.sid, "state": "playing" if self._playing.is_set() else "paused",
+                "fps": self.fps, "width": self.width, "height": self.height,
+                "gen_fps": round(1 / self._spf, 2) if self._spf else None,
+                "send_fps": round(recent / SEND_RATE_WINDOW, 2),
+                "frames_sent": self.frames_sent, "chunks_generated": self.chunks_generated,
+                "prompt_seq": self._prompt_seq, "lead_frames": max(0, self._frontier - self._shown),
+                "ttff": self.ttff, "switch_latency": self.switch_latency,
+                "recorded_frames": self.recording.frames, "recording_full": self.recording.full}
+
+    # -- shutdown -----------------------------------------------------------------------------------------------
+    def close(self, reason: str) -> None:
+        """Stop the stream (idempotent). The producer closes the generator after its current chunk."""
+        if self.closing:
+            return
+        self.closing, self.end_reason = True, reason
+        self._handoff.close()
+        self._credits.release()  # wakes an encoder waiting for a credit
+        self._playing.set()
+        self._frames.put_nowait(None)
+        self.closed.set()
+
+    async def wait_freed(self) -> None:
+        """Wait until both threads have exited (the generator's stream is closed), then drop the recording."""
+        await asyncio.gather(*self._threads_done)
+        self.recording.close()

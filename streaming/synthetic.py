@@ -1,0 +1,111 @@
+"""A synthetic video source with the generator's streaming interface, for development and for the server's tests.
+
+Each frame is a solid color derived from a hash of the prompt, crossed by a white vertical bar that sweeps across
+the frame (so motion, rewinds and lost frames are visible), and each chunk takes a configurable delay that stands
+in for generation time. It implements the `Stream` protocol of the real pipeline (`longsana.stream`): iterate to
+get `Chunk`s in order, `set_prompt` and `rewind` from any thread, `close` to release the stream's memory.
+`longsana serve --model synthetic` streams it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from longsana.chunk import Chunk
+from streaming.protocol import check_prompt
+
+FPS = 16
+BAR_SWEEP_SECONDS = 4  # the bar crosses the frame once every 4 s of video
+
+
+def prompt_color(prompt: str) -> tuple[int, int, int]:
+    """The frame color of a prompt: three bytes of its BLAKE2 hash, scaled into 0..200 to stay clear of the bar."""
+    return tuple(int(b) * 200 // 255 for b in hashlib.blake2b(prompt.encode(), digest_size=3).digest())
+
+
+@dataclass
+class SyntheticPipeline:
+    chunk_frames: int = 8
+    delay: float = 0.25  # seconds per chunk: 8 frames in 0.25 s is 2x real time at 16 fps
+    height: int = 480
+    width: int = 832
+    state_bytes: int = 4 << 20  # memory each open stream holds, standing in for the generator's GPU state
+    open_streams: int = field(default=0, init=False)  # streams not closed yet (tests check that all get freed)
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+
+    def stream(self, prompt: str, seed: int = 0, height: int | None = None, width: int | None = None,
+               motion_score: int | None = None) -> SyntheticStream:
+        """A new endless stream; `motion_score` is accepted for interface parity and has no effect here."""
+        return SyntheticStream(self, check_prompt(prompt), seed, height or self.height, width or self.width)
+
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self.open_streams += delta
+
+
+class SyntheticStream:
+    fps = FPS
+
+    def __init__(self, pipe: SyntheticPipeline, prompt: str, seed: int, height: int, width: int):
+        self.height, self.width = height, width
+        self._pipe, self._seed = pipe, seed
+        self._lock = threading.Lock()  # guards the fields set_prompt / rewind change from other threads
+        self._prompt, self._prompt_seq, self._pending = prompt, 0, None
+        self._next_frame = 0
+        self._closed = threading.Event()
+        self._state = np.ones(pipe.state_bytes, np.uint8)  # written so that it is resident, like real state
+        pipe._count(+1)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        n = self._pipe.chunk_frames
+        index = 0
+        while not self._closed.is_set():
+            t0 = time.perf_counter()
+            with self._lock:
+                if self._pending is not None:
+                    self._prompt, self._pending = self._pending, None
+                    self._prompt_seq += 1
+                prompt, prompt_seq, start = self._prompt, self._prompt_seq, self._next_frame
+                self._next_frame += n
+            frames = self._render(prompt, start, n)
+            if self._closed.wait(max(0.0, self._pipe.delay - (time.perf_counter() - t0))):
+                return
+            yield Chunk(frames, index, start, prompt, prompt_seq, time.perf_counter() - t0)
+            index += 1
+
+    def _render(self, prompt: str, start: int, n: int) -> np.ndarray:
+        frames = np.empty((n, self.height, self.width, 3), np.uint8)
+        frames[:] = prompt_color(prompt)
+        bar = max(2, self.width // 16)
+        speed = self.width / (BAR_SWEEP_SECONDS * FPS)  # pixels per frame
+        for i in range(n):
+            x = int((start + i + self._seed) * speed) % self.width
+            frames[i, :, x:x + bar] = 255
+        return frames
+
+    def set_prompt(self, prompt: str) -> None:
+        check_prompt(prompt)
+        with self._lock:
+            self._pending = prompt
+
+    def rewind(self, seconds: float) -> float:
+        if not seconds >= 0:
+            raise ValueError(f"cannot rewind {seconds!r} seconds")
+        with self._lock:
+            back = min(round(seconds * FPS), self._next_frame)
+            self._next_frame -= back
+        return back / FPS
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._state = None
+            self._pipe._count(-1)

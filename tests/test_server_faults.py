@@ -1,0 +1,282 @@
+"""Bad input and faults: malformed, unknown and oversized messages, a 100 KB prompt, bad HTTP requests, clients
+that vanish mid-stream, twice the stream limit connecting at once, a generator that fails. Each time the server
+answers with an error or refuses cleanly, frees the stream (the synthetic source counts its open streams, which
+stand for GPU memory), and keeps serving the other viewers."""
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import websockets
+
+from streaming.client import Refused, RtcClient, WsClient, post_json
+from streaming.server import ServerConfig, ServerThread
+from streaming.synthetic import SyntheticPipeline
+
+FOX, OWL = "a red fox trotting through snow", "an owl gliding over a moonlit lake"
+
+
+def serve(max_streams=2, client_timeout=15.0, pipe=None):
+    pipe = pipe or SyntheticPipeline(height=64, width=96)
+    config = ServerConfig(port=0, ice_loopback=True, max_streams=max_streams, client_timeout=client_timeout)
+    return ServerThread(pipe, config)
+
+
+def run(coro, timeout=60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def freed(server: ServerThread, timeout=10.0) -> None:
+    """Wait until the server holds no stream and the source has no open stream."""
+    deadline = time.monotonic() + timeout
+    while server.server.sessions or server.server.pipe.open_streams:
+        assert time.monotonic() < deadline, (f"{len(server.server.sessions)} sessions and "
+                                             f"{server.server.pipe.open_streams} open streams left")
+        await asyncio.sleep(0.05)
+
+
+async def still_streaming(c, seconds=0.6) -> None:
+    n = len(c.frames)
+    await c.wait_until(lambda: len(c.frames) >= n + int(seconds * 16 * 0.6), 10)
+
+
+BAD_MESSAGES = [  # (raw message, error code, seq echoed)
+    ("{not json", "bad_json", None),
+    ("[1, 2]", "bad_message", None),
+    (json.dumps({"type": "dance", "seq": 5}), "unknown_type", 5),
+    (json.dumps({"seq": 6}), "unknown_type", 6),
+    (json.dumps({"type": "prompt", "seq": -1, "prompt": OWL}), "bad_message", None),
+    (json.dumps({"type": "prompt", "seq": 7, "prompt": 42}), "bad_message", 7),
+    (json.dumps({"type": "prompt", "seq": 8, "prompt": "x" * 3000}), "bad_prompt", 8),
+    (json.dumps({"type": "prompt", "seq": 9, "prompt": "   "}), "bad_prompt", 9),
+    (json.dumps({"type": "prompt", "seq": 10, "prompt": "x" * 100_000}), "too_large", None),  # a 100 KB prompt
+    (json.dumps({"type": "rewind", "seq": 11, "seconds": -1}), "bad_message", 11),
+    (json.dumps({"type": "rewind", "seq": 12, "seconds": "5"}), "bad_message", 12),
+    (json.dumps({"type": "rewind", "seq": 13, "seconds": True}), "bad_message", 13),
+    (json.dumps({"type": "start", "seq": 14, "prompt": OWL}), "bad_message", 14),
+    ("x" * 20_000, "too_large", None),
+]
+
+
+@pytest.mark.parametrize("client", [RtcClient, WsClient], ids=["webrtc", "websocket"])
+def test_bad_messages_get_errors_and_the_stream_goes_on(client):
+    async def main(server):
+        c = await client.connect(server.url, FOX, decode=False)
+        await c.wait_until(lambda: len(c.frames) >= 8)
+        for raw, _, _ in BAD_MESSAGES:
+            c.send_raw(raw)
+        await c.wait_until(lambda: len(c.errors()) >= len(BAD_MESSAGES), 10)
+        got = [(e["code"], e["seq"]) for e in c.errors()]
+        assert got == [(code, seq) for _, code, seq in BAD_MESSAGES]
+        assert all(e["message"] for e in c.errors())
+        await still_streaming(c)
+        assert (await c.request("prompt", prompt=OWL))["type"] == "ack"
+        await c.wait_until(lambda: any(ch["prompt"] == OWL for ch in c.chunks()), 10)
+        metrics = server.server.metrics
+        assert metrics.value("longsana_message_errors_total", code="too_large") == 2
+        assert metrics.value("longsana_message_errors_total", code="unknown_type") == 2
+        await c.close()
+        await freed(server)
+
+    with serve() as server:
+        run(main(server))
+
+
+def test_a_flood_of_messages_is_bounded():
+    """Over 32 messages waiting for their answers: the rest are refused, the stream and the answers go on."""
+    async def main(server):
+        c = await WsClient.connect(server.url, FOX, decode=False)
+        for i in range(1, 201):  # framed by the client's protocol, written in one piece: one burst on the wire
+            c.ws.protocol.send_text(json.dumps({"type": "stats", "seq": i}).encode())
+        c.ws.transport.write(b"".join(c.ws.protocol.data_to_send()))
+        await c.wait_until(lambda: sum(e["type"] == "stats" or e.get("code") == "too_many" for e in c.events) >= 200)
+        answered = [e["seq"] for e in c.events if e["type"] == "stats"]
+        refused = [e for e in c.errors() if e["code"] == "too_many"]
+        assert refused and len(answered) + len(refused) == 200 and answered == sorted(answered)
+        assert (await c.request("prompt", prompt=OWL))["type"] == "ack"
+        await still_streaming(c)
+        await c.close()
+        await freed(server)
+
+    with serve() as server:
+        run(main(server))
+
+
+def http(url: str, raw: bytes) -> tuple[int, bytes]:
+    """Send raw bytes as an HTTP request; (status, body)."""
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(raw)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_bad_http_requests():
+    with serve() as server:
+        url = server.url
+        offer = url + "offer"
+        assert post_json(offer, {"type": "offer", "sdp": "v=0", "prompt": "x" * 100_000})[0] == 413  # 100 KB
+        status, reply = post_json(offer, {"type": "offer", "prompt": FOX})
+        assert status == 400 and "sdp" in reply["message"]
+        status, reply = post_json(offer, {"type": "offer", "sdp": "v=0", "prompt": ""})
+        assert status == 400 and reply["code"] == "bad_prompt"
+        status, reply = post_json(offer, {"type": "answer", "sdp": "v=0", "prompt": FOX})
+        assert status == 400 and reply["code"] == "bad_message"
+        status, reply = post_json(offer, {"type": "offer", "sdp": "this is not SDP", "prompt": FOX})
+        assert status == 400 and reply["code"] == "bad_offer"
+        body = b"{not json"
+        assert http(url, b"POST /offer HTTP/1.1\r\nContent-Length: 9\r\n\r\n" + body)[0] == 400
+        assert http(url, b"POST /offer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")[0] == 411
+        assert http(url, b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")[0] == 431
+        assert http(url, b"NONSENSE\r\n\r\n")[0] == 400
+        assert http(url, b"GET /offer HTTP/1.1\r\n\r\n")[0] == 405
+        assert http(url, b"GET /ws HTTP/1.1\r\n\r\n")[0] == 426
+        run(freed(server))  # the bad offer's stream was started and is freed again
+        with urllib.request.urlopen(url + "health") as r:
+            assert json.loads(r.read())["streams"] == 0
+
+
+def test_websocket_refusals():
+    async def main(server):
+        ws_url = "ws" + server.url.removeprefix("http") + "ws"
+        for first, code in [("{nope", "bad_json"), (json.dumps({"type": "prompt", "prompt": FOX}), "bad_message"),
+                            (json.dumps({"type": "start", "prompt": ""}), "bad_prompt")]:
+            async with websockets.connect(ws_url) as ws:
+                await ws.send(first)
+                assert json.loads(await ws.recv())["code"] == code
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await ws.recv()
+                assert closed.value.rcvd.code == 1008
+        async with websockets.connect(ws_url) as ws:  # no start message at all
+            assert json.loads(await ws.recv())["code"] == "timeout"
+        # a message over the 1 MiB frame limit closes that connection (1009); other streams are not affected
+        other = await WsClient.connect(server.url, OWL, decode=False)
+        c = await WsClient.connect(server.url, FOX, decode=False)
+        await c.ws.send("x" * (2 << 20))
+        await c.wait_until(lambda: c.ws.close_code is not None, 10)
+        assert c.ws.close_code == 1009
+        await still_streaming(other)
+        await other.close()
+        await freed(server)
+
+    with serve(client_timeout=1.5) as server:
+        run(main(server))
+
+
+VANISHING_CLIENT = """
+import asyncio, sys
+from streaming.client import RtcClient
+from streaming.webrtc import use_loopback_candidates
+async def main():
+    use_loopback_candidates()
+    c = await RtcClient.connect(sys.argv[1], "a vanishing fox", decode=False)
+    await c.wait_until(lambda: len(c.frames) >= 8)
+    print("streaming", flush=True)
+    await asyncio.sleep(120)
+asyncio.run(main())
+"""
+
+
+def test_clients_that_vanish_are_freed():
+    async def main(server):
+        other = await RtcClient.connect(server.url, OWL, decode=False)
+        await other.wait_until(lambda: len(other.frames) >= 8)
+        # a WebRTC client process killed mid-stream: no goodbye at all, the client timeout frees its stream
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", VANISHING_CLIENT, server.url,
+                                                    stdout=subprocess.PIPE)
+        assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"streaming"
+        assert len(server.server.sessions) == 2 and server.server.pipe.open_streams == 2
+        proc.kill()
+        await proc.wait()
+        t = time.monotonic()
+        while len(server.server.sessions) > 1:
+            await asyncio.sleep(0.05)
+            assert time.monotonic() - t < 10
+        assert server.server.pipe.open_streams == 1
+        # a WebSocket client whose connection drops: freed at once
+        ws = await WsClient.connect(server.url, FOX, decode=False)
+        await ws.wait_until(lambda: len(ws.frames) >= 4)
+        ws.ws.transport.abort()
+        t = time.monotonic()
+        while len(server.server.sessions) > 1:
+            await asyncio.sleep(0.02)
+            assert time.monotonic() - t < 3
+        await still_streaming(other)
+        await other.close()
+        await freed(server)
+
+    with serve(client_timeout=2.0) as server:
+        run(main(server))
+
+
+def test_twice_the_stream_limit_at_once():
+    async def main(server):
+        connects = [RtcClient.connect(server.url, FOX, decode=False), WsClient.connect(server.url, FOX, decode=False),
+                    RtcClient.connect(server.url, OWL, decode=False), WsClient.connect(server.url, OWL, decode=False)]
+        results = await asyncio.gather(*connects, return_exceptions=True)
+        accepted = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert len(accepted) == 2 and len(refused) == 2, results
+        assert all(isinstance(r, Refused) and r.reply["code"] == "busy" for r in refused), refused
+        assert "2 streams are in use" in refused[0].reply["message"]
+        for c in accepted:
+            await c.wait_until(lambda: len(c.frames) >= 8)
+            await still_streaming(c)
+        assert server.server.metrics.value("longsana_streams_rejected_total", reason="busy") == 2
+        for c in accepted:
+            await c.close()
+        await freed(server)
+        c = await RtcClient.connect(server.url, FOX, decode=False)  # a slot is free again
+        await c.wait_until(lambda: len(c.frames) >= 4)
+        await c.close()
+        await freed(server)
+
+    with serve(max_streams=2) as server:
+        run(main(server))
+
+
+class FailingPipeline(SyntheticPipeline):
+    """Its streams fail on their third chunk, as a generator running out of GPU memory would."""
+
+    def stream(self, *args, **kwargs):
+        return FailingStream(super().stream(*args, **kwargs))
+
+
+class FailingStream:
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __iter__(self):
+        for i, chunk in enumerate(self.stream):
+            if i == 2:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            yield chunk
+
+    def __getattr__(self, name):  # fps, set_prompt, rewind, close: the synthetic stream's
+        return getattr(self.stream, name)
+
+
+def test_generator_failure_ends_only_its_stream():
+    async def main(server):
+        c = await WsClient.connect(server.url, FOX, decode=False)
+        await c.wait_until(lambda: any(e["type"] == "end" for e in c.events), 20)
+        (err,) = c.errors()
+        assert err["code"] == "generator" and "CUDA out of memory (simulated)" in err["message"]
+        assert len(c.frames) == 16  # the two chunks made before the failure were all sent
+        await freed(server)
+        assert server.server.metrics.value("longsana_stream_failures_total", stage="generator") == 1
+        again = await RtcClient.connect(server.url, OWL, decode=False)  # the server goes on
+        await again.wait_until(lambda: len(again.frames) >= 4)
+        await again.close()
+        await freed(server)
+
+    with serve(pipe=FailingPipeline(height=64, width=96)) as server:
+        run(main(server))

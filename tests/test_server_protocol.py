@@ -1,0 +1,204 @@
+"""The streaming protocol end to end without a browser: a real aiortc client (and a websockets client) against the
+server running the synthetic source in a background thread. Frames arrive at 16 fps with evenly spaced,
+increasing pts; a new prompt applies at the generator's next chunk and the decoded pixels follow it; pause,
+resume, rewind and stats do what they say; the HTTP endpoints and the MP4 recording hold what was streamed."""
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import av
+import numpy as np
+import pytest
+
+from streaming.client import RtcClient, WsClient, frame_rate
+from streaming.server import ServerConfig, ServerThread
+from streaming.session import CLOCK_RATE
+from streaming.synthetic import SyntheticPipeline, prompt_color
+
+FPS = 16
+STEP = CLOCK_RATE // FPS  # 5625 ticks of 90 kHz per frame
+FOX, OWL = "a red fox trotting through snow", "an owl gliding over a moonlit lake"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread(SyntheticPipeline(height=96, width=160), ServerConfig(port=0, ice_loopback=True)) as s:
+        yield s
+
+
+def background(thumb: np.ndarray) -> np.ndarray:
+    """The frame's solid color: the median pixel ignores the moving white bar."""
+    return np.median(thumb.reshape(-1, 3), axis=0)
+
+
+def assert_color(thumb: np.ndarray, prompt: str, what: str) -> None:
+    got, want = background(thumb), np.array(prompt_color(prompt))
+    assert np.abs(got - want).max() <= 24, f"{what}: color {got} is not {prompt!r}'s {want}"
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_webrtc_pace_pts_and_prompt_switch(server):
+    async def main():
+        c = await RtcClient.connect(server.url, FOX)
+        await c.wait_until(lambda: len(c.frames) >= 40)
+        frames = c.frames[:40]
+        pts = [f.pts for f in frames]
+        assert pts[0] == 0
+        assert all(b - a == STEP for a, b in zip(pts, pts[1:])), f"pts steps {set(np.diff(pts))}"
+        rate = frame_rate(frames[8:])  # the first frames can arrive together while the connection settles
+        assert 13 <= rate <= 19, f"{rate:.1f} fps"
+
+        # switch right after a chunk went on screen: that chunk's successor is already being generated with
+        # the old prompt, so the generator's next chunk, two after the one on screen, is the first new one
+        n = len(c.chunks())
+        await c.wait_until(lambda: len(c.chunks()) > n)
+        on_screen = c.chunks()[-1]["index"]
+        ack = await c.request("prompt", prompt=OWL)
+        assert ack == {"type": "ack", "seq": ack["seq"], "of": "prompt"}
+        await c.wait_until(lambda: any(ch["prompt"] == OWL for ch in c.chunks()))
+        first = next(ch for ch in c.chunks() if ch["prompt"] == OWL)
+        assert first["index"] == on_screen + 2 and first["prompt_seq"] == 1
+        assert all(ch["prompt"] == FOX and ch["prompt_seq"] == 0 for ch in c.chunks() if ch["index"] < first["index"])
+        assert first["switch_latency"] > 0
+
+        # the decoded pixels follow the chunks: the old color up to the switch, the new one after
+        await c.wait_until(lambda: c.frames[-1].pts >= first["pts"] + 8 * STEP)
+        for f in c.frames:
+            assert_color(f.thumb, OWL if f.pts >= first["pts"] else FOX, f"frame at pts {f.pts}")
+        assert all(b.pts > a.pts for a, b in zip(c.frames, c.frames[1:]))
+        await c.close()
+
+    run(main())
+
+
+def test_webrtc_vp8_when_h264_is_not_offered(server):
+    """A browser without H.264 gets the raw frames encoded by aiortc (VP8); the recording is H.264 all the same."""
+    async def main():
+        c = await RtcClient.connect(server.url, FOX, codecs=("video/VP8",))
+        assert c.hello["codec"] == "VP8"
+        await c.wait_until(lambda: len(c.frames) >= 16)
+        assert all(b.pts - a.pts == STEP for a, b in zip(c.frames, c.frames[1:]))
+        for f in c.frames[4:]:  # VP8 starts blurry for a frame or two
+            assert_color(f.thumb, FOX, f"frame at pts {f.pts}")
+        await c.close()
+
+    run(main())
+
+
+def test_pause_resume_rewind_stats(server):
+    async def main():
+        c = await RtcClient.connect(server.url, FOX, decode=False)
+        await c.wait_until(lambda: len(c.frames) >= 24)
+
+        assert (await c.request("pause"))["type"] == "ack"
+        await asyncio.sleep(0.3)  # frames already on their way still arrive
+        n = len(c.frames)
+        await asyncio.sleep(0.8)
+        assert len(c.frames) == n, "frames kept coming while paused"
+        assert (await c.request("stats"))["state"] == "paused"
+        assert (await c.request("resume"))["type"] == "ack"
+        resumed = asyncio.get_running_loop().time()
+        await c.wait_until(lambda: len(c.frames) >= n + 8)
+        steps = np.diff([f.pts for f in c.frames[n - 8:]])  # (aiortc's receiver holds a frame until the next)
+        jumps = steps[steps != STEP]
+        assert len(jumps) == 1 and jumps[0] >= 0.8 * CLOCK_RATE, f"pts steps around the pause: {steps}"
+
+        # rewind 1 s: after the frames already generated, the video continues with what followed the frame that
+        # was on screen 1 s (16 frames) before (up to 3 frames of slack: aiortc's receiver holds one frame back,
+        # one or two are on their way)
+        n = len(c.chunks())
+        await c.wait_until(lambda: len(c.chunks()) > n)
+        chunk = c.chunks()[-1]
+        on_screen = chunk["start_frame"] + (c.frames[-1].pts - chunk["pts"]) // STEP
+        ack = await c.request("rewind", seconds=1.0)
+        assert ack["type"] == "ack" and ack["rewound"] == pytest.approx(1.0, abs=0.07)
+        await c.wait_until(lambda: any(b["start_frame"] < a["start_frame"] for a, b in zip(c.chunks(), c.chunks()[1:])))
+        back = next(b for a, b in zip(c.chunks(), c.chunks()[1:]) if b["start_frame"] < a["start_frame"])
+        assert 0 <= back["start_frame"] - (on_screen + 1 - FPS) <= 3, (back, on_screen)
+
+        await asyncio.sleep(resumed + 2.2 - asyncio.get_running_loop().time())  # send_fps: the last 2 s
+        stats = await c.request("stats")
+        assert stats["type"] == "stats" and stats["state"] == "playing" and stats["session"] == c.session
+        assert stats["frames_sent"] >= len(c.frames) and stats["gen_fps"] > FPS  # synthetic: 2x real time
+        assert stats["send_fps"] == pytest.approx(FPS, rel=0.25)
+        assert (stats["width"], stats["height"]) == (160, 96)
+        await c.close()
+
+    run(main())
+
+
+def test_websocket_stream(server):
+    async def main():
+        c = await WsClient.connect(server.url, FOX)
+        assert c.hello["transport"] == "websocket" and c.hello["codec"] == "JPEG"
+        await c.wait_until(lambda: len(c.frames) >= 24)
+        assert frame_rate(c.frames[4:24]) == pytest.approx(FPS, rel=0.2)
+        assert (await c.request("prompt", prompt=OWL))["type"] == "ack"
+        await c.wait_until(lambda: c.frames[-1].prompt_seq == 1 and c.frames[-9].prompt_seq == 1)
+        for f in c.frames:  # each binary frame says which prompt it shows, and shows it
+            assert_color(f.thumb, OWL if f.prompt_seq else FOX, f"frame at pts {f.pts}")
+        pts = [f.pts for f in c.frames]
+        assert pts[0] == 0 and all(b - a == STEP for a, b in zip(pts, pts[1:]))
+        await c.close()
+
+    run(main())
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
+def test_recording_health_and_metrics(server, tmp_path):
+    async def main():
+        c = await RtcClient.connect(server.url, FOX, decode=False)
+        await c.wait_until(lambda: len(c.frames) >= 20)
+        await c.request("prompt", prompt=OWL)
+        await c.wait_until(lambda: any(ch["prompt"] == OWL for ch in c.chunks()))
+        switch_pts = next(ch["pts"] for ch in c.chunks() if ch["prompt"] == OWL)
+        await c.wait_until(lambda: c.frames[-1].pts >= switch_pts + 8 * STEP)
+        health = json.loads(get(server.url + "health")[2])
+        assert health["status"] == "ok" and health["streams"] == 1 and health["max_streams"] == 2
+        status, kind, mp4 = await asyncio.to_thread(get, f"{server.url}recording/{c.session}.mp4")
+        sent = len(c.frames)
+        await c.close()
+        return status, kind, mp4, sent
+
+    status, kind, mp4, sent = run(main())
+    assert status == 200 and kind == "video/mp4"
+    path = tmp_path / "stream.mp4"
+    path.write_bytes(mp4)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert container.format.name.startswith("mov,mp4") and stream.average_rate == FPS
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    # everything encoded so far: what the client got plus at most the encoder's few frames ahead
+    assert sent <= len(frames) <= sent + 12
+    colors = [OWL if np.abs(background(f) - prompt_color(OWL)).max() <= 24 else FOX for f in frames]
+    for f, prompt in zip(frames, colors):
+        assert_color(f, prompt, "recorded frame")
+    switch = colors.index(OWL)
+    assert switch > 0 and all(p == OWL for p in colors[switch:])
+
+    status, kind, text = get(server.url + "metrics")
+    assert status == 200 and kind.startswith("text/plain; version=0.0.4")
+    metrics = dict(line.rsplit(" ", 1) for line in text.decode().splitlines() if not line.startswith("#"))
+    assert float(metrics['longsana_frames_sent_total{transport="webrtc"}']) >= sent
+    assert float(metrics['longsana_messages_total{type="prompt"}']) >= 1
+    assert float(metrics["longsana_time_to_first_frame_seconds_count"]) >= 1
+    assert float(metrics["longsana_prompt_switch_seconds_sum"]) > 0
+    assert int(metrics["process_threads"]) > 1 and int(metrics["process_resident_memory_bytes"]) > 1 << 20
+
+    page = get(server.url)
+    assert page[0] == 200 and page[1].startswith("text/html") and b"/app.js" in page[2]
+    assert get(server.url + "app.js")[0] == 200 and get(server.url + "style.css")[0] == 200
+    assert get(server.url + "nope")[0] == 404 and get(server.url + "offer")[0] == 405
+    assert get(f"{server.url}recording/unknown.mp4")[0] == 404
