@@ -9,6 +9,7 @@ import click
 
 # name -> "module:click_command"; a new subcommand is one line here.
 COMMANDS: dict[str, str] = {
+    "bench": "benchmarks.fps:bench_cmd",
     "convert": "longsana.loading:convert_cmd",
     "generate": "longsana.generate:generate_cmd",
     "serve": "streaming.server:serve_cmd",

@@ -14,6 +14,9 @@ FFN's last latent frame before the temporal conv, which is the left padding of t
 Inside a chunk everything is bidirectional; the right side of a chunk's temporal conv sees zeros.
 
 Layouts: tokens are ordered (frame, row, col), so a (B, N, D) activation is also (B, F, H*W, D) channels-last.
+
+Kernels: linear attention and LayerNorm-modulate go through the dispatching entry points of kernels/ (Triton on
+CUDA), except where autograd needs them (`_backend`): the Triton ops have no backward.
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.linear_attention import apply_rope
-from kernels.linear_attention import linear_attention_ref as linear_attention
-from kernels.ln_modulate import ln_modulate_ref as ln_modulate
+from kernels.linear_attention import apply_rope, linear_attention
+from kernels.ln_modulate import ln_modulate
 
 from .config import TransformerConfig
+
+
+def _backend(*xs: torch.Tensor) -> str | None:
+    """The kernels' plain PyTorch reference where a gradient must flow (training), else the default dispatch."""
+    return "torch" if any(x.requires_grad for x in xs) else None
 
 
 class RMSNorm(nn.Module):
@@ -98,11 +105,12 @@ class SelfAttention(nn.Module):
         if chunk_tokens is not None:
             o = self.block_causal(q, k, v, rope, chunk_tokens)
         elif update_state:
-            o, (S_c, z_c) = linear_attention(q, k, v, *rope, S, z, eps=self.eps, return_state=True)
+            o, (S_c, z_c) = linear_attention(q, k, v, *rope, S, z, eps=self.eps, return_state=True,
+                                             backend=_backend(q, k, v))
             S.add_(S_c)
             z.add_(z_c)
         else:
-            o = linear_attention(q, k, v, *rope, S, z, eps=self.eps)
+            o = linear_attention(q, k, v, *rope, S, z, eps=self.eps, backend=_backend(q, k, v))
         return self.to_out[0](o.flatten(-2))
 
     def block_causal(self, q, k, v, rope, chunk_tokens):
@@ -110,7 +118,7 @@ class SelfAttention(nn.Module):
         outs, S, z = [], None, None
         for sl in _slices(chunk_tokens):
             o, (S_c, z_c) = linear_attention(q[:, sl], k[:, sl], v[:, sl], rope[0][sl], rope[1][sl], S, z,
-                                             eps=self.eps, return_state=True)
+                                             eps=self.eps, return_state=True, backend=_backend(q, k, v))
             S, z = (S_c, z_c) if S is None else (S + S_c, z + z_c)
             outs.append(o)
         return torch.cat(outs, dim=1)
@@ -195,10 +203,10 @@ class Block(nn.Module):
         chunk_ends = None if chunks is None else _chunk_ends(chunks, x.device)
         mods = self.scale_shift_table + t0.unflatten(-1, (6, -1))  # (B, 1 or N, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.unbind(2)
-        h = ln_modulate(x, shift_msa, scale_msa, self.norm_eps)
+        h = ln_modulate(x, shift_msa, scale_msa, self.norm_eps, backend=_backend(x, shift_msa))
         x = x + gate_msa * self.attn1(h, rope, S, z, update_state, chunk_tokens)
         x = x + self.attn2(x, k, v, bias)
-        h = ln_modulate(x, shift_mlp, scale_mlp, self.norm_eps)
+        h = ln_modulate(x, shift_mlp, scale_mlp, self.norm_eps, backend=_backend(x, shift_mlp))
         return x + gate_mlp * self.ff(h, *grid, tail=tail, update_state=update_state, chunk_ends=chunk_ends)
 
 
@@ -320,16 +328,30 @@ class LongSANATransformer(nn.Module):
         B, _, frames, H, W = x.shape
         if chunks is not None and (state is not None or sum(chunks) != frames or min(chunks) < 1):
             raise ValueError(f"chunks {chunks} must be positive and sum to the {frames} frames, with no state")
+        rope = self.rope(frame0 // self.cfg.patch_size[0], *self.token_grid(frames, H, W), device=x.device)
+        return self.run_prepared(x, self.timestep(t, B), text, rope, state, update_state, output, chunks)
+
+    def token_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(frames, rows, cols) of the tokens of a latent (frames, height, width)."""
         pt, ph, pw = self.cfg.patch_size
-        grid = (frames // pt, H // ph, W // pw)
-        rope = self.rope(frame0 // pt, *grid, device=x.device)
+        return frames // pt, height // ph, width // pw
+
+    def run_prepared(self, x, temb: tuple[torch.Tensor, torch.Tensor], text: TextKV, rope, state: State | None = None,
+                     update_state=False, output=True, chunks: list[int] | None = None, block=None):
+        """`run` with the timestep embedding (t0, temb) = `timestep(t)` and the RoPE table (cos, sin) = `rope(...)`
+        given, so that a static-shape compiled graph of it (engine.py) sees no Python number that changes from
+        chunk to chunk. `block(blk, *args)` runs one transformer block (default: blk(*args); e.g. a compiled one)."""
+        B, _, frames, H, W = x.shape
+        grid = self.token_grid(frames, H, W)
+        t0, temb = temb
+        block = block or Block.__call__
         h = self.patch_embedding(x.to(self.proj_out.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
-        t0, temb = self.timestep(t, B)
         for i, blk in enumerate(self.transformer_blocks):
             S, z, tail = (None, None, None) if state is None else (state.S[i], state.z[i], state.tail[i])
-            h = blk(h, t0, *text.kv[i], text.bias, rope, grid, S, z, tail, update_state, chunks)
+            h = block(blk, h, t0, *text.kv[i], text.bias, rope, grid, S, z, tail, update_state, chunks)
         if not output:
             return None
+        pt, ph, pw = self.cfg.patch_size
         shift, scale = (self.scale_shift_table + temb[:, :, None]).unbind(2)
         h = self.proj_out(F.layer_norm(h, h.shape[-1:], eps=self.cfg.norm_eps) * (1 + scale) + shift)
         # unpatchify: (B, f, h, w, pt, ph, pw, C) -> (B, C, f*pt, h*ph, w*pw)

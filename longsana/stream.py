@@ -20,6 +20,17 @@ table ends, so a stream can run for hours.
 
 Determinism: chunk c's noise comes from a generator seeded by (seed, c), so a stream is a pure function of the
 seed and the prompt schedule, and a rewind followed by the original prompt replays the original continuation.
+
+Two ways to run a chunk, computing the same thing (`StreamSettings.compile`; by default the fast one on a GPU):
+  - eager, the reference (engine.reference_step): the clean-context pass, then `sample_chunk` over
+    `model.forward_chunk`;
+  - the engine (engine.py): the same step on static buffers, compiled, replayed as a CUDA graph. Its VAE decode
+    runs on a second CUDA stream, overlapped with the NEXT chunk's transformer work, which is launched
+    speculatively before this chunk's frames are handed out, with the prompt in force at that moment. If the
+    prompt changes (or the stream is rewound) before the next chunk is asked for, the speculative work is
+    discarded: the state is put back as it was before its clean-context pass and the chunk is redone. So the
+    frames are exactly those of the eager schedule; a switch just costs one chunk's transformer work. The first
+    chunk is not overlapped: its frames come out as early as possible.
 """
 
 from __future__ import annotations
@@ -33,23 +44,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .chunk import Chunk
 from .config import ModelSpec, get_config
+from .engine import ChunkEngine, SideStream, compile_norms, reference_step
 from .model import LongSANATransformer, State
-from .sampling import sample_chunk
 from .text import PromptCache, TextEncoder
 
 FPS = 16
 LATENT_STRIDE = 4  # video frames per latent frame (after the first)
-
-
-@dataclass
-class Chunk:
-    frames: np.ndarray  # uint8 (n, H, W, 3)
-    index: int  # chunk index in the stream
-    start_frame: int  # video frame index of frames[0] (goes back after a rewind)
-    prompt: str  # the prompt this chunk was generated with
-    prompt_seq: int  # increments with each set_prompt call that took effect
-    gen_seconds: float  # wall time spent generating (and decoding) this chunk
 
 
 @dataclass
@@ -61,6 +63,7 @@ class StreamSettings:
     bf16_timesteps: bool = False  # feed the bf16-rounded t the official sampler feeds (1000, 960, 888, 728)
     motion_score: int = 10
     rewind_points: int = 4  # chunk-boundary snapshots kept for rewind (on the CPU when the model is on a GPU)
+    compile: bool | None = None  # the fast chunk step (engine.py) and the overlapped decode; None: on a GPU only
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, **overrides) -> StreamSettings:
@@ -147,6 +150,17 @@ def resolve_model(path_or_name: str | Path, spec: str | ModelSpec | None) -> tup
 
 
 @dataclass
+class _Ahead:
+    """The next chunk's transformer work, launched before it was asked for (see the module docstring)."""
+
+    index: int  # the chunk it is
+    text: object  # the prompt (TextKV) it used
+    pending: tuple[torch.Tensor, int] | None  # the pending chunk whose clean-context pass it ran
+    x0: torch.Tensor
+    event: torch.cuda.Event | None  # recorded after the boundary state was kept, before the work
+
+
+@dataclass
 class _Boundary:
     """Everything needed to restart at the boundary before chunk `index` (a rewind point). Taken before the
     previous chunk's clean-context pass, so a prompt set after a rewind re-caches that chunk like any switch."""
@@ -173,7 +187,15 @@ class Stream:
         vs = pipe.vae.cfg.spatial_stride
         self.latent_hw = (height // vs, width // vs)
         self.total_latents = None if num_frames is None else latent_frames(num_frames)
-        self.state = pipe.model.new_state(1, *self.latent_hw, device=pipe.device)
+        fast = settings.compile if settings.compile is not None else pipe.device.type == "cuda"
+        self.engine = ChunkEngine(pipe.model, self.latent_hw, settings.timesteps, settings.bf16_timesteps,
+                                  compile=True) if fast else None
+        if fast:
+            compile_norms(pipe.vae.decoder)
+        self.state = self.engine.state if fast else pipe.model.new_state(1, *self.latent_hw, device=pipe.device)
+        self._before = pipe.model.new_state(1, *self.latent_hw, device=pipe.device) if fast else None
+        self._ahead: _Ahead | None = None  # the next chunk's speculative transformer work
+        self._side = SideStream(pipe.device) if fast else SideStream(torch.device("cpu"))
         self.pending: tuple[torch.Tensor, int] | None = None  # last chunk's (x0, position): clean pass due
         self.decoder = StreamingDecoder(pipe.vae, height, width)
         self.snapshot_device = "cpu" if pipe.device.type == "cuda" else None
@@ -235,33 +257,62 @@ class Stream:
     def _next_chunk(self) -> Chunk:
         t_start = time.perf_counter()
         n = self._chunk_len()
-        self._maybe_rebase(n)
-        self._keep_rewind_point()
-        m, text, pos = self.pipe.model, self.text, self.frame0 - self.origin
-        g = torch.Generator(self.pipe.device).manual_seed(self.seed * 1_000_003 + self.index)
-        shape = (1, m.cfg.in_channels, n, *self.latent_hw)
-        noise = lambda: torch.randn(shape, generator=g, device=self.pipe.device)  # noqa: E731
-        velocity = lambda x, t: m.forward_chunk(x, t.reshape(1), text, self.state, pos)  # noqa: E731
-        with torch.inference_mode():
-            self._clean_pass()
-            x0 = sample_chunk(velocity, noise, self.settings.timesteps, bf16_like=self.settings.bf16_timesteps)
-            frames = self.decoder.decode(x0)
-        self.pending = (x0, pos)
-        chunk = Chunk(frames.cpu().numpy(), self.index, video_frame(self.frame0), self.prompt, self.prompt_seq,
-                      time.perf_counter() - t_start)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and self._adopt(ahead):
+            x0 = ahead.x0
+        else:
+            self._maybe_rebase(n)
+            self._keep_rewind_point()
+            x0 = self._denoise(n)
+        self.pending = (x0, self.frame0 - self.origin)
+        index, start = self.index, video_frame(self.frame0)
         self.index += 1
         self.frame0 += n
-        return chunk
+        self._side.wait()  # the decode follows the transformer work queued so far
+        with torch.inference_mode(), self._side():
+            frames = self.decoder.decode(x0)
+        if index > 0:  # not while the first chunk decodes: sharing the GPU would delay the stream's first frames
+            self._ahead = self._speculate()  # the next chunk's transformer work, while this one decodes
+        with self._side():
+            frames = frames.cpu().numpy()
+        return Chunk(frames, index, start, self.prompt, self.prompt_seq, time.perf_counter() - t_start)
 
-    def _clean_pass(self) -> None:
-        """Add the previous chunk to the state, with the CURRENT prompt: deferred to here so that its frames go
-        out first, and so that a prompt switched in between re-caches that chunk with the new prompt."""
-        if self.pending is None:
-            return
-        x0, pos = self.pending
-        self.pipe.model.forward_chunk(x0, torch.zeros(1, device=x0.device), self.text, self.state, pos,
-                                      update_state=True, output=False)
-        self.pending = None
+    def _denoise(self, n: int) -> torch.Tensor:
+        """The pending chunk's clean-context pass, then this chunk's x0. The clean pass is deferred to here, the
+        start of the NEXT chunk, so that the pending chunk's frames go out first, and so that a prompt switched in
+        between re-caches that chunk with the new prompt."""
+        args = (self.text, n, self.frame0 - self.origin, self.seed * 1_000_003 + self.index, self.pending)
+        if self.engine is not None:
+            return self.engine.step(*args)
+        return reference_step(self.pipe.model, self.text, self.state, self.latent_hw, *args[1:],
+                              self.settings.timesteps, self.settings.bf16_timesteps)
+
+    def _speculate(self) -> _Ahead | None:
+        """Launch the next chunk's transformer work (engine only), keeping what is needed to take it back."""
+        if self.engine is None or (self.total_latents is not None and self.frame0 >= self.total_latents):
+            return None
+        n = self._chunk_len()
+        self._maybe_rebase(n)
+        self._before.restore(self.state)  # the boundary's state, before the speculative clean-context pass
+        event, pending, text = self._side.mark(), self.pending, self.text
+        return _Ahead(self.index, text, pending, self._denoise(n), event)
+
+    def _adopt(self, ahead: _Ahead) -> bool:
+        """Keep the speculative work if nothing changed since it was launched, and take this boundary's rewind
+        point as the eager path does (the state from before the speculative clean-context pass)."""
+        if self.pending is not ahead.pending or self.index != ahead.index:  # rewound: _restore reset everything
+            return False
+        if self.text is not ahead.text:  # the prompt changed: undo the clean-context pass, redo with the new one
+            self.state.restore(self._before)
+            return False
+        state, self.state = self.state, self._before
+        try:
+            self._side.wait(ahead.event)
+            with self._side():  # off the transformer's stream: the copies overlap its work
+                self._keep_rewind_point()
+        finally:
+            self.state = state
+        return True
 
     def _chunk_len(self) -> int:
         n = self.settings.chunk_frames + (1 if self.index == 0 else 0)

@@ -1,0 +1,530 @@
+"""End-to-end streaming benchmark: `python -m benchmarks.fps` or `longsana bench` (GPU); `--tiny` is a smoke test
+at a tiny size on any device.
+
+Full LongSANA 2B / 480x832 shapes with random weights (the compute does not depend on the values; never zeros):
+the transformer and the Wan VAE in bf16, and a full-size random Gemma-2-2B text encoder (bf16) behind a small
+word-level tokenizer (the real one needs the hub). It prints, in order:
+  1. the cost card: FLOPs of a denoising pass and of the clean-context pass, per chunk and per video frame; VAE
+     FLOPs per frame; the matmul and copy ceilings measured in this run, and the FPS ceilings they imply;
+  2. the stream, the product path (`Pipeline.stream` with the fast engine, default settings): time to first frame
+     from prompt submit (a new prompt: text encoding included; the encoding alone too), then --chunks chunks of
+     steady state: per-chunk latency median / p95, end-to-end FPS of the decoded uint8 frames handed out, peak
+     GPU memory (weights and text encoder included) and torch.cuda.memory_allocated after every chunk (growth);
+  3. the chunk step: the fast step against the eager reference step on the same inputs (relative error of x0 and
+     of the state, per chunk, graph replays included), and timings: eager pass, compiled pass, graph-replayed
+     step (clean + 4 denoising passes) median / p95, transformer-only FPS;
+  4. the VAE: streaming decode of a steady chunk in bf16 (as the stream runs it: norms compiled; and variants),
+     and the bf16 vs fp32 decode error;
+  5. diffusers 0.42.1 when importable: SanaVideoTransformer3DModel (eager, and with its blocks compiled) and
+     AutoencoderKLWan, same weights, same shapes, same run, with our numbers as ratios;
+then the targets, met or not, and one JSON line. Each section that fails is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib.util
+import json
+import statistics
+import time
+import traceback
+
+import click
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.vae import bench_diffusers as vae_diffusers
+from benchmarks.vae import bench_ours as vae_ours
+from benchmarks.vae import ceilings, decoder_cost, gb, rel_err, sync, timed
+from longsana.config import get_config
+from longsana.engine import ChunkEngine, compile_norms, reference_step
+from longsana.model import LongSANATransformer
+from longsana.stream import Pipeline
+from longsana.text import CHI_SANA, TextEncoder, build_gemma2, build_word_tokenizer
+from longsana.vae import StreamingDecoder, WanVAE
+
+PROMPTS = ("a red circle moving left on a black background", "two yellow squares bouncing up and down",
+           "one white star spinning slowly", "three blue triangles moving right")
+TARGETS = dict(e2e_fps=45.0, pass_ms=110.0, vae_fps=100.0, ttff_s=1.0, peak_gb=16.0)
+
+
+# -- models ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@torch.no_grad()
+def random_(module: nn.Module, seed: int) -> nn.Module:
+    """tests.helpers.randomize_'s recipe (weights N(0, 1/fan_in), norm weights around 1, biases and modulation
+    tables small but non-zero), drawn on the module's device: seconds for 2B parameters on a GPU."""
+    g = None
+    for name, p in module.named_parameters():
+        g = g or torch.Generator(p.device).manual_seed(seed)
+        r = torch.randn(p.shape, generator=g, device=p.device)
+        owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
+        if "norm" in owner:
+            r = 1 + 0.2 * r
+        elif p.ndim <= 1 or "scale_shift_table" in name:
+            r = 0.2 * r
+        else:
+            r = r / p[0].numel() ** 0.5
+        p.copy_(r)
+    return module
+
+
+def make_vae(cfg, device, dtype: torch.dtype, seed: int = 1) -> WanVAE:
+    """PyTorch's default init (never zeros), the same weights for every dtype."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        vae = WanVAE(cfg)
+    return vae.to(dtype).eval().requires_grad_(False)
+
+
+def make_text_encoder(device, tiny: bool) -> TextEncoder:
+    from transformers import Gemma2Config, Gemma2Model
+
+    tok = build_word_tokenizer(["\n".join(CHI_SANA), " ".join(PROMPTS) + " motion score : . 10"])
+    if tiny:
+        return TextEncoder(tok, build_gemma2(len(tok), hidden_size=get_config("tiny").transformer.caption_channels)
+                           .to(device))
+    torch.manual_seed(2)
+    with torch.device(device), default_dtype(torch.bfloat16):
+        model = Gemma2Model(Gemma2Config())  # gemma-2-2b: 2304 hidden, 26 layers, 256k vocabulary
+    return TextEncoder(tok, model)
+
+
+def build(a, device) -> Pipeline:
+    spec = get_config("tiny" if a.tiny else "longsana-2b-480p")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device), default_dtype(dtype):
+        model = LongSANATransformer(spec.transformer)
+    random_(model.eval().requires_grad_(False), 0)
+    return Pipeline(model, make_vae(spec.vae, device, dtype), make_text_encoder(device, a.tiny), spec)
+
+
+# -- 1. cost card --------------------------------------------------------------------------------------------------
+def cost_card(pipe: Pipeline, a, hw) -> dict:
+    cfg, dev = pipe.model.cfg, pipe.device
+    with torch.device("meta"):
+        m = LongSANATransformer(cfg).to(torch.bfloat16)
+        text = m.prepare_text(torch.empty(1, 300, cfg.caption_channels), torch.ones(1, 300))
+        state = m.new_state(1, *hw)
+        x, t = torch.empty(1, cfg.in_channels, a.chunk, *hw), torch.zeros(1)
+    flops = {}
+    for name, kw in (("denoise", {}), ("clean", dict(update_state=True, output=False))):
+        with FlopCounterMode(display=False) as f:
+            m.forward_chunk(x, t, text, state, 0, **kw)
+        flops[name] = f.get_total_flops()
+    frames = pipe.vae.cfg.temporal_stride * a.chunk
+    steps = len(pipe.spec.denoise_timesteps)
+    c = dict(pass_flops=flops["denoise"], clean_flops=flops["clean"],
+             chunk_flops=steps * flops["denoise"] + flops["clean"], frames_per_chunk=frames)
+    c["tr_flops_per_frame"] = c["chunk_flops"] / frames
+    c["vae_flops_per_frame"] = decoder_cost(pipe.vae, a.height, a.width, a.chunk, pipe.vae.dtype)["flops_per_frame"]
+    c |= ceilings(dev, pipe.vae.dtype, a.tiny)
+    peak = c["matmul_flops_per_s"]
+    c |= dict(pass_floor_ms=1e3 * flops["denoise"] / peak, tr_ceiling_fps=peak / c["tr_flops_per_frame"],
+              vae_ceiling_fps=peak / c["vae_flops_per_frame"],
+              e2e_ceiling_fps=peak / (c["tr_flops_per_frame"] + c["vae_flops_per_frame"]))
+    print(f"## cost card ({a.chunk}-latent-frame chunk = {frames} video frames, {steps} denoising passes + 1 clean)")
+    print(f"  denoising pass {flops['denoise'] / 1e12:.1f} TFLOP, clean pass {flops['clean'] / 1e12:.1f} TFLOP, "
+          f"chunk {c['chunk_flops'] / 1e12:.0f} TFLOP -> transformer {c['tr_flops_per_frame'] / 1e12:.2f} "
+          f"TFLOP/frame, VAE {c['vae_flops_per_frame'] / 1e12:.2f} TFLOP/frame")
+    print(f"  measured: {peak / 1e12:.0f} TFLOP/s bf16 matmul, {c['copy_bytes_per_s'] / 1e9:.0f} GB/s copy -> "
+          f"pass floor {c['pass_floor_ms']:.1f} ms; ceilings: transformer {c['tr_ceiling_fps']:.0f} FPS, VAE "
+          f"{c['vae_ceiling_fps']:.0f} FPS, end to end {c['e2e_ceiling_fps']:.0f} FPS")
+    return c
+
+
+# -- 2. the stream -------------------------------------------------------------------------------------------------
+def _mem() -> int:
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+def bench_stream(pipe: Pipeline, a) -> dict:
+    r = {}
+    sync(pipe.device)
+    t0 = time.perf_counter()
+    warm = pipe.stream(PROMPTS[0], seed=0)  # compiles the blocks (once per process) and captures its graphs
+    it = iter(warm)
+    for _ in range(a.warmup_chunks):
+        next(it)
+    sync(pipe.device)
+    r["warmup_s"] = time.perf_counter() - t0
+    warm.close()
+    del warm, it
+    gc.collect()
+    if pipe.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    print(f"## stream (fast engine, default settings): warm-up of {a.warmup_chunks} chunks (compilation, graph "
+          f"captures) {r['warmup_s']:.1f} s")
+
+    t0 = time.perf_counter()
+    pipe.prompts.get(PROMPTS[2], pipe.spec.motion_score)
+    sync(pipe.device)
+    r["encode_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    stream = pipe.stream(PROMPTS[1], seed=1)  # a prompt not seen before: encoded here
+    it = iter(stream)
+    first = next(it)
+    r["ttff_s"] = time.perf_counter() - t0
+    r["first_chunk_frames"] = len(first.frames)
+    print(f"  time to first frame {r['ttff_s']:.3f} s (prompt submit -> first chunk of {len(first.frames)} "
+          f"frames handed out; text encoding alone {r['encode_s'] * 1e3:.0f} ms)")
+
+    times, lat, frames, mem = [], [], [], []
+    t_last = time.perf_counter()
+    for k in range(a.chunks):
+        c = next(it)
+        times.append(time.perf_counter())
+        lat.append(c.gen_seconds)
+        frames.append(len(c.frames))
+        mem.append(_mem())
+        if (k + 1) % 40 == 0:
+            print(f"  ... {k + 1} chunks, {sum(frames) / (times[-1] - t_last):.1f} FPS overall, "
+                  f"allocated {gb(mem[-1])}")
+    w = min(a.settle, len(times) - 2)
+    steady = lat[w + 1:]
+    r |= dict(chunks=a.chunks, settle=w, video_s=(len(first.frames) + sum(frames)) / stream.fps,
+              e2e_fps=sum(frames[w + 1:]) / (times[-1] - times[w]),
+              latency_median_s=statistics.median(steady), latency_p95_s=_p95(steady),
+              mem_after_settle=mem[w], mem_last=mem[-1], mem_growth=mem[-1] - mem[w],
+              mem_range_after_settle=max(mem[w:]) - min(mem[w:]), mem_per_chunk=mem)
+    if pipe.device.type == "cuda":
+        r |= dict(peak_allocated=torch.cuda.max_memory_allocated(), peak_reserved=torch.cuda.max_memory_reserved())
+    stream.close()
+    del stream, it
+    print(f"  steady state over chunks {w + 1}..{a.chunks} ({r['video_s']:.0f} s of video in all): "
+          f"{r['e2e_fps']:.1f} FPS end to end; chunk latency median {r['latency_median_s'] * 1e3:.0f} ms, p95 "
+          f"{r['latency_p95_s'] * 1e3:.0f} ms")
+    print(f"  GPU memory: peak allocated {gb(r.get('peak_allocated'))}, reserved {gb(r.get('peak_reserved'))}; "
+          f"allocated after chunk {w}: {gb(mem[w])}, after the last: {gb(mem[-1])} (growth {r['mem_growth']} "
+          f"bytes, range {r['mem_range_after_settle']} bytes)")
+
+    if a.no_rewind_chunks:  # the cost of rewind points, and of decoding without the overlap
+        for serial in (False, True):
+            t0 = time.perf_counter()
+            stream = pipe.stream(PROMPTS[3 - serial], seed=2, rewind_points=0)  # a new prompt each
+            if serial:
+                stream._speculate = lambda: None  # the next chunk's transformer work waits for this decode
+            it = iter(stream)
+            n = [len(next(it).frames)]
+            ts = [time.perf_counter()]
+            for _ in range(a.no_rewind_chunks):
+                n.append(len(next(it).frames))
+                ts.append(time.perf_counter())
+            key = "no_rewind" + ("_serial" if serial else "")
+            r[f"ttff_s_{key}"] = ts[0] - t0
+            r[f"e2e_fps_{key}"] = sum(n[3:]) / (ts[-1] - ts[2])
+            stream.close()
+            print(f"  without rewind points{', serial (no overlap)' if serial else ''}: time to first frame "
+                  f"{r[f'ttff_s_{key}']:.3f} s, {r[f'e2e_fps_{key}']:.1f} FPS end to end")
+    return r
+
+
+def _err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error; absolute where the reference is zero (the state before the first clean pass)."""
+    return rel_err(out, ref) if ref.norm() > 0 else (out.double() - ref.double()).norm().item()
+
+
+def _p95(xs) -> float:
+    return sorted(xs)[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))]
+
+
+def profile(fn, title: str, rows: int) -> list:
+    """The GPU kernels of one fn() call, by self device time (the top `rows`)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events)
+    print(f"  profile of {title}: {total / 1e3:.1f} ms of kernels")
+    out = []
+    for e in events[:rows]:
+        out.append(dict(name=e.key[:90], ms=e.self_device_time_total / 1e3, calls=e.count))
+        print(f"    {e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key[:90]}")
+    return out
+
+
+# -- 3. the chunk step ---------------------------------------------------------------------------------------------
+def bench_step(pipe: Pipeline, a, hw) -> dict:
+    m, dev = pipe.model, pipe.device
+    timesteps = tuple(map(float, pipe.spec.denoise_timesteps))
+    text = pipe.prompts.get(PROMPTS[0], pipe.spec.motion_score).ctx
+    engine = ChunkEngine(m, hw, timesteps)
+    ref_state = m.new_state(1, *hw, device=dev)
+    # accuracy: each fast step against the eager reference step from the same state and pending x0
+    seq = [(a.chunk + 1, 100)] + [(a.chunk, 101 + i) for i in range(7)]  # steps 4, 5 capture; 6, 7 replay
+    errs, pending, pos = [], None, 0
+    for n, seed in seq:
+        ref_state.restore(engine.state)
+        x0 = engine.step(text, n, pos, seed, pending)
+        want = reference_step(m, text, ref_state, hw, n, pos, seed, pending, timesteps)
+        e = dict(n=n, x0=_err(x0, want), S=_err(engine.state.S, ref_state.S), z=_err(engine.state.z, ref_state.z),
+                 tail=_err(engine.state.tail, ref_state.tail))
+        errs.append(e)
+        pending, pos = (x0, pos), pos + n
+    g = torch.Generator(dev).manual_seed(seq[-1][1])
+    noise_equal = torch.equal(engine._buffers[a.chunk].noise[0],
+                              torch.randn((1, m.cfg.in_channels, a.chunk, *hw), generator=g, device=dev))
+    r = dict(errors=errs, noise_equal=noise_equal, graphs=len(engine._graphs),
+             max_x0_err=max(e["x0"] for e in errs),
+             max_state_err=max(max(e["S"], e["z"], e["tail"]) for e in errs))
+    print(f"## chunk step: fast vs eager reference, {len(seq)} chunks ({len(engine._graphs)} CUDA graphs captured, "
+          f"the last 2 chunks replayed on a GPU): max rel. error x0 {r['max_x0_err']:.2e}, state "
+          f"{r['max_state_err']:.2e}; noise identical: {noise_equal}")
+    for i, e in enumerate(errs):
+        print(f"  chunk {i} ({e['n']} latent frames): x0 {e['x0']:.2e}, S {e['S']:.2e}, z {e['z']:.2e}, "
+              f"tail {e['tail']:.2e}")
+
+    # timings
+    x = torch.randn(1, m.cfg.in_channels, a.chunk, *hw, device=dev)
+    t = torch.tensor([960.0], device=dev)
+    with torch.inference_mode():
+        eager = timed(lambda: m.forward_chunk(x, t, text, ref_state, pos), dev, 1, max(2, a.reps // 2))
+        rope = m.rope(pos, *m.token_grid(a.chunk, *hw), device=dev)
+        compiled = timed(lambda: m.run_prepared(x, engine.temb[1], text, rope, ref_state, block=engine.block),
+                         dev, 2, a.reps)
+    steps = []
+    for i in range(a.reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        x0 = engine.step(text, a.chunk, pos, 200 + i, pending)
+        sync(dev)
+        steps.append(time.perf_counter() - t0)
+        pending, pos = (x0, pos), pos + a.chunk
+    r |= dict(eager_pass_s=eager["median_s"], compiled_pass_s=compiled["median_s"],
+              step_median_s=statistics.median(steps), step_p95_s=_p95(steps))
+    r["tr_fps"] = pipe.vae.cfg.temporal_stride * a.chunk / r["step_median_s"]
+    if a.profile and dev.type == "cuda":
+        with torch.inference_mode():
+            r["profile"] = profile(lambda: m.run_prepared(x, engine.temb[1], text, rope, ref_state,
+                                                          block=engine.block), "a compiled denoising pass", a.profile)
+    print(f"  denoising pass ({a.chunk} latent frames): eager {r['eager_pass_s'] * 1e3:.1f} ms, compiled "
+          f"{r['compiled_pass_s'] * 1e3:.1f} ms; graph-replayed chunk step (clean + {len(timesteps)} passes) "
+          f"median {r['step_median_s'] * 1e3:.1f} ms, p95 {r['step_p95_s'] * 1e3:.1f} ms "
+          f"({r['step_median_s'] * 1e3 / (len(timesteps) + 1):.1f} ms a pass) -> transformer alone "
+          f"{r['tr_fps']:.1f} FPS")
+    return r
+
+
+# -- 4. the VAE ----------------------------------------------------------------------------------------------------
+def bench_vae(pipe: Pipeline, a, hw) -> dict:
+    vae, dev = pipe.vae, pipe.device
+    z_first = torch.randn(1, vae.cfg.z_dim, 1 + a.chunk, *hw, device=dev)
+    if dev.type == "cuda":
+        compile_norms(vae.decoder)  # as a fast stream runs it (it has, if the stream section ran)
+    variants = {"as the stream runs it": (vae, 2)}
+    if a.vae_variants and dev.type == "cuda":
+        variants["eager norms"] = (make_vae(vae.cfg, dev, vae.dtype), 2)
+        variants["1 latent frame per call"] = (vae, 1)
+    r = dict(variants={})
+    print(f"## VAE streaming decode, {vae.dtype}, steady chunks of {a.chunk} latent frames")
+    for name, (v, pieces) in variants.items():
+        try:
+            out = vae_ours(v, a.height, a.width, a.chunk, pieces, 1, max(2, a.reps // 2), z_first)
+        except Exception as e:  # a variant that fails is reported, not fatal
+            print(f"  {name}: failed: {type(e).__name__}: {e}")
+            continue
+        r["variants"][name] = out
+        print(f"  {name}: steady {out['steady_fps']:.1f} FPS ({out['steady_s'] * 1e3:.0f} ms / "
+              f"{vae.cfg.temporal_stride * a.chunk} frames, peak {gb(out['steady_peak_bytes'])}); first chunk "
+              f"{out['first_s'] * 1e3:.0f} ms")
+    r["steady_fps"] = r["variants"]["as the stream runs it"]["steady_fps"]
+    r["best_variant"] = max(r["variants"], key=lambda k: r["variants"][k]["steady_fps"])
+    ref = make_vae(vae.cfg, dev, torch.float32)
+    want = StreamingDecoder(ref, a.height, a.width).decode_float(z_first)
+    got = StreamingDecoder(vae, a.height, a.width).decode_float(z_first)
+    r["bf16_vs_fp32_err"] = rel_err(got, want)
+    best, pieces = variants[r["best_variant"]]
+    r["best_vs_fp32_err"] = rel_err(StreamingDecoder(best, a.height, a.width, max_latent_frames_per_call=pieces)
+                                    .decode_float(z_first), want)
+    levels = (StreamingDecoder(vae, a.height, a.width).decode(z_first).int()
+              - StreamingDecoder(ref, a.height, a.width).decode(z_first).int()).abs()
+    r["uint8_mean_abs_diff"], r["uint8_max_abs_diff"] = levels.float().mean().item(), levels.max().item()
+    del ref, want, got, levels
+    print(f"  {vae.dtype} vs fp32 decode: relative error {r['bf16_vs_fp32_err']:.2e} (best variant "
+          f"'{r['best_variant']}': {r['best_vs_fp32_err']:.2e}); uint8 frames differ by {r['uint8_mean_abs_diff']:.2f}"
+          f" levels on average, {r['uint8_max_abs_diff']} at most")
+    if a.profile and dev.type == "cuda":
+        dec = StreamingDecoder(vae, a.height, a.width)
+        dec.decode(z_first[:, :, :1])
+        r["profile"] = profile(lambda: dec.decode(z_first[:, :, 1:]), f"a steady VAE decode ({vae.dtype})",
+                               a.profile)
+    return r
+
+
+# -- 5. diffusers --------------------------------------------------------------------------------------------------
+def bench_diffusers(pipe: Pipeline, a, hw) -> dict:
+    from diffusers import SanaVideoTransformer3DModel
+
+    m, dev, cfg = pipe.model, pipe.device, pipe.model.cfg
+    kw = {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
+    with torch.device(dev):  # not meta: diffusers computes buffers (RoPE) at construction
+        ref = SanaVideoTransformer3DModel(**kw)
+    ref.load_state_dict(m.state_dict(), assign=True)  # our tensors: its own weights are freed
+    ref.eval().requires_grad_(False)
+    dtype = m.proj_out.weight.dtype
+    x = torch.randn(1, cfg.in_channels, a.chunk, *hw, device=dev, dtype=dtype)
+    y = torch.randn(1, 300, cfg.caption_channels, device=dev, dtype=dtype)
+    t, mask = torch.tensor([960.0], device=dev), torch.ones(1, 300, device=dev)
+    fn = lambda: ref(x, y, t, encoder_attention_mask=mask)  # noqa: E731
+    r = {}
+    with torch.no_grad():
+        r["tr_eager_pass_s"] = timed(fn, dev, 1, max(2, a.reps // 2))["median_s"]
+        print(f"## diffusers: transformer pass ({a.chunk} latent frames, bidirectional) eager "
+              f"{r['tr_eager_pass_s'] * 1e3:.1f} ms", end="", flush=True)
+        if a.diffusers_compile:
+            for blk in ref.transformer_blocks:
+                blk.compile(dynamic=False)
+            r["tr_compiled_pass_s"] = timed(fn, dev, 2, a.reps)["median_s"]
+            print(f", blocks compiled {r['tr_compiled_pass_s'] * 1e3:.1f} ms", end="")
+        print()
+    z_first = torch.randn(1, pipe.vae.cfg.z_dim, 1 + a.chunk, *hw, device=dev)
+    d, _ = vae_diffusers(pipe.vae, z_first, 1, max(2, a.reps // 2))
+    r["vae_fps"], r["vae_peak"] = d["fps"], d["peak_bytes"]
+    frames = pipe.vae.cfg.temporal_stride * a.chunk
+    steps = len(pipe.spec.denoise_timesteps) + 1
+    r["serial_e2e_fps_eager"] = frames / (steps * r["tr_eager_pass_s"] + frames / r["vae_fps"])
+    if "tr_compiled_pass_s" in r:
+        r["serial_e2e_fps_compiled"] = frames / (steps * r["tr_compiled_pass_s"] + frames / r["vae_fps"])
+    print(f"  VAE decode of {1 + a.chunk} latent frames ({pipe.vae.dtype}): {r['vae_fps']:.1f} FPS; serial end "
+          f"to end ({steps} passes + decode): {r['serial_e2e_fps_eager']:.1f} FPS eager"
+          + (f", {r['serial_e2e_fps_compiled']:.1f} FPS compiled" if "serial_e2e_fps_compiled" in r else ""))
+    return r
+
+
+# -- summary -------------------------------------------------------------------------------------------------------
+def targets(res: dict) -> dict:
+    s, st, v = res.get("stream", {}), res.get("step", {}), res.get("vae", {})
+    pass_ms = 1e3 * st["compiled_pass_s"] if "compiled_pass_s" in st else None
+    vae_fps = max((x["steady_fps"] for x in v.get("variants", {}).values()), default=None)
+    peak = s.get("peak_reserved")
+    rows = [
+        ("end-to-end FPS (steady, uint8 frames out)", s.get("e2e_fps"), f">= {TARGETS['e2e_fps']}",
+         lambda x: x >= TARGETS["e2e_fps"]),
+        ("transformer pass, 10-frame chunk (ms, compiled)", pass_ms, f"<= {TARGETS['pass_ms']}",
+         lambda x: x <= TARGETS["pass_ms"]),
+        ("VAE streaming decode FPS (bf16, best variant)", vae_fps, f">= {TARGETS['vae_fps']}",
+         lambda x: x >= TARGETS["vae_fps"]),
+        ("VAE bf16 vs fp32 relative error", v.get("bf16_vs_fp32_err"), "<= 1e-2", lambda x: x <= 1e-2),
+        ("time to first frame (s)", s.get("ttff_s"), f"<= {TARGETS['ttff_s']}", lambda x: x <= TARGETS["ttff_s"]),
+        ("peak GPU memory, one stream (GB reserved)", None if peak is None else peak / 1e9,
+         f"<= {TARGETS['peak_gb']}", lambda x: x <= TARGETS["peak_gb"]),
+        ("memory growth after warm-up (bytes)", s.get("mem_growth"), "== 0", lambda x: x == 0),
+        ("fast step vs eager, max rel. error of x0", st.get("max_x0_err"), "<= 2e-2", lambda x: x <= 2e-2),
+    ]
+    out = {}
+    print("## targets")
+    for name, value, want, ok in rows:
+        met = None if value is None else bool(ok(value))
+        out[name] = dict(value=value, target=want, met=met)
+        shown = "n/a" if value is None else (f"{value:.3g}" if isinstance(value, float) else str(value))
+        print(f"  {name:52s} {shown:>12s}  target {want:8s}  {'MET' if met else 'not met' if met is False else '-'}")
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny config and size: a smoke test for any machine")
+    p.add_argument("--chunks", type=int, default=240, help="steady-state chunks of the stream (240 = 10 min video)")
+    p.add_argument("--settle", type=int, default=4, help="chunks before the steady state is measured")
+    p.add_argument("--warmup-chunks", type=int, default=6)
+    p.add_argument("--no-rewind-chunks", type=int, default=8, help="chunks of a stream without rewind points (0: skip)")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--sections", default="stream,step,vae,diffusers")
+    p.add_argument("--vae-variants", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--diffusers-compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--profile", type=int, default=0, help="print the top N GPU kernels of a pass and of a decode")
+    p.add_argument("--json", help="also write the result to this file")
+    a = p.parse_args(argv)
+    spec = get_config("tiny" if a.tiny else "longsana-2b-480p")
+    a.height, a.width, a.chunk = spec.height, spec.width, spec.chunk_frames
+    if a.tiny:
+        a.chunks, a.settle, a.warmup_chunks, a.no_rewind_chunks, a.reps = 6, 2, 2, 4, 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"# LongSANA streaming benchmark on {name}, torch {torch.__version__}, "
+          f"{datetime.date.today().isoformat()}: {'tiny' if a.tiny else 'longsana-2b-480p'} {a.height}x{a.width}, "
+          f"chunks of {a.chunk} latent frames, random weights")
+    t0 = time.perf_counter()
+    pipe = build(a, device)
+    hw = (a.height // pipe.vae.cfg.spatial_stride, a.width // pipe.vae.cfg.spatial_stride)
+    res = dict(bench="fps", device=name, torch=torch.__version__, date=datetime.date.today().isoformat(),
+               tiny=a.tiny, height=a.height, width=a.width, chunk=a.chunk, build_s=time.perf_counter() - t0,
+               errors={})
+    print(f"built in {res['build_s']:.0f} s: transformer {sum(q.numel() for q in pipe.model.parameters()) / 1e9:.2f}"
+          f" B, text encoder {sum(q.numel() for q in pipe.text.model.parameters()) / 1e9:.2f} B, VAE "
+          f"{sum(q.numel() for q in pipe.vae.parameters()) / 1e6:.0f} M params; allocated {gb(_mem())}")
+    sections = dict(cost=lambda: cost_card(pipe, a, hw), stream=lambda: bench_stream(pipe, a),
+                    step=lambda: bench_step(pipe, a, hw), vae=lambda: bench_vae(pipe, a, hw),
+                    diffusers=lambda: bench_diffusers(pipe, a, hw))
+    for key in ["cost", *a.sections.split(",")]:
+        if key == "diffusers" and importlib.util.find_spec("diffusers") is None:
+            print("## diffusers: not importable, skipped")
+            continue
+        try:
+            res[key] = sections[key]()
+        except Exception as e:  # report and go on: one broken section must not lose the others
+            res["errors"][key] = f"{type(e).__name__}: {e}"
+            print(f"## {key}: FAILED\n{traceback.format_exc()}")
+        gc.collect()
+    _ratios(res)
+    res["targets"] = targets(res)
+    line = json.dumps(res, default=float)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(line + "\n")
+    print(line)
+    return res
+
+
+def _ratios(res: dict) -> None:
+    d, st, s, v = res.get("diffusers"), res.get("step", {}), res.get("stream", {}), res.get("vae", {})
+    if not d:
+        return
+    r = {}
+    if "compiled_pass_s" in st:
+        r["pass_vs_diffusers_eager"] = d["tr_eager_pass_s"] / st["compiled_pass_s"]
+        if "tr_compiled_pass_s" in d:
+            r["pass_vs_diffusers_compiled"] = d["tr_compiled_pass_s"] / st["compiled_pass_s"]
+    if v.get("variants"):
+        r["vae_vs_diffusers"] = max(x["steady_fps"] for x in v["variants"].values()) / d["vae_fps"]
+    if "e2e_fps" in s:
+        r["e2e_vs_diffusers_serial_eager"] = s["e2e_fps"] / d["serial_e2e_fps_eager"]
+        if "serial_e2e_fps_compiled" in d:
+            r["e2e_vs_diffusers_serial_compiled"] = s["e2e_fps"] / d["serial_e2e_fps_compiled"]
+    res["ratios"] = r
+    print("## ours / diffusers (speed ratios, > 1: we are faster): "
+          + ", ".join(f"{k} {x:.2f}x" for k, x in r.items()))
+
+
+@click.command("bench", context_settings=dict(ignore_unknown_options=True, help_option_names=[]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_cmd(args):
+    """The end-to-end streaming benchmark (benchmarks/fps.py; --help for its options)."""
+    main(list(args))
+
+
+if __name__ == "__main__":
+    main()

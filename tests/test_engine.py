@@ -1,0 +1,224 @@
+"""The fast chunk step (engine.py) against the eager reference step (`reference_step`, what the eager stream runs;
+test_stream.py checks it against a plain by-hand reference), and the stream's fast path (speculative next
+chunk, overlapped decode) against the eager stream.
+
+On the CPU the engine runs without CUDA graphs: uncompiled it must equal the eager step bitwise (same operations,
+same noise), compiled (backend aot_eager: dynamo tracing, functionalized in-place state updates) within fp32
+rounding. The CUDA tests (skipped without a GPU) check graph replays against the eager step within bf16 tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+from longsana import engine as engine_mod
+from longsana.config import get_config
+from longsana.engine import ChunkEngine, reference_step
+from longsana.model import LongSANATransformer
+from tests.helpers import randomize_, rel_err, tiny_pipeline
+
+P, Q = "a red circle moving left", "two yellow squares bouncing"
+TIMESTEPS = (1000.0, 960.0, 889.0, 727.0)
+HW = (4, 4)  # latent size of the model tests
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def setup(device="cpu", dtype=torch.float32, layers=2, seed=0):
+    cfg = dataclasses.replace(get_config("tiny").transformer, num_layers=layers)
+    model = randomize_(LongSANATransformer(cfg).eval(), seed).to(device, dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    y, mask = torch.randn(1, 9, cfg.caption_channels, generator=g), torch.ones(1, 9)
+    mask[:, 6:] = 0
+    with torch.no_grad():
+        text = model.prepare_text(y.to(device), mask.to(device))
+    return model, text
+
+
+def eager_step(model, text, state, n, pos, seed, pending, bf16_like=False):
+    return reference_step(model, text, state, HW, n, pos, seed, pending, TIMESTEPS, bf16_like)
+
+
+def run_both(model, text, engine, chunks, texts=None, bf16_like=False):
+    """Chunks [(n, seed), ...] through the engine and the eager step from the same (zero) state, each chunk's
+    clean-context pass deferred to the next; returns both x0 lists and the eager state."""
+    ref_state = engine.state.snapshot()
+    got, want, pending, pending_ref, pos = [], [], None, None, 0
+    for i, (n, seed) in enumerate(chunks):
+        t = texts[i] if texts else text
+        x0 = engine.step(t, n, pos, seed, pending)
+        got.append(x0.clone())
+        want.append(eager_step(model, t, ref_state, n, pos, seed, pending_ref, bf16_like))
+        pending, pending_ref = (x0, pos), (want[-1], pos)
+        pos += n
+    return got, want, ref_state
+
+
+CHUNKS = [(3, 11), (2, 12), (2, 13), (2, 14)]  # a longer first chunk, then a steady length
+
+
+def test_uncompiled_engine_equals_the_eager_step_bitwise():
+    model, text = setup()
+    engine = ChunkEngine(model, HW, TIMESTEPS, compile=False)
+    got, want, ref_state = run_both(model, text, engine, CHUNKS)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for a, b in zip(engine.state.tensors(), ref_state.tensors()):
+        assert torch.equal(a, b) and b.abs().sum() > 0
+    # two x0 slots per length alternate, so the previous chunk's x0 survives the next step
+    assert len({engine._slot_of(engine._buffers[2].x0[i]) for i in (0, 1)}) == 2
+
+
+def test_engine_noise_is_the_eager_samplers():
+    model, text = setup()
+    engine = ChunkEngine(model, HW, TIMESTEPS, compile=False)
+    engine.step(text, 3, 0, 5)
+    g = torch.Generator().manual_seed(5)
+    for eps in engine._buffers[3].noise:
+        assert torch.equal(eps, torch.randn((1, 16, 3, *HW), generator=g))
+
+
+def test_prompt_switch_and_foreign_pending_x0():
+    """A new TextKV is copied into the static one; a pending x0 that is not one of the engine's slots (restored
+    from a rewind point) is copied into one; bf16-rounded timesteps follow sample_chunk's bf16_like."""
+    model, text = setup()
+    _, other = setup(seed=7)
+    engine = ChunkEngine(model, HW, TIMESTEPS, bf16_like=True, compile=False)
+    got, want, _ = run_both(model, text, engine, CHUNKS[:3], texts=[text, other, text], bf16_like=True)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert engine.t_net == (1000.0, 960.0, 888.0, 728.0)
+    foreign, ref_state = got[-1].clone(), engine.state.snapshot()
+    x0 = engine.step(other, 2, 7, 3, (foreign, 5))
+    assert engine._slot_of(x0) is not None and engine._text_src is other
+    assert torch.equal(x0, eager_step(model, other, ref_state, 2, 7, 3, (foreign, 5), bf16_like=True))
+    for a, b in zip(engine.state.tensors(), ref_state.tensors()):
+        assert torch.equal(a, b)
+
+
+def test_compiled_blocks_share_one_graph_and_match_eager(monkeypatch):
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setitem(engine_mod.COMPILE_OPTIONS, "backend", counter)
+    model, text = setup(layers=3)
+    engine = ChunkEngine(model, HW, TIMESTEPS, compile=True)
+    got, want, ref_state = run_both(model, text, engine, CHUNKS)
+    # 3 blocks share each graph: (first length, denoise), (clean, first length), (steady length, denoise),
+    # (clean, steady length)
+    assert counter.frame_count == 4
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+    monkeypatch.setitem(engine_mod.COMPILE_OPTIONS, "backend", "aot_eager")  # functionalized in-place updates
+    engine = ChunkEngine(model, HW, TIMESTEPS, compile=True)
+    got, want, ref_state = run_both(model, text, engine, CHUNKS[:2])
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+    for a, b in zip(engine.state.tensors(), ref_state.tensors()):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_bad_engine_use():
+    model, text = setup()
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        ChunkEngine(model, HW, TIMESTEPS, graphs=True)
+    with pytest.raises(ValueError, match="at least one timestep"):
+        ChunkEngine(model, HW, (), compile=False)
+
+
+# -- the stream's fast path ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def schedule(pipe, compile):
+    """Chunks of one stream with a prompt switch after chunk 1 and a rewind after chunk 3, then 2 more."""
+    stream = pipe.stream(P, seed=3, compile=compile)
+    it, out = iter(stream), []
+    for i in range(6):
+        out.append(next(it))
+        if i == 1:
+            stream.set_prompt(Q)
+        if i == 3:
+            stream.rewind(0.01)
+    return stream, out
+
+
+def no_compile(monkeypatch):
+    monkeypatch.setattr(engine_mod, "compile_block", lambda: None)
+    monkeypatch.setattr("longsana.stream.compile_norms", lambda module: None)
+
+
+def test_fast_stream_equals_the_eager_stream(pipe, monkeypatch):
+    no_compile(monkeypatch)
+    steps = []
+    orig = ChunkEngine.step
+    monkeypatch.setattr(ChunkEngine, "step", lambda self, *a: steps.append(a[1:3]) or orig(self, *a))
+    fast, got = schedule(pipe, True)
+    eager, want = schedule(pipe, False)
+    assert fast.engine is not None and eager.engine is None
+    assert [(c.index, c.start_frame, c.prompt, c.prompt_seq) for c in got] == \
+           [(c.index, c.start_frame, c.prompt, c.prompt_seq) for c in want]
+    assert [c.index for c in got] == [0, 1, 2, 3, 3, 4]  # the rewind replays chunk 3
+    for a, b in zip(got, want):
+        assert np.array_equal(a.frames, b.frames)
+    # steps (n, pos): each chunk speculated right after its predecessor; the switch after chunk 1 redoes chunk 2,
+    # the rewind after chunk 3 redoes chunk 3 (the speculated chunk 4 is dropped)
+    assert steps[:4] == [(3, 0), (2, 3), (2, 5), (2, 5)]
+    assert [b.index for b in fast.rewind_points] == [b.index for b in eager.rewind_points]
+    for a, b in zip(fast.rewind_points, eager.rewind_points):
+        for x, y in zip(a.state.tensors(), b.state.tensors()):
+            assert torch.equal(x, y)
+    fast.close()
+
+
+def test_fast_stream_memory_is_constant(pipe, monkeypatch):
+    no_compile(monkeypatch)
+    stream = pipe.stream(P, seed=1, compile=True, chunk_frames=1, rewind_points=1)
+    it = iter(stream)
+    for _ in range(4):
+        next(it)
+    ptrs = [a.data_ptr() for a in stream.state.tensors()]
+    before = stream.memory_bytes()
+    for _ in range(6):
+        next(it)
+    assert stream.memory_bytes() == before and [a.data_ptr() for a in stream.state.tensors()] == ptrs
+    assert set(stream.engine._buffers) == {1, 2}  # the first chunk's length and the steady one
+
+
+# -- on a GPU -----------------------------------------------------------------------------------------------------
+
+@cuda
+def test_graph_replays_match_the_eager_step_on_the_gpu():
+    torch._dynamo.reset()
+    model, text = setup("cuda", torch.bfloat16, layers=3)
+    engine = ChunkEngine(model, HW, TIMESTEPS)
+    assert engine.graphs and engine.block is not None
+    chunks = CHUNKS + [(2, 15 + i) for i in range(4)]
+    got, want, ref_state = run_both(model, text, engine, chunks)
+    # the steady variants (two slot orders) are run, then captured on their second use, then replayed
+    assert len(engine._graphs) == 2 and sorted(engine._uses.values()) == [1, 1, 3, 3]
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 2e-2
+    for a, b in zip(engine.state.tensors(), ref_state.tensors()):
+        assert rel_err(a, b) < 2e-2
+
+
+@cuda
+def test_fast_stream_on_the_gpu_equals_the_eager_stream():
+    torch._dynamo.reset()
+    pipe = tiny_pipeline()
+    pipe.model.cuda().bfloat16()
+    pipe.vae.cuda().bfloat16()
+    pipe.text.model.cuda().bfloat16()
+    pipe.device = torch.device("cuda")
+    _, got = schedule(pipe, True)
+    _, want = schedule(pipe, False)
+    for a, b in zip(got, want):
+        diff = np.abs(a.frames.astype(int) - b.frames.astype(int))
+        assert a.frames.shape == b.frames.shape and diff.mean() < 2.0, diff.mean()
