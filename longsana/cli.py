@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "convert": "longsana.loading:convert_cmd",
     "generate": "longsana.generate:generate_cmd",
     "serve": "streaming.server:serve_cmd",
+    "train-demo": "longsana.demo.train:train_cmd",
 }
 
 

@@ -174,6 +174,14 @@ CONFIGS: dict[str, ModelSpec] = {
                                         caption_channels=24, mlp_ratio=2.5),
                       VAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1), chunk_frames=2,
                       height=32, width=32),
+    # The built-in demo (longsana/demo/train.py): the architecture at toy size, trained on procedural 64x64 clips,
+    # weights in longsana/assets/demo. Patch 1: 8x8 latents give 64 tokens a frame. The VAE's latent statistics
+    # are folded into its weights, so its latents are normalized as they come (mean 0, std 1).
+    "demo": ModelSpec(TransformerConfig(num_heads=4, head_dim=32, num_layers=6, cross_num_heads=4, cross_head_dim=32,
+                                        caption_channels=64, mlp_ratio=2.5, patch_size=(1, 1, 1)),
+                      VAEConfig(base_dim=8, dim_mult=(1, 2, 4, 4), num_res_blocks=1, latents_mean=(0.0,) * 16,
+                                latents_std=(1.0,) * 16),
+                      chunk_frames=3, height=64, width=64),
 }
 
 ASSETS = Path(__file__).parent / "assets"

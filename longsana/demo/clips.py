@@ -183,7 +183,39 @@ def _is_background(words: list[str], i: int) -> bool:
 
 
 def _contrasting(other: str | None, candidates: tuple[str, ...]) -> str:
-    return next(c for c in candidates if other is None or contrast(c, other) >= MIN_CONTRAST)
+    """The first candidate that contrasts with `other`; the most contrasting one if none does (gray)."""
+    good = [c for c in candidates if other is None or contrast(c, other) >= MIN_CONTRAST]
+    return good[0] if good else max(candidates, key=lambda c: contrast(c, other))
+
+
+# Synonym groups of the words `caption` writes (motion words only where they read as one: "moving left" ->
+# "moving leftwards", "bouncing" -> "bouncy"); a training caption may use any of them.
+_SYNONYMS = {w: [v for v, m in table.items() if m == meaning]
+             for table in (_SHAPE_WORDS, _PLURALS, _COLOR_WORDS, _MOTION_WORDS) for w, meaning in table.items()}
+
+
+def caption_words() -> list[str]:
+    """Every word that `caption` or `caption_variant` can write (the demo text encoder's vocabulary)."""
+    words = {w for group in _SYNONYMS.values() for w in group} | set(COUNT_WORDS.values())
+    words |= {w for phrase in MOTION_PHRASES.values() for w in phrase.split()}
+    return sorted(words | {"a", "an", "on", "striped", "background", "the", "camera", "pans", ","})
+
+
+def caption_variant(scene: Scene, rng: np.random.Generator, p_synonym: float = 0.2, p_omit: float = 0.5) -> str:
+    """A random phrasing of `scene` that `parse_caption` reads back as `scene`: the parts it fills in by default
+    may be left out ("standing still", a plain background of the default color; each with probability p_omit)
+    and words may become synonyms ("grey", "ball", "rotating"; each with p_synonym). The camera's direction is
+    kept as it is ("pans left" must stay "left")."""
+    text = caption(scene)
+    if rng.random() < p_omit:
+        text = text.replace(" standing still", "")
+    if scene.pattern == "plain" and rng.random() < p_omit:
+        text = text.replace(f" on a {scene.background} background", "")
+    head, sep, tail = text.partition(", the camera")
+    head = " ".join(rng.choice(_SYNONYMS[w]) if w in _SYNONYMS and rng.random() < p_synonym else w
+                    for w in head.split())
+    text = head + sep + tail
+    return text if parse_caption(text)[0] == scene else caption(scene)
 
 
 # ---------------------------------------------------------------------------------------------------------------
