@@ -39,7 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.vae import bench_diffusers as vae_diffusers
 from benchmarks.vae import bench_ours as vae_ours
-from benchmarks.vae import ceilings, decoder_cost, gb, rel_err, sync, timed
+from benchmarks.vae import ceilings, decoder_cost, gb, sync, timed
+from longsana.testing import randomize_, rel_err
 from longsana.config import get_config
 from longsana.engine import ChunkEngine, compile_norms, reference_step
 from longsana.model import LongSANATransformer
@@ -61,25 +62,6 @@ def default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(old)
-
-
-@torch.no_grad()
-def random_(module: nn.Module, seed: int) -> nn.Module:
-    """tests.helpers.randomize_'s recipe (weights N(0, 1/fan_in), norm weights around 1, biases and modulation
-    tables small but non-zero), drawn on the module's device: seconds for 2B parameters on a GPU."""
-    g = None
-    for name, p in module.named_parameters():
-        g = g or torch.Generator(p.device).manual_seed(seed)
-        r = torch.randn(p.shape, generator=g, device=p.device)
-        owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
-        if "norm" in owner:
-            r = 1 + 0.2 * r
-        elif p.ndim <= 1 or "scale_shift_table" in name:
-            r = 0.2 * r
-        else:
-            r = r / p[0].numel() ** 0.5
-        p.copy_(r)
-    return module
 
 
 def make_vae(cfg, device, dtype: torch.dtype, seed: int = 1) -> WanVAE:
@@ -108,7 +90,7 @@ def build(a, device) -> Pipeline:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device), default_dtype(dtype):
         model = LongSANATransformer(spec.transformer)
-    random_(model.eval().requires_grad_(False), 0)
+    randomize_(model.eval().requires_grad_(False), 0)
     return Pipeline(model, make_vae(spec.vae, device, dtype), make_text_encoder(device, a.tiny), spec)
 
 

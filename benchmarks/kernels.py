@@ -23,6 +23,7 @@ from kernels import triton_linear_attention as tla
 from kernels import triton_ln_modulate as tln
 from kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref
 from kernels.ln_modulate import ln_modulate, ln_modulate_ref
+from longsana.testing import rel_err
 
 PEAK_FLOPS, PEAK_BYTES = 781e12, 3.0e12  # H100: measured bf16 matmul ceiling, device copy bandwidth
 B, N, H, d = 1, 15600, 20, 112
@@ -31,11 +32,6 @@ D = H * d
 
 def bench_us(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def floor_us(flops: float, nbytes: float) -> float:

@@ -28,14 +28,10 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from longsana.config import VAEConfig, get_config
+from longsana.testing import rel_err
 from longsana.vae import CausalCache, StreamingDecoder, WanVAE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def gb(nbytes: int | None) -> str:

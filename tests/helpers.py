@@ -5,32 +5,14 @@ from __future__ import annotations
 import torch
 
 from longsana.config import TransformerConfig
+from longsana.testing import randomize_
+from longsana.testing import rel_err as _rel_err
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref||, refusing a near-zero reference (a comparison on zeros proves nothing)."""
-    out, ref = out.double(), ref.double()
-    norm = ref.norm()
-    assert norm > 1e-6 * ref.numel() ** 0.5, "reference is (nearly) zero"
-    return ((out - ref).norm() / norm).item()
-
-
-@torch.no_grad()
-def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> torch.nn.Module:
-    """Fill every parameter with random values: weights ~ N(0, 1/fan_in), norm weights around 1, biases and
-    modulation tables small but non-zero, so that no branch of the network is silently inert."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        r = torch.randn(p.shape, generator=g, dtype=torch.float32)
-        owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
-        if "norm" in owner:
-            r = 1 + 0.2 * r
-        elif p.ndim <= 1 or "scale_shift_table" in name:
-            r = 0.2 * r
-        else:
-            r = r * scale / (p[0].numel() ** 0.5)
-        p.copy_(r.to(p.dtype))
-    return module
+    assert ref.double().norm() > 1e-6 * ref.numel() ** 0.5, "reference is (nearly) zero"
+    return _rel_err(out, ref)
 
 
 def diffusers_transformer(cfg: TransformerConfig, seed: int = 0):
