@@ -90,7 +90,19 @@ class CausalConv3d(nn.Conv3d):
         past = cache.left(self, x, n)
         x = torch.cat([past, x], dim=2)
         past.copy_(x[:, :, -n:])
-        return super().forward(x)
+        return super().forward(x) if x.is_cuda or n == 0 else self._per_tap(x)
+
+    def _per_tap(self, x: Tensor) -> Tensor:
+        """The same conv as one 2D conv per time tap, summed: on CPUs PyTorch runs small 3D convs in a slow
+        generic kernel (`slow_conv3d`), and this is about 3x faster there."""
+        B, C, T, H, W = x.shape
+        kt, T_out = self.kernel_size[0], x.shape[2] - self.kernel_size[0] + 1
+        out = None
+        for k in range(kt):
+            frames = x[:, :, k:k + T_out].transpose(1, 2).reshape(B * T_out, C, H, W)
+            y = F.conv2d(frames, self.weight[:, :, k], self.bias if k == 0 else None, padding=self.padding[1:])
+            out = y if out is None else out.add_(y)
+        return out.view(B, T_out, *out.shape[1:]).transpose(1, 2)
 
 
 class RMSNorm(nn.Module):
