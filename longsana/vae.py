@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .config import VAEConfig
 from .loading import CheckpointError, assign_load, read_state_dict
@@ -377,14 +376,18 @@ class StreamingDecoder:
         self.cache = self._allocate_cache()
 
     def _allocate_cache(self) -> CausalCache:
-        """Zero buffers of every causal layer, shapes found by running the decoder on meta tensors."""
-        dec, shapes = self.vae.decoder, CausalCache()
-        meta = {k: torch.empty_like(p, device="meta") for k, p in dec.named_parameters()}
+        """Zero buffers of every causal layer, shapes found by running a twin decoder on the meta device (never
+        the shared one: other streams may be decoding with it in other threads)."""
+        with torch.device("meta"):
+            twin = Decoder(self.vae.cfg).to(self.vae.dtype)
+        shapes = CausalCache()
         B, C, h, w = self.latent_shape
-        z = torch.empty(B, C, 2, h, w, device="meta", dtype=self.vae.dtype)  # 2 frames: every layer runs
-        functional_call(dec, meta, (z, shapes))
+        twin(torch.empty(B, C, 2, h, w, device="meta", dtype=self.vae.dtype), shapes)  # 2 frames: every layer runs
+        name = {m: n for n, m in twin.named_modules()}
+        ours = dict(self.vae.decoder.named_modules())
         cache = CausalCache()
-        cache.frames = {k: torch.zeros_like(b, device=self.vae.device) for k, b in shapes.frames.items()}
+        cache.frames = {ours[name[k]]: torch.zeros(b.shape, dtype=b.dtype, device=self.vae.device)
+                        for k, b in shapes.frames.items()}
         return cache
 
     @property

@@ -3,6 +3,8 @@ constant memory, rewind, and the `longsana generate` CLI."""
 
 from __future__ import annotations
 
+import threading
+
 import av
 import numpy as np
 import pytest
@@ -119,6 +121,29 @@ def test_recache_matches_a_plain_reference(pipe):
 
 def spec_timesteps(pipe):
     return tuple(map(float, pipe.spec.denoise_timesteps))
+
+
+def test_streams_in_threads_share_one_pipeline(pipe):
+    """The server runs one producer thread per viewer over one pipeline: streams must not disturb each other
+    (a stream's set-up once swapped the shared VAE's weights for meta tensors while another was decoding)."""
+    seeds = (10, 11, 12)
+    want = {s: take(pipe.stream(P, seed=s), 3) for s in seeds}
+    got, errors = {}, []
+
+    def run(s):
+        try:
+            got[s] = take(pipe.stream(P, seed=s), 3)
+        except Exception as e:  # noqa: BLE001  (reported below, with the seed)
+            errors.append((s, e))
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for s in seeds:
+        assert all(np.array_equal(a.frames, b.frames) for a, b in zip(got[s], want[s]))
 
 
 def test_memory_is_constant(pipe):

@@ -27,6 +27,15 @@ other model folder:
 A phase runs its given number of steps; 0 steps means as many as fit its time budget, estimated from the first
 steps (the log says how many, so a run can be repeated with fixed steps). Seeds fix the data, the
 initialization and the noise; GPU kernels are not bitwise deterministic.
+
+The shipped model (2026-11-22, one H100 each, `LONGSANA_KERNELS=torch`: the Triton kernels have no backward):
+  1. longsana train-demo --out /tmp/r1 --workers 15 --vae-seconds 140 --seconds 260   (VAE PSNR 14.6 dB; dropped)
+  2. longsana train-demo --out /tmp/r2 --eval-captions 0                     (VAE 1967 steps, PSNR 21.0 dB;
+                                                                               transformer 1661 steps, loss 0.143)
+  3. longsana train-demo --out /tmp/r3 --resume out/r2 --seed 1 --vae-seconds 65 --vae-lr 3e-4 --seconds 110
+                         --chunks 6 --lr 4e-4 --ema 0.995 --eval-captions 0  (transformer 570 steps at batch 128,
+                                                                               loss 0.098): shipped
+It is undertrained (tests/test_demo.py: object colour 0/20): the VAE still loses object colours.
 """
 
 from __future__ import annotations
