@@ -83,9 +83,10 @@ def test_webrtc_vp8_when_h264_is_not_offered(server):
         try:
             assert c.hello["codec"] == "VP8"
             await c.wait_until(lambda: len(c.frames) >= 16)
-            # evenly spaced, except where the server re-anchors the clock after a stall (a busy machine)
+            # monotonic at about 16 fps: where the source runs slower than real time (a busy machine) the server
+            # spaces pts at its measured rate, by design, so the steps need not all be exactly 1/16 s
             steps = [b.pts - a.pts for a, b in zip(c.frames, c.frames[1:])]
-            assert min(steps) > 0 and steps.count(STEP) >= 0.8 * len(steps), f"pts steps {steps}"
+            assert min(steps) > 0 and 0.75 * STEP <= sum(steps) / len(steps) <= 1.35 * STEP, f"pts steps {steps}"
             for f in c.frames[4:]:  # VP8 starts blurry for a frame or two
                 assert_color(f.thumb, FOX, f"frame at pts {f.pts}")
         finally:
