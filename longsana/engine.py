@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import Block, LongSANATransformer, State, TextKV
-from .sampling import _bf16, sample_chunk
+from .sampling import bf16_round, sample_chunk
 from .vae import RMSNorm
 
 NUM_TRAIN_TIMESTEPS = 1000  # sampling.sample_chunk's T: x0 = x - (t / T) v
@@ -114,7 +114,7 @@ class ChunkEngine:
         self.block = compile_block() if (cuda if compile is None else compile) else None
         if not timesteps:
             raise ValueError("the engine needs at least one timestep")
-        self.t_net = tuple(_bf16(t) if bf16_like else float(t) for t in timesteps)  # what the network sees
+        self.t_net = tuple(bf16_round(t) if bf16_like else float(t) for t in timesteps)  # what the network sees
         self.levels = tuple(float(t) / NUM_TRAIN_TIMESTEPS for t in timesteps[1:])  # re-noising sigmas
         self.state = model.new_state(batch, *latent_hw, device=self.device)
         with torch.inference_mode():

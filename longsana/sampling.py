@@ -79,10 +79,11 @@ def causal_timesteps(shift: float = 8.0, steps: int = 4, bf16_like: bool = False
     bf16_like gives what the official sampler's bf16 timestep tensor holds: (1000, 960, 888, 728)."""
     _check_steps(steps)
     ts = tuple(float(round(num_train_timesteps * shift_sigmas(1 - k / steps, shift))) for k in range(steps))
-    return tuple(map(_bf16, ts)) if bf16_like else ts
+    return tuple(map(bf16_round, ts)) if bf16_like else ts
 
 
-def _bf16(t: float) -> float:
+def bf16_round(t: float) -> float:
+    """t as a bf16 timestep tensor holds it (what the official sampler feeds the network)."""
     return torch.tensor(t, dtype=torch.bfloat16).item()
 
 
@@ -159,7 +160,7 @@ def sample_chunk(velocity_fn: VelocityFn, noise_fn: Callable[[], torch.Tensor], 
     T = num_train_timesteps
     x = noise_fn()
     for i, t in enumerate(timesteps):
-        t_net = _bf16(t) if bf16_like else float(t)
+        t_net = bf16_round(t) if bf16_like else float(t)
         x0 = x - (t_net / T) * velocity_fn(x, torch.tensor(t_net, device=x.device))
         if i + 1 == len(timesteps):
             return x0

@@ -34,6 +34,18 @@ def take(stream, n):
     return out
 
 
+def take_with_switch(stream, n, switch_after, prompt):
+    """The first n chunks, calling set_prompt(prompt) once `switch_after` chunks have been yielded."""
+    out = []
+    for chunk in stream:
+        out.append(chunk)
+        if len(out) == switch_after:
+            stream.set_prompt(prompt)
+        if len(out) == n:
+            break
+    return out
+
+
 def count_passes(pipe, monkeypatch):
     calls = []
     orig = pipe.model.forward_chunk
@@ -68,14 +80,7 @@ def test_same_seed_and_schedule_give_identical_videos(pipe):
 
 def test_prompt_switch_changes_exactly_the_later_chunks(pipe):
     base = take(pipe.stream(P, seed=1), 4)
-    stream = pipe.stream(P, seed=1)
-    got = []
-    for chunk in stream:
-        got.append(chunk)
-        if len(got) == 2:
-            stream.set_prompt(Q)
-        if len(got) == 4:
-            break
+    got = take_with_switch(pipe.stream(P, seed=1), 4, switch_after=2, prompt=Q)
     for i in (0, 1):
         assert np.array_equal(got[i].frames, base[i].frames) and got[i].prompt == P
     for i in (2, 3):
@@ -87,14 +92,7 @@ def test_prompt_switch_changes_exactly_the_later_chunks(pipe):
 def test_recache_matches_a_plain_reference(pipe):
     """Reference: run the chunks by hand; on the switch before chunk 2, restore the state from before chunk 1
     and re-run chunk 1's clean-context pass with the new prompt, then continue with the new prompt."""
-    stream = pipe.stream(P, seed=2)
-    got = []
-    for chunk in stream:
-        got.append(chunk)
-        if len(got) == 2:
-            stream.set_prompt(Q)
-        if len(got) == 3:
-            break
+    got = take_with_switch(pipe.stream(P, seed=2), 3, switch_after=2, prompt=Q)
 
     m, spec = pipe.model, pipe.spec
     text = {p: pipe.prompts.get(p, spec.motion_score).ctx for p in (P, Q)}
