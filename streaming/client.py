@@ -218,9 +218,10 @@ class WsClient(Client):
         await self.ws.close()
 
 
-def post_json(url: str, body: dict, timeout: float = 30) -> tuple[int, dict]:
+def post_json(url: str, body: dict, timeout: float = 30, headers: dict | None = None) -> tuple[int, dict]:
     """POST a JSON body; (status, JSON reply) for error statuses too."""
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    request = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:
             return r.status, json.loads(r.read())

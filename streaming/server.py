@@ -12,6 +12,9 @@ encoders run on their own threads (streaming/session.py), so the loop never comp
 A stream lives until its client leaves (WebRTC connection closed or failed, WebSocket closed, or no control
 message for `client_timeout` seconds: the page sends one every second), its generator ends, or the server stops.
 Its slot is given back only once its generator has been closed, so `max_streams` bounds GPU memory.
+
+Any web page can make its visitor's browser POST to, or open a WebSocket on, 127.0.0.1, so requests that come from
+a page of another site are refused (`check_origin`) unless `--allow-origin` names it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import ipaddress
 import json
 import logging
 import re
@@ -32,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 import click
 
@@ -68,6 +73,7 @@ class ServerConfig:
     stream_kwargs: dict = field(default_factory=dict)  # height / width / motion_score for pipe.stream
     record_max_bytes: int = 512 << 20  # per stream; the MP4 download keeps the first part beyond this
     model_name: str = "unnamed"  # shown by /health and the page
+    allowed_origins: tuple[str, ...] = ()  # web origins of other sites whose pages may use the server ("*": any)
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -94,6 +100,42 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     tests/test_server_soak.py)."""
     if LIBC is not None:
         LIBC.mallopt(M_ARENA_MAX, arenas)
+
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def _hostname(netloc: str) -> str | None:
+    try:
+        return urlsplit("//" + netloc).hostname
+    except ValueError:  # e.g. a bad IPv6 literal
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_origin(request: Request, config: ServerConfig) -> None:
+    """Raise HTTPError 403 for a request that a page of another site made the browser send. Browsers name the
+    page's site in Origin (always on a WebSocket handshake or a POST); it must be this server, i.e. the Host the
+    browser asked for, or an allowed origin. Served on a loopback address, the Host must also be a loopback name:
+    after DNS rebinding (the attacker's name re-pointed at 127.0.0.1) Origin and Host both name the attacker."""
+    allowed = config.allowed_origins
+    if "*" in allowed:
+        return
+    host = request.headers.get("host")  # browsers always send it; a client without one is no browser
+    if host is not None and _is_loopback(config.host) and _hostname(host) not in LOOPBACK_NAMES and host not in {
+            urlsplit(o).netloc for o in allowed}:
+        raise HTTPError(403, f"this server answers to localhost / 127.0.0.1, not to Host {host[:100]!r} (start it "
+                             f"with --allow-origin to serve under another name)")
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != host and origin not in allowed:
+        raise HTTPError(403, f"requests from pages of {origin[:100]!r} are refused: this server's pages are at "
+                             f"{(host or '')[:100]!r} (start it with --allow-origin ORIGIN to allow another site)")
 
 
 class WsPeer:
@@ -280,6 +322,7 @@ class Server:
                 request = await read_request(reader)
                 if request is None:
                     return
+                check_origin(request, self.config)
                 if request.path == "/ws" and request.is_websocket:
                     self.metrics.inc("longsana_http_requests_total", status="101")
                     await self._websocket(request, reader, writer)
@@ -525,9 +568,11 @@ async def _serve_forever(pipe, config: ServerConfig, open_browser: bool) -> None
 @click.option("--ice-loopback", is_flag=True, help="Only 127.0.0.1 as ICE candidate (loopback-only machines).")
 @click.option("--client-timeout", default=15.0, show_default=True, type=click.FloatRange(1),
               help="Seconds without a control message before a stream is dropped.")
+@click.option("--allow-origin", multiple=True, help="Web origin of another site whose pages may use this server, "
+              "e.g. https://example.com (repeatable; \"*\": any).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in a browser.")
 def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width, stun, ice_loopback, client_timeout,
-              open_browser):
+              allow_origin, open_browser):
     """Stream videos to browsers: open the printed URL, type a prompt, press Enter."""
     limit_malloc_arenas()
     model = model or DEFAULT_MODEL
@@ -535,5 +580,5 @@ def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width
     stream_kwargs = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     config = ServerConfig(host=host, port=port, max_streams=max_streams, client_timeout=client_timeout,
                           ice_servers=tuple(stun), ice_loopback=ice_loopback, stream_kwargs=stream_kwargs,
-                          model_name=model)
+                          model_name=model, allowed_origins=tuple(allow_origin))
     _run_loop(_serve_forever(pipe, config, open_browser))

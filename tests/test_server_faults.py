@@ -280,3 +280,53 @@ def test_generator_failure_ends_only_its_stream():
 
     with serve(pipe=FailingPipeline(height=64, width=96)) as server:
         run(main(server))
+
+
+EVIL = "http://evil.example"
+
+
+def test_pages_of_other_sites_are_refused():
+    """Any web page can make its visitor's browser POST to 127.0.0.1 or open a WebSocket there. Its Origin, or a
+    DNS-rebound Host (the attacker's name pointed at 127.0.0.1), gets 403 and starts nothing; the server's own
+    origin is served, and so is a site named with --allow-origin."""
+    async def main(server):
+        url = server.url.rstrip("/")
+        here = url.removeprefix("http://")
+        ws_url = "ws://" + here + "/ws"
+        offer = {"type": "offer", "sdp": "v=0", "prompt": FOX}
+        status, reply = post_json(url + "/offer", offer, headers={"Origin": EVIL})
+        assert status == 403 and EVIL in reply["message"], reply
+        status, reply = post_json(url + "/offer", offer, headers={"Origin": "null"})
+        assert status == 403, reply
+        rebound = {"Host": "evil.example:" + here.rsplit(":", 1)[1], "Origin": "http://evil.example:" +
+                   here.rsplit(":", 1)[1]}
+        status, reply = post_json(url + "/offer", offer, headers=rebound)
+        assert status == 403 and "Host" in reply["message"], reply
+        with pytest.raises(websockets.exceptions.InvalidStatus) as e:
+            await websockets.connect(ws_url, origin=EVIL)
+        assert e.value.response.status_code == 403
+        assert not server.server.sessions and not server.server.pipe.open_streams
+        # the server's own origin (what its page sends), and no Origin at all (a non-browser client)
+        async with websockets.connect(ws_url, origin="http://" + here) as ws:
+            await ws.send(json.dumps({"type": "start", "seq": 1, "prompt": FOX}))
+            assert json.loads(await ws.recv())["type"] == "hello"
+        c = await WsClient.connect(server.url, FOX, decode=False)
+        await c.wait_until(lambda: len(c.frames) >= 2)
+        await c.close()
+        await freed(server)
+
+    with serve() as server:
+        run(main(server))
+
+
+def test_allow_origin_admits_a_named_site():
+    pipe = SyntheticPipeline(height=64, width=96)
+    config = ServerConfig(port=0, ice_loopback=True, allowed_origins=(EVIL,))
+    with ServerThread(pipe, config) as server:
+        url = server.url.rstrip("/")
+        status, reply = post_json(url + "/offer", {"type": "offer", "sdp": "v=0", "prompt": FOX},
+                                  headers={"Origin": EVIL})
+        assert status != 403, reply  # past the origin check (the SDP itself is refused)
+        status, reply = post_json(url + "/offer", {"type": "offer", "sdp": "v=0", "prompt": FOX},
+                                  headers={"Origin": "http://other.example"})
+        assert status == 403, reply
