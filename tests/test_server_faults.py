@@ -298,9 +298,8 @@ def test_pages_of_other_sites_are_refused():
         assert status == 403 and EVIL in reply["message"], reply
         status, reply = post_json(url + "/offer", offer, headers={"Origin": "null"})
         assert status == 403, reply
-        rebound = {"Host": "evil.example:" + here.rsplit(":", 1)[1], "Origin": "http://evil.example:" +
-                   here.rsplit(":", 1)[1]}
-        status, reply = post_json(url + "/offer", offer, headers=rebound)
+        rebound = "evil.example:" + here.rsplit(":", 1)[1]  # the attacker's name, now pointing here
+        status, reply = post_json(url + "/offer", offer, headers={"Host": rebound, "Origin": "http://" + rebound})
         assert status == 403 and "Host" in reply["message"], reply
         with pytest.raises(websockets.exceptions.InvalidStatus) as e:
             await websockets.connect(ws_url, origin=EVIL)
