@@ -69,16 +69,18 @@ def test_demo_videos_follow_their_captions(pipe):
 @SWITCH_LAGS
 def test_new_prompt_color_takes_over_within_two_chunks(pipe):
     rng = np.random.default_rng(7)
-    before = after = 0
+    before = after = later = 0
     for i in range(SWITCHES):
         a = sample_scene(rng)
         b = switch_scene(a, rng)
         while b.color == a.color:
             b = switch_scene(a, rng)
-        chunks = generate(pipe, caption(a), chunks=3, seed=i, switch_to=caption(b), switch_after=1)
+        chunks = generate(pipe, caption(a), chunks=4, seed=i, switch_to=caption(b), switch_after=1)
         before += measure(chunks[0]).fg_color.count(a.color) >= len(chunks[0]) / 2
         after += matches(chunks[2], b)["color"]  # the second chunk after the switch
-    print(f"switches: old color held before {before}/{SWITCHES}, new color two chunks after {after}/{SWITCHES}")
+        later += matches(chunks[3], b)["color"]  # reported only: how far the switch lags
+    print(f"switches: old color held before {before}/{SWITCHES}, new color two chunks after {after}/{SWITCHES}, "
+          f"three chunks after {later}/{SWITCHES}")
     assert before >= 0.75 * SWITCHES
     assert after >= 0.75 * SWITCHES
 
