@@ -9,7 +9,7 @@ import torch
 from longsana.config import bundled_folder, get_config
 from longsana.demo.clips import (caption, caption_variant, matches, measure, parse_caption, render,
                                  sample_scene)
-from longsana.demo.train import TrainConfig, generate, switch_scene, train_vae
+from longsana.demo.train import TrainConfig, generate, noise_levels, switch_scene, train_vae
 from longsana.vae import WanVAE
 from longsana.stream import Pipeline
 
@@ -102,3 +102,21 @@ def test_decoder_only_training_keeps_the_latents(tmp_path):
     trained = [k for k in before if k not in frozen]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert sum(not torch.equal(before[k], after[k]) for k in trained) >= len(trained) // 2
+
+
+@pytest.mark.parametrize("focus", [0.0, 0.6])
+def test_noise_levels_are_block_causal(focus):
+    """Clean chunks, then one drawn level, then rising levels; never a noised chunk before a switch; with
+    switch_focus, that fraction of switching clips is noised from the switch chunk on."""
+    B, n = 4000, 6
+    switch = torch.tensor([0, 1, 2, 3]).repeat(B // 4)
+    t = noise_levels(B, n, switch, 3.0, torch.Generator().manual_seed(0), switch_focus=focus)
+    assert t.dtype == torch.float32 and ((t >= 0) & (t <= 1000)).all() and (t == t.round()).all()
+    noised = t > 0
+    j = noised.float().argmax(1)  # the first noised chunk (every row has one: t_j >= 1)
+    assert noised.any(1).all() and (noised == (torch.arange(n) >= j[:, None])).all()
+    assert (t[:, 1:] >= t[:, :-1]).all()
+    assert (j >= switch).all()
+    at_switch = (j == switch)[switch > 0].float().mean().item()
+    uniform = np.mean([1 / (n - k) for k in (1, 2, 3)])
+    assert abs(at_switch - (focus + (1 - focus) * uniform)) < 0.03, at_switch

@@ -110,6 +110,7 @@ class TrainConfig:
     clips: int = 10240
     chunks: int = 8  # streaming chunks per training clip
     switch_prob: float = 0.3  # clips that switch prompt at a chunk boundary
+    switch_focus: float = 0.0  # of those, the fraction whose first noised chunk is the one right after the switch
     batch: int = 128
     steps: int = 0
     seconds: float = 300.0
@@ -384,12 +385,19 @@ def init_transformer(model: LongSANATransformer) -> LongSANATransformer:
     return model
 
 
-def noise_levels(B: int, n: int, switch: torch.Tensor, shift: float, g: torch.Generator) -> torch.Tensor:
+def noise_levels(B: int, n: int, switch: torch.Tensor, shift: float, g: torch.Generator,
+                 switch_focus: float = 0.0) -> torch.Tensor:
     """(B, n) integer t per chunk: 0 before a drawn chunk j (j >= the switch chunk; j = 0 a quarter of the
-    time otherwise), t_j = ceil(1000 shift(u)), then each later chunk uniform between its predecessor and 1000."""
+    time otherwise; j = the switch chunk itself for a `switch_focus` fraction of the clips that switch),
+    t_j = ceil(1000 shift(u)), then each later chunk uniform between its predecessor and 1000.
+
+    The chunk right after a switch, whose context shows only the old scene, is the hard case of a switch; a
+    uniform j reaches it once in n - switch draws."""
     r = torch.rand(B, generator=g)
     j = switch + (r * (n - switch)).long()
     j = torch.where((switch == 0) & (torch.rand(B, generator=g) < 0.25), 0, j)
+    if switch_focus > 0:  # (no extra draw otherwise: earlier runs' noise stays reproducible)
+        j = torch.where((switch > 0) & (torch.rand(B, generator=g) < switch_focus), switch, j)
     u = torch.rand(B, n, generator=g)
     t = torch.zeros(B, n)
     prev = torch.zeros(B)
@@ -402,7 +410,7 @@ def noise_levels(B: int, n: int, switch: torch.Tensor, shift: float, g: torch.Ge
     return torch.where(t > 0, t.ceil().clamp(1, 1000), t)
 
 
-def flow_loss(model, lat, emb, mask, switch, sizes, shift, object_weight, g, g_dev) -> torch.Tensor:
+def flow_loss(model, lat, emb, mask, switch, sizes, shift, object_weight, switch_focus, g, g_dev) -> torch.Tensor:
     """Block-causal flow-matching loss of one batch. lat: (B, C, F, H, W) normalized latents of whole chunks.
     Objects are a few latent pixels of a frame: positions are weighted by their squared distance from the frame's
     median latent (about the background), as the VAE's loss weights pixels, or the loss is nearly all background
@@ -410,7 +418,7 @@ def flow_loss(model, lat, emb, mask, switch, sizes, shift, object_weight, g, g_d
     B, C, Fr, H, W = lat.shape
     n = len(sizes)
     chunk_of = torch.repeat_interleave(torch.arange(n), torch.tensor(sizes))  # (F,)
-    t = noise_levels(B, n, switch.cpu(), shift, g)[:, chunk_of].to(lat.device)  # (B, F)
+    t = noise_levels(B, n, switch.cpu(), shift, g, switch_focus)[:, chunk_of].to(lat.device)  # (B, F)
     trained = (t > 0) & (chunk_of[None] >= switch.cpu()[:, None]).to(lat.device)
     eps = torch.randn(lat.shape, generator=g_dev, device=lat.device)
     sigma = (t / 1000)[:, None, :, None, None]
@@ -441,7 +449,7 @@ def train_transformer(cfg: TrainConfig, spec, lat, emb, mask, switch, model, dev
     def loss_fn(i):
         idx = torch.randint(len(lat), (cfg.batch,), generator=g)
         return flow_loss(model, lat[idx.to(lat.device)].float(), emb[idx.to(emb.device)], mask[idx.to(mask.device)],
-                         switch[idx], sizes, cfg.time_shift, cfg.object_weight, g, g_dev)
+                         switch[idx], sizes, cfg.time_shift, cfg.object_weight, cfg.switch_focus, g, g_dev)
 
     def on_step(i):
         with torch.no_grad():
@@ -578,6 +586,8 @@ def train(cfg: TrainConfig) -> Path:
 @click.option("--chunks", type=int, default=8, show_default=True, help="Streaming chunks per training clip.")
 @click.option("--switch-prob", type=float, default=0.3, show_default=True,
               help="Fraction of training clips that switch prompt at a chunk boundary.")
+@click.option("--switch-focus", type=float, default=0.0, show_default=True,
+              help="Of the clips that switch, the fraction trained on the first chunk after the switch.")
 @click.option("--batch", type=int, default=128, show_default=True)
 @click.option("--object-weight", type=float, default=0.5, show_default=True,
               help="Extra loss weight of latents far from their frame's background (see flow_loss).")
