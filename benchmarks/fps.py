@@ -51,6 +51,8 @@ from longsana.vae import StreamingDecoder, WanVAE
 PROMPTS = ("a red circle moving left on a black background", "two yellow squares bouncing up and down",
            "one white star spinning slowly", "three blue triangles moving right")
 TARGETS = dict(e2e_fps=45.0, pass_ms=110.0, vae_fps=100.0, ttff_s=1.0, peak_gb=16.0)
+VARIANTS = (("no_rewind", dict(rewind_points=0)), ("no_rewind_serial", dict(rewind_points=0)),
+            ("vae_1_per_call", dict(vae_frames_per_call=1)), ("vae_2_per_call", dict(vae_frames_per_call=2)))
 
 
 # -- models ------------------------------------------------------------------------------------------------------
@@ -195,24 +197,28 @@ def bench_stream(pipe: Pipeline, a) -> dict:
           f"allocated after chunk {w}: {gb(mem[w])}, after the last: {gb(mem[-1])} (growth {r['mem_growth']} "
           f"bytes, range {r['mem_range_after_settle']} bytes)")
 
-    if a.no_rewind_chunks:  # the cost of rewind points, and of decoding without the overlap
-        for serial in (False, True):
-            t0 = time.perf_counter()
-            stream = pipe.stream(PROMPTS[3 - serial], seed=2, rewind_points=0)  # a new prompt each
-            if serial:
-                stream._speculate = lambda: None  # the next chunk's transformer work waits for this decode
-            it = iter(stream)
-            n = [len(next(it).frames)]
-            ts = [time.perf_counter()]
-            for _ in range(a.no_rewind_chunks):
-                n.append(len(next(it).frames))
-                ts.append(time.perf_counter())
-            key = "no_rewind" + ("_serial" if serial else "")
-            r[f"ttff_s_{key}"] = ts[0] - t0
-            r[f"e2e_fps_{key}"] = sum(n[3:]) / (ts[-1] - ts[2])
-            stream.close()
-            print(f"  without rewind points{', serial (no overlap)' if serial else ''}: time to first frame "
-                  f"{r[f'ttff_s_{key}']:.3f} s, {r[f'e2e_fps_{key}']:.1f} FPS end to end")
+    for i, (key, settings) in enumerate(VARIANTS):  # what the rewind points, the overlap, the decode's pieces cost
+        if not a.variant_chunks:
+            break
+        if pipe.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        stream = pipe.stream(f"{PROMPTS[i % 4]} ({key})", seed=2, **settings)  # a new prompt each
+        if key.endswith("serial"):
+            stream._speculate = lambda: None  # the next chunk's transformer work waits for this decode
+        it = iter(stream)
+        n = [len(next(it).frames)]
+        ts = [time.perf_counter()]
+        for _ in range(a.variant_chunks):
+            n.append(len(next(it).frames))
+            ts.append(time.perf_counter())
+        r[f"ttff_s_{key}"] = ts[0] - t0
+        r[f"e2e_fps_{key}"] = sum(n[3:]) / (ts[-1] - ts[2])
+        if pipe.device.type == "cuda":
+            r[f"peak_allocated_{key}"] = torch.cuda.max_memory_allocated()
+        stream.close()
+        print(f"  {key} {settings}: time to first frame {r[f'ttff_s_{key}']:.3f} s, {r[f'e2e_fps_{key}']:.1f} FPS "
+              f"end to end, peak allocated {gb(r.get(f'peak_allocated_{key}'))}")
     return r
 
 
@@ -257,7 +263,7 @@ def bench_step(pipe: Pipeline, a, hw) -> dict:
     seq = [(a.chunk + 1, 100)] + [(a.chunk, 101 + i) for i in range(7)]  # steps 4, 5 capture; 6, 7 replay
     errs, pending, pos = [], None, 0
     for n, seed in seq:
-        ref_state.restore(engine.state)
+        ref_state.copy_(engine.state)
         x0 = engine.step(text, n, pos, seed, pending)
         want = reference_step(m, text, ref_state, hw, n, pos, seed, pending, timesteps)
         e = dict(n=n, x0=_err(x0, want), S=_err(engine.state.S, ref_state.S), z=_err(engine.state.z, ref_state.z),
@@ -430,7 +436,8 @@ def main(argv=None) -> dict:
     p.add_argument("--chunks", type=int, default=240, help="steady-state chunks of the stream (240 = 10 min video)")
     p.add_argument("--settle", type=int, default=4, help="chunks before the steady state is measured")
     p.add_argument("--warmup-chunks", type=int, default=6)
-    p.add_argument("--no-rewind-chunks", type=int, default=8, help="chunks of a stream without rewind points (0: skip)")
+    p.add_argument("--variant-chunks", type=int, default=8,
+                   help="chunks of each variant stream (VARIANTS: no rewind points, serial, VAE pieces; 0: skip)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--sections", default="stream,step,vae,diffusers")
     p.add_argument("--vae-variants", action=argparse.BooleanOptionalAction, default=True)
@@ -441,7 +448,7 @@ def main(argv=None) -> dict:
     spec = get_config("tiny" if a.tiny else "longsana-2b-480p")
     a.height, a.width, a.chunk = spec.height, spec.width, spec.chunk_frames
     if a.tiny:
-        a.chunks, a.settle, a.warmup_chunks, a.no_rewind_chunks, a.reps = 6, 2, 2, 4, 2
+        a.chunks, a.settle, a.warmup_chunks, a.variant_chunks, a.reps = 6, 2, 2, 4, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

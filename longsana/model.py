@@ -249,12 +249,13 @@ class State:
             a.zero_()
 
     def snapshot(self, device=None) -> State:
-        """A copy (optionally on another device, e.g. "cpu" to keep rewind points off the GPU)."""
+        """A copy (optionally on another device)."""
         return State(*(a.to(device=device, copy=True) for a in self.tensors()))
 
-    def restore(self, snap: State) -> None:
-        for a, b in zip(self.tensors(), snap.tensors()):
-            a.copy_(b)
+    def copy_(self, other: State, non_blocking: bool = False) -> None:
+        """Take `other`'s contents into our own buffers (their storage never changes)."""
+        for a, b in zip(self.tensors(), other.tensors()):
+            a.copy_(b, non_blocking=non_blocking)
 
     @property
     def nbytes(self) -> int:

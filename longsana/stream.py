@@ -15,7 +15,7 @@ clean-context pass with the new prompt". Older chunks keep their old-prompt cont
 un-mixed). Frames already yielded never change.
 
 Per-stream memory is fixed when the stream starts: the transformer state, the last chunk's x0, the VAE cache and
-a bounded ring of rewind points (on the CPU when the model is on a GPU). Positions are re-based before the RoPE
+a bounded ring of rewind points (in pinned host memory when the model is on a GPU). Positions are re-based before the RoPE
 table ends, so a stream can run for hours.
 
 Determinism: chunk c's noise comes from a generator seeded by (seed, c), so a stream is a pure function of the
@@ -49,6 +49,7 @@ from .config import ModelSpec, get_config
 from .engine import ChunkEngine, SideStream, compile_norms, reference_step
 from .model import LongSANATransformer, State
 from .text import PromptCache, TextEncoder
+from .vae import CausalCache, StreamingDecoder
 
 FPS = 16
 LATENT_STRIDE = 4  # video frames per latent frame (after the first)
@@ -62,7 +63,8 @@ class StreamSettings:
     timesteps: tuple[float, ...] = (1000.0, 960.0, 889.0, 727.0)
     bf16_timesteps: bool = False  # feed the bf16-rounded t the official sampler feeds (1000, 960, 888, 728)
     motion_score: int = 10
-    rewind_points: int = 4  # chunk-boundary snapshots kept for rewind (on the CPU when the model is on a GPU)
+    rewind_points: int = 4  # chunk-boundary snapshots kept for rewind (in host memory when the model is on a GPU)
+    vae_frames_per_call: int = 2  # latent frames the VAE decodes at once: fewer lower the peak memory
     compile: bool | None = None  # the fast chunk step (engine.py) and the overlapped decode; None: on a GPU only
 
     @classmethod
@@ -157,22 +159,82 @@ class _Ahead:
     text: object  # the prompt (TextKV) it used
     pending: tuple[torch.Tensor, int] | None  # the pending chunk whose clean-context pass it ran
     x0: torch.Tensor
-    event: torch.cuda.Event | None  # recorded after the boundary state was kept, before the work
+
+
+class _HostCopy:
+    """A stream's transformer state, pending x0 and VAE cache copied off to the host, in buffers allocated once and
+    reused as the ring of rewind points turns (about 2 GB at 480p, nearly all of it the VAE's cache).
+
+    For a stream on a GPU the buffers are one pinned allocation, filled by non-blocking copies that the copy
+    engine runs beside the compute (a synchronous copy to pageable memory took about a second per chunk on an
+    H100). The state and x0 are copied in the transformer stream's order and the VAE cache in the decoder
+    stream's, so each is read before any later work there overwrites it; `landed` says when they are all done."""
+
+    def __init__(self, stream: Stream):
+        pipe, cache = stream.pipe, stream.decoder.cache
+        x0 = torch.empty(1, pipe.model.cfg.in_channels, stream.settings.chunk_frames + 1, *stream.latent_hw,
+                         device="meta")  # the longest pending chunk (fp32, as the samplers return it)
+        bufs = _host_buffers([*stream.state.tensors(), x0, *cache.frames.values()], pipe.device)
+        self.state, self.x0 = State(*bufs[:3]), bufs[3]
+        self.vae = CausalCache()
+        self.vae.frames = dict(zip(cache.frames, bufs[4:]))
+        self.pending: tuple[int, int] | None = None  # (latent frames, RoPE position) of the pending x0
+        self.landed: list[torch.cuda.Event | None] = []
+
+    def take(self, stream: Stream) -> None:
+        """Queue the copies of `stream`'s current boundary (returns at once on a GPU)."""
+        self.state.copy_(stream.state, non_blocking=True)
+        self.pending = None
+        if stream.pending is not None:
+            x0, pos = stream.pending
+            self.x0[:, :, :x0.shape[2]].copy_(x0, non_blocking=True)
+            self.pending = (x0.shape[2], pos)
+        self.landed = [stream._side.mark()]
+        with stream._side():
+            self.vae.copy_(stream.decoder.cache, non_blocking=True)
+            self.landed.append(stream._side.mark())
+
+    def put_back(self, stream: Stream) -> None:
+        """Copy everything back into `stream` (waits for the copies that took it)."""
+        for event in filter(None, self.landed):
+            event.synchronize()
+        stream.state.copy_(self.state)
+        stream.decoder.restore(self.vae)
+        stream.pending = None
+        if self.pending is not None:
+            n, pos = self.pending
+            stream.pending = (self.x0[:, :, :n].to(stream.pipe.device, copy=True), pos)
+
+    @property
+    def nbytes(self) -> int:
+        return self.state.nbytes + self.x0.nbytes + self.vae.nbytes
+
+
+def _host_buffers(like: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Empty host tensors shaped like `like`. For a GPU stream they are views of ONE pinned allocation: pinned
+    memory is what lets a device-to-host copy run asynchronously, and torch rounds each pinned allocation up to
+    a power of two, so one allocation wastes at most one rounding, not one per tensor."""
+    if device.type != "cuda":
+        return [torch.empty(t.shape, dtype=t.dtype) for t in like]
+    align = 256  # every view starts aligned for any dtype
+    sizes = [-(-t.numel() * t.element_size() // align) * align for t in like]
+    flat = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+    offsets = np.cumsum([0, *sizes[:-1]])
+    return [flat[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for o, t in zip(offsets, like)]
 
 
 @dataclass
 class _Boundary:
-    """Everything needed to restart at the boundary before chunk `index` (a rewind point). Taken before the
-    previous chunk's clean-context pass, so a prompt set after a rewind re-caches that chunk like any switch."""
+    """A rewind point: the boundary before chunk `index`, taken before the previous chunk's clean-context pass, so
+    a prompt set after a rewind re-caches that chunk like any switch. `copy` is None at the stream's start, where
+    everything is zero."""
 
     index: int
     frame0: int  # latent frame of the chunk
     origin: int  # RoPE re-basing offset at that time
-    state: State
-    pending: tuple[torch.Tensor, int] | None  # (x0, RoPE position) of the chunk whose clean pass is due
-    vae: object
     prompt: str
     prompt_seq: int
+    copy: _HostCopy | None
 
 
 class Stream:
@@ -180,8 +242,6 @@ class Stream:
 
     def __init__(self, pipe: Pipeline, prompt: str, seed: int, height: int, width: int, num_frames: int | None,
                  settings: StreamSettings):
-        from .vae import StreamingDecoder
-
         self.pipe, self.seed, self.settings = pipe, seed, settings
         self.height, self.width, self.fps = height, width, FPS
         vs = pipe.vae.cfg.spatial_stride
@@ -197,9 +257,9 @@ class Stream:
         self._ahead: _Ahead | None = None  # the next chunk's speculative transformer work
         self._side = SideStream(pipe.device) if fast else SideStream(torch.device("cpu"))
         self.pending: tuple[torch.Tensor, int] | None = None  # last chunk's (x0, position): clean pass due
-        self.decoder = StreamingDecoder(pipe.vae, height, width)
-        self.snapshot_device = "cpu" if pipe.device.type == "cuda" else None
-        self.rewind_points: deque[_Boundary] = deque(maxlen=settings.rewind_points)
+        self.decoder = StreamingDecoder(pipe.vae, height, width, max_latent_frames_per_call=settings.vae_frames_per_call)
+        self.rewind_points: deque[_Boundary] = deque()  # at most settings.rewind_points, oldest first
+        self._spare_copies: list[_HostCopy] = []  # buffers of dropped points, for the next ones
         self._lock = threading.Lock()
         self._pending_prompt: str | None = None
         self._pending_rewind: _Boundary | None = None
@@ -236,6 +296,7 @@ class Stream:
         with self._lock:
             self._closed = True
             self.rewind_points.clear()
+            self._spare_copies.clear()
         self.state = self.pending = self.decoder = self.text = None
 
     # -- generation (the producer thread) -----------------------------------------------------------------------
@@ -293,9 +354,9 @@ class Stream:
             return None
         n = self._chunk_len()
         self._maybe_rebase(n)
-        self._before.restore(self.state)  # the boundary's state, before the speculative clean-context pass
-        event, pending, text = self._side.mark(), self.pending, self.text
-        return _Ahead(self.index, text, pending, self._denoise(n), event)
+        self._before.copy_(self.state)  # the boundary's state, before the speculative clean-context pass
+        pending, text = self.pending, self.text
+        return _Ahead(self.index, text, pending, self._denoise(n))
 
     def _adopt(self, ahead: _Ahead) -> bool:
         """Keep the speculative work if nothing changed since it was launched, and take this boundary's rewind
@@ -303,13 +364,11 @@ class Stream:
         if self.pending is not ahead.pending or self.index != ahead.index:  # rewound: _restore reset everything
             return False
         if self.text is not ahead.text:  # the prompt changed: undo the clean-context pass, redo with the new one
-            self.state.restore(self._before)
+            self.state.copy_(self._before)
             return False
         state, self.state = self.state, self._before
         try:
-            self._side.wait(ahead.event)
-            with self._side():  # off the transformer's stream: the copies overlap its work
-                self._keep_rewind_point()
+            self._keep_rewind_point()
         finally:
             self.state = state
         return True
@@ -331,27 +390,40 @@ class Stream:
             self.pending = (self.pending[0], self.pending[1] - delta)
 
     def _keep_rewind_point(self) -> None:
+        """Take this boundary as a rewind point, reusing the buffers of the oldest one once the ring is full."""
         if not self.settings.rewind_points:
             return
-        dev = self.snapshot_device
-        pending = None if self.pending is None else (self.pending[0].to(dev or self.pending[0].device, copy=True),
-                                                      self.pending[1])
-        b = _Boundary(self.index, self.frame0, self.origin, self.state.snapshot(dev), pending,
-                      self.decoder.snapshot(dev), self.prompt, self.prompt_seq)
+        with self._lock:
+            if self._pending_rewind is not None:  # it will drop every later point: none to keep
+                return
+            if len(self.rewind_points) == self.settings.rewind_points:
+                self._drop(self.rewind_points.popleft())
+        copy = None
+        if self.index > 0:
+            copy = self._spare_copies.pop() if self._spare_copies else _HostCopy(self)
+            copy.take(self)
+        b = _Boundary(self.index, self.frame0, self.origin, self.prompt, self.prompt_seq, copy)
         with self._lock:
             self.rewind_points.append(b)
 
     def _restore(self, b: _Boundary) -> None:
         self.index, self.frame0, self.origin = b.index, b.frame0, b.origin
-        self.state.restore(b.state)
-        self.pending = None if b.pending is None else (b.pending[0].to(self.pipe.device), b.pending[1])
-        self.decoder.restore(b.vae)
+        if b.copy is None:  # the stream's start
+            self.state.reset()
+            self.decoder.reset()
+            self.pending = None
+        else:
+            b.copy.put_back(self)
         if b.prompt != self.prompt:
             self.prompt, self.text = b.prompt, self._encode(b.prompt)
         self.prompt_seq = b.prompt_seq
-        with self._lock:  # points after the boundary describe a future that no longer happens
+        with self._lock:  # points from the boundary on describe a future that no longer happens
             while self.rewind_points and self.rewind_points[-1].index >= b.index:
-                self.rewind_points.pop()
+                self._drop(self.rewind_points.pop())
+
+    def _drop(self, b: _Boundary) -> None:
+        if b.copy is not None:
+            self._spare_copies.append(b.copy)
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _encode(self, prompt: str):
@@ -360,9 +432,8 @@ class Stream:
     def memory_bytes(self) -> int:
         """Bytes of every tensor this stream holds: state, pending x0, VAE cache, rewind points."""
         total = self.state.nbytes + self.decoder.nbytes + (self.pending[0].nbytes if self.pending else 0)
-        for b in self.rewind_points:
-            total += b.state.nbytes + b.vae.nbytes + (b.pending[0].nbytes if b.pending else 0)
-        return total
+        copies = [b.copy for b in self.rewind_points if b.copy is not None] + self._spare_copies
+        return total + sum(c.nbytes for c in copies)
 
 
 def latent_frames(num_frames: int) -> int:

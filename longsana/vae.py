@@ -60,13 +60,13 @@ class CausalCache:
         other.t = self.t
         return other
 
-    def copy_(self, other: CausalCache) -> None:
+    def copy_(self, other: CausalCache, non_blocking: bool = False) -> None:
         """Take `other`'s contents into our own buffers (their storage never changes)."""
         if other.frames.keys() != self.frames.keys() or any(
                 b.shape != other.frames[k].shape for k, b in self.frames.items()):
             raise ValueError("cannot restore a VAE cache snapshot taken from a different decoder (model or size)")
         for k, b in self.frames.items():
-            b.copy_(other.frames[k])
+            b.copy_(other.frames[k], non_blocking=non_blocking)
         self.t = other.t
 
     def zero_(self) -> None:

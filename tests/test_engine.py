@@ -172,8 +172,12 @@ def test_fast_stream_equals_the_eager_stream(pipe, monkeypatch):
     assert steps[:4] == [(3, 0), (2, 3), (2, 5), (2, 5)]
     assert [b.index for b in fast.rewind_points] == [b.index for b in eager.rewind_points]
     for a, b in zip(fast.rewind_points, eager.rewind_points):
-        for x, y in zip(a.state.tensors(), b.state.tensors()):
-            assert torch.equal(x, y)
+        assert (a.copy is None) == (b.copy is None) == (a.index == 0)  # the start is all zeros: nothing copied
+        if a.copy is not None:
+            (n, pos), x0s = a.copy.pending, [p.copy.x0[:, :, :p.copy.pending[0]] for p in (a, b)]
+            assert b.copy.pending == (n, pos) and n > 0
+            for x, y in zip([*a.copy.state.tensors(), x0s[0]], [*b.copy.state.tensors(), x0s[1]]):
+                assert torch.equal(x, y)
     fast.close()
 
 
@@ -209,16 +213,42 @@ def test_graph_replays_match_the_eager_step_on_the_gpu():
         assert rel_err(a, b) < 2e-2
 
 
-@cuda
-def test_fast_stream_on_the_gpu_equals_the_eager_stream():
-    torch._dynamo.reset()
+def gpu_pipeline():
     pipe = tiny_pipeline()
     pipe.model.cuda().bfloat16()
     pipe.vae.cuda().bfloat16()
     pipe.text.model.cuda().bfloat16()
     pipe.device = torch.device("cuda")
+    return pipe
+
+
+@cuda
+def test_fast_stream_on_the_gpu_equals_the_eager_stream():
+    torch._dynamo.reset()
+    pipe = gpu_pipeline()
     _, got = schedule(pipe, True)
     _, want = schedule(pipe, False)
     for a, b in zip(got, want):
         diff = np.abs(a.frames.astype(int) - b.frames.astype(int))
         assert a.frames.shape == b.frames.shape and diff.mean() < 2.0, diff.mean()
+
+
+@cuda
+def test_gpu_rewind_replays_from_reused_pinned_copies():
+    """Rewind points on a GPU are pinned host buffers, filled by non-blocking copies and reused as the ring turns:
+    a rewind after the ring has turned several times replays the original chunks (a copy that raced the work
+    after it would not)."""
+    torch._dynamo.reset()
+    stream = gpu_pipeline().stream(P, seed=6, compile=True, rewind_points=2)
+    it = iter(stream)
+    original = [next(it) for _ in range(7)]
+    copies = {id(b.copy) for b in stream.rewind_points}
+    assert [b.index for b in stream.rewind_points] == [5, 6] and len(copies) == 2
+    assert all(b.copy.x0.is_pinned() and b.copy.state.S.is_pinned() for b in stream.rewind_points)
+    assert stream.rewind(100) == pytest.approx(sum(len(c.frames) for c in original[5:]) / 16)
+    replay = [next(it), next(it)]
+    assert [c.index for c in replay] == [5, 6]
+    for a, b in zip(replay, original[5:]):
+        assert np.abs(a.frames.astype(int) - b.frames.astype(int)).mean() < 0.1
+    assert {id(b.copy) for b in stream.rewind_points} <= copies | {id(c) for c in stream._spare_copies}
+    stream.close()

@@ -103,7 +103,7 @@ def test_recache_matches_a_plain_reference(pipe):
     frame0, frames, before = 0, [], None
     for c, (n, prompt) in enumerate([(spec.chunk_frames + 1, P), (spec.chunk_frames, P), (spec.chunk_frames, Q)]):
         if c == 2:  # the re-cache
-            state.restore(before)
+            state.copy_(before)
             m.forward_chunk(x0, zero, text[Q], state, frame0 - spec.chunk_frames, update_state=True)
         g = torch.Generator().manual_seed(2 * 1_000_003 + c)
         noise = lambda: torch.randn((1, 16, n, h, w), generator=g)  # noqa: E731
@@ -152,9 +152,11 @@ def test_memory_is_constant(pipe):
         next(it)
         if i == 5:
             sizes[5], ptrs = stream.memory_bytes(), [a.data_ptr() for a in stream.state.tensors()]
+            copies = {id(b.copy) for b in stream.rewind_points}
     sizes[50] = stream.memory_bytes()
     assert sizes[5] == sizes[50] > 0
     assert [a.data_ptr() for a in stream.state.tensors()] == ptrs
+    assert {id(b.copy) for b in stream.rewind_points} == copies  # the ring reuses its points' buffers
     assert len(stream.rewind_points) == 2
     stream.close()
 
