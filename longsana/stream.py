@@ -65,6 +65,7 @@ class StreamSettings:
     motion_score: int = 10
     rewind_points: int = 4  # chunk-boundary snapshots kept for rewind (in host memory when the model is on a GPU)
     vae_frames_per_call: int = 2  # latent frames the VAE decodes at once: fewer lower the peak memory
+    early_first_frame: bool | None = None  # hand out the stream's first frame before the rest; None: on a GPU
     compile: bool | None = None  # the fast chunk step (engine.py) and the overlapped decode; None: on a GPU only
 
     @classmethod
@@ -248,6 +249,8 @@ class Stream:
         self.latent_hw = (height // vs, width // vs)
         self.total_latents = None if num_frames is None else latent_frames(num_frames)
         fast = settings.compile if settings.compile is not None else pipe.device.type == "cuda"
+        self.early_first_frame = (settings.early_first_frame if settings.early_first_frame is not None
+                                  else pipe.device.type == "cuda")
         self.engine = ChunkEngine(pipe.model, self.latent_hw, settings.timesteps, settings.bf16_timesteps,
                                   compile=True) if fast else None
         if fast:
@@ -313,9 +316,13 @@ class Stream:
                 self.prompt, self.prompt_seq, self.text = prompt, self.prompt_seq + 1, self._encode(prompt)
             if self.total_latents is not None and self.frame0 >= self.total_latents:
                 return
-            yield self._next_chunk()
+            yield from self._next_chunk()
 
-    def _next_chunk(self) -> Chunk:
+    def _next_chunk(self):
+        """Yields this chunk's frames: one Chunk, or, for the stream's first chunk with early_first_frame, the
+        first video frame alone (decoded from the first latent frame, which the VAE takes on its own anyway) and
+        then the rest: the same frames, the first on screen one decode sooner. A chunk handed out in pieces
+        carries its whole time on the last piece."""
         t_start = time.perf_counter()
         n = self._chunk_len()
         ahead, self._ahead = self._ahead, None
@@ -330,13 +337,17 @@ class Stream:
         self.index += 1
         self.frame0 += n
         self._side.wait()  # the decode follows the transformer work queued so far
-        with torch.inference_mode(), self._side():
-            frames = self.decoder.decode(x0)
-        if index > 0:  # not while the first chunk decodes: sharing the GPU would delay the stream's first frames
-            self._ahead = self._speculate()  # the next chunk's transformer work, while this one decodes
-        with self._side():
-            frames = frames.cpu().numpy()
-        return Chunk(frames, index, start, self.prompt, self.prompt_seq, time.perf_counter() - t_start)
+        pieces = (x0[:, :, :1], x0[:, :, 1:]) if self.early_first_frame and index == 0 and n > 1 else (x0,)
+        for k, z in enumerate(pieces):
+            with torch.inference_mode(), self._side():
+                frames = self.decoder.decode(z)
+            if index > 0:  # not while the first chunk decodes: sharing the GPU would delay the stream's first frames
+                self._ahead = self._speculate()  # the next chunk's transformer work, while this one decodes
+            with self._side():
+                frames = frames.cpu().numpy()
+            seconds = time.perf_counter() - t_start if k == len(pieces) - 1 else 0.0
+            yield Chunk(frames, index, start, self.prompt, self.prompt_seq, seconds)
+            start += len(frames)
 
     def _denoise(self, n: int) -> torch.Tensor:
         """The pending chunk's clean-context pass, then this chunk's x0. The clean pass is deferred to here, the

@@ -138,7 +138,7 @@ def pipe():
 
 def schedule(pipe, compile):
     """Chunks of one stream with a prompt switch after chunk 1 and a rewind after chunk 3, then 2 more."""
-    stream = pipe.stream(P, seed=3, compile=compile)
+    stream = pipe.stream(P, seed=3, compile=compile, early_first_frame=False)
     it, out = iter(stream), []
     for i in range(6):
         out.append(next(it))
@@ -239,7 +239,7 @@ def test_gpu_rewind_replays_from_reused_pinned_copies():
     a rewind after the ring has turned several times replays the original chunks (a copy that raced the work
     after it would not)."""
     torch._dynamo.reset()
-    stream = gpu_pipeline().stream(P, seed=6, compile=True, rewind_points=2)
+    stream = gpu_pipeline().stream(P, seed=6, compile=True, rewind_points=2, early_first_frame=False)
     it = iter(stream)
     original = [next(it) for _ in range(7)]
     copies = {id(b.copy) for b in stream.rewind_points}

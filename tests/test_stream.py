@@ -71,6 +71,16 @@ def test_first_chunk_needs_only_its_denoising_passes(pipe, monkeypatch):
     stream.close()
 
 
+def test_early_first_frame_hands_out_the_same_frames_sooner(pipe):
+    """early_first_frame: chunk 0 comes as its first frame alone, then the rest; every frame as without it."""
+    want = take(pipe.stream(P, seed=8, early_first_frame=False), 2)
+    got = take(pipe.stream(P, seed=8, early_first_frame=True), 3)
+    assert [(c.index, c.start_frame, len(c.frames)) for c in got] == \
+           [(0, 0, 1), (0, 1, len(want[0].frames) - 1), (1, want[1].start_frame, len(want[1].frames))]
+    assert got[0].gen_seconds == 0 < got[1].gen_seconds  # the chunk's time goes with its last piece
+    assert np.array_equal(np.concatenate([c.frames for c in got]), np.concatenate([c.frames for c in want]))
+
+
 def test_same_seed_and_schedule_give_identical_videos(pipe):
     a, b = (take(pipe.stream(P, seed=7), 3) for _ in range(2))
     assert all(np.array_equal(x.frames, y.frames) for x, y in zip(a, b))
