@@ -45,11 +45,6 @@ def test_demo_model_loads_as_shipped(pipe):
     assert torch.nn.functional.cosine_similarity(emb[0, :n], emb[1, :n], dim=-1).min() < 0.8  # prompts differ
 
 
-SWITCH_LAGS = pytest.mark.xfail(strict=True, reason=(
-    "issue 8 is open: the shipped demo model's prompt switch lags (2026-11-22: the new color holds two chunks after "
-    "the switch in 4/8, three chunks after in 7/8). Strict: once a retrained model passes, this mark must go."))
-
-
 def test_demo_videos_follow_their_captions(pipe):
     rng = np.random.default_rng(2024)
     hits = {k: 0 for k in ATTRIBUTES}
@@ -66,7 +61,6 @@ def test_demo_videos_follow_their_captions(pipe):
     assert acc["background"] >= 0.8, acc
 
 
-@SWITCH_LAGS
 def test_new_prompt_color_takes_over_within_two_chunks(pipe):
     rng = np.random.default_rng(7)
     before = after = later = 0

@@ -51,9 +51,18 @@ GPU. Scores are tests/test_demo.py's measurements.
   7. as 6 with --out T3 --resume T2 --seed 2 --switch-prob 0.5 --lr 3e-4   2730 steps; 18/20, 19/20, switch 4/8
   8. as 7 with --out T4 --resume T3 --seed 3                       2930 steps; 19/20, 20/20, switch 4/8
   9. --out demo --resume T4 --vae-from V --vae-seconds 0 --seconds 0 --device cpu --clips 8 --eval-captions 0
-                                                                   T4's transformer with V's VAE: shipped
-The prompt switch still lags: the new color holds two chunks after the switch in 4 of 8 test switches (three
-chunks after in 7 of 8).
+                                                                   T4's transformer with V's VAE (session 2): 19/20,
+                                                                   20/20, switch 4/8 two chunks after, 7/8 three after
+ 10. as 7 with --out T5 --resume T4 --seed 5 --seconds 505 --switch-prob 0.6 --switch-focus 0.5
+                                                                   2857 steps; with V's VAE 18/20, 20/20, switch 5/8;
+     the failures were purple objects drawn gray, with or without a switch: the VAE's colors
+ 11. --out V2 --vae-from V --vae-decoder-only --vae-seconds 440 --vae-lr 2e-4 --seconds 0 --clips 64
+     --eval-captions 0 --workers 5                                 2319 steps; reconstructions color 0.88 (V: 0.83)
+     beside it: as 10 with --out T6 --resume T5 --seed 6 --seconds 440 --lr 2e-4 --workers 9   1381 steps
+ 12. --out demo --resume T6 --vae-from V2 --vae-seconds 0 --seconds 0 --device cpu --clips 8 --eval-captions 0
+                                                                   shipped: color 19/20, background 20/20; switch:
+                                                                   old color held 7/8, new color two chunks after
+                                                                   6/8, three chunks after 7/8
 """
 
 from __future__ import annotations
