@@ -28,6 +28,7 @@ import datetime
 import gc
 import importlib.util
 import json
+import os
 import statistics
 import time
 import traceback
@@ -40,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.vae import bench_diffusers as vae_diffusers
 from benchmarks.vae import bench_ours as vae_ours
 from benchmarks.vae import ceilings, decoder_cost, gb, sync, timed
+from longsana.cli import CUDA_ALLOC_CONF
 from longsana.testing import randomize_, rel_err
 from longsana.config import get_config
 from longsana.engine import ChunkEngine, compile_norms, reference_step
@@ -435,6 +437,7 @@ def targets(res: dict) -> dict:
 
 
 def main(argv=None) -> dict:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # as `longsana bench` runs it
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny config and size: a smoke test for any machine")
     p.add_argument("--chunks", type=int, default=240, help="steady-state chunks of the stream (240 = 10 min video)")

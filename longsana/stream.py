@@ -64,7 +64,7 @@ class StreamSettings:
     bf16_timesteps: bool = False  # feed the bf16-rounded t the official sampler feeds (1000, 960, 888, 728)
     motion_score: int = 10
     rewind_points: int = 4  # chunk-boundary snapshots kept for rewind (in host memory when the model is on a GPU)
-    vae_frames_per_call: int = 2  # latent frames the VAE decodes at once: fewer lower the peak memory
+    vae_frames_per_call: int = 1  # latent frames the VAE decodes at once: 2 is ~4% faster on an H100, +2.6 GB peak
     early_first_frame: bool | None = None  # hand out the stream's first frame before the rest; None: on a GPU
     compile: bool | None = None  # the fast chunk step (engine.py) and the overlapped decode; None: on a GPU only
 

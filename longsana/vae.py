@@ -84,10 +84,11 @@ class CausalConv3d(nn.Conv3d):
     def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int, int], padding: int = 0):
         super().__init__(c_in, c_out, kernel, padding=(0, padding, padding))
 
-    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+    def forward(self, x: Tensor, cache: CausalCache, norm: RMSNorm | None = None) -> Tensor:
+        """norm: the RMSNorm (+ SiLU) in front of this conv, run here so that it writes the padded input itself."""
         n = self.kernel_size[0] - 1
         past = cache.left(self, x, n)
-        x = torch.cat([past, x], dim=2)
+        x = torch.cat([past, x], dim=2) if norm is None else norm(x, past)
         past.copy_(x[:, :, -n:])
         return super().forward(x) if x.is_cuda or n == 0 else self._per_tap(x)
 
@@ -106,28 +107,34 @@ class CausalConv3d(nn.Conv3d):
 
 class RMSNorm(nn.Module):
     """x / ||x|| * sqrt(C) * gamma over channels (dim 1); F.normalize's eps, computed in fp32 for bf16 inputs.
-    gamma is (C, 1, 1, 1) for video tensors, (C, 1, 1) for per-frame images (the attention block)."""
+    gamma is (C, 1, 1, 1) for video tensors, (C, 1, 1) for per-frame images (the attention block). `silu`: the SiLU
+    that follows every norm in front of a conv. Given `past`, the causal cache frames of that conv, it returns
+    cat([past, out]) along time: compiled (engine.compile_norms), norm, SiLU and causal padding are then one pass
+    over the activation instead of three."""
 
-    def __init__(self, dim: int, images: bool = False):
+    def __init__(self, dim: int, images: bool = False, silu: bool = False):
         super().__init__()
-        self.scale = dim**0.5
+        self.scale, self.silu = dim**0.5, silu
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * (2 if images else 3)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x.float(), dim=1).to(x.dtype) * (self.gamma * self.scale)
+    def forward(self, x: Tensor, past: Tensor | None = None) -> Tensor:
+        y = F.normalize(x.float(), dim=1).to(x.dtype) * (self.gamma * self.scale)
+        if self.silu:
+            y = F.silu(y, inplace=True)
+        return y if past is None else torch.cat([past, y], dim=2)
 
 
 class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.norm1, self.conv1 = RMSNorm(c_in), CausalConv3d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = RMSNorm(c_out), CausalConv3d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = RMSNorm(c_in, silu=True), CausalConv3d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = RMSNorm(c_out, silu=True), CausalConv3d(c_out, c_out, 3, padding=1)
         self.conv_shortcut = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         h = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        x = self.conv1(F.silu(self.norm1(x), inplace=True), cache)
-        x = self.conv2(F.silu(self.norm2(x), inplace=True), cache)
+        x = self.conv1(x, cache, self.norm1)  # conv1(silu(norm1(x)))
+        x = self.conv2(x, cache, self.norm2)
         return x.add_(h)
 
 
@@ -237,7 +244,7 @@ class Encoder(nn.Module):
                 blocks.append(Resample(c_out, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(dims[-1])
-        self.norm_out = RMSNorm(dims[-1])
+        self.norm_out = RMSNorm(dims[-1], silu=True)
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
@@ -245,7 +252,7 @@ class Encoder(nn.Module):
         x = self.conv_in(x, cache)
         for block in self.down_blocks:
             x = block(x, cache)
-        x = self.conv_out(F.silu(self.norm_out(self.mid_block(x, cache)), inplace=True), cache)
+        x = self.conv_out(self.mid_block(x, cache), cache, self.norm_out)
         cache.t += t
         return x
 
@@ -265,7 +272,7 @@ class Decoder(nn.Module):
             # after the first block, the input comes from an upsampler, which halved the channels
             blocks.append(UpBlock(c_in // 2 if i else c_in, c_out, cfg.num_res_blocks + 1, mode))
         self.up_blocks = nn.ModuleList(blocks)
-        self.norm_out = RMSNorm(dims[-1])
+        self.norm_out = RMSNorm(dims[-1], silu=True)
         self.conv_out = CausalConv3d(dims[-1], 3, 3, padding=1)
 
     def forward(self, z: Tensor, cache: CausalCache) -> Tensor:
@@ -273,7 +280,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z, cache), cache)
         for block in self.up_blocks:
             x = block(x, cache)
-        x = self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
+        x = self.conv_out(x, cache, self.norm_out)
         cache.t += t
         return x
 

@@ -3,6 +3,7 @@ constant memory, rewind, and the `longsana generate` CLI."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import av
@@ -11,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from longsana.cli import CUDA_ALLOC_CONF
 from longsana.cli import main as cli
 from longsana.sampling import sample_chunk
 from longsana.stream import Pipeline, latent_frames
@@ -275,3 +277,13 @@ def test_generate_bad_model_and_timeline(tmp_path):
     tl.write_text(f"0 {P}\nsoon {Q}\n")
     r = CliRunner().invoke(cli, ["generate", "--timeline", str(tl)])
     assert r.exit_code != 0 and "tl.txt:2" in r.output
+
+
+def test_cli_sets_the_cuda_allocator_unless_the_user_did(monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # so that teardown restores the variable as it was
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert CliRunner().invoke(cli, ["generate", "--help"]).exit_code == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == CUDA_ALLOC_CONF
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    assert CliRunner().invoke(cli, ["generate", "--help"]).exit_code == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:False"

@@ -16,7 +16,7 @@ import torch
 
 from longsana.config import VAEConfig, get_config
 from longsana.loading import CheckpointError
-from longsana.vae import StreamingDecoder, WanVAE, load_vae, original_to_diffusers, to_uint8
+from longsana.vae import RMSNorm, StreamingDecoder, WanVAE, load_vae, original_to_diffusers, to_uint8
 from tests.helpers import diffusers_vae, randomize_, rel_err
 
 CFG = get_config("tiny").vae  # base 8, dim_mult (1, 2, 2, 2), 1 res block: shortcuts in 2 decoder blocks
@@ -266,3 +266,21 @@ def test_checkpoint_errors(pair, tmp_path):
         load_vae(tmp_path / "broken.pth", cfg=CFG)
     with pytest.raises(CheckpointError, match="shape mismatches"):  # the default (full) architecture
         load_vae(tmp_path / "broken.pth")
+
+
+def test_compiled_norms_decode_as_eager(pair, clips, monkeypatch):
+    """engine.compile_norms traces each norm + SiLU + causal padding as one region (inductor on a GPU; aot_eager
+    here, which runs the traced graph): a streaming decode through it equals diffusers' whole-clip decode."""
+    from longsana import engine
+
+    monkeypatch.setitem(engine.COMPILE_OPTIONS, "backend", "aot_eager")
+    torch._dynamo.reset()
+    vae = copy.deepcopy(pair[1])
+    engine.compile_norms(vae.decoder)
+    z_norm, video = clips[7]
+    dec = StreamingDecoder(vae, H, W, batch=B, max_latent_frames_per_call=2)
+    with torch.no_grad():
+        got = torch.cat([dec.decode_float(z_norm[:, :, :3]), dec.decode_float(z_norm[:, :, 3:])], dim=2)
+    assert rel_err(got, video) <= 1e-5
+    assert all(m._compiled_call_impl is not None for m in vae.decoder.modules() if isinstance(m, RMSNorm))
+    torch._dynamo.reset()
