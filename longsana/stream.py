@@ -15,8 +15,8 @@ clean-context pass with the new prompt". Older chunks keep their old-prompt cont
 un-mixed). Frames already yielded never change.
 
 Per-stream memory is fixed when the stream starts: the transformer state, the last chunk's x0, the VAE cache and
-a bounded ring of rewind points (in pinned host memory when the model is on a GPU). Positions are re-based before the RoPE
-table ends, so a stream can run for hours.
+a bounded ring of rewind points (in pinned host memory when the model is on a GPU). Positions are re-based before
+the RoPE table ends, so a stream can run for hours.
 
 Determinism: chunk c's noise comes from a generator seeded by (seed, c), so a stream is a pure function of the
 seed and the prompt schedule, and a rewind followed by the original prompt replays the original continuation.
@@ -260,7 +260,8 @@ class Stream:
         self._ahead: _Ahead | None = None  # the next chunk's speculative transformer work
         self._side = SideStream(pipe.device) if fast else SideStream(torch.device("cpu"))
         self.pending: tuple[torch.Tensor, int] | None = None  # last chunk's (x0, position): clean pass due
-        self.decoder = StreamingDecoder(pipe.vae, height, width, max_latent_frames_per_call=settings.vae_frames_per_call)
+        self.decoder = StreamingDecoder(pipe.vae, height, width,
+                                        max_latent_frames_per_call=settings.vae_frames_per_call)
         self.rewind_points: deque[_Boundary] = deque()  # at most settings.rewind_points, oldest first
         self._spare_copies: list[_HostCopy] = []  # buffers of dropped points, for the next ones
         self._lock = threading.Lock()

@@ -9,7 +9,8 @@ Client -> server (each may carry an integer `seq`; the reply echoes it):
     ping                                keeps the stream alive (any message does; see ServerConfig.client_timeout)
 Server -> client:
     hello {session, fps, transport}, ack {seq, ...}, error {seq, code, message}, stats {...},
-    chunk {index, start_frame, frames, prompt, prompt_seq, gen_seconds, pts} when a chunk's first frame is sent,
+    chunk {index, start_frame, frames, prompt, prompt_seq, gen_seconds, pts} when a chunk's first frame is sent
+        (a GPU stream sends its first chunk in two pieces: its first frame, gen_seconds 0, then the rest),
     end {reason}
 WebSocket video: binary messages, FRAME_HEADER then one JPEG image.
 """

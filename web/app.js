@@ -193,7 +193,7 @@ function onMessage(m) {
 function onChunk(m) {
   fps = m.fps;
   stats.lastChunk = m;
-  stats.genFps = m.frames / m.gen_seconds;
+  if (m.gen_seconds > 0) stats.genFps = m.frames / m.gen_seconds; // 0: an early piece; its time is on the rest
   const pending = switching && switching.promptSeq === undefined;
   if (pending && m.prompt === switching.prompt && m.prompt_seq > switching.fromSeq) {
     switching.promptSeq = m.prompt_seq;
