@@ -202,9 +202,7 @@ def bench_stream(pipe: Pipeline, a) -> dict:
           f"allocated after chunk {w}: {gb(mem[w])}, after the last: {gb(mem[-1])} (growth {r['mem_growth']} "
           f"bytes, range {r['mem_range_after_settle']} bytes)")
 
-    for i, (key, settings) in enumerate(VARIANTS):  # what the rewind points, the overlap, the decode's pieces cost
-        if not a.variant_chunks:
-            break
+    for i, (key, settings) in enumerate(VARIANTS if a.variant_chunks else ()):  # rewind, overlap, VAE pieces
         if pipe.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()

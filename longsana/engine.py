@@ -256,14 +256,10 @@ class SideStream:
         """Context manager: run on the side stream."""
         return torch.cuda.stream(self.stream)
 
-    def wait(self, event: torch.cuda.Event | None = None) -> None:
-        """Let the side stream's later work wait for `event`, or for all work queued so far on the current stream."""
-        if self.stream is None:
-            return
-        if event is None:
+    def wait(self) -> None:
+        """Let the side stream's later work wait for all work queued so far on the current stream."""
+        if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        else:
-            self.stream.wait_event(event)
 
     def mark(self) -> torch.cuda.Event | None:
         """An event at the current point of the current stream (None on the CPU)."""
