@@ -83,6 +83,15 @@ class Client:
 
         self._heartbeat = asyncio.create_task(beat())
 
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
     def _ended(self) -> None:
         """The stream is over (closed by either side, or the connection dropped)."""
         if self._heartbeat is not None:
@@ -237,23 +246,22 @@ def frame_rate(frames: list[Received]) -> float:
 async def measure(url: str, prompt: str, switch: str | None, seconds: float, websocket: bool) -> dict:
     """Stream for `seconds`, switching the prompt halfway; time to first frame, rates and switch latency."""
     t0 = time.monotonic()
-    client = await (WsClient if websocket else RtcClient).connect(url, prompt, decode=False)
-    await client.wait_until(lambda: client.frames, 60)
-    ttff = client.frames[0].t - t0
-    await asyncio.sleep(seconds / 2)
-    switch_latency = None
-    if switch:
-        t_switch = time.monotonic()
-        before = len(client.chunks())
-        ack = await client.request("prompt", prompt=switch)
-        assert ack["type"] == "ack", ack
-        await client.wait_until(lambda: any(c["prompt"] == switch for c in client.chunks()[before:]), 60)
-        first = next(c for c in client.chunks()[before:] if c["prompt"] == switch)
-        await client.wait_until(lambda: client.frames[-1].pts >= first["pts"], 60)
-        switch_latency = next(f.t for f in client.frames if f.pts >= first["pts"]) - t_switch
-    await asyncio.sleep(seconds / 2)
-    stats = await client.request("stats")
-    await client.close()
+    async with await (WsClient if websocket else RtcClient).connect(url, prompt, decode=False) as client:
+        await client.wait_until(lambda: client.frames, 60)
+        ttff = client.frames[0].t - t0
+        await asyncio.sleep(seconds / 2)
+        switch_latency = None
+        if switch:
+            t_switch = time.monotonic()
+            before = len(client.chunks())
+            ack = await client.request("prompt", prompt=switch)
+            assert ack["type"] == "ack", ack
+            await client.wait_until(lambda: any(c["prompt"] == switch for c in client.chunks()[before:]), 60)
+            first = next(c for c in client.chunks()[before:] if c["prompt"] == switch)
+            await client.wait_until(lambda: client.frames[-1].pts >= first["pts"], 60)
+            switch_latency = next(f.t for f in client.frames if f.pts >= first["pts"]) - t_switch
+        await asyncio.sleep(seconds / 2)
+        stats = await client.request("stats")
     return {"transport": "websocket" if websocket else "webrtc", "frames": len(client.frames),
             "ttff_s": round(ttff, 3), "receive_fps": round(frame_rate(client.frames), 2),
             "server_gen_fps": stats["gen_fps"], "switch_latency_s": switch_latency and round(switch_latency, 3),

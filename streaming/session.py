@@ -18,6 +18,7 @@ current time and the pts jump by the real gap: frames are never duplicated and n
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
 from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -35,7 +36,8 @@ CLOCK_RATE = 90_000  # RTP video clock
 TIME_BASE = Fraction(1, CLOCK_RATE)
 ENCODE_AHEAD = 4  # frames the encoder may have ready before the pacer asks for them
 STEP_MARGIN = 1.05  # pace slightly slower than a slow generator so that its bursts never run dry
-SPF_SMOOTHING = 0.3  # weight of the newest chunk in the seconds-per-frame average
+SPF_CHUNKS = 3  # chunks behind the seconds-per-frame estimate: their median ignores one slow chunk (a hiccup of
+                # a busy machine), which would otherwise slow the pacing of the chunks after it; a stall has its own cure
 SEND_RATE_WINDOW = 2.0  # seconds over which stats() counts the frames sent
 MAX_PROMPT_REQUESTS = 16  # prompt changes remembered for the switch latency
 
@@ -122,7 +124,8 @@ class Session:
         self._frames: asyncio.Queue[Frame | None] = asyncio.Queue()  # bounded by the credits
         self._playing = asyncio.Event()
         self._playing.set()
-        self._spf = 0.0  # smoothed generation seconds per frame (written by the encoder thread)
+        self._chunk_spf: deque[float] = deque(maxlen=SPF_CHUNKS)  # generation seconds per frame of recent chunks
+        self._spf = 0.0  # their median (written by the encoder thread)
         self._frontier = 0  # video frame index after the last generated chunk (written by the producer)
         self._chunk_frames, self._generating = 0, True  # last chunk's length; a chunk is being generated
         self._due, self._pts = None, 0  # pacer clock: loop time the last frame was due, and its pts
@@ -207,8 +210,9 @@ class Session:
 
     def _generated(self, chunk) -> None:
         n = len(chunk.frames)
-        spf = chunk.gen_seconds / n
-        self._spf = spf if self._spf == 0 else (1 - SPF_SMOOTHING) * self._spf + SPF_SMOOTHING * spf
+        if chunk.gen_seconds > 0:  # an early first-frame piece has none: its time is counted with the rest of its chunk
+            self._chunk_spf.append(chunk.gen_seconds / n)
+            self._spf = statistics.median(self._chunk_spf)
         self.chunks_generated += 1
         self._metrics.inc("longsana_chunks_generated_total")
         self._metrics.inc("longsana_frames_generated_total", n)

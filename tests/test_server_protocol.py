@@ -4,6 +4,7 @@ increasing pts; a new prompt applies at the generator's next chunk and the decod
 resume, rewind and stats do what they say; the HTTP endpoints and the MP4 recording hold what was streamed."""
 
 import asyncio
+import dataclasses
 import json
 import urllib.error
 import urllib.request
@@ -14,7 +15,7 @@ import pytest
 
 from streaming.client import RtcClient, WsClient, frame_rate
 from streaming.server import ServerConfig, ServerThread
-from streaming.session import CLOCK_RATE
+from streaming.session import CLOCK_RATE, STEP_MARGIN
 from streaming.synthetic import SyntheticPipeline, prompt_color
 
 FPS = 16
@@ -44,34 +45,33 @@ def run(coro):
 
 def test_webrtc_pace_pts_and_prompt_switch(server):
     async def main():
-        c = await RtcClient.connect(server.url, FOX)
-        await c.wait_until(lambda: len(c.frames) >= 40)
-        frames = c.frames[:40]
-        pts = [f.pts for f in frames]
-        assert pts[0] == 0
-        assert all(b - a == STEP for a, b in zip(pts, pts[1:])), f"pts steps {set(np.diff(pts))}"
-        rate = frame_rate(frames[8:])  # the first frames can arrive together while the connection settles
-        assert 13 <= rate <= 19, f"{rate:.1f} fps"
+        async with await RtcClient.connect(server.url, FOX) as c:
+            await c.wait_until(lambda: len(c.frames) >= 40)
+            frames = c.frames[:40]
+            pts = [f.pts for f in frames]
+            assert pts[0] == 0
+            assert all(b - a == STEP for a, b in zip(pts, pts[1:])), f"pts steps {set(np.diff(pts))}"
+            rate = frame_rate(frames[8:])  # the first frames can arrive together while the connection settles
+            assert 13 <= rate <= 19, f"{rate:.1f} fps"
 
-        # switch right after a chunk went on screen: that chunk's successor is already being generated with
-        # the old prompt, so the generator's next chunk, two after the one on screen, is the first new one
-        n = len(c.chunks())
-        await c.wait_until(lambda: len(c.chunks()) > n)
-        on_screen = c.chunks()[-1]["index"]
-        ack = await c.request("prompt", prompt=OWL)
-        assert ack == {"type": "ack", "seq": ack["seq"], "of": "prompt"}
-        await c.wait_until(lambda: any(ch["prompt"] == OWL for ch in c.chunks()))
-        first = next(ch for ch in c.chunks() if ch["prompt"] == OWL)
-        assert first["index"] == on_screen + 2 and first["prompt_seq"] == 1
-        assert all(ch["prompt"] == FOX and ch["prompt_seq"] == 0 for ch in c.chunks() if ch["index"] < first["index"])
-        assert first["switch_latency"] > 0
+            # switch right after a chunk went on screen: that chunk's successor is already being generated with
+            # the old prompt, so the generator's next chunk, two after the one on screen, is the first new one
+            n = len(c.chunks())
+            await c.wait_until(lambda: len(c.chunks()) > n)
+            on_screen = c.chunks()[-1]["index"]
+            ack = await c.request("prompt", prompt=OWL)
+            assert ack == {"type": "ack", "seq": ack["seq"], "of": "prompt"}
+            await c.wait_until(lambda: any(ch["prompt"] == OWL for ch in c.chunks()))
+            first = next(ch for ch in c.chunks() if ch["prompt"] == OWL)
+            assert first["index"] == on_screen + 2 and first["prompt_seq"] == 1
+            assert all(ch["prompt"] == FOX and ch["prompt_seq"] == 0 for ch in c.chunks() if ch["index"] < first["index"])
+            assert first["switch_latency"] > 0
 
-        # the decoded pixels follow the chunks: the old color up to the switch, the new one after
-        await c.wait_until(lambda: c.frames[-1].pts >= first["pts"] + 8 * STEP)
-        for f in c.frames:
-            assert_color(f.thumb, OWL if f.pts >= first["pts"] else FOX, f"frame at pts {f.pts}")
-        assert all(b.pts > a.pts for a, b in zip(c.frames, c.frames[1:]))
-        await c.close()
+            # the decoded pixels follow the chunks: the old color up to the switch, the new one after
+            await c.wait_until(lambda: c.frames[-1].pts >= first["pts"] + 8 * STEP)
+            for f in c.frames:
+                assert_color(f.thumb, OWL if f.pts >= first["pts"] else FOX, f"frame at pts {f.pts}")
+            assert all(b.pts > a.pts for a, b in zip(c.frames, c.frames[1:]))
 
     run(main())
 
@@ -79,8 +79,7 @@ def test_webrtc_pace_pts_and_prompt_switch(server):
 def test_webrtc_vp8_when_h264_is_not_offered(server):
     """A browser without H.264 gets the raw frames encoded by aiortc (VP8); the recording is H.264 all the same."""
     async def main():
-        c = await RtcClient.connect(server.url, FOX, codecs=("video/VP8",))
-        try:
+        async with await RtcClient.connect(server.url, FOX, codecs=("video/VP8",)) as c:
             assert c.hello["codec"] == "VP8"
             await c.wait_until(lambda: len(c.frames) >= 16)
             # monotonic at about 16 fps: where the source runs slower than real time (a busy machine) the server
@@ -89,67 +88,104 @@ def test_webrtc_vp8_when_h264_is_not_offered(server):
             assert min(steps) > 0 and 0.75 * STEP <= sum(steps) / len(steps) <= 1.35 * STEP, f"pts steps {steps}"
             for f in c.frames[4:]:  # VP8 starts blurry for a frame or two
                 assert_color(f.thumb, FOX, f"frame at pts {f.pts}")
-        finally:
-            await c.close()
 
     run(main())
 
 
 def test_pause_resume_rewind_stats(server):
     async def main():
-        c = await RtcClient.connect(server.url, FOX, decode=False)
-        await c.wait_until(lambda: len(c.frames) >= 24)
+        async with await RtcClient.connect(server.url, FOX, decode=False) as c:
+            await c.wait_until(lambda: len(c.frames) >= 24)
 
-        assert (await c.request("pause"))["type"] == "ack"
-        await asyncio.sleep(0.3)  # frames already on their way still arrive
-        n = len(c.frames)
-        await asyncio.sleep(0.8)
-        assert len(c.frames) == n, "frames kept coming while paused"
-        assert (await c.request("stats"))["state"] == "paused"
-        assert (await c.request("resume"))["type"] == "ack"
-        resumed = asyncio.get_running_loop().time()
-        await c.wait_until(lambda: len(c.frames) >= n + 8)
-        steps = np.diff([f.pts for f in c.frames[n - 8:]])  # (aiortc's receiver holds a frame until the next)
-        jumps = steps[steps != STEP]
-        assert len(jumps) == 1 and jumps[0] >= 0.8 * CLOCK_RATE, f"pts steps around the pause: {steps}"
+            assert (await c.request("pause"))["type"] == "ack"
+            await asyncio.sleep(0.3)  # frames already on their way still arrive
+            n = len(c.frames)
+            await asyncio.sleep(0.8)
+            assert len(c.frames) == n, "frames kept coming while paused"
+            assert (await c.request("stats"))["state"] == "paused"
+            assert (await c.request("resume"))["type"] == "ack"
+            resumed = asyncio.get_running_loop().time()
+            await c.wait_until(lambda: len(c.frames) >= n + 8)
+            steps = np.diff([f.pts for f in c.frames[n - 8:]])  # (aiortc's receiver holds a frame until the next)
+            # the pause is one gap in the timeline; the other steps are 1/16 s, or longer where a busy machine
+            # made the source slower than real time (the server then paces at its measured rate), never shorter
+            gaps = steps >= 0.8 * CLOCK_RATE
+            assert gaps.sum() == 1 and steps.min() >= STEP, f"pts steps around the pause: {steps}"
 
-        # rewind 1 s: after the frames already generated, the video continues with what followed the frame that
-        # was on screen 1 s (16 frames) before (up to 3 frames of slack: aiortc's receiver holds one frame back,
-        # one or two are on their way)
-        n = len(c.chunks())
-        await c.wait_until(lambda: len(c.chunks()) > n)
-        chunk = c.chunks()[-1]
-        on_screen = chunk["start_frame"] + (c.frames[-1].pts - chunk["pts"]) // STEP
-        ack = await c.request("rewind", seconds=1.0)
-        assert ack["type"] == "ack" and ack["rewound"] == pytest.approx(1.0, abs=0.07)
-        await c.wait_until(lambda: any(b["start_frame"] < a["start_frame"] for a, b in zip(c.chunks(), c.chunks()[1:])))
-        back = next(b for a, b in zip(c.chunks(), c.chunks()[1:]) if b["start_frame"] < a["start_frame"])
-        assert 0 <= back["start_frame"] - (on_screen + 1 - FPS) <= 3, (back, on_screen)
+            # rewind 1 s: after the frames already generated, the video continues with what followed the frame that
+            # was on screen 1 s (16 frames) before (up to 3 frames of slack: aiortc's receiver holds one frame back,
+            # one or two are on their way)
+            n = len(c.chunks())
+            await c.wait_until(lambda: len(c.chunks()) > n)
+            chunk = c.chunks()[-1]
+            on_screen = chunk["start_frame"] + (c.frames[-1].pts - chunk["pts"]) // STEP
+            ack = await c.request("rewind", seconds=1.0)
+            assert ack["type"] == "ack" and ack["rewound"] == pytest.approx(1.0, abs=0.07)
+            await c.wait_until(lambda: any(b["start_frame"] < a["start_frame"] for a, b in zip(c.chunks(), c.chunks()[1:])))
+            back = next(b for a, b in zip(c.chunks(), c.chunks()[1:]) if b["start_frame"] < a["start_frame"])
+            assert 0 <= back["start_frame"] - (on_screen + 1 - FPS) <= 3, (back, on_screen)
 
-        await asyncio.sleep(resumed + 2.2 - asyncio.get_running_loop().time())  # send_fps: the last 2 s
-        stats = await c.request("stats")
-        assert stats["type"] == "stats" and stats["state"] == "playing" and stats["session"] == c.session
-        assert stats["frames_sent"] >= len(c.frames) and stats["gen_fps"] > FPS  # synthetic: 2x real time
-        assert stats["send_fps"] == pytest.approx(FPS, rel=0.25)
-        assert (stats["width"], stats["height"]) == (160, 96)
-        await c.close()
+            await asyncio.sleep(resumed + 2.2 - asyncio.get_running_loop().time())  # send_fps: the last 2 s
+            stats = await c.request("stats")
+            assert stats["type"] == "stats" and stats["state"] == "playing" and stats["session"] == c.session
+            assert stats["frames_sent"] >= len(c.frames) and stats["gen_fps"] > FPS  # synthetic: 2x real time
+            assert stats["send_fps"] == pytest.approx(FPS, rel=0.25)
+            assert (stats["width"], stats["height"]) == (160, 96)
 
     run(main())
 
 
+class ReportedTimes(SyntheticPipeline):
+    """Chunks made at once that report `seconds[i]` as their generation time (the last one repeating): the pacer
+    sees a given generation rate without the noise of real timing."""
+
+    def __init__(self, seconds: tuple[float, ...], **kwargs):
+        super().__init__(delay=0.0, **kwargs)
+        self.seconds = seconds
+
+    def stream(self, *args, **kwargs):
+        return ReportedStream(super().stream(*args, **kwargs), self.seconds)
+
+
+class ReportedStream:
+    def __init__(self, stream, seconds):
+        self.stream, self.seconds = stream, seconds
+
+    def __iter__(self):
+        for i, chunk in enumerate(self.stream):
+            yield dataclasses.replace(chunk, gen_seconds=self.seconds[min(i, len(self.seconds) - 1)])
+
+    def __getattr__(self, name):  # fps, set_prompt, rewind, close: the synthetic stream's
+        return getattr(self.stream, name)
+
+
+@pytest.mark.parametrize("seconds, step", [
+    ((0.25, 0.25, 0.25, 2.0, 0.25), STEP),  # one slow chunk (a busy machine's hiccup) leaves the pace alone
+    ((0.75,), round(STEP_MARGIN * 0.75 / 8 * CLOCK_RATE)),  # slower than real time: paced at its rate, 5% slower
+], ids=["hiccup", "slow"])
+def test_pace_follows_the_generation_rate(seconds, step):
+    async def main(server):
+        async with await WsClient.connect(server.url, FOX, decode=False) as c:
+            await c.wait_until(lambda: len(c.frames) >= 40)
+        steps = np.diff([f.pts for f in c.frames])
+        assert (steps == step).all(), f"pts steps {steps}, want {step}"
+
+    with ServerThread(ReportedTimes(seconds, height=64, width=96), ServerConfig(port=0)) as server:
+        run(main(server))
+
+
 def test_websocket_stream(server):
     async def main():
-        c = await WsClient.connect(server.url, FOX)
-        assert c.hello["transport"] == "websocket" and c.hello["codec"] == "JPEG"
-        await c.wait_until(lambda: len(c.frames) >= 24)
-        assert frame_rate(c.frames[4:24]) == pytest.approx(FPS, rel=0.2)
-        assert (await c.request("prompt", prompt=OWL))["type"] == "ack"
-        await c.wait_until(lambda: c.frames[-1].prompt_seq == 1 and c.frames[-9].prompt_seq == 1)
-        for f in c.frames:  # each binary frame says which prompt it shows, and shows it
-            assert_color(f.thumb, OWL if f.prompt_seq else FOX, f"frame at pts {f.pts}")
-        pts = [f.pts for f in c.frames]
-        assert pts[0] == 0 and all(b - a == STEP for a, b in zip(pts, pts[1:]))
-        await c.close()
+        async with await WsClient.connect(server.url, FOX) as c:
+            assert c.hello["transport"] == "websocket" and c.hello["codec"] == "JPEG"
+            await c.wait_until(lambda: len(c.frames) >= 24)
+            assert frame_rate(c.frames[4:24]) == pytest.approx(FPS, rel=0.2)
+            assert (await c.request("prompt", prompt=OWL))["type"] == "ack"
+            await c.wait_until(lambda: c.frames[-1].prompt_seq == 1 and c.frames[-9].prompt_seq == 1)
+            for f in c.frames:  # each binary frame says which prompt it shows, and shows it
+                assert_color(f.thumb, OWL if f.prompt_seq else FOX, f"frame at pts {f.pts}")
+            pts = [f.pts for f in c.frames]
+            assert pts[0] == 0 and all(b - a == STEP for a, b in zip(pts, pts[1:]))
 
     run(main())
 
@@ -164,17 +200,16 @@ def get(url: str) -> tuple[int, str, bytes]:
 
 def test_recording_health_and_metrics(server, tmp_path):
     async def main():
-        c = await RtcClient.connect(server.url, FOX, decode=False)
-        await c.wait_until(lambda: len(c.frames) >= 20)
-        await c.request("prompt", prompt=OWL)
-        await c.wait_until(lambda: any(ch["prompt"] == OWL for ch in c.chunks()))
-        switch_pts = next(ch["pts"] for ch in c.chunks() if ch["prompt"] == OWL)
-        await c.wait_until(lambda: c.frames[-1].pts >= switch_pts + 8 * STEP)
-        health = json.loads(get(server.url + "health")[2])
-        assert health["status"] == "ok" and health["streams"] == 1 and health["max_streams"] == 2
-        status, kind, mp4 = await asyncio.to_thread(get, f"{server.url}recording/{c.session}.mp4")
-        sent = len(c.frames)
-        await c.close()
+        async with await RtcClient.connect(server.url, FOX, decode=False) as c:
+            await c.wait_until(lambda: len(c.frames) >= 20)
+            await c.request("prompt", prompt=OWL)
+            await c.wait_until(lambda: any(ch["prompt"] == OWL for ch in c.chunks()))
+            switch_pts = next(ch["pts"] for ch in c.chunks() if ch["prompt"] == OWL)
+            await c.wait_until(lambda: c.frames[-1].pts >= switch_pts + 8 * STEP)
+            health = json.loads(get(server.url + "health")[2])
+            assert health["status"] == "ok" and health["streams"] == 1 and health["max_streams"] == 2
+            status, kind, mp4 = await asyncio.to_thread(get, f"{server.url}recording/{c.session}.mp4")
+            sent = len(c.frames)
         return status, kind, mp4, sent
 
     status, kind, mp4, sent = run(main())
