@@ -51,6 +51,29 @@ CONFIG = LinearAttentionConfig()
 
 
 @triton.jit
+def _rope(x, cos_ptr, sin_ptr, rows, end, stride_cn,
+          D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COS_ALIGN: tl.constexpr):
+    """R x for the fp32 tile x (BLOCK_N, BLOCK_D) of token `rows`: each channel pair (2p, 2p + 1) rotated."""
+    p = tl.arange(0, BLOCK_D // 2)
+    pair_ok = (rows < end)[:, None] & (p < D // 2)[None, :]
+    cs = tl.multiple_of(rows * stride_cn, COS_ALIGN)[:, None] + p[None, :]  # lets the loads be vectorized
+    cos = tl.load(cos_ptr + cs, mask=pair_ok, other=0.0)
+    sin = tl.load(sin_ptr + cs, mask=pair_ok, other=0.0)
+    x1, x2 = tl.split(tl.reshape(x, (BLOCK_N, BLOCK_D // 2, 2)))  # even, odd channels
+    return tl.reshape(tl.join(x1 * cos - x2 * sin, x1 * sin + x2 * cos), (BLOCK_N, BLOCK_D))
+
+
+@triton.jit
+def _hi_lo(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 x as hi + lo in `dtype` (~16 significant bits for bf16), as tensor-core operands (fp32 if UPCAST)."""
+    hi = x.to(dtype)
+    lo = (x - hi.to(tl.float32)).to(dtype)
+    if UPCAST:
+        hi, lo = hi.to(tl.float32), lo.to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
 def _chunk_state_kernel(
     k_ptr, v_ptr, cos_ptr, sin_ptr, S_ptr, z_ptr,  # S_ptr: (splits, B, H, D, D), z_ptr: (splits, B, H, D), fp32
     N, H, tokens_per_split,
@@ -62,7 +85,6 @@ def _chunk_state_kernel(
     b, h = bh // H, bh % H
     n = tl.arange(0, BLOCK_N)
     c = tl.arange(0, BLOCK_D)
-    p = tl.arange(0, BLOCK_D // 2)  # channel pair (2p, 2p + 1)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     S = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
@@ -74,17 +96,11 @@ def _chunk_state_kernel(
         ok = (rows < end)[:, None] & (c < D)[None, :]  # (BLOCK_N, BLOCK_D)
         k = tl.load(k_base + rows[:, None] * stride_kn + c[None, :], mask=ok, other=0.0).to(tl.float32)
         v = tl.load(v_base + rows[:, None] * stride_vn + c[None, :], mask=ok, other=0.0)
-        pair_ok = (rows < end)[:, None] & (p < D // 2)[None, :]
-        cs = tl.multiple_of(rows * stride_cn, COS_ALIGN)[:, None] + p[None, :]  # lets the loads be vectorized
-        cos = tl.load(cos_ptr + cs, mask=pair_ok, other=0.0)
-        sin = tl.load(sin_ptr + cs, mask=pair_ok, other=0.0)
-        k1, k2 = tl.split(tl.reshape(k, (BLOCK_N, BLOCK_D // 2, 2)))  # even, odd channels
-        kr = tl.reshape(tl.join(k1 * cos - k2 * sin, k1 * sin + k2 * cos), (BLOCK_N, BLOCK_D))  # R k, fp32
-        hi = kr.to(v.dtype)
-        lo = (kr - hi.to(tl.float32)).to(v.dtype)
+        hi, lo = _hi_lo(_rope(k, cos_ptr, sin_ptr, rows, end, stride_cn, D, BLOCK_N, BLOCK_D, COS_ALIGN),
+                        v.dtype, UPCAST)  # R k
         vt = tl.trans(v)
         if UPCAST:
-            vt, hi, lo = vt.to(tl.float32), hi.to(tl.float32), lo.to(tl.float32)
+            vt = vt.to(tl.float32)
         S = tl.dot(vt, hi, S, input_precision=PRECISION)
         if HI_LO:  # v is exact in its dtype: adding R k's rounding error makes the product fp32-accurate
             S = tl.dot(vt, lo, S, input_precision=PRECISION)
@@ -107,15 +123,11 @@ def _chunk_output_kernel(
     b, h = bh // H, bh % H
     n = tl.arange(0, BLOCK_N)
     c = tl.arange(0, BLOCK_D)
-    p = tl.arange(0, BLOCK_D // 2)
     c_ok = c < D
     dtype = q_ptr.dtype.element_ty
     # S^T (BLOCK_D, BLOCK_D), as hi + lo in q's dtype: S to ~16 significant bits
     St = tl.load(S_ptr + bh * D * D + c[None, :] * D + c[:, None], mask=c_ok[:, None] & c_ok[None, :], other=0.0)
-    St_hi = St.to(dtype)
-    St_lo = (St - St_hi.to(tl.float32)).to(dtype)
-    if UPCAST:
-        St_hi, St_lo = St_hi.to(tl.float32), St_lo.to(tl.float32)
+    St_hi, St_lo = _hi_lo(St, dtype, UPCAST)
     z = tl.load(z_ptr + bh * D + c, mask=c_ok, other=0.0)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     o_base = o_ptr + b * stride_ob + h * stride_oh
@@ -125,16 +137,8 @@ def _chunk_output_kernel(
         rows = n0 + n
         ok = (rows < end)[:, None] & c_ok[None, :]
         q = tl.load(q_base + rows[:, None] * stride_qn + c[None, :], mask=ok, other=0.0).to(tl.float32)
-        pair_ok = (rows < end)[:, None] & (p < D // 2)[None, :]
-        cs = tl.multiple_of(rows * stride_cn, COS_ALIGN)[:, None] + p[None, :]  # lets the loads be vectorized
-        cos = tl.load(cos_ptr + cs, mask=pair_ok, other=0.0)
-        sin = tl.load(sin_ptr + cs, mask=pair_ok, other=0.0)
-        q1, q2 = tl.split(tl.reshape(q, (BLOCK_N, BLOCK_D // 2, 2)))
-        qr = tl.reshape(tl.join(q1 * cos - q2 * sin, q1 * sin + q2 * cos), (BLOCK_N, BLOCK_D))  # R q, fp32
-        hi = qr.to(dtype)
-        lo = (qr - hi.to(tl.float32)).to(dtype)
-        if UPCAST:
-            hi, lo = hi.to(tl.float32), lo.to(tl.float32)
+        hi, lo = _hi_lo(_rope(q, cos_ptr, sin_ptr, rows, end, stride_cn, D, BLOCK_N, BLOCK_D, COS_ALIGN),
+                        dtype, UPCAST)  # R q
         num = tl.dot(hi, St_hi, input_precision=PRECISION)
         if HI_LO:  # lo x lo lies below the fp32 rounding of the sum
             num = tl.dot(lo, St_hi, num, input_precision=PRECISION)
