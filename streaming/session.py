@@ -36,8 +36,9 @@ CLOCK_RATE = 90_000  # RTP video clock
 TIME_BASE = Fraction(1, CLOCK_RATE)
 ENCODE_AHEAD = 4  # frames the encoder may have ready before the pacer asks for them
 STEP_MARGIN = 1.05  # pace slightly slower than a slow generator so that its bursts never run dry
-SPF_CHUNKS = 3  # chunks behind the seconds-per-frame estimate: their median ignores one slow chunk (a hiccup of
-                # a busy machine), which would otherwise slow the pacing of the chunks after it; a stall has its own cure
+# The generation rate is the median seconds per frame of the last SPF_CHUNKS chunks: one slow chunk (a busy
+# machine's hiccup) must not slow the pace of the chunks after it; a stall has its own cure (the pacer's restart).
+SPF_CHUNKS = 3
 SEND_RATE_WINDOW = 2.0  # seconds over which stats() counts the frames sent
 MAX_PROMPT_REQUESTS = 16  # prompt changes remembered for the switch latency
 
