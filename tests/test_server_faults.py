@@ -17,6 +17,7 @@ import websockets
 from streaming.client import Refused, RtcClient, WsClient, post_json
 from streaming.server import ServerConfig, ServerThread
 from streaming.synthetic import SyntheticPipeline
+from tests.sources import MappedPipeline
 
 FOX, OWL = "a red fox trotting through snow", "an owl gliding over a moonlit lake"
 
@@ -243,25 +244,11 @@ def test_twice_the_stream_limit_at_once():
         run(main(server))
 
 
-class FailingPipeline(SyntheticPipeline):
-    """Its streams fail on their third chunk, as a generator running out of GPU memory would."""
-
-    def stream(self, *args, **kwargs):
-        return FailingStream(super().stream(*args, **kwargs))
-
-
-class FailingStream:
-    def __init__(self, stream):
-        self.stream = stream
-
-    def __iter__(self):
-        for i, chunk in enumerate(self.stream):
-            if i == 2:
-                raise RuntimeError("CUDA out of memory (simulated)")
-            yield chunk
-
-    def __getattr__(self, name):  # fps, set_prompt, rewind, close: the synthetic stream's
-        return getattr(self.stream, name)
+def fail_on_the_third(i: int, chunk):
+    """As a generator running out of GPU memory on its third chunk would."""
+    if i == 2:
+        raise RuntimeError("CUDA out of memory (simulated)")
+    return chunk
 
 
 def test_generator_failure_ends_only_its_stream():
@@ -278,7 +265,7 @@ def test_generator_failure_ends_only_its_stream():
         await again.close()
         await freed(server)
 
-    with serve(pipe=FailingPipeline(height=64, width=96)) as server:
+    with serve(pipe=MappedPipeline(fail_on_the_third, height=64, width=96)) as server:
         run(main(server))
 
 

@@ -17,6 +17,7 @@ from streaming.client import RtcClient, WsClient, frame_rate
 from streaming.server import ServerConfig, ServerThread
 from streaming.session import CLOCK_RATE, STEP_MARGIN
 from streaming.synthetic import SyntheticPipeline, prompt_color
+from tests.sources import MappedPipeline
 
 FPS = 16
 STEP = CLOCK_RATE // FPS  # 5625 ticks of 90 kHz per frame
@@ -135,30 +136,6 @@ def test_pause_resume_rewind_stats(server):
     run(main())
 
 
-class ReportedTimes(SyntheticPipeline):
-    """Chunks made at once that report `seconds[i]` as their generation time (the last one repeating): the pacer
-    sees a given generation rate without the noise of real timing."""
-
-    def __init__(self, seconds: tuple[float, ...], **kwargs):
-        super().__init__(delay=0.0, **kwargs)
-        self.seconds = seconds
-
-    def stream(self, *args, **kwargs):
-        return ReportedStream(super().stream(*args, **kwargs), self.seconds)
-
-
-class ReportedStream:
-    def __init__(self, stream, seconds):
-        self.stream, self.seconds = stream, seconds
-
-    def __iter__(self):
-        for i, chunk in enumerate(self.stream):
-            yield dataclasses.replace(chunk, gen_seconds=self.seconds[min(i, len(self.seconds) - 1)])
-
-    def __getattr__(self, name):  # fps, set_prompt, rewind, close: the synthetic stream's
-        return getattr(self.stream, name)
-
-
 @pytest.mark.parametrize("seconds, step", [
     ((0.25, 0.25, 0.25, 2.0, 0.25), STEP),  # one slow chunk (a busy machine's hiccup) leaves the pace alone
     ((0.75,), round(STEP_MARGIN * 0.75 / 8 * CLOCK_RATE)),  # slower than real time: paced at its rate, 5% slower
@@ -170,7 +147,10 @@ def test_pace_follows_the_generation_rate(seconds, step):
         steps = np.diff([f.pts for f in c.frames])
         assert (steps == step).all(), f"pts steps {steps}, want {step}"
 
-    with ServerThread(ReportedTimes(seconds, height=64, width=96), ServerConfig(port=0)) as server:
+    def reported(i, chunk):  # made at once, reporting the given generation time: no timing noise
+        return dataclasses.replace(chunk, gen_seconds=seconds[min(i, len(seconds) - 1)])
+
+    with ServerThread(MappedPipeline(reported, delay=0.0, height=64, width=96), ServerConfig(port=0)) as server:
         run(main(server))
 
 
