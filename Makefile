@@ -1,23 +1,34 @@
 # Two commands do everything:
-#   make serve   set up, then stream from the built-in default model and open the page in a browser
-#   make test    set up, then run the test suite (what CI runs)
+#   make serve         set up, then stream from the built-in demo model and open the page in a browser
+#   make test          set up, then run the test suite (what CI runs, with check-wheel)
+# and, for the day the pins move:
+#   make test-latest   the suite against the newest release of every dependency, in a fresh .venv-latest
+#   make lock          test-latest, then write the versions it passed with to constraints.txt (the lock)
+#   make check-wheel   build the wheel, install it into a fresh venv outside the checkout and use it from there
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
+LOCK    ?= constraints.txt
+# The torch family is pinned here rather than in the lock, and installed only where missing: a GPU machine keeps
+# the torch build (and the triton it brings) that it has. 2.13.0 is a CPU build where no CUDA is set up.
 TORCH   ?= torch==2.13.0
+TRITON  ?= triton==3.9.0
+PIP      = $(BIN)/python -m pip install -q $(if $(LOCK),-c $(LOCK))
+LATEST  := .venv-latest
 
-.PHONY: setup setup-test serve test
+.PHONY: setup setup-test serve test test-latest lock check-wheel
 
-# torch first, pinned: an unpinned requirement would pull the multi-GB CUDA build where no torch is installed.
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# torch first, pinned: an unpinned requirement would pull the multi-GB CUDA build where no torch is installed.
 setup: $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e .
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) $(TORCH)
+	$(PIP) -e .
 
 setup-test: setup
-	$(BIN)/pip install -q -e ".[test]"
+	[ "$$(uname -s)" != Linux ] || $(BIN)/python -c "import triton" 2>/dev/null || $(PIP) $(TRITON)
+	$(PIP) -e ".[test]"
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "warning: chromium not installed; browser tests will be skipped"
 
@@ -26,3 +37,15 @@ serve: setup
 
 test: setup-test
 	$(BIN)/python -m pytest -q
+
+test-latest:
+	rm -rf $(LATEST)
+	$(MAKE) test VENV=$(LATEST) LOCK=
+
+lock: test-latest
+	{ echo "# The lock: the versions \`make test-latest\` passed with on $$(date -u +%F), $$(uname -sm)."; \
+	  echo "# Python $$($(LATEST)/bin/python -V | cut -d' ' -f2). Regenerate: make lock. torch and triton: the Makefile's TORCH, TRITON."; \
+	  $(LATEST)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-|cuda-)'; } > $(LOCK)
+
+check-wheel:
+	PY=$(PY) TORCH=$(TORCH) LOCK=$(abspath $(LOCK)) bash .ci/check-wheel

@@ -1,6 +1,6 @@
 """Streaming speed of a model on the CPU (the built-in demo by default): decoded frames per second.
 
-    python -m benchmarks.cpu_stream [--model demo] [--threads 2] [--chunks 8] [--reps 3]
+    python -m longsana.benchmarks.cpu_stream [--model demo] [--threads 2] [--chunks 8] [--reps 3]
 
 Prints the cost card (FLOPs per video frame of the transformer passes and of the VAE decode, counted with
 torch's FlopCounterMode on one chunk), warms up two chunks, reports the median over repetitions of `--chunks`

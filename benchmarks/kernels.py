@@ -1,4 +1,4 @@
-"""GPU micro-benchmark of the Triton kernels at full LongSANA shapes: `python -m benchmarks.kernels [--sweep]`.
+"""GPU micro-benchmark of the Triton kernels at full LongSANA shapes: `python -m longsana.benchmarks.kernels [--sweep]`.
 
 Prints a cost card (FLOPs, bytes, roofline floors on an H100: 781 TFLOP/s bf16 dense, 3.0 TB/s), checks accuracy
 against an fp64 run of the reference, then times each variant (median of `triton.testing.do_bench`, which warms
@@ -19,10 +19,10 @@ import json
 import torch
 import triton
 
-from kernels import triton_linear_attention as tla
-from kernels import triton_ln_modulate as tln
-from kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref
-from kernels.ln_modulate import ln_modulate, ln_modulate_ref
+from longsana.kernels import triton_linear_attention as tla
+from longsana.kernels import triton_ln_modulate as tln
+from longsana.kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref
+from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_ref
 from longsana.testing import rel_err
 
 PEAK_FLOPS, PEAK_BYTES = 781e12, 3.0e12  # H100: measured bf16 matmul ceiling, device copy bandwidth
@@ -153,7 +153,7 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="tune the kernels' tiling first")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks.kernels needs a CUDA GPU")
+        raise SystemExit("longsana.benchmarks.kernels needs a CUDA GPU")
     g = torch.Generator().manual_seed(0)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   shape=dict(B=B, N=N, H=H, d=d))

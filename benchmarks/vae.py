@@ -1,5 +1,5 @@
-"""Benchmark of the streaming VAE decoder: `python -m benchmarks.vae` (GPU), `python -m benchmarks.vae --tiny`
-(a smoke test at a tiny size, any device).
+"""Benchmark of the streaming VAE decoder: `python -m longsana.benchmarks.vae` (GPU), `... --tiny` (a smoke test at a
+tiny size, any device).
 
 Full size: the Wan 2.1 VAE (random weights, PyTorch's default init: never zeros) decoding 480x832. It prints
   - a cost card: decoder FLOPs and unfused op traffic per video frame (counted on meta tensors), weight and

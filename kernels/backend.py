@@ -1,5 +1,8 @@
 """Which implementation a kernel entry point runs: Triton on CUDA tensors, the plain PyTorch reference elsewhere.
 
+longsana.kernels holds Triton kernels beside their plain PyTorch references; the entry points are
+`linear_attention.linear_attention` and `ln_modulate.ln_modulate`, each choosing per call through `use_triton`.
+
 `LONGSANA_KERNELS=torch` (read once, at import) or `backend="torch"` forces the reference everywhere;
 `backend="triton"` forces Triton, which on CPU tensors needs Triton's interpreter: `TRITON_INTERPRET=1` in the
 environment before `import triton` (Triton's own library functions are decorated at import). That is how the

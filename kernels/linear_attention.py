@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import HAS_TRITON, use_triton
+from longsana.kernels.backend import HAS_TRITON, use_triton
 
 if HAS_TRITON:
-    from kernels.triton_linear_attention import linear_attention_triton
+    from longsana.kernels.triton_linear_attention import linear_attention_triton
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import HAS_TRITON, use_triton
+from longsana.kernels.backend import HAS_TRITON, use_triton
 
 if HAS_TRITON:
-    from kernels.triton_ln_modulate import ln_modulate_triton
+    from longsana.kernels.triton_ln_modulate import ln_modulate_triton
 
 
 def ln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels import triton_common
+from longsana.kernels import triton_common
 
 
 @dataclass

@@ -15,10 +15,10 @@ CUDA_ALLOC_CONF = "expandable_segments:True,pinned_use_cuda_host_register:True,p
 
 # name -> "module:click_command"; a new subcommand is one line here.
 COMMANDS: dict[str, str] = {
-    "bench": "benchmarks.fps:bench_cmd",
+    "bench": "longsana.benchmarks.fps:bench_cmd",
     "convert": "longsana.loading:convert_cmd",
     "generate": "longsana.generate:generate_cmd",
-    "serve": "streaming.server:serve_cmd",
+    "serve": "longsana.streaming.server:serve_cmd",
     "train-demo": "longsana.demo.train:train_cmd",
 }
 

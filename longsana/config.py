@@ -14,6 +14,7 @@ defaulting to the original (the weights were trained with it); tests against dif
 
 from __future__ import annotations
 
+import importlib.resources as resources
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +185,7 @@ CONFIGS: dict[str, ModelSpec] = {
                       chunk_frames=3, height=64, width=64),
 }
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = resources.files("longsana") / "assets"  # package data: the built-in models' weights
 DEFAULT_MODEL = "demo"  # what `longsana serve` / `generate` use when no model is named
 
 

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.linear_attention import apply_rope, linear_attention
-from kernels.ln_modulate import ln_modulate
+from longsana.kernels.linear_attention import apply_rope, linear_attention
+from longsana.kernels.ln_modulate import ln_modulate
 
 from .config import TransformerConfig
 

@@ -1,7 +1,8 @@
 """A Python client for the streaming server, over WebRTC (aiortc) or the WebSocket fallback (websockets). The
 protocol, fault and soak tests drive the server with it, and it measures a server from the command line:
 
-    python -m streaming.client http://127.0.0.1:8000/ --prompt "a fox" --switch "an owl" --seconds 10 [--websocket]
+    python -m longsana.streaming.client http://127.0.0.1:8000/ --prompt "a fox" --switch "an owl" --seconds 10 \
+        [--websocket]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from streaming.protocol import FRAME_HEADER
+from longsana.streaming.protocol import FRAME_HEADER
 
 THUMB = (8, 16)  # (height, width) of the thumbnail kept per frame
 HEARTBEAT_SECONDS = 1.0

@@ -15,6 +15,11 @@ Its slot is given back only once its generator has been closed, so `max_streams`
 
 Any web page can make its visitor's browser POST to, or open a WebSocket on, 127.0.0.1, so requests that come from
 a page of another site are refused (`check_origin`) unless `--allow-origin` names it.
+
+The other parts of longsana.streaming: webrtc.py (WebRTC), httpd.py (HTTP and the WebSocket fallback), session.py
+(one per viewer: a generator thread, an encoder thread, a pacer), media.py (each frame encoded once), protocol.py
+(the control messages), metrics.py (/metrics), client.py (a Python client), synthetic.py (a test source with the
+generator's interface).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import importlib.resources as resources
 import ipaddress
 import json
 import logging
@@ -41,16 +47,16 @@ from urllib.parse import urlsplit
 import click
 
 from longsana.config import DEFAULT_MODEL
-from streaming.httpd import MAX_HEAD_BYTES, HTTPError, Request, WebSocket, read_request, send_response
-from streaming.media import Recording
-from streaming.metrics import Metrics
-from streaming.protocol import (FRAME_HEADER, MAX_MESSAGE_BYTES, MAX_PROMPT_CHARS, ProtocolError, check_prompt,
-                                error, field as message_field, parse_message, rewind_seconds)
-from streaming.session import Session, StreamEnded
-from streaming.synthetic import SyntheticPipeline
-from streaming.webrtc import RtcPeer, SessionTrack, use_loopback_candidates
+from longsana.streaming.httpd import MAX_HEAD_BYTES, HTTPError, Request, WebSocket, read_request, send_response
+from longsana.streaming.media import Recording
+from longsana.streaming.metrics import Metrics
+from longsana.streaming.protocol import (FRAME_HEADER, MAX_MESSAGE_BYTES, MAX_PROMPT_CHARS, ProtocolError,
+                                         check_prompt, error, field as message_field, parse_message, rewind_seconds)
+from longsana.streaming.session import Session, StreamEnded
+from longsana.streaming.synthetic import SyntheticPipeline
+from longsana.streaming.webrtc import RtcPeer, SessionTrack, use_loopback_candidates
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+WEB = resources.files("longsana.web")  # the page: package data in a wheel, web/ in a checkout
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/index.html": ("index.html", "text/html; charset=utf-8"),
           "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -348,7 +354,7 @@ class Server:
             raise HTTPError(405, f"{path} takes {allowed}, not {method}")
         if path in STATIC:
             name, content_type = STATIC[path]
-            return 200, (WEB_DIR / name).read_bytes(), content_type
+            return 200, (WEB / name).read_bytes(), content_type
         if path == "/offer":
             return await self._offer(request)
         if path == "/ws":

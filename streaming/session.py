@@ -29,8 +29,8 @@ from typing import Callable
 import av
 import numpy as np
 
-from streaming.media import H264Encoder, JpegEncoder, Recording, to_video_frame
-from streaming.metrics import Metrics
+from longsana.streaming.media import H264Encoder, JpegEncoder, Recording, to_video_frame
+from longsana.streaming.metrics import Metrics
 
 CLOCK_RATE = 90_000  # RTP video clock
 TIME_BASE = Fraction(1, CLOCK_RATE)

@@ -13,12 +13,12 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from longsana.chunk import Chunk
-from streaming.protocol import check_prompt
+from longsana.streaming.protocol import check_prompt
 
 FPS = 16
 BAR_SWEEP_SECONDS = 4  # the bar crosses the frame once every 4 s of video
@@ -109,3 +109,27 @@ class SyntheticStream:
             self._closed.set()
             self._state = None
             self._pipe._count(-1)
+
+
+class MappedPipeline(SyntheticPipeline):
+    """A synthetic source with a twist, for the server's tests: each chunk goes through a function of its index,
+    which can change it (a given generation time) or raise (a generator that fails)."""
+
+    def __init__(self, f: Callable[[int, Chunk], Chunk], **kwargs):
+        super().__init__(**kwargs)
+        self.f = f
+
+    def stream(self, *args, **kwargs):
+        return MappedStream(super().stream(*args, **kwargs), self.f)
+
+
+class MappedStream:
+    def __init__(self, stream, f):
+        self.stream, self.f = stream, f
+
+    def __iter__(self):
+        for i, chunk in enumerate(self.stream):
+            yield self.f(i, chunk)
+
+    def __getattr__(self, name):  # fps, set_prompt, rewind, close: the synthetic stream's
+        return getattr(self.stream, name)

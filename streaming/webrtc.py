@@ -20,7 +20,7 @@ from aiortc import (MediaStreamTrack, RTCConfiguration, RTCDataChannel, RTCIceSe
 from aiortc.codecs import vpx
 from aiortc.mediastreams import MediaStreamError
 
-from streaming.session import Session, StreamEnded
+from longsana.streaming.session import Session, StreamEnded
 
 EVENT_BACKLOG = 64  # events kept while the data channel is not open yet
 # aiortc's VP8 encoder starts at 500 kbps and climbs slowly, rebuilding itself (and sending a keyframe) at each

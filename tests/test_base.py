@@ -20,8 +20,8 @@ from longsana.config import CONFIGS, DIFFUSERS_CONVENTIONS, ModelSpec, get_confi
 from longsana.model import LongSANATransformer
 from longsana.resolution import ASPECT_RATIO_480_BIN, resize_and_crop
 from longsana.sampling import dpm_solver_schedule, flow_euler_schedule
+from longsana.testing import diffusers_transformer, diffusers_vae, rel_err, save_pipeline, tiny_pipeline
 from longsana.vae import WanVAE, to_uint8
-from tests.helpers import diffusers_transformer, diffusers_vae, rel_err, save_pipeline, tiny_pipeline
 
 TINY = get_config("tiny")
 CFG = replace(TINY.transformer, **DIFFUSERS_CONVENTIONS)

@@ -20,7 +20,7 @@ from longsana import engine as engine_mod
 from longsana.config import get_config
 from longsana.engine import ChunkEngine, reference_step
 from longsana.model import LongSANATransformer
-from tests.helpers import randomize_, rel_err, tiny_pipeline
+from longsana.testing import randomize_, rel_err, tiny_pipeline
 
 P, Q = "a red circle moving left", "two yellow squares bouncing"
 TIMESTEPS = (1000.0, 960.0, 889.0, 727.0)
@@ -28,7 +28,7 @@ HW = (4, 4)  # latent size of the model tests
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def setup(device="cpu", dtype=torch.float32, layers=2, seed=0):
+def model_and_text(device="cpu", dtype=torch.float32, layers=2, seed=0):
     cfg = dataclasses.replace(get_config("tiny").transformer, num_layers=layers)
     model = randomize_(LongSANATransformer(cfg).eval(), seed).to(device, dtype)
     g = torch.Generator().manual_seed(seed + 1)
@@ -62,7 +62,7 @@ CHUNKS = [(3, 11), (2, 12), (2, 13), (2, 14)]  # a longer first chunk, then a st
 
 
 def test_uncompiled_engine_equals_the_eager_step_bitwise():
-    model, text = setup()
+    model, text = model_and_text()
     engine = ChunkEngine(model, HW, TIMESTEPS, compile=False)
     got, want, ref_state = run_both(model, text, engine, CHUNKS)
     for a, b in zip(got, want):
@@ -74,7 +74,7 @@ def test_uncompiled_engine_equals_the_eager_step_bitwise():
 
 
 def test_engine_noise_is_the_eager_samplers():
-    model, text = setup()
+    model, text = model_and_text()
     engine = ChunkEngine(model, HW, TIMESTEPS, compile=False)
     engine.step(text, 3, 0, 5)
     g = torch.Generator().manual_seed(5)
@@ -85,8 +85,8 @@ def test_engine_noise_is_the_eager_samplers():
 def test_prompt_switch_and_foreign_pending_x0():
     """A new TextKV is copied into the static one; a pending x0 that is not one of the engine's slots (restored
     from a rewind point) is copied into one; bf16-rounded timesteps follow sample_chunk's bf16_like."""
-    model, text = setup()
-    _, other = setup(seed=7)
+    model, text = model_and_text()
+    _, other = model_and_text(seed=7)
     engine = ChunkEngine(model, HW, TIMESTEPS, bf16_like=True, compile=False)
     got, want, _ = run_both(model, text, engine, CHUNKS[:3], texts=[text, other, text], bf16_like=True)
     for a, b in zip(got, want):
@@ -104,7 +104,7 @@ def test_compiled_blocks_share_one_graph_and_match_eager(monkeypatch):
     torch._dynamo.reset()
     counter = CompileCounter()
     monkeypatch.setitem(engine_mod.COMPILE_OPTIONS, "backend", counter)
-    model, text = setup(layers=3)
+    model, text = model_and_text(layers=3)
     engine = ChunkEngine(model, HW, TIMESTEPS, compile=True)
     got, want, ref_state = run_both(model, text, engine, CHUNKS)
     # 3 blocks share each graph: (first length, denoise), (clean, first length), (steady length, denoise),
@@ -122,7 +122,7 @@ def test_compiled_blocks_share_one_graph_and_match_eager(monkeypatch):
 
 
 def test_bad_engine_use():
-    model, text = setup()
+    model, text = model_and_text()
     with pytest.raises(ValueError, match="CUDA graphs"):
         ChunkEngine(model, HW, TIMESTEPS, graphs=True)
     with pytest.raises(ValueError, match="at least one timestep"):
@@ -200,7 +200,7 @@ def test_fast_stream_memory_is_constant(pipe, monkeypatch):
 @cuda
 def test_graph_replays_match_the_eager_step_on_the_gpu():
     torch._dynamo.reset()
-    model, text = setup("cuda", torch.bfloat16, layers=3)
+    model, text = model_and_text("cuda", torch.bfloat16, layers=3)
     engine = ChunkEngine(model, HW, TIMESTEPS)
     assert engine.graphs and engine.block is not None
     chunks = CHUNKS + [(2, 15 + i) for i in range(4)]

@@ -24,10 +24,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import triton_common, triton_linear_attention  # noqa: E402
-from kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref  # noqa: E402
-from kernels.ln_modulate import ln_modulate, ln_modulate_ref  # noqa: E402
-from tests.helpers import rel_err  # noqa: E402
+from longsana.kernels import triton_common, triton_linear_attention  # noqa: E402
+from longsana.kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref  # noqa: E402
+from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_ref  # noqa: E402
+from longsana.testing import rel_err  # noqa: E402
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRETER
@@ -176,8 +176,8 @@ def test_auto_backend_uses_reference_on_cpu(monkeypatch):
     def refuse(*args):
         raise AssertionError("the Triton op ran on a CPU tensor under backend='auto'")
 
-    monkeypatch.setattr("kernels.linear_attention.linear_attention_triton", refuse)
-    monkeypatch.setattr("kernels.ln_modulate.ln_modulate_triton", refuse)
+    monkeypatch.setattr("longsana.kernels.linear_attention.linear_attention_triton", refuse)
+    monkeypatch.setattr("longsana.kernels.ln_modulate.ln_modulate_triton", refuse)
     g = torch.Generator().manual_seed(0)
     q, k, v = qkv(1, 5, 1, 40, torch.float32, g)
     cos, sin = rope_tables(5, 40, g)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from longsana.cli import main as cli
 from longsana.config import DIFFUSERS_CONVENTIONS, TransformerConfig, get_config
 from longsana.loading import CheckpointError, diffusers_to_original, load_transformer, read_state_dict
-from tests.helpers import diffusers_transformer, rel_err
+from longsana.testing import diffusers_transformer, rel_err
 
 TINY = dataclasses.replace(get_config("tiny").transformer, **DIFFUSERS_CONVENTIONS)  # 2 layers x 80
 OTHER = dataclasses.replace(  # different everything: 3 layers x 72, 4 latent channels, cross heads != self heads

@@ -12,7 +12,7 @@ from longsana.config import get_config
 from longsana.resolution import ASPECT_RATIO_480_BIN, classify_height_width_bin, resize_and_crop
 from longsana.sampling import (causal_timesteps, cfg_velocity, dpm_solver_schedule, dpm_solver_step,
                                flow_euler_schedule, sample_chunk, sample_dpm_solver, sample_flow_euler)
-from tests.helpers import diffusers_transformer, rel_err
+from longsana.testing import diffusers_transformer, rel_err
 
 # the SANA-Video scheduler configs (diffusers' scripts/convert_sana_video_to_diffusers.py, flow_shift 8)
 DPM_KW = dict(flow_shift=8.0, use_flow_sigmas=True, prediction_type="flow_prediction")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from streaming.synthetic import prompt_color
+from longsana.streaming.synthetic import prompt_color
 
 E2E_MODEL = "tiny"  # a saved tiny random model; "synthetic" for the test source
 CHROMIUM = "/usr/bin/chromium"
@@ -38,7 +38,7 @@ def url(tmp_path_factory):
     if E2E_MODEL == "synthetic":
         model = ["--model", "synthetic", "--height", "240", "--width", "416"]
     else:
-        from tests.helpers import save_pipeline, tiny_pipeline
+        from longsana.testing import save_pipeline, tiny_pipeline
 
         folder = save_pipeline(tiny_pipeline(), tmp_path_factory.mktemp("tiny"))
         model = ["--model", str(folder), "--spec", E2E_MODEL, "--height", "64", "--width", "64"]

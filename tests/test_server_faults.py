@@ -14,10 +14,9 @@ import urllib.request
 import pytest
 import websockets
 
-from streaming.client import Refused, RtcClient, WsClient, post_json
-from streaming.server import ServerConfig, ServerThread
-from streaming.synthetic import SyntheticPipeline
-from tests.sources import MappedPipeline
+from longsana.streaming.client import Refused, RtcClient, WsClient, post_json
+from longsana.streaming.server import ServerConfig, ServerThread
+from longsana.streaming.synthetic import MappedPipeline, SyntheticPipeline
 
 FOX, OWL = "a red fox trotting through snow", "an owl gliding over a moonlit lake"
 
@@ -174,8 +173,8 @@ def test_websocket_refusals():
 
 VANISHING_CLIENT = """
 import asyncio, sys
-from streaming.client import RtcClient
-from streaming.webrtc import use_loopback_candidates
+from longsana.streaming.client import RtcClient
+from longsana.streaming.webrtc import use_loopback_candidates
 async def main():
     use_loopback_candidates()
     c = await RtcClient.connect(sys.argv[1], "a vanishing fox", decode=False)

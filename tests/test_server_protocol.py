@@ -13,11 +13,10 @@ import av
 import numpy as np
 import pytest
 
-from streaming.client import RtcClient, WsClient, frame_rate
-from streaming.server import ServerConfig, ServerThread
-from streaming.session import CLOCK_RATE, STEP_MARGIN
-from streaming.synthetic import SyntheticPipeline, prompt_color
-from tests.sources import MappedPipeline
+from longsana.streaming.client import RtcClient, WsClient, frame_rate
+from longsana.streaming.server import ServerConfig, ServerThread
+from longsana.streaming.session import CLOCK_RATE, STEP_MARGIN
+from longsana.streaming.synthetic import MappedPipeline, SyntheticPipeline, prompt_color
 
 FPS = 16
 STEP = CLOCK_RATE // FPS  # 5625 ticks of 90 kHz per frame

@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 
-from streaming.client import RtcClient, WsClient
+from longsana.streaming.client import RtcClient, WsClient
 
 SOAK_SECONDS = float(os.environ.get("LONGSANA_SOAK_SECONDS", 20))
 SOAK_MODEL = os.environ.get("LONGSANA_SOAK_MODEL", "synthetic")
@@ -70,7 +70,7 @@ def test_soak_memory_is_flat(tmp_path):
     if SOAK_MODEL == "synthetic":
         model = ["--model", "synthetic", "--height", "96", "--width", "160"]
     else:
-        from tests.helpers import save_pipeline, tiny_pipeline
+        from longsana.testing import save_pipeline, tiny_pipeline
 
         model = ["--model", str(save_pipeline(tiny_pipeline(), tmp_path)), "--spec", SOAK_MODEL]
     proc = subprocess.Popen([sys.executable, "-m", "longsana.cli", "serve", *model, "--port", "0",

@@ -16,8 +16,8 @@ from longsana.cli import CUDA_ALLOC_CONF
 from longsana.cli import main as cli
 from longsana.sampling import sample_chunk
 from longsana.stream import Pipeline, latent_frames
+from longsana.testing import save_pipeline, tiny_pipeline
 from longsana.vae import StreamingDecoder
-from tests.helpers import save_pipeline, tiny_pipeline
 
 P, Q = "a red circle moving left", "two yellow squares bouncing"
 

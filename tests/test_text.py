@@ -10,7 +10,7 @@ import torch
 
 from longsana.text import (CHI_DIFFUSERS_VIDEO, CHI_SANA, MAX_PROMPT_CHARS, NEGATIVE_PROMPT, PromptCache,
                            PromptRecipe, TextEncoder, build_gemma2, build_word_tokenizer, motion_suffix)
-from tests.helpers import rel_err
+from longsana.testing import rel_err
 
 PROMPTS = [
     "A red fox runs through fresh snow at dawn, its breath visible in the cold air.",

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from longsana.config import DIFFUSERS_CONVENTIONS, TransformerConfig, get_config
 from longsana.model import LongSANATransformer
-from tests.helpers import diffusers_transformer, randomize_, rel_err
+from longsana.testing import diffusers_transformer, randomize_, rel_err
 
 TINY = get_config("tiny").transformer  # head_dim 40 -> RoPE split 16/12/12
 CONFIGS = {

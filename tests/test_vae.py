@@ -16,8 +16,8 @@ import torch
 
 from longsana.config import VAEConfig, get_config
 from longsana.loading import CheckpointError
+from longsana.testing import diffusers_vae, rel_err
 from longsana.vae import RMSNorm, StreamingDecoder, WanVAE, load_vae, original_to_diffusers, to_uint8
-from tests.helpers import diffusers_vae, randomize_, rel_err
 
 CFG = get_config("tiny").vae  # base 8, dim_mult (1, 2, 2, 2), 1 res block: shortcuts in 2 decoder blocks
 B, H, W = 2, 16, 24  # batch 2 also exercises the batch dimension (and CPU convs are faster at B > 1)

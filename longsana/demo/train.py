@@ -80,7 +80,7 @@ import click
 import numpy as np
 import torch
 
-from kernels import backend
+from longsana.kernels import backend
 
 from ..config import get_config
 from ..loading import load_transformer
