@@ -42,7 +42,7 @@ from longsana.benchmarks.vae import bench_diffusers as vae_diffusers
 from longsana.benchmarks.vae import bench_ours as vae_ours
 from longsana.benchmarks.vae import ceilings, decoder_cost, gb, sync, timed
 from longsana.cli import CUDA_ALLOC_CONF
-from longsana.testing import randomize_, rel_err
+from longsana.testing import nearly_zero, randomize_, rel_err
 from longsana.config import get_config
 from longsana.engine import ChunkEngine, compile_norms, reference_step
 from longsana.model import LongSANATransformer
@@ -228,7 +228,7 @@ def bench_stream(pipe: Pipeline, a) -> dict:
 
 def _err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative error; absolute where the reference is zero (the state before the first clean pass)."""
-    return rel_err(out, ref) if ref.norm() > 1e-6 * ref.numel() ** 0.5 else (out.double() - ref.double()).norm().item()
+    return (out.double() - ref.double()).norm().item() if nearly_zero(ref) else rel_err(out, ref)
 
 
 def _p95(xs) -> float:

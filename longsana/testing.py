@@ -12,11 +12,16 @@ import torch
 from .config import TransformerConfig
 
 
+def nearly_zero(ref: torch.Tensor) -> bool:
+    """True when `ref` is too small (RMS under 1e-6) for a relative error to mean anything."""
+    return not ref.double().norm() > 1e-6 * ref.numel() ** 0.5
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref||, in fp64, refusing a (nearly) zero reference: a comparison on zeros proves nothing."""
+    if nearly_zero(ref):
+        raise ValueError(f"reference is (nearly) zero: norm {ref.double().norm().item():.3g} over {ref.numel()} values")
     out, ref = out.double(), ref.double()
-    if not ref.norm() > 1e-6 * ref.numel() ** 0.5:
-        raise ValueError(f"reference is (nearly) zero: norm {ref.norm().item():.3g} over {ref.numel()} values")
     return ((out - ref).norm() / ref.norm()).item()
 
 
