@@ -10,7 +10,7 @@ Full size: the Wan 2.1 VAE (random weights, PyTorch's default init: never zeros)
     cache, output, activations);
   - diffusers' AutoencoderKLWan.decode of the same 1 + chunk latents, same weights, same run, and the relative
     error between its video and ours (fp32 "errors" include TF32 convs when --tf32, PyTorch's default);
-and ends with one JSON line. Baseline to compare with (H100, SPEC section 6): diffusers 27 FPS fp32, 43 FPS bf16.
+and ends with one JSON line.
 """
 
 from __future__ import annotations

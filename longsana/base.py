@@ -10,7 +10,7 @@ The call takes diffusers' SanaVideoPipeline / SanaImageToVideoPipeline arguments
 height, width, frames, guidance_scale, num_inference_steps, generator, latents, prompt_embeds, ...), so moving over
 is one line: `pipe(...).frames[0]` there is `pipe(...)` here. One clip per call.
 
-The recipe (SPEC section 5) and how it matches diffusers 0.42.1 (the test reference; `sampling.py` has the details):
+The recipe and how it matches diffusers 0.42.1 (the test reference; `sampling.py` has the details):
   - T2V: multistep DPM-Solver++ (order 2, flow prediction, flow shift 8, lower-order final, final sigma 0) over
     the batch [negative; positive] with guidance g: v = v_neg + g (v_pos - v_neg). g = 1 runs the positive prompt
     alone, as diffusers does for g <= 1.

@@ -1,7 +1,8 @@
 """The SANA-Video / LongSANA transformer: pure architecture, nothing about sampling or speed tricks.
 
 Parameter names and shapes follow diffusers' `SanaVideoTransformer3DModel`, so a diffusers state dict loads with
-`load_state_dict` as it is (the original `.pth` layout is mapped in `loading.py`). See SPEC section 2 for the math.
+`load_state_dict` as it is (the original `.pth` layout is mapped in `loading.py`). The attention math is in
+kernels/linear_attention.py.
 
 Two ways to run it:
   forward(x, y, t, y_mask)               whole clip, bidirectional (the base model; diffusers' call signature)
@@ -9,7 +10,7 @@ Two ways to run it:
                                          constant-size block-causal `State`; with update_state=True (the
                                          clean-context pass) the chunk's contribution is added to the state in place.
 
-Block-causal state per layer (SPEC section 3): S = sum v (R k)^T, z = sum k over all past tokens, and `tail`, the
+Block-causal state per layer: S = sum v (R k)^T, z = sum k over all past tokens, and `tail`, the
 FFN's last latent frame before the temporal conv, which is the left padding of the next chunk's temporal conv.
 Inside a chunk everything is bidirectional; the right side of a chunk's temporal conv sees zeros.
 

@@ -22,7 +22,7 @@ so fp32 latents agree to rounding:
   - diffusers looks the first step up by timestep value, so from 144 DPM steps on (first two timesteps both 999)
     it starts one sigma late and fails on the last step; these functions always start at step 0.
 
-LongSANA (SPEC section 3): per chunk, t in [1000, 960, 889, 727] = round(1000 shift(u)), u = 1, .75, .5, .25,
+LongSANA: per chunk, t in [1000, 960, 889, 727] = round(1000 shift(u)), u = 1, .75, .5, .25,
 shift 8; x0 = x - (t/1000) v; re-noise with FRESH noise to the next level. The official sampler builds the
 timestep tensor in bf16, so its network sees 1000, 960, 888, 728 and its x0 uses that t, while re-noising uses
 the exact integers; `bf16_like=True` reproduces that, the default feeds the exact integers the model was trained

@@ -6,7 +6,7 @@
         ...
         stream.set_prompt("two yellow squares bouncing")  # from any thread; applies at the next chunk
 
-One chunk (SPEC section 3): the previous chunk's clean-context pass adds it to the block-causal state; the 4-step
+One chunk: the previous chunk's clean-context pass adds it to the block-causal state; the 4-step
 causal sampler (4 denoising passes) gives this chunk's x0; the streaming VAE decodes it and the frames go out.
 Running the clean-context pass at the start of the NEXT chunk rather than at the end of its own gets the frames
 out one pass earlier, and it makes the LongLive prompt "re-cache" free: a prompt switched before chunk c is in

@@ -1,4 +1,4 @@
-"""The Wan 2.1 causal video VAE (SPEC section 4) and a streaming decoder for endless videos.
+"""The Wan 2.1 causal video VAE and a streaming decoder for endless videos.
 
 Parameter names and shapes follow diffusers' `AutoencoderKLWan`, so a diffusers `vae/` folder loads as it is;
 the original `Wan2.1_VAE.pth` names are mapped (`original_to_diffusers`).
@@ -14,7 +14,7 @@ of any sizes decodes to exactly the whole-clip result. Two layers are not plain 
 Both rules key on `cache.started` (has the stream seen its first frame), so they hold for a first piece of any
 length, e.g. the 11-latent first chunk LongSANA emits.
 
-Latents: the network's latent is z; the diffusion model sees z_norm = (z - mean) / std (per channel, SPEC).
+Latents: the network's latent is z; the diffusion model sees z_norm = (z - mean) / std (per channel, from the VAE config).
 """
 
 from __future__ import annotations

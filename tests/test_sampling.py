@@ -1,6 +1,6 @@
 """Samplers and resolution binning against diffusers 0.42.1 (schedules bit-exact, fp32 sample loops to 1e-6,
-including the real SanaVideoPipeline with a tiny transformer), and LongSANA's causal chunk sampler against the
-SPEC section 3 recipe written out here in fp64."""
+including the real SanaVideoPipeline with a tiny transformer), and LongSANA's causal chunk sampler against its
+recipe written out here in fp64."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def test_sample_chunk_follows_spec(bf16_like):
     net_ts = causal_timesteps(bf16_like=bf16_like)
     draws = [noise(seed=20 + i) for i in range(len(ts))]
 
-    # SPEC section 3, in fp64: x0 with the t the network saw; re-noise to the exact next level, fresh noise
+    # the recipe, in fp64: x0 with the t the network saw; re-noise to the exact next level, fresh noise
     v = fake_velocity(4, seed=14)
     x = draws[0].double()
     for i, t in enumerate(net_ts):
