@@ -4,6 +4,7 @@
 # and, for the day the pins move:
 #   make test-latest   the suite against the newest release of every dependency, in a fresh .venv-latest
 #   make lock          test-latest, then write the versions it passed with to constraints.txt (the lock)
+#   make test-lowest   the suite against the lowest versions pyproject.toml allows, in a fresh .venv-lowest
 #   make check-wheel   build the wheel, install it into a fresh venv outside the checkout and use it from there
 PY      ?= python3
 VENV    ?= .venv
@@ -15,8 +16,9 @@ TORCH   ?= torch==2.13.0
 TRITON  ?= triton==3.9.0
 PIP      = $(BIN)/python -m pip install -q $(if $(LOCK),-c $(LOCK))
 LATEST  := .venv-latest
+LOWEST  := .venv-lowest
 
-.PHONY: setup setup-test serve test test-latest lock check-wheel
+.PHONY: setup setup-test serve test test-latest lock test-lowest check-wheel
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -46,6 +48,17 @@ lock: test-latest
 	{ echo "# The lock: the versions \`make test-latest\` passed with on $$(date -u +%F), $$(uname -sm)."; \
 	  echo "# Python $$($(LATEST)/bin/python -V | cut -d' ' -f2). Regenerate: make lock. torch and triton: the Makefile's TORCH, TRITON."; \
 	  $(LATEST)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-|cuda-)'; } > $(LOCK)
+
+# The lower bounds, checked: uv resolves every direct dependency to its lowest allowed version (torch and triton held
+# at the Makefile's pins, torch installed first from pip as in setup).
+test-lowest:
+	rm -rf $(LOWEST)
+	$(PY) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q uv $(TORCH)
+	printf '%s\n' $(TORCH) $(TRITON) > $(LOWEST)/override.txt
+	$(LOWEST)/bin/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct \
+	  --override $(LOWEST)/override.txt -e ".[test]"
+	$(LOWEST)/bin/python -m pytest -q
 
 check-wheel:
 	PY=$(PY) TORCH=$(TORCH) LOCK=$(abspath $(LOCK)) bash .ci/check-wheel
