@@ -42,11 +42,12 @@ from longsana.benchmarks.vae import bench_diffusers as vae_diffusers
 from longsana.benchmarks.vae import bench_ours as vae_ours
 from longsana.benchmarks.vae import ceilings, decoder_cost, gb, sync, timed
 from longsana.cli import CUDA_ALLOC_CONF
-from longsana.testing import nearly_zero, randomize_, rel_err
 from longsana.config import get_config
-from longsana.engine import ChunkEngine, compile_norms, reference_step
+from longsana.engine import ChunkEngine, compile_norms
 from longsana.model import LongSANATransformer
+from longsana.step import EagerStep
 from longsana.stream import Pipeline, StreamSettings
+from longsana.testing import nearly_zero, randomize_, rel_err
 from longsana.text import CHI_SANA, TextEncoder, build_gemma2, build_word_tokenizer
 from longsana.vae import StreamingDecoder, WanVAE
 
@@ -208,7 +209,7 @@ def bench_stream(pipe: Pipeline, a) -> dict:
         t0 = time.perf_counter()
         stream = pipe.stream(f"{PROMPTS[i % 4]} ({key})", seed=2, **settings)  # a new prompt each
         if key.endswith("serial"):
-            stream._speculate = lambda: None  # the next chunk's transformer work waits for this decode
+            stream.step.ahead = lambda *args: None  # the next chunk's transformer work waits for this decode
         it = iter(stream)
         n = [len(next(it).frames)]
         ts = [time.perf_counter()]
@@ -261,15 +262,15 @@ def bench_step(pipe: Pipeline, a, hw) -> dict:
     m, dev = pipe.model, pipe.device
     timesteps = tuple(map(float, pipe.spec.denoise_timesteps))
     text = pipe.prompts.get(PROMPTS[0], pipe.spec.motion_score).ctx
-    engine = ChunkEngine(m, hw, timesteps)
-    ref_state = m.new_state(1, *hw, device=dev)
+    engine, ref = ChunkEngine(m, hw, timesteps), EagerStep(m, hw, timesteps)
+    ref_state = ref.state
     # accuracy: each fast step against the eager reference step from the same state and pending x0
     seq = [(a.chunk + 1, 100)] + [(a.chunk, 101 + i) for i in range(7)]  # steps 4, 5 capture; 6, 7 replay
     errs, pending, pos = [], None, 0
     for n, seed in seq:
         ref_state.copy_(engine.state)
-        x0 = engine.step(text, n, pos, seed, pending)
-        want = reference_step(m, text, ref_state, hw, n, pos, seed, pending, timesteps)
+        x0 = engine.denoise(text, n, pos, seed, pending)
+        want = ref.denoise(text, n, pos, seed, pending)
         e = dict(n=n, x0=_err(x0, want), S=_err(engine.state.S, ref_state.S), z=_err(engine.state.z, ref_state.z),
                  tail=_err(engine.state.tail, ref_state.tail))
         errs.append(e)
@@ -293,13 +294,14 @@ def bench_step(pipe: Pipeline, a, hw) -> dict:
     with torch.inference_mode():
         eager = timed(lambda: m.forward_chunk(x, t, text, ref_state, pos), dev, 1, max(2, a.reps // 2))
         rope = m.rope(pos, *m.token_grid(a.chunk, *hw), device=dev)
-        compiled = timed(lambda: m.run_prepared(x, engine.temb[1], text, rope, ref_state, block=engine.block),
+        temb = engine.temb[engine.t_net[1]]
+        compiled = timed(lambda: m.run_prepared(x, temb, text, rope, ref_state, block=engine.block),
                          dev, 2, a.reps)
     steps = []
     for i in range(a.reps):
         sync(dev)
         t0 = time.perf_counter()
-        x0 = engine.step(text, a.chunk, pos, 200 + i, pending)
+        x0 = engine.denoise(text, a.chunk, pos, 200 + i, pending)
         sync(dev)
         steps.append(time.perf_counter() - t0)
         pending, pos = (x0, pos), pos + a.chunk
@@ -308,7 +310,7 @@ def bench_step(pipe: Pipeline, a, hw) -> dict:
     r["tr_fps"] = pipe.vae.cfg.temporal_stride * a.chunk / r["step_median_s"]
     if a.profile and dev.type == "cuda":
         with torch.inference_mode():
-            r["profile"] = profile(lambda: m.run_prepared(x, engine.temb[1], text, rope, ref_state,
+            r["profile"] = profile(lambda: m.run_prepared(x, temb, text, rope, ref_state,
                                                           block=engine.block), "a compiled denoising pass", a.profile)
     print(f"  denoising pass ({a.chunk} latent frames): eager {r['eager_pass_s'] * 1e3:.1f} ms, compiled "
           f"{r['compiled_pass_s'] * 1e3:.1f} ms; graph-replayed chunk step (clean + {len(timesteps)} passes) "

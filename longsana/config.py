@@ -160,6 +160,7 @@ class ModelSpec:
     chunk_frames: int = 10  # latent frames per chunk (the first chunk absorbs the remainder)
     denoise_timesteps: tuple[int, ...] = (1000, 960, 889, 727)  # the 4-step causal sampler
     motion_score: int = 10
+    fps: int = 16  # video frames per second the model was trained for
     height: int = 480  # default video size in pixels
     width: int = 832
     weights: str | None = None  # official release name, for messages

@@ -1,8 +1,7 @@
-"""The fast chunk step of a stream: the previous chunk's clean-context pass and the 4 denoising passes of the next
-chunk, on static buffers, with the transformer blocks compiled and the whole step replayed as one CUDA graph.
+"""The fast chunk step (`ChunkEngine`, a `ChunkStep` of step.py): every speed decision of the stream is here.
 
-It computes what the eager reference computes (`reference_step`: the clean-context pass, then `sample_chunk` over
-`model.forward_chunk`), operation for operation, minus the work that does not change from chunk to chunk:
+It computes what the eager reference step computes (the pending chunk's clean-context pass, then `sample_chunk` over
+the transformer), through the same `sample_chunk` loop, minus the work that does not change from chunk to chunk:
   - the timestep embeddings (t0, temb) of the 4 steps and of the clean pass (t = 0) are computed once;
   - the prompt's cross-attention K/V (TextKV) are copied into a static copy when the prompt changes;
   - the RoPE tables are computed for the chunk's position before the replay, outside the graph, so the compiled
@@ -18,24 +17,30 @@ written. The block-causal `State` is the engine's own; rewind, re-cache and RoPE
 
 Compilation is regional: one `torch.compile`d function runs every transformer block (they share one graph, since
 blocks differ only in their weights), static shapes, so a stream compiles 2 chunk lengths x (denoise, clean) block
-graphs once per process; the VAE's normalizations are compiled too (`compile_norms`). The first use of each step
-variant (which pending slot, which output slot, n) runs for real, so the first chunk of a stream pays no capture;
-the second runs on the capture stream, which warms it up, and is then captured as a CUDA graph (a one-time host
-synchronisation); later uses replay it: one launch, no host synchronisation. Compiled blocks fuse elementwise work,
-so the results agree with the eager path within bf16 rounding, not bitwise.
+graphs once per process. The first use of each step variant (which pending slot, which output slot, n) runs for
+real, so the first chunk of a stream pays no capture; the second runs on the capture stream, which warms it up, and
+is then captured as a CUDA graph (a one-time host synchronisation); later uses replay it: one launch, no host
+synchronisation. Compiled blocks fuse elementwise work, so the results agree with the eager path within bf16
+rounding, not bitwise.
+
+Overlap: the VAE decode of chunk c runs on a second, high-priority CUDA stream (`SideStream`), and the stream calls
+`ahead` with chunk c+1's arguments before it waits for c's frames, so c+1's transformer work fills the GPU while c
+decodes. If the next `denoise` asks for something else (the prompt changed, or a rewind), the speculative work is
+taken back: the state is put back as it was before its clean-context pass and the chunk is redone. So the frames
+are exactly those of the eager schedule; a switch costs one chunk's transformer work.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .model import Block, LongSANATransformer, State, TextKV
 from .sampling import bf16_round, sample_chunk
-from .vae import RMSNorm
-
-NUM_TRAIN_TIMESTEPS = 1000  # sampling.sample_chunk's T: x0 = x - (t / T) v
+from .step import Pending, SideStream
+from .vae import RMSNorm, StreamingDecoder
 
 # torch.compile options of the compiled regions (tests on the CPU swap in backend="aot_eager": inductor's C++ build
 # of even a tiny model takes minutes on 2 cores).
@@ -72,24 +77,6 @@ def compile_norms(module: torch.nn.Module) -> None:
             mod.compile(**COMPILE_OPTIONS)
 
 
-@torch.inference_mode()
-def reference_step(model: LongSANATransformer, text: TextKV, state: State, latent_hw: tuple[int, int], n: int,
-                   pos: int, seed: int, pending: tuple[torch.Tensor, int] | None, timesteps,
-                   bf16_like: bool = False) -> torch.Tensor:
-    """The eager chunk step (batch 1), the reference `ChunkEngine.step` must match: the pending chunk's
-    clean-context pass (pending = (x0, RoPE position)), then `sample_chunk` over `forward_chunk` for a chunk of n
-    latent frames at position `pos`, its noise drawn from a generator seeded with `seed`. Returns x0."""
-    device = state.S.device
-    if pending is not None:
-        x0, pos_prev = pending
-        model.forward_chunk(x0, torch.zeros(1, device=device), text, state, pos_prev, update_state=True, output=False)
-    g = torch.Generator(device).manual_seed(seed)
-    shape = (1, model.cfg.in_channels, n, *latent_hw)
-    noise = lambda: torch.randn(shape, generator=g, device=device)  # noqa: E731
-    velocity = lambda x, t: model.forward_chunk(x, t.reshape(1), text, state, pos)  # noqa: E731
-    return sample_chunk(velocity, noise, timesteps, bf16_like=bf16_like)
-
-
 @dataclass
 class _Buffers:
     """Static inputs and outputs of the step for chunks of n latent frames."""
@@ -101,7 +88,8 @@ class _Buffers:
 
 
 class ChunkEngine:
-    """One stream's chunk step. `step` launches the work of a chunk and returns its x0 (a static buffer)."""
+    """The fast `ChunkStep` (step.py) of one stream. `denoise` launches a chunk's work and returns its x0, a static
+    buffer; `ahead` launches the next chunk's before it is asked for, while this chunk decodes on the side stream."""
 
     def __init__(self, model: LongSANATransformer, latent_hw: tuple[int, int], timesteps, bf16_like: bool = False,
                  batch: int = 1, compile: bool | None = None, graphs: bool | None = None):
@@ -115,12 +103,15 @@ class ChunkEngine:
         self.block = compile_block() if (cuda if compile is None else compile) else None
         if not timesteps:
             raise ValueError("the engine needs at least one timestep")
-        self.t_net = tuple(bf16_round(t) if bf16_like else float(t) for t in timesteps)  # what the network sees
-        self.levels = tuple(float(t) / NUM_TRAIN_TIMESTEPS for t in timesteps[1:])  # re-noising sigmas
+        self.timesteps, self.bf16_like = tuple(map(float, timesteps)), bf16_like
+        self.t_net = tuple(bf16_round(t) if bf16_like else t for t in self.timesteps)  # what the network sees
         self.state = model.new_state(batch, *latent_hw, device=self.device)
+        self._before = model.new_state(batch, *latent_hw, device=self.device)  # the boundary, while work runs ahead
+        self._ahead: tuple[tuple, torch.Tensor] | None = None  # (denoise arguments, x0) of the work started ahead
+        self.side = SideStream(self.device)
         with torch.inference_mode():
-            t = torch.tensor([*self.t_net, 0.0], device=self.device)
-            self.temb = [model.timestep(t[i].expand(batch), batch) for i in range(len(t))]  # last: clean pass
+            self.temb = {t: model.timestep(torch.full((batch,), t, device=self.device), batch) for t in self.t_net}
+            self.temb_clean = model.timestep(torch.zeros(batch, device=self.device), batch)  # the clean pass: t = 0
         self.generator = torch.Generator(self.device)
         self.text: TextKV | None = None  # the static copy the graphs read
         self._text_src: TextKV | None = None  # the prompt it holds
@@ -130,13 +121,48 @@ class ChunkEngine:
         self._pool = None  # one memory pool shared by this engine's graphs (they never run concurrently)
         self._capture_stream = torch.cuda.Stream(self.device) if self.graphs else None
 
-    # -- the step ---------------------------------------------------------------------------------------------------
+    # -- the ChunkStep interface ----------------------------------------------------------------------------------
+    def denoise(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None = None) -> torch.Tensor:
+        """Returns x0 (B, C, n, h, w) fp32, a static buffer overwritten two chunks later: the work started ahead if
+        it was started with these arguments, else (undoing that work's clean-context pass) launched now."""
+        args = (text, n, pos, seed, pending)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if _same(ahead[0], args):
+                return ahead[1]
+            self.state.copy_(self._before)
+        return self._launch(*args)
+
+    def ahead(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None = None) -> None:
+        """Launch the next chunk's work now (it runs while the current one decodes), keeping the boundary's state
+        so that the work can be taken back if the next chunk turns out different (a new prompt, a rewind)."""
+        self.cancel()
+        self._before.copy_(self.state)
+        self._ahead = (text, n, pos, seed, pending), self._launch(text, n, pos, seed, pending)
+
+    def cancel(self) -> None:
+        if self._ahead is not None:
+            self.state.copy_(self._before)
+            self._ahead = None
+
+    def boundary_state(self) -> State:
+        return self._before if self._ahead is not None else self.state
+
+    def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
+        """Queued on the side stream, after the transformer work queued so far (which produced z)."""
+        self.side.wait()
+        with torch.inference_mode(), self.side():
+            return decoder.decode(z)
+
+    def download(self, frames: torch.Tensor) -> np.ndarray:
+        with self.side():
+            return frames.cpu().numpy()
+
+    # -- the work ---------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, text: TextKV, n: int, pos: int, seed: int, pending: tuple[torch.Tensor, int] | None = None):
-        """The pending chunk's clean-context pass (pending = (x0, RoPE position); with `text`), then the 4
-        denoising passes of a chunk of n latent frames at RoPE position `pos`, its noise drawn from a generator
-        seeded with `seed`. Returns this chunk's x0 (B, C, n, h, w) fp32: a static buffer, overwritten two steps
-        later. Asynchronous on CUDA: nothing waits for the GPU."""
+    def _launch(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None) -> torch.Tensor:
+        """The pending chunk's clean-context pass (with `text`), then the denoising passes of a chunk of n latent
+        frames at RoPE position `pos`. Asynchronous on CUDA: nothing waits for the GPU."""
         self._set_text(text)
         out = self._buffers_for(n)
         g = self.generator.manual_seed(seed)
@@ -156,20 +182,17 @@ class ChunkEngine:
         return out.x0[slot]
 
     def _passes(self, prev: tuple[int, int] | None, n: int, slot: int) -> None:
-        """What a graph holds: sample_chunk's arithmetic over run_prepared, on the static buffers."""
+        """What a graph holds: the clean-context pass and `sample_chunk` over run_prepared, on the static buffers."""
         m, b = self.model, self._buffers[n]
         if prev is not None:
             p = self._buffers[prev[0]]
-            m.run_prepared(p.x0[prev[1]], self.temb[-1], self.text, p.rope_clean, self.state, update_state=True,
+            m.run_prepared(p.x0[prev[1]], self.temb_clean, self.text, p.rope_clean, self.state, update_state=True,
                            output=False, block=self.block)
-        x = b.noise[0]
-        for i, t in enumerate(self.t_net):
-            v = m.run_prepared(x, self.temb[i], self.text, b.rope, self.state, block=self.block)
-            x0 = x - (t / NUM_TRAIN_TIMESTEPS) * v
-            if i < len(self.levels):
-                s = self.levels[i]
-                x = (1 - s) * x0 + s * b.noise[i + 1]
-        b.x0[slot].copy_(x0)
+
+        def velocity(x, t):
+            return m.run_prepared(x, self.temb[t], self.text, b.rope, self.state, block=self.block)
+
+        b.x0[slot].copy_(sample_chunk(velocity, iter(b.noise).__next__, self.timesteps, self.bf16_like))
 
     def _run(self, prev, n: int, slot: int) -> None:
         key = (prev, n, slot)
@@ -237,34 +260,14 @@ class ChunkEngine:
         self._text_src = text
 
 
+def _same(a: tuple, b: tuple) -> bool:
+    """Same denoise arguments: the same prompt and pending x0 objects (a new prompt or a restored x0 is a new one)."""
+    (text, *nums, pending), (text_b, *nums_b, pending_b) = a, b
+    same_pending = pending is pending_b or (pending is not None and pending_b is not None
+                                            and pending[0] is pending_b[0] and pending[1] == pending_b[1])
+    return text is text_b and nums == nums_b and same_pending
+
+
 def _copy(dst: tuple[torch.Tensor, ...], src: tuple[torch.Tensor, ...]) -> None:
     for d, s in zip(dst, src):
         d.copy_(s)
-
-
-class SideStream:
-    """A second CUDA stream, of high priority: the VAE decode of chunk c runs there and its kernels go first, so
-    its frames come out nearly as fast as alone, while chunk c+1's transformer work on the main stream fills the
-    rest of the GPU. On the CPU every method is a no-op and the work runs in program order."""
-
-    def __init__(self, device: torch.device):
-        self.stream = None
-        if device.type == "cuda":
-            self.stream = torch.cuda.Stream(device, priority=-1)  # lower is higher; clamped to the range
-
-    def __call__(self):
-        """Context manager: run on the side stream."""
-        return torch.cuda.stream(self.stream)
-
-    def wait(self) -> None:
-        """Let the side stream's later work wait for all work queued so far on the current stream."""
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-
-    def mark(self) -> torch.cuda.Event | None:
-        """An event at the current point of the current stream (None on the CPU)."""
-        if self.stream is None:
-            return None
-        event = torch.cuda.Event()
-        event.record()
-        return event

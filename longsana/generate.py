@@ -95,7 +95,9 @@ def clip_to_file(pipe, prompt: str, out: Path, seed: int, **call) -> int:
     import torch
     from tqdm import tqdm
 
-    from .stream import FPS
+    from .config import ModelSpec
+
+    FPS = ModelSpec.fps
     from .video import VideoWriter
 
     with tqdm(total=call["num_inference_steps"], unit="step", desc=out.name, leave=False, dynamic_ncols=True) as bar:
@@ -155,7 +157,10 @@ def generate_cmd(prompt, timeline, txt_file, model, spec, seconds, frames, image
                  seed, height, width, chunk_frames, bf16_timesteps, device, output, out_dir):
     """Generate videos from prompts and write them as H.264 MP4 (16 fps)."""
     from .base import MAX_STEPS
-    from .stream import FPS, latent_frames, resolve_model
+    from .config import ModelSpec
+    from .stream import latent_frames, resolve_model
+
+    FPS = ModelSpec.fps
 
     if sum(x is not None for x in (prompt, timeline, txt_file)) != 1:
         raise click.UsageError("give exactly one of --prompt, --timeline, --txt-file")

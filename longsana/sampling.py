@@ -150,18 +150,21 @@ def sample_flow_euler(velocity_fn: VelocityFn, x: torch.Tensor, schedule: Schedu
 
 
 # -- LongSANA: the 4-step causal chunk sampler ----------------------------------------------------------------------
-def sample_chunk(velocity_fn: VelocityFn, noise_fn: Callable[[], torch.Tensor], timesteps: Sequence[float],
+def sample_chunk(velocity_fn: Callable[[torch.Tensor, float], torch.Tensor], noise_fn: Callable[[], torch.Tensor], timesteps: Sequence[float],
                  bf16_like: bool = False, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Denoise one chunk and return its x0. `timesteps` are the exact levels (causal_timesteps()); each step
     predicts x0 = x - (t/T) v and re-noises x0 with a fresh noise_fn() draw to the next level. bf16_like feeds
-    the network (and the x0 conversion) bf16-rounded t, as the official sampler does."""
+    the network (and the x0 conversion) bf16-rounded t, as the official sampler does.
+
+    Unlike the other samplers' velocity_fn, this one is given t as a Python float: the fast chunk step runs this
+    loop inside a CUDA graph capture, which allows no host-to-device copy of a new tensor."""
     if not timesteps:
         raise ValueError("sample_chunk needs at least one timestep")
     T = num_train_timesteps
     x = noise_fn()
     for i, t in enumerate(timesteps):
         t_net = bf16_round(t) if bf16_like else float(t)
-        x0 = x - (t_net / T) * velocity_fn(x, torch.tensor(t_net, device=x.device))
+        x0 = x - (t_net / T) * velocity_fn(x, t_net)
         if i + 1 == len(timesteps):
             return x0
         s = timesteps[i + 1] / T

@@ -6,63 +6,54 @@
         ...
         stream.set_prompt("two yellow squares bouncing")  # from any thread; applies at the next chunk
 
-One chunk: the previous chunk's clean-context pass adds it to the block-causal state; the 4-step
-causal sampler (4 denoising passes) gives this chunk's x0; the streaming VAE decodes it and the frames go out.
-Running the clean-context pass at the start of the NEXT chunk rather than at the end of its own gets the frames
-out one pass earlier, and it makes the LongLive prompt "re-cache" free: a prompt switched before chunk c is in
+`Stream.__iter__` is the whole algorithm, one chunk at a time: take the controls (a rewind, a new prompt), keep a
+rewind point, re-cache and denoise (the step), decode, hand out. How a chunk's model work runs is the step's
+business (step.py: the eager reference; engine.py: static buffers, CUDA graphs, the decode overlapped with the next
+chunk's work); the two give the same frames, and the stream does not know which it has.
+
+The previous chunk's clean-context pass runs at the start of the NEXT chunk rather than at the end of its own: the
+frames go out one pass earlier, and the LongLive prompt "re-cache" is free: a prompt switched before chunk c is in
 force when chunk c-1's clean-context pass runs, which is exactly "rebuild the state before c-1 and re-run c-1's
 clean-context pass with the new prompt". Older chunks keep their old-prompt contribution (a sum cannot be
 un-mixed). Frames already yielded never change.
 
 Per-stream memory is fixed when the stream starts: the transformer state, the last chunk's x0, the VAE cache and
-a bounded ring of rewind points (in pinned host memory when the model is on a GPU). Positions are re-based before
-the RoPE table ends, so a stream can run for hours.
+a bounded ring of rewind points (rewind.py). Positions are re-based before the RoPE table ends, so a stream can run
+for hours.
 
 Determinism: chunk c's noise comes from a generator seeded by (seed, c), so a stream is a pure function of the
 seed and the prompt schedule, and a rewind followed by the original prompt replays the original continuation.
-
-Two ways to run a chunk, computing the same thing (`StreamSettings.compile`; by default the fast one on a GPU):
-  - eager, the reference (engine.reference_step): the clean-context pass, then `sample_chunk` over
-    `model.forward_chunk`;
-  - the engine (engine.py): the same step on static buffers, compiled, replayed as a CUDA graph. Its VAE decode
-    runs on a second CUDA stream, overlapped with the NEXT chunk's transformer work, which is launched
-    speculatively before this chunk's frames are handed out, with the prompt in force at that moment. If the
-    prompt changes (or the stream is rewound) before the next chunk is asked for, the speculative work is
-    discarded: the state is put back as it was before its clean-context pass and the chunk is redone. So the
-    frames are exactly those of the eager schedule; a switch just costs one chunk's transformer work. The first
-    chunk is not overlapped: its frames come out as early as possible.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .chunk import Chunk
-from .config import ModelSpec, get_config
-from .engine import ChunkEngine, SideStream, compile_norms, reference_step
-from .model import LongSANATransformer, State
+from .config import ModelSpec, VAEConfig, get_config
+from .engine import ChunkEngine, compile_norms
+from .model import LongSANATransformer
+from .rewind import RewindPoint, RewindRing
+from .step import ChunkStep, EagerStep
 from .text import PromptCache, TextEncoder
-from .vae import CausalCache, StreamingDecoder
+from .vae import StreamingDecoder
 
-FPS = 16
-LATENT_STRIDE = 4  # video frames per latent frame (after the first)
+SEED_STRIDE = 1_000_003  # chunk c of a stream seeded s draws its noise from seed s * SEED_STRIDE + c
 
 
 @dataclass
 class StreamSettings:
-    """How a stream runs; the defaults are the checkpoint's (ModelSpec)."""
+    """How a stream runs. The first three come from the model (`from_spec`); the rest are choices of speed."""
 
-    chunk_frames: int = 10  # latent frames per chunk; the first chunk has one more (1 + 4k video frames)
-    timesteps: tuple[float, ...] = (1000.0, 960.0, 889.0, 727.0)
+    chunk_frames: int  # latent frames per chunk; the first chunk has one more (1 + 4k video frames)
+    timesteps: tuple[float, ...]  # the causal sampler's levels
+    motion_score: int
     bf16_timesteps: bool = False  # feed the bf16-rounded t the official sampler feeds (1000, 960, 888, 728)
-    motion_score: int = 10
     rewind_points: int = 4  # chunk-boundary snapshots kept for rewind (in host memory when the model is on a GPU)
     vae_frames_per_call: int = 1  # latent frames the VAE decodes at once: 2 is ~4% faster on an H100, +2.6 GB peak
     early_first_frame: bool | None = None  # hand out the stream's first frame before the rest; None: on a GPU
@@ -70,12 +61,12 @@ class StreamSettings:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, **overrides) -> StreamSettings:
-        s = cls(chunk_frames=spec.chunk_frames, timesteps=tuple(map(float, spec.denoise_timesteps)),
-                motion_score=spec.motion_score)
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(s, k, v)
-        return s
+        """The model's settings, then `overrides` (a None keeps the default)."""
+        s = cls(spec.chunk_frames, tuple(map(float, spec.denoise_timesteps)), spec.motion_score)
+        known = {f.name for f in fields(cls)}
+        if unknown := set(overrides) - known:
+            raise TypeError(f"unknown stream settings: {', '.join(sorted(unknown))}")
+        return replace(s, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def check_size(height: int, width: int) -> None:
@@ -152,127 +143,36 @@ def resolve_model(path_or_name: str | Path, spec: str | ModelSpec | None) -> tup
     return path, spec or get_config("longsana-2b-480p")
 
 
-@dataclass
-class _Ahead:
-    """The next chunk's transformer work, launched before it was asked for (see the module docstring)."""
-
-    index: int  # the chunk it is
-    text: object  # the prompt (TextKV) it used
-    pending: tuple[torch.Tensor, int] | None  # the pending chunk whose clean-context pass it ran
-    x0: torch.Tensor
-
-
-class _HostCopy:
-    """A stream's transformer state, pending x0 and VAE cache copied off to the host, in buffers allocated once and
-    reused as the ring of rewind points turns (about 2 GB at 480p, nearly all of it the VAE's cache).
-
-    For a stream on a GPU the buffers are one pinned allocation, filled by non-blocking copies that the copy
-    engine runs beside the compute (a synchronous copy to pageable memory took about a second per chunk on an
-    H100). The state and x0 are copied in the transformer stream's order and the VAE cache in the decoder
-    stream's, so each is read before any later work there overwrites it; `landed` says when they are all done."""
-
-    def __init__(self, stream: Stream):
-        pipe, cache = stream.pipe, stream.decoder.cache
-        x0 = torch.empty(1, pipe.model.cfg.in_channels, stream.settings.chunk_frames + 1, *stream.latent_hw,
-                         device="meta")  # the longest pending chunk (fp32, as the samplers return it)
-        bufs = _host_buffers([*stream.state.tensors(), x0, *cache.frames.values()], pipe.device)
-        self.state, self.x0 = State(*bufs[:3]), bufs[3]
-        self.vae = CausalCache()
-        self.vae.frames = dict(zip(cache.frames, bufs[4:]))
-        self.pending: tuple[int, int] | None = None  # (latent frames, RoPE position) of the pending x0
-        self.landed: list[torch.cuda.Event | None] = []
-
-    def take(self, stream: Stream) -> None:
-        """Queue the copies of `stream`'s current boundary (returns at once on a GPU)."""
-        self.state.copy_(stream.state, non_blocking=True)
-        self.pending = None
-        if stream.pending is not None:
-            x0, pos = stream.pending
-            self.x0[:, :, :x0.shape[2]].copy_(x0, non_blocking=True)
-            self.pending = (x0.shape[2], pos)
-        self.landed = [stream._side.mark()]
-        with stream._side():
-            self.vae.copy_(stream.decoder.cache, non_blocking=True)
-            self.landed.append(stream._side.mark())
-
-    def put_back(self, stream: Stream) -> None:
-        """Copy everything back into `stream` (waits for the copies that took it)."""
-        for event in filter(None, self.landed):
-            event.synchronize()
-        stream.state.copy_(self.state)
-        stream.decoder.restore(self.vae)
-        stream.pending = None
-        if self.pending is not None:
-            n, pos = self.pending
-            stream.pending = (self.x0[:, :, :n].to(stream.pipe.device, copy=True), pos)
-
-    @property
-    def nbytes(self) -> int:
-        return self.state.nbytes + self.x0.nbytes + self.vae.nbytes
-
-
-def _host_buffers(like: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Empty host tensors shaped like `like`. For a GPU stream they are views of ONE pinned allocation: pinned
-    memory is what lets a device-to-host copy run asynchronously, and torch rounds each pinned allocation up to
-    a power of two, so one allocation wastes at most one rounding, not one per tensor."""
-    if device.type != "cuda":
-        return [torch.empty(t.shape, dtype=t.dtype) for t in like]
-    align = 256  # every view starts aligned for any dtype
-    sizes = [-(-t.numel() * t.element_size() // align) * align for t in like]
-    flat = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
-    offsets = np.cumsum([0, *sizes[:-1]])
-    return [flat[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for o, t in zip(offsets, like)]
-
-
-@dataclass
-class _Boundary:
-    """A rewind point: the boundary before chunk `index`, taken before the previous chunk's clean-context pass, so
-    a prompt set after a rewind re-caches that chunk like any switch. `copy` is None at the stream's start, where
-    everything is zero."""
-
-    index: int
-    frame0: int  # latent frame of the chunk
-    origin: int  # RoPE re-basing offset at that time
-    prompt: str
-    prompt_seq: int
-    copy: _HostCopy | None
-
-
 class Stream:
     """Iterate for chunks. set_prompt / rewind / close are thread-safe and take effect at the next chunk."""
 
     def __init__(self, pipe: Pipeline, prompt: str, seed: int, height: int, width: int, num_frames: int | None,
                  settings: StreamSettings):
         self.pipe, self.seed, self.settings = pipe, seed, settings
-        self.height, self.width, self.fps = height, width, FPS
-        vs = pipe.vae.cfg.spatial_stride
+        self.height, self.width, self.fps = height, width, pipe.spec.fps
+        vs, self.stride = pipe.vae.cfg.spatial_stride, pipe.vae.cfg.temporal_stride
         self.latent_hw = (height // vs, width // vs)
-        self.total_latents = None if num_frames is None else latent_frames(num_frames)
-        fast = settings.compile if settings.compile is not None else pipe.device.type == "cuda"
-        self.early_first_frame = (settings.early_first_frame if settings.early_first_frame is not None
-                                  else pipe.device.type == "cuda")
-        self.engine = ChunkEngine(pipe.model, self.latent_hw, settings.timesteps, settings.bf16_timesteps,
-                                  compile=True) if fast else None
-        if fast:
-            compile_norms(pipe.vae.decoder)
-        self.state = self.engine.state if fast else pipe.model.new_state(1, *self.latent_hw, device=pipe.device)
-        self._before = pipe.model.new_state(1, *self.latent_hw, device=pipe.device) if fast else None
-        self._ahead: _Ahead | None = None  # the next chunk's speculative transformer work
-        self._side = SideStream(pipe.device) if fast else SideStream(torch.device("cpu"))
-        self.pending: tuple[torch.Tensor, int] | None = None  # last chunk's (x0, position): clean pass due
+        self.total_latents = None if num_frames is None else latent_frames(num_frames, self.stride)
+        on_gpu = pipe.device.type == "cuda"
+        self.early_first_frame = on_gpu if settings.early_first_frame is None else settings.early_first_frame
+        self.step = make_step(pipe, self.latent_hw, settings)
         self.decoder = StreamingDecoder(pipe.vae, height, width,
                                         max_latent_frames_per_call=settings.vae_frames_per_call)
-        self.rewind_points: deque[_Boundary] = deque()  # at most settings.rewind_points, oldest first
-        self._spare_copies: list[_HostCopy] = []  # buffers of dropped points, for the next ones
+        x0_shape = (1, pipe.model.cfg.in_channels, settings.chunk_frames + 1, *self.latent_hw)  # the longest chunk
+        self.ring = RewindRing(settings.rewind_points, x0_shape, pipe.device, self.step.side)
+        self.pending: tuple[torch.Tensor, int] | None = None  # last chunk's (x0, position): clean pass due
         self._lock = threading.Lock()
         self._pending_prompt: str | None = None
-        self._pending_rewind: _Boundary | None = None
         self._closed = False
         self.prompt, self.prompt_seq = prompt, 0
         self.text = self._encode(prompt)
         self.index = 0  # next chunk
         self.frame0 = 0  # its first latent frame (absolute)
         self.origin = 0  # positions fed to RoPE are frame0 - origin
+
+    @property
+    def state(self):
+        return self.step.state
 
     # -- control (any thread) -------------------------------------------------------------------------------
     def set_prompt(self, prompt: str) -> None:
@@ -287,103 +187,63 @@ class Stream:
         seconds actually rewound from the end of what was generated (0 when there is nothing to go back to)."""
         if not seconds > 0:
             raise ValueError(f"rewind needs a positive number of seconds, got {seconds!r}")
-        with self._lock:
-            if not self.rewind_points:
-                return 0.0
-            now = video_frame(self.frame0)
-            fits = [b for b in self.rewind_points if video_frame(b.frame0) <= now - seconds * self.fps]
-            b = fits[-1] if fits else self.rewind_points[0]
-            self._pending_rewind = b
-            return (now - video_frame(b.frame0)) / self.fps
+        now = self.video_frame(self.frame0)
+        point = self.ring.request(seconds * self.fps, now, self.video_frame)
+        return 0.0 if point is None else (now - self.video_frame(point.frame0)) / self.fps
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            self.rewind_points.clear()
-            self._spare_copies.clear()
-        self.state = self.pending = self.decoder = self.text = None
+        self.ring.clear()
+        self.pending = self.decoder = self.text = None
 
     # -- generation (the producer thread) -----------------------------------------------------------------------
     def __iter__(self):
-        while True:
-            with self._lock:
-                if self._closed:
-                    return
-                rewind, self._pending_rewind = self._pending_rewind, None
-                prompt, self._pending_prompt = self._pending_prompt, None
-            if rewind is not None:
-                self._restore(rewind)
-            if prompt is not None and prompt != self.prompt:
-                self.prompt, self.prompt_seq, self.text = prompt, self.prompt_seq + 1, self._encode(prompt)
-            if self.total_latents is not None and self.frame0 >= self.total_latents:
-                return
-            yield from self._next_chunk()
+        while self._take_controls() and not self._finished():
+            t_start = time.perf_counter()
+            n, pos = self._chunk_len(), self._position()
+            self.ring.keep(RewindPoint(self.index, self.frame0, self.origin, self.prompt, self.prompt_seq, None),
+                           self.step.boundary_state(), self.pending, self.decoder)
+            x0 = self.step.denoise(self.text, n, pos, self._seed(), self.pending)  # re-cache, then denoise
+            self.pending = (x0, pos)
+            index, start = self.index, self.video_frame(self.frame0)
+            self.index, self.frame0 = index + 1, self.frame0 + n
+            for z, last in self._pieces(x0, index):
+                frames = self.step.decode(self.decoder, z)
+                if index > 0 and not self._finished():  # not after the first chunk: its frames come first
+                    self.step.ahead(self.text, self._chunk_len(), self._position(), self._seed(), self.pending)
+                frames = self.step.download(frames)
+                yield Chunk(frames, index, start, self.prompt, self.prompt_seq,
+                            time.perf_counter() - t_start if last else 0.0)
+                start += len(frames)
 
-    def _next_chunk(self):
-        """Yields this chunk's frames: one Chunk, or, for the stream's first chunk with early_first_frame, the
-        first video frame alone (decoded from the first latent frame, which the VAE takes on its own anyway) and
-        then the rest: the same frames, the first on screen one decode sooner. A chunk handed out in pieces
-        carries its whole time on the last piece."""
-        t_start = time.perf_counter()
-        n = self._chunk_len()
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and self._adopt(ahead):
-            x0 = ahead.x0
-        else:
-            self._maybe_rebase(n)
-            self._keep_rewind_point()
-            x0 = self._denoise(n)
-        self.pending = (x0, self.frame0 - self.origin)
-        index, start = self.index, video_frame(self.frame0)
-        self.index += 1
-        self.frame0 += n
-        self._side.wait()  # the decode follows the transformer work queued so far
-        pieces = (x0[:, :, :1], x0[:, :, 1:]) if self.early_first_frame and index == 0 and n > 1 else (x0,)
-        for k, z in enumerate(pieces):
-            with torch.inference_mode(), self._side():
-                frames = self.decoder.decode(z)
-            if index > 0:  # not while the first chunk decodes: sharing the GPU would delay the stream's first frames
-                self._ahead = self._speculate()  # the next chunk's transformer work, while this one decodes
-            with self._side():
-                frames = frames.cpu().numpy()
-            seconds = time.perf_counter() - t_start if k == len(pieces) - 1 else 0.0
-            yield Chunk(frames, index, start, self.prompt, self.prompt_seq, seconds)
-            start += len(frames)
-
-    def _denoise(self, n: int) -> torch.Tensor:
-        """The pending chunk's clean-context pass, then this chunk's x0. The clean pass is deferred to here, the
-        start of the NEXT chunk, so that the pending chunk's frames go out first, and so that a prompt switched in
-        between re-caches that chunk with the new prompt."""
-        args = (self.text, n, self.frame0 - self.origin, self.seed * 1_000_003 + self.index, self.pending)
-        if self.engine is not None:
-            return self.engine.step(*args)
-        return reference_step(self.pipe.model, self.text, self.state, self.latent_hw, *args[1:],
-                              self.settings.timesteps, self.settings.bf16_timesteps)
-
-    def _speculate(self) -> _Ahead | None:
-        """Launch the next chunk's transformer work (engine only), keeping what is needed to take it back."""
-        if self.engine is None or (self.total_latents is not None and self.frame0 >= self.total_latents):
-            return None
-        n = self._chunk_len()
-        self._maybe_rebase(n)
-        self._before.copy_(self.state)  # the boundary's state, before the speculative clean-context pass
-        pending, text = self.pending, self.text
-        return _Ahead(self.index, text, pending, self._denoise(n))
-
-    def _adopt(self, ahead: _Ahead) -> bool:
-        """Keep the speculative work if nothing changed since it was launched, and take this boundary's rewind
-        point as the eager path does (the state from before the speculative clean-context pass)."""
-        if self.pending is not ahead.pending or self.index != ahead.index:  # rewound: _restore reset everything
-            return False
-        if self.text is not ahead.text:  # the prompt changed: undo the clean-context pass, redo with the new one
-            self.state.copy_(self._before)
-            return False
-        state, self.state = self.state, self._before
-        try:
-            self._keep_rewind_point()
-        finally:
-            self.state = state
+    def _take_controls(self) -> bool:
+        """Apply a rewind and a new prompt asked for since the last chunk; False once the stream is closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            prompt, self._pending_prompt = self._pending_prompt, None
+        if (point := self.ring.take_request()) is not None:
+            self.step.cancel()
+            self.pending = self.ring.restore(point, self.step.state, self.decoder)
+            self.index, self.frame0, self.origin = point.index, point.frame0, point.origin
+            if point.prompt != self.prompt:
+                self.prompt, self.text = point.prompt, self._encode(point.prompt)
+            self.prompt_seq = point.prompt_seq
+        if prompt is not None and prompt != self.prompt:
+            self.prompt, self.prompt_seq, self.text = prompt, self.prompt_seq + 1, self._encode(prompt)
         return True
+
+    def _pieces(self, x0: torch.Tensor, index: int):
+        """(latents, is the last piece): the whole chunk, or, for the stream's first chunk with early_first_frame,
+        its first latent frame alone (which the VAE takes on its own anyway) and then the rest: the same frames, the
+        first on screen one decode sooner. A chunk handed out in pieces carries its whole time on the last."""
+        if self.early_first_frame and index == 0 and x0.shape[2] > 1:
+            return [(x0[:, :, :1], False), (x0[:, :, 1:], True)]
+        return [(x0, True)]
+
+    def _finished(self) -> bool:
+        return self.total_latents is not None and self.frame0 >= self.total_latents
 
     def _chunk_len(self) -> int:
         n = self.settings.chunk_frames + (1 if self.index == 0 else 0)
@@ -391,68 +251,47 @@ class Stream:
             n = min(n, self.total_latents - self.frame0)
         return n
 
-    def _maybe_rebase(self, n: int) -> None:
-        """Shift positions back before the RoPE table ends (exact: attention depends on relative positions)."""
-        if self.frame0 - self.origin + n <= self.pipe.model.cfg.rope_max_len:
-            return
-        delta = self.frame0 - self.origin - self.settings.chunk_frames - 1  # the pending chunk stays at >= 0
-        self.pipe.model.rebase_state(self.state, delta)
-        self.origin += delta
-        if self.pending is not None:
-            self.pending = (self.pending[0], self.pending[1] - delta)
+    def _seed(self) -> int:
+        return self.seed * SEED_STRIDE + self.index
 
-    def _keep_rewind_point(self) -> None:
-        """Take this boundary as a rewind point, reusing the buffers of the oldest one once the ring is full."""
-        if not self.settings.rewind_points:
-            return
-        with self._lock:
-            if self._pending_rewind is not None:  # it will drop every later point: none to keep
-                return
-            if len(self.rewind_points) == self.settings.rewind_points:
-                self._drop(self.rewind_points.popleft())
-        copy = None
-        if self.index > 0:
-            copy = self._spare_copies.pop() if self._spare_copies else _HostCopy(self)
-            copy.take(self)
-        b = _Boundary(self.index, self.frame0, self.origin, self.prompt, self.prompt_seq, copy)
-        with self._lock:
-            self.rewind_points.append(b)
-
-    def _restore(self, b: _Boundary) -> None:
-        self.index, self.frame0, self.origin = b.index, b.frame0, b.origin
-        if b.copy is None:  # the stream's start
-            self.state.reset()
-            self.decoder.reset()
-            self.pending = None
-        else:
-            b.copy.put_back(self)
-        if b.prompt != self.prompt:
-            self.prompt, self.text = b.prompt, self._encode(b.prompt)
-        self.prompt_seq = b.prompt_seq
-        with self._lock:  # points from the boundary on describe a future that no longer happens
-            while self.rewind_points and self.rewind_points[-1].index >= b.index:
-                self._drop(self.rewind_points.pop())
-
-    def _drop(self, b: _Boundary) -> None:
-        if b.copy is not None:
-            self._spare_copies.append(b.copy)
+    def _position(self) -> int:
+        """The next chunk's RoPE position, re-basing every stored position first where the table would end (exact:
+        attention depends on relative positions only)."""
+        if self.frame0 - self.origin + self._chunk_len() > self.pipe.model.cfg.rope_max_len:
+            delta = self.frame0 - self.origin - self.settings.chunk_frames - 1  # the pending chunk stays at >= 0
+            self.pipe.model.rebase_state(self.step.state, delta)
+            self.origin += delta
+            if self.pending is not None:
+                self.pending = (self.pending[0], self.pending[1] - delta)
+        return self.frame0 - self.origin
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _encode(self, prompt: str):
         return self.pipe.prompts.get(prompt, self.settings.motion_score).ctx
 
+    def video_frame(self, latent_frame: int) -> int:
+        return video_frame(latent_frame, self.stride)
+
     def memory_bytes(self) -> int:
         """Bytes of every tensor this stream holds: state, pending x0, VAE cache, rewind points."""
-        total = self.state.nbytes + self.decoder.nbytes + (self.pending[0].nbytes if self.pending else 0)
-        copies = [b.copy for b in self.rewind_points if b.copy is not None] + self._spare_copies
-        return total + sum(c.nbytes for c in copies)
+        pending = self.pending[0].nbytes if self.pending else 0
+        return self.step.state.nbytes + self.decoder.nbytes + pending + self.ring.nbytes
 
 
-def latent_frames(num_frames: int) -> int:
-    """Latent frames that decode to at least `num_frames` video frames (1 + 4 (T - 1))."""
-    return (max(num_frames, 1) - 1 + LATENT_STRIDE - 1) // LATENT_STRIDE + 1
+def make_step(pipe: Pipeline, latent_hw: tuple[int, int], settings: StreamSettings) -> ChunkStep:
+    """The one place that chooses how a stream runs: the fast engine (by default on a GPU) or the eager reference."""
+    fast = settings.compile if settings.compile is not None else pipe.device.type == "cuda"
+    if not fast:
+        return EagerStep(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps)
+    compile_norms(pipe.vae.decoder)
+    return ChunkEngine(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps, compile=True)
 
 
-def video_frame(latent_frame: int) -> int:
-    """Index of the first video frame decoded from `latent_frame` (latent 0 -> 1 frame, then 4 each)."""
-    return 0 if latent_frame == 0 else 1 + LATENT_STRIDE * (latent_frame - 1)
+def latent_frames(num_frames: int, stride: int = VAEConfig().temporal_stride) -> int:
+    """Latent frames that decode to at least `num_frames` video frames (1 + stride (T - 1))."""
+    return (max(num_frames, 1) - 1 + stride - 1) // stride + 1
+
+
+def video_frame(latent_frame: int, stride: int = VAEConfig().temporal_stride) -> int:
+    """Index of the first video frame decoded from `latent_frame` (latent 0 -> 1 frame, then `stride` each)."""
+    return 0 if latent_frame == 0 else 1 + stride * (latent_frame - 1)

@@ -1,6 +1,6 @@
-"""The fast chunk step (engine.py) against the eager reference step (`reference_step`, what the eager stream runs;
-test_stream.py checks it against a plain by-hand reference), and the stream's fast path (speculative next
-chunk, overlapped decode) against the eager stream.
+"""The fast chunk step (engine.py) against the eager reference step (step.py's `EagerStep`, which test_stream.py checks
+against a plain by-hand reference), both through the `ChunkStep` interface, and the stream's fast path (speculative
+next chunk, overlapped decode) against the eager stream.
 
 On the CPU the engine runs without CUDA graphs: uncompiled it must equal the eager step bitwise (same operations,
 same noise), compiled (backend aot_eager: dynamo tracing, functionalized in-place state updates) within fp32
@@ -18,8 +18,9 @@ from torch._dynamo.testing import CompileCounter
 
 from longsana import engine as engine_mod
 from longsana.config import get_config
-from longsana.engine import ChunkEngine, reference_step
+from longsana.engine import ChunkEngine
 from longsana.model import LongSANATransformer
+from longsana.step import EagerStep
 from longsana.testing import randomize_, rel_err, tiny_pipeline
 
 P, Q = "a red circle moving left", "two yellow squares bouncing"
@@ -39,23 +40,20 @@ def model_and_text(device="cpu", dtype=torch.float32, layers=2, seed=0):
     return model, text
 
 
-def eager_step(model, text, state, n, pos, seed, pending, bf16_like=False):
-    return reference_step(model, text, state, HW, n, pos, seed, pending, TIMESTEPS, bf16_like)
-
-
 def run_both(model, text, engine, chunks, texts=None, bf16_like=False):
     """Chunks [(n, seed), ...] through the engine and the eager step from the same (zero) state, each chunk's
     clean-context pass deferred to the next; returns both x0 lists and the eager state."""
-    ref_state = engine.state.snapshot()
+    ref = EagerStep(model, HW, TIMESTEPS, bf16_like)
+    ref.state.copy_(engine.state)
     got, want, pending, pending_ref, pos = [], [], None, None, 0
     for i, (n, seed) in enumerate(chunks):
         t = texts[i] if texts else text
-        x0 = engine.step(t, n, pos, seed, pending)
+        x0 = engine.denoise(t, n, pos, seed, pending)
         got.append(x0.clone())
-        want.append(eager_step(model, t, ref_state, n, pos, seed, pending_ref, bf16_like))
+        want.append(ref.denoise(t, n, pos, seed, pending_ref))
         pending, pending_ref = (x0, pos), (want[-1], pos)
         pos += n
-    return got, want, ref_state
+    return got, want, ref.state
 
 
 CHUNKS = [(3, 11), (2, 12), (2, 13), (2, 14)]  # a longer first chunk, then a steady length
@@ -76,7 +74,7 @@ def test_uncompiled_engine_equals_the_eager_step_bitwise():
 def test_engine_noise_is_the_eager_samplers():
     model, text = model_and_text()
     engine = ChunkEngine(model, HW, TIMESTEPS, compile=False)
-    engine.step(text, 3, 0, 5)
+    engine.denoise(text, 3, 0, 5)
     g = torch.Generator().manual_seed(5)
     for eps in engine._buffers[3].noise:
         assert torch.equal(eps, torch.randn((1, 16, 3, *HW), generator=g))
@@ -92,11 +90,12 @@ def test_prompt_switch_and_foreign_pending_x0():
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert engine.t_net == (1000.0, 960.0, 888.0, 728.0)
-    foreign, ref_state = got[-1].clone(), engine.state.snapshot()
-    x0 = engine.step(other, 2, 7, 3, (foreign, 5))
+    foreign, ref = got[-1].clone(), EagerStep(model, HW, TIMESTEPS, bf16_like=True)
+    ref.state.copy_(engine.state)
+    x0 = engine.denoise(other, 2, 7, 3, (foreign, 5))
     assert engine._slot_of(x0) is not None and engine._text_src is other
-    assert torch.equal(x0, eager_step(model, other, ref_state, 2, 7, 3, (foreign, 5), bf16_like=True))
-    for a, b in zip(engine.state.tensors(), ref_state.tensors()):
+    assert torch.equal(x0, ref.denoise(other, 2, 7, 3, (foreign, 5)))
+    for a, b in zip(engine.state.tensors(), ref.state.tensors()):
         assert torch.equal(a, b)
 
 
@@ -157,11 +156,11 @@ def no_compile(monkeypatch):
 def test_fast_stream_equals_the_eager_stream(pipe, monkeypatch):
     no_compile(monkeypatch)
     steps = []
-    orig = ChunkEngine.step
-    monkeypatch.setattr(ChunkEngine, "step", lambda self, *a: steps.append(a[1:3]) or orig(self, *a))
+    orig = ChunkEngine._launch
+    monkeypatch.setattr(ChunkEngine, "_launch", lambda self, *a: steps.append(a[1:3]) or orig(self, *a))
     fast, got = schedule(pipe, True)
     eager, want = schedule(pipe, False)
-    assert fast.engine is not None and eager.engine is None
+    assert isinstance(fast.step, ChunkEngine) and isinstance(eager.step, EagerStep)
     assert [(c.index, c.start_frame, c.prompt, c.prompt_seq) for c in got] == \
            [(c.index, c.start_frame, c.prompt, c.prompt_seq) for c in want]
     assert [c.index for c in got] == [0, 1, 2, 3, 3, 4]  # the rewind replays chunk 3
@@ -170,8 +169,8 @@ def test_fast_stream_equals_the_eager_stream(pipe, monkeypatch):
     # steps (n, pos): each chunk speculated right after its predecessor; the switch after chunk 1 redoes chunk 2,
     # the rewind after chunk 3 redoes chunk 3 (the speculated chunk 4 is dropped)
     assert steps[:4] == [(3, 0), (2, 3), (2, 5), (2, 5)]
-    assert [b.index for b in fast.rewind_points] == [b.index for b in eager.rewind_points]
-    for a, b in zip(fast.rewind_points, eager.rewind_points):
+    assert [b.index for b in fast.ring.points] == [b.index for b in eager.ring.points]
+    for a, b in zip(fast.ring.points, eager.ring.points):
         assert (a.copy is None) == (b.copy is None) == (a.index == 0)  # the start is all zeros: nothing copied
         if a.copy is not None:
             (n, pos), x0s = a.copy.pending, [p.copy.x0[:, :, :p.copy.pending[0]] for p in (a, b)]
@@ -192,7 +191,7 @@ def test_fast_stream_memory_is_constant(pipe, monkeypatch):
     for _ in range(6):
         next(it)
     assert stream.memory_bytes() == before and [a.data_ptr() for a in stream.state.tensors()] == ptrs
-    assert set(stream.engine._buffers) == {1, 2}  # the first chunk's length and the steady one
+    assert set(stream.step._buffers) == {1, 2}  # the first chunk's length and the steady one
 
 
 # -- on a GPU -----------------------------------------------------------------------------------------------------
@@ -242,13 +241,13 @@ def test_gpu_rewind_replays_from_reused_pinned_copies():
     stream = gpu_pipeline().stream(P, seed=6, compile=True, rewind_points=2, early_first_frame=False)
     it = iter(stream)
     original = [next(it) for _ in range(7)]
-    copies = {id(b.copy) for b in stream.rewind_points}
-    assert [b.index for b in stream.rewind_points] == [5, 6] and len(copies) == 2
-    assert all(b.copy.x0.is_pinned() and b.copy.state.S.is_pinned() for b in stream.rewind_points)
+    copies = {id(b.copy) for b in stream.ring.points}
+    assert [b.index for b in stream.ring.points] == [5, 6] and len(copies) == 2
+    assert all(b.copy.x0.is_pinned() and b.copy.state.S.is_pinned() for b in stream.ring.points)
     assert stream.rewind(100) == pytest.approx(sum(len(c.frames) for c in original[5:]) / 16)
     replay = [next(it), next(it)]
     assert [c.index for c in replay] == [5, 6]
     for a, b in zip(replay, original[5:]):
         assert np.abs(a.frames.astype(int) - b.frames.astype(int)).mean() < 0.1
-    assert {id(b.copy) for b in stream.rewind_points} <= copies | {id(c) for c in stream._spare_copies}
+    assert {id(b.copy) for b in stream.ring.points} <= copies | {id(c) for c in stream.ring.spare}
     stream.close()

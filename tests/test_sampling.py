@@ -40,8 +40,8 @@ def fake_velocity(C: int, seed: int, seen: list | None = None):
 
     def v(x, t):
         if seen is not None:
-            seen.append(t.clone())
-        tt = t.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+            seen.append(torch.as_tensor(t).clone())
+        tt = torch.as_tensor(t, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
         return (torch.einsum("oc,bcfhw->bofhw", A.to(x.dtype), x) + 0.1 * torch.tanh(x)
                 + torch.cos(tt / 300) * b.to(x.dtype))
     return v

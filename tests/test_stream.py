@@ -121,7 +121,7 @@ def test_recache_matches_a_plain_reference(pipe):
             m.forward_chunk(x0, zero, text[Q], state, frame0 - spec.chunk_frames, update_state=True)
         g = torch.Generator().manual_seed(2 * 1_000_003 + c)
         noise = lambda: torch.randn((1, 16, n, h, w), generator=g)  # noqa: E731
-        velocity = lambda x, t: m.forward_chunk(x, t.reshape(1), text[prompt], state, frame0)  # noqa: E731
+        velocity = lambda x, t: m.forward_chunk(x, torch.full((1,), t), text[prompt], state, frame0)  # noqa: E731
         x0 = sample_chunk(velocity, noise, spec_timesteps(pipe))
         frames.append(decoder.decode(x0).numpy())
         before = state.snapshot()
@@ -166,12 +166,12 @@ def test_memory_is_constant(pipe):
         next(it)
         if i == 5:
             sizes[5], ptrs = stream.memory_bytes(), [a.data_ptr() for a in stream.state.tensors()]
-            copies = {id(b.copy) for b in stream.rewind_points}
+            copies = {id(b.copy) for b in stream.ring.points}
     sizes[50] = stream.memory_bytes()
     assert sizes[5] == sizes[50] > 0
     assert [a.data_ptr() for a in stream.state.tensors()] == ptrs
-    assert {id(b.copy) for b in stream.rewind_points} == copies  # the ring reuses its points' buffers
-    assert len(stream.rewind_points) == 2
+    assert {id(b.copy) for b in stream.ring.points} == copies  # the ring reuses its points' buffers
+    assert len(stream.ring.points) == 2
     stream.close()
 
 

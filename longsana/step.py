@@ -1,0 +1,123 @@
+"""How a stream runs one chunk: the `ChunkStep` interface and the eager reference step.
+
+Between two chunk boundaries a stream asks its step for
+  denoise   the pending chunk's clean-context pass (it adds that chunk to the block-causal state, with the prompt in
+            force now: the LongLive re-cache when the prompt changed in between), then the causal sampler's passes
+            over fresh noise for the new chunk -> its x0;
+  decode    the streaming VAE decode of x0 to uint8 frames on the device, and `download` to the host.
+Two implementations compute the same frames:
+  - `EagerStep` (here): the reference, plain module calls in program order;
+  - `ChunkEngine` (engine.py): static buffers, compiled blocks, CUDA graphs, and the decode on a second CUDA stream,
+    overlapped with the next chunk's transformer work, which `ahead` launches speculatively.
+The stream (stream.py) is written against this interface only; the tests compare the two steps through it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .model import LongSANATransformer, State, TextKV
+from .sampling import sample_chunk
+from .vae import StreamingDecoder
+
+Pending = tuple[torch.Tensor, int]  # a chunk's x0 and RoPE position, its clean-context pass still due
+
+
+class SideStream:
+    """A second CUDA stream, of high priority: the VAE decode of chunk c runs there and its kernels go first, so
+    its frames come out nearly as fast as alone, while chunk c+1's transformer work on the main stream fills the
+    rest of the GPU. On the CPU every method is a no-op and the work runs in program order."""
+
+    def __init__(self, device: torch.device):
+        self.stream = None
+        if device.type == "cuda":
+            self.stream = torch.cuda.Stream(device, priority=-1)  # lower is higher; clamped to the range
+
+    def __call__(self):
+        """Context manager: run on the side stream."""
+        return torch.cuda.stream(self.stream)
+
+    def wait(self) -> None:
+        """Let the side stream's later work wait for all work queued so far on the current stream."""
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+
+    def mark(self) -> torch.cuda.Event | None:
+        """An event at the current point of the current stream (None on the CPU)."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+
+class ChunkStep(Protocol):
+    state: State  # the block-causal state, owned by the step and updated in place (its storage never changes)
+    side: SideStream  # where decodes run; copies of the VAE cache are queued there too
+
+    def denoise(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None) -> torch.Tensor:
+        """The pending chunk's clean-context pass, then x0 (B, C, n, h, w) fp32 of a chunk of n latent frames at
+        RoPE position `pos`, its noise drawn from a generator seeded with `seed`."""
+
+    def ahead(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None) -> None:
+        """A hint: the next `denoise` will probably be this one (a step may start it now)."""
+
+    def cancel(self) -> None:
+        """Forget work started ahead, putting the state back to the last boundary (before a rewind)."""
+
+    def boundary_state(self) -> State:
+        """The state at the current boundary, as `denoise` will find it (before work started ahead)."""
+
+    def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (n, H, W, 3) of latents z, on the device."""
+
+    def download(self, frames: torch.Tensor) -> np.ndarray:
+        """`decode`'s frames on the host."""
+
+
+class EagerStep:
+    """The reference step: `sample_chunk` over `model.forward_chunk`, batch 1."""
+
+    def __init__(self, model: LongSANATransformer, latent_hw: tuple[int, int], timesteps, bf16_like: bool = False):
+        self.model, self.latent_hw = model, tuple(latent_hw)
+        self.timesteps, self.bf16_like = tuple(timesteps), bf16_like
+        self.device = model.proj_out.weight.device
+        self.state = model.new_state(1, *latent_hw, device=self.device)
+        self.side = SideStream(torch.device("cpu"))  # no second stream: everything in program order
+
+    @torch.inference_mode()
+    def denoise(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None) -> torch.Tensor:
+        m, device = self.model, self.device
+        if pending is not None:
+            x0, pos_prev = pending
+            m.forward_chunk(x0, torch.zeros(1, device=device), text, self.state, pos_prev, update_state=True,
+                            output=False)
+        g = torch.Generator(device).manual_seed(seed)
+        shape = (1, m.cfg.in_channels, n, *self.latent_hw)
+
+        def noise():
+            return torch.randn(shape, generator=g, device=device)
+
+        def velocity(x, t):
+            return m.forward_chunk(x, torch.full((1,), t, device=device), text, self.state, pos)
+
+        return sample_chunk(velocity, noise, self.timesteps, bf16_like=self.bf16_like)
+
+    def ahead(self, *args) -> None:
+        pass  # nothing is computed before it is asked for
+
+    def cancel(self) -> None:
+        pass
+
+    def boundary_state(self) -> State:
+        return self.state
+
+    @torch.inference_mode()
+    def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
+        return decoder.decode(z)
+
+    def download(self, frames: torch.Tensor) -> np.ndarray:
+        return frames.cpu().numpy()
