@@ -1,7 +1,7 @@
 # Two commands do everything:
 #   make serve         set up, then stream from the built-in demo model and open the page in a browser
 #   make test          set up, then run the test suite (what CI runs, with check-wheel)
-#   make test-fast     the same without the slow, browser and GPU tests: about a minute, for while you work
+#   make test-fast     the same without the slow, browser and GPU tests: under a minute, for while you work
 # and, for the day the pins move:
 #   make test-latest   the suite against the newest release of every dependency, in a fresh .venv-latest
 #   make lock          test-latest, then write the versions it passed with to constraints.txt (the lock)

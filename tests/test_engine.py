@@ -99,6 +99,7 @@ def test_prompt_switch_and_foreign_pending_x0():
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_share_one_graph_and_match_eager(monkeypatch):
     torch._dynamo.reset()
     counter = CompileCounter()

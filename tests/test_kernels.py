@@ -37,6 +37,7 @@ runs_triton = pytest.mark.skipif(not (CUDA or INTERPRETER),
                                  reason="runs in test_kernels_under_interpreter's process (TRITON_INTERPRET=1)")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CUDA or INTERPRETER, reason="only without a GPU, and not inside itself")
 def test_kernels_under_interpreter():
     """This file again, in a process that had TRITON_INTERPRET=1 before it imported triton."""
