@@ -1,6 +1,7 @@
 # Two commands do everything:
 #   make serve         set up, then stream from the built-in demo model and open the page in a browser
 #   make test          set up, then run the test suite (what CI runs, with check-wheel)
+#   make test-fast     the same without the slow, browser and GPU tests: under a minute, for while you work
 # and, for the day the pins move:
 #   make test-latest   the suite against the newest release of every dependency, in a fresh .venv-latest
 #   make lock          test-latest, then write the versions it passed with to constraints.txt (the lock)
@@ -18,7 +19,7 @@ PIP      = $(BIN)/python -m pip install -q $(if $(LOCK),-c $(LOCK))
 LATEST  := .venv-latest
 LOWEST  := .venv-lowest
 
-.PHONY: setup setup-test serve test test-latest lock test-lowest check-wheel
+.PHONY: setup setup-test serve test test-fast test-latest lock test-lowest check-wheel
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +40,10 @@ serve: setup
 
 test: setup-test
 	$(BIN)/python -m pytest -q
+
+# The markers are registered in pyproject.toml; `slow` is a test over about 2 s on a 2-core CPU.
+test-fast: setup-test
+	$(BIN)/python -m pytest -q -m "not slow and not browser and not gpu"
 
 test-latest:
 	rm -rf $(LATEST)

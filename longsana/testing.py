@@ -1,11 +1,13 @@
 """What the tests and the benchmarks share: the error metric, random weights, tiny models and diffusers references.
 
 Speed does not depend on weight values, but a comparison or a timing on zeros proves nothing, so both use
-non-degenerate random weights: no branch of the network is silently inert. diffusers is a test dependency only,
-imported where a reference model is built.
+non-degenerate random weights: no branch of the network is silently inert. diffusers and pytest are test
+dependencies only, each imported inside the function that uses it: the benchmarks import this module without them.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -23,6 +25,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
         raise ValueError(f"reference is (nearly) zero: norm {ref.double().norm().item():.3g} over {ref.numel()} values")
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def needs_cuda(test):
+    """Mark `test` a GPU test (pytest marker `gpu`, which `make test-fast` leaves out) and skip it without a CUDA GPU
+    or under Triton's interpreter (TRITON_INTERPRET=1), where no kernel would be compiled for the GPU."""
+    import pytest
+
+    compiled_cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    skip = pytest.mark.skipif(not compiled_cuda, reason="needs a CUDA GPU")
+    return pytest.mark.gpu(skip(test))
 
 
 @torch.no_grad()

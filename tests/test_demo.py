@@ -45,6 +45,7 @@ def test_demo_model_loads_as_shipped(pipe):
     assert torch.nn.functional.cosine_similarity(emb[0, :n], emb[1, :n], dim=-1).min() < 0.8  # prompts differ
 
 
+@pytest.mark.slow
 def test_demo_videos_follow_their_captions(pipe):
     rng = np.random.default_rng(2024)
     hits = {k: 0 for k in ATTRIBUTES}
@@ -61,6 +62,7 @@ def test_demo_videos_follow_their_captions(pipe):
     assert acc["background"] >= 0.8, acc
 
 
+@pytest.mark.slow
 def test_new_prompt_color_takes_over_within_two_chunks(pipe):
     rng = np.random.default_rng(7)
     before = after = later = 0

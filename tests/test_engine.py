@@ -21,12 +21,11 @@ from longsana.config import get_config
 from longsana.engine import ChunkEngine
 from longsana.model import LongSANATransformer
 from longsana.step import EagerStep
-from longsana.testing import randomize_, rel_err, tiny_pipeline
+from longsana.testing import needs_cuda, randomize_, rel_err, tiny_pipeline
 
 P, Q = "a red circle moving left", "two yellow squares bouncing"
 TIMESTEPS = (1000.0, 960.0, 889.0, 727.0)
 HW = (4, 4)  # latent size of the model tests
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def model_and_text(device="cpu", dtype=torch.float32, layers=2, seed=0):
@@ -99,6 +98,7 @@ def test_prompt_switch_and_foreign_pending_x0():
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_share_one_graph_and_match_eager(monkeypatch):
     torch._dynamo.reset()
     counter = CompileCounter()
@@ -196,7 +196,7 @@ def test_fast_stream_memory_is_constant(pipe, monkeypatch):
 
 # -- on a GPU -----------------------------------------------------------------------------------------------------
 
-@cuda
+@needs_cuda
 def test_graph_replays_match_the_eager_step_on_the_gpu():
     torch._dynamo.reset()
     model, text = model_and_text("cuda", torch.bfloat16, layers=3)
@@ -221,7 +221,7 @@ def gpu_pipeline():
     return pipe
 
 
-@cuda
+@needs_cuda
 def test_fast_stream_on_the_gpu_equals_the_eager_stream():
     torch._dynamo.reset()
     pipe = gpu_pipeline()
@@ -232,7 +232,7 @@ def test_fast_stream_on_the_gpu_equals_the_eager_stream():
         assert a.frames.shape == b.frames.shape and diff.mean() < 2.0, diff.mean()
 
 
-@cuda
+@needs_cuda
 def test_gpu_rewind_replays_from_reused_pinned_copies():
     """Rewind points on a GPU are pinned host buffers, filled by non-blocking copies and reused as the ring turns:
     a rewind after the ring has turned several times replays the original chunks (a copy that raced the work

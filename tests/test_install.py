@@ -13,6 +13,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
 
@@ -44,6 +46,7 @@ print(calls.count("linear_attention"), calls.count("ln_modulate"), cfg.num_layer
 """
 
 
+@pytest.mark.slow
 def test_transformers_and_our_kernels_from_the_repository_root():
     run = subprocess.run([sys.executable, "-c", FROM_THE_ROOT], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -27,17 +27,17 @@ pytest.importorskip("triton")
 from longsana.kernels import triton_common, triton_linear_attention  # noqa: E402
 from longsana.kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref  # noqa: E402
 from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_ref  # noqa: E402
-from longsana.testing import rel_err  # noqa: E402
+from longsana.testing import needs_cuda, rel_err  # noqa: E402
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRETER
 DEVICE = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 runs_triton = pytest.mark.skipif(not (CUDA or INTERPRETER),
                                  reason="runs in test_kernels_under_interpreter's process (TRITON_INTERPRET=1)")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CUDA or INTERPRETER, reason="only without a GPU, and not inside itself")
 def test_kernels_under_interpreter():
     """This file again, in a process that had TRITON_INTERPRET=1 before it imported triton."""

@@ -30,7 +30,8 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 FOX, OWL = "a red fox trotting through snow", "an owl gliding over a moonlit lake"
 MIN_FRAMES = 24
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make setup-test)")
+pytestmark = [pytest.mark.browser, pytest.mark.slow,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make setup-test)")]
 
 
 @pytest.fixture(scope="module")

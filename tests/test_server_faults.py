@@ -63,6 +63,7 @@ BAD_MESSAGES = [  # (raw message, error code, seq echoed)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("client", [RtcClient, WsClient], ids=["webrtc", "websocket"])
 def test_bad_messages_get_errors_and_the_stream_goes_on(client):
     async def main(server):
@@ -144,6 +145,7 @@ def test_bad_http_requests():
             assert json.loads(r.read())["streams"] == 0
 
 
+@pytest.mark.slow
 def test_websocket_refusals():
     async def main(server):
         ws_url = "ws" + server.url.removeprefix("http") + "ws"
@@ -185,6 +187,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow
 def test_clients_that_vanish_are_freed():
     async def main(server):
         other = await RtcClient.connect(server.url, OWL, decode=False)
@@ -217,6 +220,7 @@ def test_clients_that_vanish_are_freed():
         run(main(server))
 
 
+@pytest.mark.slow
 def test_twice_the_stream_limit_at_once():
     async def main(server):
         connects = [RtcClient.connect(server.url, FOX, decode=False), WsClient.connect(server.url, FOX, decode=False),
@@ -250,6 +254,7 @@ def fail_on_the_third(i: int, chunk):
     return chunk
 
 
+@pytest.mark.slow
 def test_generator_failure_ends_only_its_stream():
     async def main(server):
         c = await WsClient.connect(server.url, FOX, decode=False)

@@ -51,6 +51,7 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
+@pytest.mark.slow
 def test_webrtc_pace_pts_and_prompt_switch(server):
     async def main():
         async with await RtcClient.connect(server.url, FOX) as c:
@@ -100,6 +101,7 @@ def test_webrtc_vp8_when_h264_is_not_offered(server):
     run(main())
 
 
+@pytest.mark.slow
 def test_pause_resume_rewind_stats(server):
     async def main():
         async with await RtcClient.connect(server.url, FOX, decode=False) as c:
@@ -143,6 +145,7 @@ def test_pause_resume_rewind_stats(server):
     run(main())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seconds, step", [
     ((0.25, 0.25, 0.25, 2.0, 0.25), STEP),  # one slow chunk (a busy machine's hiccup) leaves the pace alone
     ((0.75,), round(STEP_MARGIN * 0.75 / 8 * CLOCK_RATE)),  # slower than real time: paced at its rate, 5% slower
@@ -160,6 +163,7 @@ def test_pace_follows_the_generation_rate(seconds, step):
         run(main(server))
 
 
+@pytest.mark.slow
 def test_websocket_stream(server):
     async def main():
         async with await WsClient.connect(server.url, FOX) as c:
@@ -185,6 +189,7 @@ def get(url: str) -> tuple[int, str, bytes]:
         return e.code, e.headers["Content-Type"], e.read()
 
 
+@pytest.mark.slow
 def test_recording_health_and_metrics(server, tmp_path):
     async def main():
         async with await RtcClient.connect(server.url, FOX, decode=False) as c:

@@ -15,7 +15,11 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 from longsana.streaming.client import RtcClient, WsClient
+
+pytestmark = pytest.mark.slow  # a 20 s soak
 
 SOAK_SECONDS = float(os.environ.get("LONGSANA_SOAK_SECONDS", 20))
 SOAK_MODEL = os.environ.get("LONGSANA_SOAK_MODEL", "synthetic")
