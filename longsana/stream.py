@@ -39,7 +39,7 @@ from .config import ModelSpec, VAEConfig, get_config
 from .engine import ChunkEngine, compile_norms
 from .model import LongSANATransformer
 from .rewind import RewindPoint, RewindRing
-from .step import ChunkStep, EagerStep
+from .step import ChunkStep, EagerStep, Pending
 from .text import PromptCache, TextEncoder
 from .vae import StreamingDecoder
 
@@ -160,7 +160,7 @@ class Stream:
                                         max_latent_frames_per_call=settings.vae_frames_per_call)
         x0_shape = (1, pipe.model.cfg.in_channels, settings.chunk_frames + 1, *self.latent_hw)  # the longest chunk
         self.ring = RewindRing(settings.rewind_points, x0_shape, pipe.device, self.step.side)
-        self.pending: tuple[torch.Tensor, int] | None = None  # last chunk's (x0, position): clean pass due
+        self.pending: Pending | None = None  # the last chunk, its clean-context pass due
         self._lock = threading.Lock()
         self._pending_prompt: str | None = None
         self._closed = False
