@@ -17,8 +17,8 @@ force when chunk c-1's clean-context pass runs, which is exactly "rebuild the st
 clean-context pass with the new prompt". Older chunks keep their old-prompt contribution (a sum cannot be
 un-mixed). Frames already yielded never change.
 
-Per-stream memory is fixed when the stream starts: the transformer state, the last chunk's x0, the VAE cache and
-a bounded ring of rewind points (rewind.py). Positions are re-based before the RoPE table ends, so a stream can run
+Per-stream memory is bounded and allocated over the first chunks (after which it never changes): the transformer
+state, the last chunk's x0, the VAE cache, the fast step's static buffers and a ring of rewind points (rewind.py). Positions are re-based before the RoPE table ends, so a stream can run
 for hours.
 
 Determinism: chunk c's noise comes from a generator seeded by (seed, c), so a stream is a pure function of the
