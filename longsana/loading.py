@@ -388,10 +388,10 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMG]?B)?", re.IGNORECASE)
 
 
 def _parse_size(text: str) -> int:
-    """'5GB' / '300MB' / '20KB' / '123' (bytes) -> bytes (powers of 1024)."""
+    """'5GB' / '300MB' / '20KB' / '123' (bytes) -> bytes (powers of 1024); ValueError for anything else."""
     m = _SIZE.fullmatch(text.strip())
     if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 5GB, 300MB or 20KB")
+        raise ValueError(f"{text!r} is not a size like 5GB, 300MB or 20KB")
     return int(float(m[1]) * 1024 ** "BKMG".index((m[2] or "B")[0].upper()))
 
 
@@ -411,7 +411,10 @@ def convert_cmd(src: Path, dst: Path, config_name: str | None, max_shard_size: s
     Keys and shapes are checked against the config before anything is written."""
     from .model import LongSANATransformer
 
-    max_bytes = _parse_size(max_shard_size)
+    try:
+        max_bytes = _parse_size(max_shard_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
     weights, config_json = _weights_path(src)
     try:
         cfg = _resolve_config(config_name, config_json)
@@ -424,6 +427,8 @@ def convert_cmd(src: Path, dst: Path, config_name: str | None, max_shard_size: s
             check_state_dict(LongSANATransformer(cfg), sd, weights)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from e
+    except KeyError as e:  # an unknown --config name
+        raise click.BadParameter(e.args[0], param_hint="--config") from None
     if original == (dst.suffix in TORCH_SUFFIXES):
         raise click.BadParameter(f"{dst}: an original-layout checkpoint converts to a diffusers folder, a diffusers "
                                  f"one to a {'/'.join(TORCH_SUFFIXES)} file; {weights} is "
