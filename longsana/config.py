@@ -91,7 +91,8 @@ class TransformerConfig:
         for key, want in unsupported.items():
             if key in cfg and cfg[key] != want:
                 raise ValueError(f"unsupported transformer config: {key}={cfg[key]!r} (expected {want!r})")
-        if cfg.get("cross_attention_dim") not in (None, cfg.get("num_attention_heads", 20) * cfg.get("attention_head_dim", 112)):
+        dim = cfg.get("num_attention_heads", cls.num_heads) * cfg.get("attention_head_dim", cls.head_dim)
+        if cfg.get("cross_attention_dim") not in (None, dim):
             raise ValueError(f"unsupported transformer config: cross_attention_dim={cfg['cross_attention_dim']}")
         kw = {ours: cfg[theirs] for ours, theirs in cls._DIFFUSERS_KEYS.items() if cfg.get(theirs) is not None}
         if "patch_size" in kw:
@@ -141,7 +142,7 @@ class VAEConfig:
             cfg = json.loads(Path(cfg).read_text())
         if cfg.get("attn_scales"):
             raise ValueError(f"unsupported VAE config: attn_scales={cfg['attn_scales']!r}")
-        if cfg.get("decoder_base_dim") not in (None, cfg.get("base_dim", 96)):
+        if cfg.get("decoder_base_dim") not in (None, cfg.get("base_dim", cls.base_dim)):
             raise ValueError(f"unsupported VAE config: decoder_base_dim={cfg['decoder_base_dim']!r}")
         kw = {ours: cfg[theirs] for ours, theirs in cls._DIFFUSERS_KEYS.items() if cfg.get(theirs) is not None}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})

@@ -76,7 +76,7 @@ def stream_to_file(pipe, timeline: Timeline, out: Path, frames: int, seed: int, 
     from .video import VideoWriter
 
     stream = pipe.stream(timeline[0][1], seed=seed, height=height, width=width, num_frames=frames, **settings)
-    total = (stream.total_latents - 1) * 4 + 1
+    total = (stream.total_latents - 1) * pipe.vae.cfg.temporal_stride + 1
     upcoming = list(timeline[1:])
     with VideoWriter(out, stream.width, stream.height, stream.fps) as video, \
             tqdm(total=total, unit="frame", desc=out.name, dynamic_ncols=True) as bar:
@@ -154,15 +154,13 @@ def base_clip_settings(spec, image: Path | None, height: int | None, width: int 
 def generate_cmd(prompt, timeline, txt_file, model, spec, seconds, frames, image, steps, guidance, negative_prompt,
                  seed, height, width, chunk_frames, bf16_timesteps, device, output, out_dir):
     """Generate videos from prompts and write them as H.264 MP4 (at the model's frame rate)."""
-    from .base import MAX_STEPS
+    from .base import DEFAULT_FRAMES, MAX_STEPS
     from .stream import latent_frames, resolve_model
 
     if sum(x is not None for x in (prompt, timeline, txt_file)) != 1:
         raise click.UsageError("give exactly one of --prompt, --timeline, --txt-file")
     if seconds is not None and frames is not None:
         raise click.UsageError("give at most one of --seconds and --frames")
-    if frames is not None and (frames - 1) % 4:
-        raise click.BadParameter(f"must be 1 + 4k (e.g. 81), got {frames}", param_hint="--frames")
     if steps is not None and steps > MAX_STEPS:
         raise click.BadParameter(f"at most {MAX_STEPS}, got {steps}", param_hint="--steps")
     try:
@@ -172,7 +170,10 @@ def generate_cmd(prompt, timeline, txt_file, model, spec, seconds, frames, image
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise click.ClickException(str(e.args[0])) from e
     outputs = [out_dir / f"{i:03d}_{slug(p)}.mp4" for i, p in enumerate(prompts)] if txt_file else [output]
-    frames = frames or 1 + 4 * (latent_frames(round((seconds or DEFAULT_SECONDS) * model_spec.fps)) - 1)
+    ts = model_spec.vae.temporal_stride  # video frames per latent frame after the first
+    if frames is not None and (frames - 1) % ts:
+        raise click.BadParameter(f"must be 1 + {ts}k (e.g. {DEFAULT_FRAMES}), got {frames}", param_hint="--frames")
+    frames = frames or 1 + ts * (latent_frames(round((seconds or DEFAULT_SECONDS) * model_spec.fps)) - 1)
     if model_spec.causal:
         _refuse("base-model", "this model streams (LongSANA); for a base-model folder pass --spec sana-video-2b-480p",
                 image=image, steps=steps, guidance=guidance, negative_prompt=negative_prompt)

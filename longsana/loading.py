@@ -9,9 +9,9 @@ Loading never holds the weights twice: modules are built on the meta device, eve
 against that meta module on the CPU (a bad file fails before any GPU memory is touched), then each tensor is
 moved / cast on its own and `load_state_dict(assign=True)` adopts it as the parameter.
 
-The transformer's two key layouts (diffusers' and the original .pth's) are told apart by their keys; the engine's module uses the
-diffusers names, so an original checkpoint is renamed (and its fused qkv / kv weights split) on the way in.
-`longsana convert` writes either layout from the other.
+The transformer's two key layouts (diffusers' and the original .pth's) are told apart by their keys; the engine's
+module uses the diffusers names, so an original checkpoint is renamed (and its fused qkv / kv weights split) on the
+way in. `longsana convert` writes either layout from the other.
 """
 
 from __future__ import annotations

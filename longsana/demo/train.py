@@ -1,7 +1,7 @@
 """`longsana train-demo`: train the built-in demo model (config "demo") from scratch on procedural clips.
 
-The demo is the LongSANA architecture at toy size (transformer, VAE, text encoder), so that a fresh machine streams a video
-that follows its prompt through exactly the code the real model runs. One command trains all of it on one GPU
+The demo is the LongSANA architecture at toy size (transformer, VAE, text encoder), so that a fresh machine streams a
+video that follows its prompt through exactly the code the real model runs. One command trains all of it on one GPU
 (`--resume` goes on from a previous run's output, so training can span several time-limited runs) and writes a
 diffusers-layout folder with `Pipeline.save_pretrained`, which `Pipeline.from_pretrained("demo")` loads like any
 other model folder:
