@@ -1,7 +1,8 @@
 """LongSANA: real-time streaming long-video generation with a block-causal linear-attention diffusion transformer.
 
-The repository keeps kernels/, streaming/, benchmarks/ and web/ beside this folder; the wheel installs them inside
-it as longsana.kernels, longsana.streaming, longsana.benchmarks and longsana.web (pyproject.toml's package-dir).
+The repository keeps kernels/, streaming/, benchmarks/, web/ and configs/ beside this folder; the wheel installs them
+inside it as longsana.kernels, longsana.streaming, longsana.benchmarks, longsana.web and longsana.configs
+(pyproject.toml's package-dir).
 None of those folders is a package of its own (no __init__.py), so none can shadow an installed package of the same
 name (Hugging Face's `kernels`, mosaicml's `streaming`) when Python runs from the repository root. In a checkout
 the same names resolve through the folders, by adding the repository root to this package's search path.

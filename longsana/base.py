@@ -43,7 +43,7 @@ import av
 import numpy as np
 import torch
 
-from .config import ModelSpec
+from .config import DEFAULT_SECONDS, ModelSpec
 from .model import LongSANATransformer, TextKV
 from .resolution import ASPECT_RATIO_480_BIN, classify_height_width_bin, resize_and_crop
 from .sampling import (VelocityFn, cfg_velocity, dpm_solver_schedule, flow_euler_schedule, sample_dpm_solver,
@@ -55,7 +55,7 @@ from .vae import StreamingDecoder, WanVAE, to_uint8
 BASE_MODEL = "sana-video-2b-480p"
 FLOW_SHIFT = 8.0
 MAX_STEPS = 1000  # the training timesteps: a finer schedule repeats timesteps
-DEFAULT_FRAMES = 81  # 5 s at 16 fps
+DEFAULT_FRAMES = 1 + DEFAULT_SECONDS * ModelSpec.fps  # 81, which is 1 + 4k
 
 
 class BasePipeline:

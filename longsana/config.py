@@ -1,8 +1,9 @@
 """Model configurations: plain dataclasses plus a dict of named configs.
 
 A config says what the network *is* (shapes, epsilons, RoPE table); how it is *run* (chunk size, denoising
-timesteps, guidance) lives with the samplers. Configs are selectable by name (`get_config("longsana-2b-480p")`)
-and can be read from a diffusers `transformer/config.json` or `vae/config.json`.
+timesteps, guidance) lives with the samplers. The named configs are TOML files in the repository's configs/models/
+(`get_config("longsana-2b-480p")` reads configs/models/longsana-2b-480p.toml; dropping a file there adds a name),
+and an architecture can also be read from a diffusers `transformer/config.json` or `vae/config.json`.
 
 The two numerical conventions that differ between the original NVlabs code and diffusers are explicit fields,
 defaulting to the original (the weights were trained with it); tests against diffusers set diffusers' values
@@ -14,8 +15,10 @@ defaulting to the original (the weights were trained with it); tests against dif
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources as resources
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +91,8 @@ class TransformerConfig:
         for key, want in unsupported.items():
             if key in cfg and cfg[key] != want:
                 raise ValueError(f"unsupported transformer config: {key}={cfg[key]!r} (expected {want!r})")
-        if cfg.get("cross_attention_dim") not in (None, cfg.get("num_attention_heads", 20) * cfg.get("attention_head_dim", 112)):
+        dim = cfg.get("num_attention_heads", cls.num_heads) * cfg.get("attention_head_dim", cls.head_dim)
+        if cfg.get("cross_attention_dim") not in (None, dim):
             raise ValueError(f"unsupported transformer config: cross_attention_dim={cfg['cross_attention_dim']}")
         kw = {ours: cfg[theirs] for ours, theirs in cls._DIFFUSERS_KEYS.items() if cfg.get(theirs) is not None}
         if "patch_size" in kw:
@@ -138,7 +142,7 @@ class VAEConfig:
             cfg = json.loads(Path(cfg).read_text())
         if cfg.get("attn_scales"):
             raise ValueError(f"unsupported VAE config: attn_scales={cfg['attn_scales']!r}")
-        if cfg.get("decoder_base_dim") not in (None, cfg.get("base_dim", 96)):
+        if cfg.get("decoder_base_dim") not in (None, cfg.get("base_dim", cls.base_dim)):
             raise ValueError(f"unsupported VAE config: decoder_base_dim={cfg['decoder_base_dim']!r}")
         kw = {ours: cfg[theirs] for ours, theirs in cls._DIFFUSERS_KEYS.items() if cfg.get(theirs) is not None}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
@@ -150,6 +154,9 @@ class VAEConfig:
         return cfg
 
 
+CAUSAL_TIMESTEPS = (1000, 960, 889, 727)  # LongSANA's 4-step causal sampler: sampling.causal_timesteps() (shift 8)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A named model: its architecture, whether it is block-causal, and its sampling defaults."""
@@ -158,36 +165,59 @@ class ModelSpec:
     vae: VAEConfig = field(default_factory=VAEConfig)
     causal: bool = True  # block-causal LongSANA (streams chunk by chunk) or the bidirectional base model
     chunk_frames: int = 10  # latent frames per chunk (the first chunk absorbs the remainder)
-    denoise_timesteps: tuple[int, ...] = (1000, 960, 889, 727)  # the 4-step causal sampler
+    denoise_timesteps: tuple[int, ...] = CAUSAL_TIMESTEPS
     motion_score: int = 10
     fps: int = 16  # video frames per second the model was trained for
     height: int = 480  # default video size in pixels
     width: int = 832
+    fps: int = 16  # video frames per second the model was trained for
     weights: str | None = None  # official release name, for messages
 
 
-CONFIGS: dict[str, ModelSpec] = {
-    "longsana-2b-480p": ModelSpec(TransformerConfig(), causal=True,
-                                  weights="Efficient-Large-Model/SANA-Video_2B_480p_LongLive_diffusers"),
-    "sana-video-2b-480p": ModelSpec(TransformerConfig(), causal=False, motion_score=30,
-                                    weights="Efficient-Large-Model/SANA-Video_2B_480p_diffusers"),
-    # Small configs for tests and demos. "tiny" has head_dim 40 -> RoPE split 16/12/12 (uneven).
-    "tiny": ModelSpec(TransformerConfig(num_heads=2, head_dim=40, num_layers=2, cross_num_heads=2, cross_head_dim=40,
-                                        caption_channels=24, mlp_ratio=2.5),
-                      VAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1), chunk_frames=2,
-                      height=32, width=32),
-    # The built-in demo (longsana/demo/train.py): the architecture at toy size, trained on procedural 64x64 clips,
-    # weights in longsana/assets/demo. Patch 1: 8x8 latents give 64 tokens a frame. The VAE's latent statistics
-    # are folded into its weights, so its latents are normalized as they come (mean 0, std 1).
-    "demo": ModelSpec(TransformerConfig(num_heads=4, head_dim=32, num_layers=6, cross_num_heads=4, cross_head_dim=32,
-                                        caption_channels=64, mlp_ratio=2.5, patch_size=(1, 1, 1)),
-                      VAEConfig(base_dim=8, dim_mult=(1, 2, 4, 4), num_res_blocks=1, latents_mean=(0.0,) * 16,
-                                latents_std=(1.0,) * 16),
-                      chunk_frames=3, height=64, width=64),
-}
+# -- named configs: configs/models/<name>.toml ----------------------------------------------------------------------
+# The repository's configs/ folder, package data `longsana.configs` in a wheel (pyproject.toml's package-dir).
+# A model file holds the ModelSpec fields and [transformer] / [vae] tables, each only where it differs from the
+# dataclass defaults above; a new file there is a new name.
+CONFIG_FILES = resources.files("longsana.configs")
+_PARTS = {"transformer": TransformerConfig, "vae": VAEConfig}
+
+
+def read_toml(path) -> dict:
+    """A TOML file as a dict; ValueError naming the file if it is not valid TOML."""
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+
+
+def _dataclass_from(cls, table, path, name: str | None = None):
+    """cls(**table), arrays as tuples; ValueError naming the file for a key that cls does not have."""
+    where = f" in [{name}]" if name else ""
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: {name} must be a table ([{name}])")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in names:
+            raise ValueError(f"{path}: unknown field {key!r}{where}; known: {', '.join(sorted(names))}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
+
+
+def read_model_config(path) -> ModelSpec:
+    """A ModelSpec from a model TOML file (a Path or an importlib.resources Traversable)."""
+    data = read_toml(path)
+    parts = {k: _dataclass_from(cls, data.pop(k, {}), path, k) for k, cls in _PARTS.items()}
+    return _dataclass_from(ModelSpec, data | parts, path)
+
+
+CONFIGS: dict[str, ModelSpec] = {f.name.removesuffix(".toml"): read_model_config(f)
+                                 for f in sorted((CONFIG_FILES / "models").iterdir(), key=lambda f: f.name)
+                                 if f.name.endswith(".toml")}
 
 ASSETS = resources.files("longsana") / "assets"  # package data: the built-in models' weights
+DEFAULT_CONFIG = "longsana-2b-480p"  # the architecture of a model folder or file that does not say
 DEFAULT_MODEL = "demo"  # what `longsana serve` / `generate` use when no model is named
+MAX_PROMPT_CHARS = 2000  # longest prompt accepted (checked before tokenizing; the page and the server use it too)
+DEFAULT_SECONDS = 5  # clip length when none is given (the base model's clips are this long)
 
 
 def bundled_folder(name: str) -> Path | None:
@@ -197,8 +227,10 @@ def bundled_folder(name: str) -> Path | None:
 
 
 def get_config(name: str) -> ModelSpec:
+    """A named config (configs/models/<name>.toml), or a model TOML file given by its path."""
+    if name.endswith(".toml"):
+        return read_model_config(Path(name))
     try:
         return CONFIGS[name]
     except KeyError:
         raise KeyError(f"unknown config {name!r}; known: {', '.join(sorted(CONFIGS))}") from None
-

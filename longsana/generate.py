@@ -27,13 +27,13 @@ from pathlib import Path
 
 import click
 
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, DEFAULT_SECONDS
 
 Timeline = list[tuple[float, str]]
 
 
 def read_timeline(path: Path) -> Timeline:
-    """Parse a timeline file; errors name the file and line."""
+    """Parse a timeline file; ValueErrors name the file and line."""
     segments: Timeline = []
     for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
         line = line.strip()
@@ -41,27 +41,27 @@ def read_timeline(path: Path) -> Timeline:
             continue
         m = re.fullmatch(r"(\d+(?:\.\d*)?)\s+(\S.*)", line)
         if not m:
-            raise click.ClickException(f"{path}:{n}: expected '<start seconds> <prompt>', got {line!r}")
+            raise ValueError(f"{path}:{n}: expected '<start seconds> <prompt>', got {line!r}")
         start = float(m[1])
         if not segments and start != 0:
-            raise click.ClickException(f"{path}:{n}: the first segment must start at 0, not {start:g}")
+            raise ValueError(f"{path}:{n}: the first segment must start at 0, not {start:g}")
         if segments and start <= segments[-1][0]:
-            raise click.ClickException(f"{path}:{n}: start {start:g}s is not after the previous {segments[-1][0]:g}s")
+            raise ValueError(f"{path}:{n}: start {start:g}s is not after the previous {segments[-1][0]:g}s")
         segments.append((start, m[2]))
     if not segments:
-        raise click.ClickException(f"{path}: no segments")
+        raise ValueError(f"{path}: no segments")
     return segments
 
 
 def read_prompt_file(path: Path) -> list[str]:
-    """One prompt per line; blank lines are skipped and reported."""
+    """One prompt per line; blank lines are skipped and reported; ValueError if there is none."""
     lines = Path(path).read_text().splitlines()
     prompts = [ln.strip() for ln in lines if ln.strip()]
     skipped = [i + 1 for i, ln in enumerate(lines) if not ln.strip()]
     if skipped:
         click.echo(f"{path}: skipped empty line(s) {', '.join(map(str, skipped))}", err=True)
     if not prompts:
-        raise click.ClickException(f"{path}: no prompts")
+        raise ValueError(f"{path}: no prompts")
     return prompts
 
 
@@ -76,7 +76,7 @@ def stream_to_file(pipe, timeline: Timeline, out: Path, frames: int, seed: int, 
     from .video import VideoWriter
 
     stream = pipe.stream(timeline[0][1], seed=seed, height=height, width=width, num_frames=frames, **settings)
-    total = (stream.total_latents - 1) * 4 + 1
+    total = (stream.total_latents - 1) * pipe.vae.cfg.temporal_stride + 1
     upcoming = list(timeline[1:])
     with VideoWriter(out, stream.width, stream.height, stream.fps) as video, \
             tqdm(total=total, unit="frame", desc=out.name, dynamic_ncols=True) as bar:
@@ -95,15 +95,12 @@ def clip_to_file(pipe, prompt: str, out: Path, seed: int, **call) -> int:
     import torch
     from tqdm import tqdm
 
-    from .config import ModelSpec
-
-    FPS = ModelSpec.fps
     from .video import VideoWriter
 
     with tqdm(total=call["num_inference_steps"], unit="step", desc=out.name, leave=False, dynamic_ncols=True) as bar:
         frames = pipe(prompt, generator=torch.Generator(pipe.device).manual_seed(seed),
                       callback=lambda i, n: bar.update(), **call)
-    with VideoWriter(out, frames.shape[2], frames.shape[1], FPS) as video:
+    with VideoWriter(out, frames.shape[2], frames.shape[1], pipe.spec.fps) as video:
         video.write(frames)
     return video.frames
 
@@ -122,7 +119,7 @@ def base_clip_settings(spec, image: Path | None, height: int | None, width: int 
     height, width = height or spec.height, width or spec.width
     generation_size(height, width, table)
     if height % 2 or width % 2:
-        raise click.BadParameter(f"H.264 needs an even height and width, got {height}x{width}")
+        raise ValueError(f"H.264 needs an even height and width, got {height}x{width}")
     return dict(image=image, height=height, width=width)
 
 
@@ -135,7 +132,8 @@ def base_clip_settings(spec, image: Path | None, height: int | None, width: int 
 @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
               help="A built-in model name or a diffusers-layout model folder.")
 @click.option("--spec", default=None, help="Named config of a model folder (e.g. longsana-2b-480p).")
-@click.option("--seconds", "-s", default=None, type=click.FloatRange(min=0.0625), help="Length (default 5).")
+@click.option("--seconds", "-s", default=None, type=click.FloatRange(min=0.0625),
+              help=f"Length (default {DEFAULT_SECONDS}).")
 @click.option("--frames", type=click.IntRange(min=1), default=None, help="Length in frames, 1 + 4k (5 s: 81).")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Base model: image-to-video, starting from this picture (PNG, JPEG, WebP, ...).")
@@ -155,29 +153,27 @@ def base_clip_settings(spec, image: Path | None, height: int | None, width: int 
               show_default=True, help="Where --txt-file videos go.")
 def generate_cmd(prompt, timeline, txt_file, model, spec, seconds, frames, image, steps, guidance, negative_prompt,
                  seed, height, width, chunk_frames, bf16_timesteps, device, output, out_dir):
-    """Generate videos from prompts and write them as H.264 MP4 (16 fps)."""
-    from .base import MAX_STEPS
-    from .config import ModelSpec
+    """Generate videos from prompts and write them as H.264 MP4 (at the model's frame rate)."""
+    from .base import DEFAULT_FRAMES, MAX_STEPS
     from .stream import latent_frames, resolve_model
-
-    FPS = ModelSpec.fps
 
     if sum(x is not None for x in (prompt, timeline, txt_file)) != 1:
         raise click.UsageError("give exactly one of --prompt, --timeline, --txt-file")
     if seconds is not None and frames is not None:
         raise click.UsageError("give at most one of --seconds and --frames")
-    if frames is not None and (frames - 1) % 4:
-        raise click.BadParameter(f"must be 1 + 4k (e.g. 81), got {frames}", param_hint="--frames")
     if steps is not None and steps > MAX_STEPS:
         raise click.BadParameter(f"at most {MAX_STEPS}, got {steps}", param_hint="--steps")
-    frames = frames or 1 + 4 * (latent_frames(round((seconds or 5.0) * FPS)) - 1)
-    prompts = read_prompt_file(txt_file) if txt_file else [prompt]
-    outputs = [out_dir / f"{i:03d}_{slug(p)}.mp4" for i, p in enumerate(prompts)] if txt_file else [output]
-    segments = read_timeline(timeline) if timeline else None
     try:
+        prompts = read_prompt_file(txt_file) if txt_file else [prompt]
+        segments = read_timeline(timeline) if timeline else None
         folder, model_spec = resolve_model(model, spec)
-    except (FileNotFoundError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError) as e:
         raise click.ClickException(str(e.args[0])) from e
+    outputs = [out_dir / f"{i:03d}_{slug(p)}.mp4" for i, p in enumerate(prompts)] if txt_file else [output]
+    ts = model_spec.vae.temporal_stride  # video frames per latent frame after the first
+    if frames is not None and (frames - 1) % ts:
+        raise click.BadParameter(f"must be 1 + {ts}k (e.g. {DEFAULT_FRAMES}), got {frames}", param_hint="--frames")
+    frames = frames or 1 + ts * (latent_frames(round((seconds or DEFAULT_SECONDS) * model_spec.fps), ts) - 1)
     if model_spec.causal:
         _refuse("base-model", "this model streams (LongSANA); for a base-model folder pass --spec sana-video-2b-480p",
                 image=image, steps=steps, guidance=guidance, negative_prompt=negative_prompt)

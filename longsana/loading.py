@@ -9,9 +9,9 @@ Loading never holds the weights twice: modules are built on the meta device, eve
 against that meta module on the CPU (a bad file fails before any GPU memory is touched), then each tensor is
 moved / cast on its own and `load_state_dict(assign=True)` adopts it as the parameter.
 
-The transformer's two key layouts (diffusers' and the original .pth's) are told apart by their keys; the engine's module uses the
-diffusers names, so an original checkpoint is renamed (and its fused qkv / kv weights split) on the way in.
-`longsana convert` writes either layout from the other.
+The transformer's two key layouts (diffusers' and the original .pth's) are told apart by their keys; the engine's
+module uses the diffusers names, so an original checkpoint is renamed (and its fused qkv / kv weights split) on the
+way in. `longsana convert` writes either layout from the other.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import click
 import torch
 from torch import Tensor, nn
 
-from .config import TransformerConfig, get_config
+from .config import DEFAULT_CONFIG, TransformerConfig, get_config
 
 if TYPE_CHECKING:
     from .model import LongSANATransformer
@@ -280,7 +280,6 @@ def read_transformer_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 # -- the transformer -----------------------------------------------------------------------------------------------
 
-DEFAULT_CONFIG = "longsana-2b-480p"
 
 
 def _weights_path(path: Path) -> tuple[Path, Path | None]:
@@ -388,10 +387,10 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMG]?B)?", re.IGNORECASE)
 
 
 def _parse_size(text: str) -> int:
-    """'5GB' / '300MB' / '20KB' / '123' (bytes) -> bytes (powers of 1024)."""
+    """'5GB' / '300MB' / '20KB' / '123' (bytes) -> bytes (powers of 1024); ValueError for anything else."""
     m = _SIZE.fullmatch(text.strip())
     if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 5GB, 300MB or 20KB")
+        raise ValueError(f"{text!r} is not a size like 5GB, 300MB or 20KB")
     return int(float(m[1]) * 1024 ** "BKMG".index((m[2] or "B")[0].upper()))
 
 
@@ -411,7 +410,10 @@ def convert_cmd(src: Path, dst: Path, config_name: str | None, max_shard_size: s
     Keys and shapes are checked against the config before anything is written."""
     from .model import LongSANATransformer
 
-    max_bytes = _parse_size(max_shard_size)
+    try:
+        max_bytes = _parse_size(max_shard_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
     weights, config_json = _weights_path(src)
     try:
         cfg = _resolve_config(config_name, config_json)
@@ -424,6 +426,8 @@ def convert_cmd(src: Path, dst: Path, config_name: str | None, max_shard_size: s
             check_state_dict(LongSANATransformer(cfg), sd, weights)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from e
+    except KeyError as e:  # an unknown --config name
+        raise click.BadParameter(e.args[0], param_hint="--config") from None
     if original == (dst.suffix in TORCH_SUFFIXES):
         raise click.BadParameter(f"{dst}: an original-layout checkpoint converts to a diffusers folder, a diffusers "
                                  f"one to a {'/'.join(TORCH_SUFFIXES)} file; {weights} is "

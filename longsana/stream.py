@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .chunk import Chunk
-from .config import ModelSpec, VAEConfig, get_config
+from .config import DEFAULT_CONFIG, ModelSpec, VAEConfig, get_config
 from .engine import ChunkEngine, compile_norms
 from .model import LongSANATransformer
 from .rewind import RewindPoint, RewindRing
@@ -140,7 +140,7 @@ def resolve_model(path_or_name: str | Path, spec: str | ModelSpec | None) -> tup
                                 f"({', '.join(n for n in CONFIGS if bundled_folder(n))})")
     if not (path / "transformer").is_dir():
         raise FileNotFoundError(f"{path}: not a model folder (expected transformer/, vae/, text_encoder/, tokenizer/)")
-    return path, spec or get_config("longsana-2b-480p")
+    return path, spec or get_config(DEFAULT_CONFIG)
 
 
 class Stream:

@@ -35,8 +35,10 @@ from typing import Any
 
 import torch
 
+from .config import MAX_PROMPT_CHARS
+from .loading import default_device_dtype
+
 TEXT_LEN = 300  # tokens the transformer sees: BOS + 299
-MAX_PROMPT_CHARS = 2000
 
 # The original models' CHI (NVlabs/Sana configs/sana_video_config/*.yaml, `text_encoder.chi_prompt`, used in
 # training and by the original inference scripts for SANA-Video 2B and LongSANA). Note the double quotes.
@@ -131,8 +133,7 @@ class TextEncoder:
         model_type = AutoConfig.from_pretrained(enc_dir).model_type
         if model_type != "gemma2":
             raise ValueError(f"{enc_dir / 'config.json'}: model_type {model_type!r}, expected 'gemma2'")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        device, dtype = default_device_dtype(device, dtype)
         # Gemma2Model: the decoder without LM head (the original: AutoModelForCausalLM(...).get_decoder()). Gemma-2
         # runs eager attention in transformers (sdpa has no logit soft-capping).
         model = AutoModel.from_pretrained(enc_dir, dtype=dtype).to(device=device, dtype=dtype)

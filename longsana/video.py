@@ -13,7 +13,8 @@ import numpy as np
 
 
 class VideoWriter:
-    def __init__(self, path: str | Path, width: int, height: int, fps: int = 16, crf: int = 18):
+    def __init__(self, path: str | Path, width: int, height: int, fps: int, crf: int = 18):
+        """`fps`: the model's (ModelSpec.fps, a stream's .fps)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.frames = 0

@@ -8,7 +8,8 @@ Client -> server (each may carry an integer `seq`; the reply echoes it):
     stats                               the reply is a `stats` message
     ping                                keeps the stream alive (any message does; see ServerConfig.client_timeout)
 Server -> client:
-    hello {session, fps, transport}, ack {seq, ...}, error {seq, code, message}, stats {...},
+    hello {session, transport, codec, model, fps, max_prompt_chars, max_message_bytes}: the page takes its limits
+        and the video's frame rate from it; ack {seq, ...}, error {seq, code, message}, stats {...},
     chunk {index, start_frame, frames, prompt, prompt_seq, gen_seconds, pts} when a chunk's first frame is sent
         (a GPU stream sends its first chunk in two pieces: its first frame, gen_seconds 0, then the rest),
     end {reason}
@@ -20,8 +21,9 @@ from __future__ import annotations
 import json
 import struct
 
+from longsana.config import MAX_PROMPT_CHARS
+
 MAX_MESSAGE_BYTES = 16 * 1024
-MAX_PROMPT_CHARS = 2000
 MAX_REWIND_SECONDS = 3600.0
 CLIENT_TYPES = ("start", "prompt", "pause", "resume", "rewind", "stats", "ping")
 # prompt_seq, chunk index, video frame index, pts (90 kHz); little-endian, 20 bytes

@@ -13,6 +13,9 @@ A stream lives until its client leaves (WebRTC connection closed or failed, WebS
 message for `client_timeout` seconds: the page sends one every second), its generator ends, or the server stops.
 Its slot is given back only once its generator has been closed, so `max_streams` bounds GPU memory.
 
+Settings are a ServerConfig; `longsana serve --config NAME` starts from a preset, configs/server/NAME.toml (local:
+the defaults; lan: the page for the local network), and the options given on the command line override it.
+
 Any web page can make its visitor's browser POST to, or open a WebSocket on, 127.0.0.1, so requests that come from
 a page of another site are refused (`check_origin`) unless `--allow-origin` names it.
 
@@ -46,7 +49,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from longsana.config import DEFAULT_MODEL
+from longsana.config import CONFIG_FILES, DEFAULT_MODEL, read_toml
 from longsana.streaming.httpd import MAX_HEAD_BYTES, HTTPError, Request, WebSocket, read_request, send_response
 from longsana.streaming.media import Recording
 from longsana.streaming.metrics import Metrics
@@ -279,7 +282,7 @@ class Server:
 
     def _hello(self, session: Session, transport: str, seq: int | None = None, **extra) -> dict:
         return {"type": "hello", "seq": seq, "session": session.sid, "transport": transport,
-                "model": self.config.model_name, "max_message_bytes": MAX_MESSAGE_BYTES,
+                "model": self.config.model_name, "fps": self.pipe.spec.fps, "max_message_bytes": MAX_MESSAGE_BYTES,
                 "max_prompt_chars": MAX_PROMPT_CHARS, **extra}
 
     def _sent(self, transport: str, size: int | None) -> None:
@@ -490,17 +493,15 @@ class Server:
 # -- running it ---------------------------------------------------------------------------------------------------
 def make_pipeline(model: str, device: str | None = None, dtype: str | None = None, spec: str | None = None):
     """The video source for `model`: "synthetic" (streaming/synthetic.py), or a built-in model name or a model
-    folder (with `spec`, its named config) for `longsana.stream.Pipeline`. The one place a model is chosen."""
+    folder (with `spec`, its named config) for `longsana.stream.Pipeline`. The one place a model is chosen.
+    FileNotFoundError, ValueError or KeyError for a model that cannot be loaded."""
     if model == "synthetic":
         return SyntheticPipeline()
     import torch
 
     from longsana.stream import Pipeline
 
-    try:
-        return Pipeline.from_pretrained(model, device, dtype and getattr(torch, DTYPES[dtype]), spec=spec)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise click.ClickException(str(e)) from None
+    return Pipeline.from_pretrained(model, device, dtype and getattr(torch, DTYPES[dtype]), spec=spec)
 
 
 class ServerThread:
@@ -559,30 +560,71 @@ async def _serve_forever(pipe, config: ServerConfig, open_browser: bool) -> None
     await server.stop()
 
 
+# -- the command: option defaults are ServerConfig's; a preset (--config) replaces them, the command line wins ------
+PRESETS = CONFIG_FILES / "server"
+
+
+def read_preset(name_or_path: str) -> dict:
+    """A server preset: configs/server/<name>.toml, or a .toml file by path. Its keys are `longsana serve`'s option
+    names (with _ for -). FileNotFoundError if there is no such preset, ValueError if it is not valid TOML."""
+    path = Path(name_or_path) if name_or_path.endswith(".toml") else PRESETS / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = sorted(f.name.removesuffix(".toml") for f in PRESETS.iterdir() if f.name.endswith(".toml"))
+        raise FileNotFoundError(f"no server preset {name_or_path!r}: the presets are {', '.join(known)} "
+                                "(configs/server/), or give a path to a .toml file")
+    return read_toml(path)
+
+
+def _use_preset(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--config: the preset's values become the defaults of the other options (click's default_map), so an option
+    given on the command line overrides them."""
+    if value is None:
+        return
+    try:
+        preset = read_preset(value)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.BadParameter(str(e)) from None
+    names = {p.name for p in ctx.command.params if p.expose_value}
+    if unknown := sorted(set(preset) - names):
+        raise click.BadParameter(f"{value}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    ctx.default_map = {**(ctx.default_map or {}), **preset}
+
+
 @click.command("serve")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--config", callback=_use_preset, is_eager=True, expose_value=False,
+              help="Server preset: a name from configs/server/ (local, lan, ...) or a .toml file of option values; "
+                   "options on the command line override it.")
+@click.option("--host", default=ServerConfig.host, show_default=True, help="Address to listen on.")
+@click.option("--port", default=ServerConfig.port, show_default=True, type=click.IntRange(0, 65535),
+              help="0: any free port.")
 @click.option("--model", default=None, help=f'Model name or folder; "synthetic" for the test source. '
               f'Default: the built-in "{DEFAULT_MODEL}" model.')
 @click.option("--spec", default=None, help="Named config of a model folder (e.g. longsana-2b-480p).")
 @click.option("--device", default=None, help="Torch device (default: cuda when available, else cpu).")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Default: bf16 on GPU, fp32 on CPU.")
-@click.option("--max-streams", default=2, show_default=True, type=click.IntRange(1), help="Concurrent viewers.")
+@click.option("--max-streams", default=ServerConfig.max_streams, show_default=True, type=click.IntRange(1),
+              help="Concurrent viewers.")
 @click.option("--height", type=click.IntRange(16), default=None, help="Video height (default: the model's).")
 @click.option("--width", type=click.IntRange(16), default=None, help="Video width (default: the model's).")
-@click.option("--stun", multiple=True, help="STUN/TURN URL for the server's ICE (repeatable).")
-@click.option("--ice-loopback", is_flag=True, help="Only 127.0.0.1 as ICE candidate (loopback-only machines).")
-@click.option("--client-timeout", default=15.0, show_default=True, type=click.FloatRange(1),
+@click.option("--stun", multiple=True, default=ServerConfig.ice_servers,
+              help="STUN/TURN URL for the server's ICE (repeatable).")
+@click.option("--ice-loopback", is_flag=True, default=ServerConfig.ice_loopback,
+              help="Only 127.0.0.1 as ICE candidate (loopback-only machines).")
+@click.option("--client-timeout", default=ServerConfig.client_timeout, show_default=True, type=click.FloatRange(1),
               help="Seconds without a control message before a stream is dropped.")
-@click.option("--allow-origin", multiple=True, help="Web origin of another site whose pages may use this server, "
-              "e.g. https://example.com (repeatable; \"*\": any).")
+@click.option("--allow-origin", multiple=True, default=ServerConfig.allowed_origins,
+              help="Web origin of another site whose pages may use this server, e.g. https://example.com "
+                   "(repeatable; \"*\": any).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in a browser.")
 def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width, stun, ice_loopback, client_timeout,
               allow_origin, open_browser):
     """Stream videos to browsers: open the printed URL, type a prompt, press Enter."""
     limit_malloc_arenas()
     model = model or DEFAULT_MODEL
-    pipe = make_pipeline(model, device, dtype, spec)
+    try:
+        pipe = make_pipeline(model, device, dtype, spec)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise click.ClickException(str(e)) from None
     stream_kwargs = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     config = ServerConfig(host=host, port=port, max_streams=max_streams, client_timeout=client_timeout,
                           ice_servers=tuple(stun), ice_loopback=ice_loopback, stream_kwargs=stream_kwargs,

@@ -191,7 +191,7 @@ class Session:
                 self._generated(chunk)
                 announce = {"type": "chunk", "index": chunk.index, "start_frame": chunk.start_frame,
                             "frames": len(chunk.frames), "prompt": chunk.prompt, "prompt_seq": chunk.prompt_seq,
-                            "gen_seconds": round(chunk.gen_seconds, 4), "fps": self.fps}
+                            "gen_seconds": round(chunk.gen_seconds, 4)}
                 for i, rgb in enumerate(chunk.frames):
                     image = to_video_frame(rgb)
                     packet = h264.encode(image)

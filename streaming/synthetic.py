@@ -4,7 +4,8 @@ Each frame is a solid color derived from a hash of the prompt, crossed by a whit
 the frame (so motion, rewinds and lost frames are visible), and each chunk takes a configurable delay that stands
 in for generation time. It implements the `Stream` protocol of the real pipeline (`longsana.stream`): iterate to
 get `Chunk`s in order, `set_prompt` and `rewind` from any thread, `close` to release the stream's memory.
-`longsana serve --model synthetic` streams it.
+`longsana serve --model synthetic` streams it. It stands in for the LongSANA 2B model: its `spec` (a ModelSpec, as
+the real pipeline's) gives the frame rate, and the default video size is that model's.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from longsana.chunk import Chunk
+from longsana.config import ModelSpec, get_config
 from longsana.streaming.protocol import check_prompt
 
-FPS = 16
 BAR_SWEEP_SECONDS = 4  # the bar crosses the frame once every 4 s of video
 
 
@@ -32,9 +33,10 @@ def prompt_color(prompt: str) -> tuple[int, int, int]:
 @dataclass
 class SyntheticPipeline:
     chunk_frames: int = 8
-    delay: float = 0.25  # seconds per chunk: 8 frames in 0.25 s is 2x real time at 16 fps
-    height: int = 480
-    width: int = 832
+    delay: float = 0.25  # seconds per chunk: 8 frames in 0.25 s, 32 frames a second, faster than real time
+    height: int = ModelSpec.height
+    width: int = ModelSpec.width
+    spec: ModelSpec = field(default_factory=lambda: get_config("longsana-2b-480p"))  # what the server reads
     state_bytes: int = 4 << 20  # memory each open stream holds, standing in for the generator's GPU state
     open_streams: int = field(default=0, init=False)  # streams not closed yet (tests check that all get freed)
 
@@ -52,10 +54,8 @@ class SyntheticPipeline:
 
 
 class SyntheticStream:
-    fps = FPS
-
     def __init__(self, pipe: SyntheticPipeline, prompt: str, seed: int, height: int, width: int):
-        self.height, self.width = height, width
+        self.height, self.width, self.fps = height, width, pipe.spec.fps
         self._pipe, self._seed = pipe, seed
         self._lock = threading.Lock()  # guards the fields set_prompt / rewind change from other threads
         self._prompt, self._prompt_seq, self._pending = prompt, 0, None
@@ -85,7 +85,7 @@ class SyntheticStream:
         frames = np.empty((n, self.height, self.width, 3), np.uint8)
         frames[:] = prompt_color(prompt)
         bar = max(2, self.width // 16)
-        speed = self.width / (BAR_SWEEP_SECONDS * FPS)  # pixels per frame
+        speed = self.width / (BAR_SWEEP_SECONDS * self.fps)  # pixels per frame
         for i in range(n):
             x = int((start + i + self._seed) * speed) % self.width
             frames[i, :, x:x + bar] = 255
@@ -100,9 +100,9 @@ class SyntheticStream:
         if not seconds >= 0:
             raise ValueError(f"cannot rewind {seconds!r} seconds")
         with self._lock:
-            back = min(round(seconds * FPS), self._next_frame)
+            back = min(round(seconds * self.fps), self._next_frame)
             self._next_frame -= back
-        return back / FPS
+        return back / self.fps
 
     def close(self) -> None:
         if not self._closed.is_set():

@@ -269,7 +269,7 @@ def test_generate_bad_input(model_dir, tiny_base, tmp_path, args, message):
     timeline.write_text(f"0 {P}\n1 {Q}\n")
     if "{mp4}" in args:
         from longsana.video import VideoWriter
-        with VideoWriter(mp4, 32, 32) as v:
+        with VideoWriter(mp4, 32, 32, TINY.fps) as v:
             v.write(np.zeros((2, 32, 32, 3), np.uint8))
     args = [a.format(text=text, mp4=mp4, timeline=timeline) for a in args]
     prompt = [] if "--timeline" in args else ["-p", P]

@@ -2,14 +2,17 @@
 prompts, read back by the procedural generator's own measurement (`clips.matches`), including after a prompt
 switch mid-stream. Chance level for the object color is 1 in 11."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from longsana.config import bundled_folder, get_config
 from longsana.demo.clips import (caption, caption_variant, matches, measure, parse_caption, render,
                                  sample_scene)
-from longsana.demo.train import TrainConfig, generate, noise_levels, switch_scene, train_vae
+from longsana.demo.train import TrainConfig, check, generate, noise_levels, switch_scene, train_cmd, train_vae
 from longsana.vae import WanVAE
 from longsana.stream import Pipeline
 
@@ -116,3 +119,26 @@ def test_noise_levels_are_block_causal(focus):
     at_switch = (j == switch)[switch > 0].float().mean().item()
     uniform = np.mean([1 / (n - k) for k in (1, 2, 3)])
     assert abs(at_switch - (focus + (1 - focus) * uniform)) < 0.03, at_switch
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(vae_seconds=0), "no VAE: train one (--vae-seconds / --vae-steps) or take one (--vae-from, --resume)"),
+    (dict(vae_decoder_only=True), "--vae-decoder-only trains an existing VAE's decoder: give --vae-from or --resume"),
+])
+def test_a_config_that_cannot_train(tmp_path, options, message):
+    """check() raises ValueError (library code); the command says the same as a usage error, before any work."""
+    cfg = TrainConfig(out=tmp_path, device="cpu", **options)
+    with pytest.raises(ValueError) as e:
+        check(cfg)
+    assert str(e.value) == message
+    args = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in options.items()]
+    r = CliRunner().invoke(train_cmd, ["--out", str(tmp_path / "out"), "--device", "cpu", *args])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_options_default_to_train_config(tmp_path):
+    """Every option's default is the TrainConfig field's: the command with only --out builds TrainConfig(out)."""
+    params = {p.name: p.default for p in train_cmd.params if p.name != "out"}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in params}
+    assert params == defaults and len(params) >= 20

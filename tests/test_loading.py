@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from longsana.cli import main as cli
 from longsana.config import DIFFUSERS_CONVENTIONS, TransformerConfig, get_config
-from longsana.loading import CheckpointError, diffusers_to_original, load_transformer, read_state_dict
+from longsana.loading import CheckpointError, _parse_size, diffusers_to_original, load_transformer, read_state_dict
 from longsana.testing import diffusers_transformer, rel_err
 
 TINY = dataclasses.replace(get_config("tiny").transformer, **DIFFUSERS_CONVENTIONS)  # 2 layers x 80
@@ -172,6 +172,24 @@ def test_convert_reports_bad_input(tmp_path):
     assert "in.pth" in run.output and "2-layer transformer of hidden size 80" in run.output
     assert "20 layers of hidden size 2240" in run.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-shard-size", "5XB"], "Invalid value for --max-shard-size: '5XB' is not a size like 5GB, 300MB or 20KB"),
+    (["--config", "nope"], "Invalid value for --config: unknown config 'nope'; known: demo,"),
+])
+def test_convert_reports_bad_options_in_one_line(tmp_path, args, message):
+    original_pth(diffusers_transformer(TINY, seed=5), tmp_path / "in.pth", "state_dict")
+    run = CliRunner().invoke(cli, ["convert", str(tmp_path / "in.pth"), str(tmp_path / "out"), *args])
+    assert run.exit_code == 2 and message in run.output and "Traceback" not in run.output, run.output
+
+
+def test_parse_size_is_library_code():
+    """It raises ValueError, not a click exception (only the command turns errors into click's)."""
+    assert _parse_size("20KB") == 20 << 10 and _parse_size("1.5 GB") == 3 << 29 and _parse_size("123") == 123
+    with pytest.raises(ValueError, match="is not a size") as e:
+        _parse_size("5XB")
+    assert type(e.value) is ValueError
 
 
 # -- bad input: the message names the file and the keys / shapes, and nothing reached a device -----------------------

@@ -20,9 +20,12 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from longsana.streaming.synthetic import prompt_color
+from longsana.config import get_config
+from longsana.streaming.synthetic import SyntheticPipeline, prompt_color
+from longsana.text import MAX_PROMPT_CHARS
 
 E2E_MODEL = "tiny"  # a saved tiny random model; "synthetic" for the test source
+FPS = (SyntheticPipeline().spec if E2E_MODEL == "synthetic" else get_config(E2E_MODEL)).fps
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required",
@@ -93,9 +96,12 @@ def stats(page) -> dict:
 def stream_and_switch(page, url: str, transport: str, selector: str) -> dict:
     """Start with FOX, switch to OWL from the prompt box; the overlay's numbers and the screen follow."""
     page.goto(f"{url}?transport={transport}")
+    max_length = "e => e.maxLength"
+    assert page.eval_on_selector("#prompt", max_length) == -1  # no limit written in the page: it comes with hello
     page.fill("#prompt", FOX)
     page.press("#prompt", "Enter")
     page.wait_for_function(f"window.longsana.framesShown >= {MIN_FRAMES}", timeout=30_000)
+    assert page.eval_on_selector("#prompt", max_length) == MAX_PROMPT_CHARS and stats(page)["fps"] == FPS
     wait_for_color(page, selector, FOX)
     expect(page.locator("#o-ttff")).to_have_text(re.compile(r"^(\d+ ms|\d+\.\d\d s)$"))
 
@@ -120,7 +126,7 @@ def check_download(page, tmp_path: Path, shown: int) -> None:
     assert path.suffix == ".mp4"
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        assert stream.codec_context.name == "h264" and stream.average_rate == 16
+        assert stream.codec_context.name == "h264" and stream.average_rate == FPS
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
     assert len(frames) >= shown
     if E2E_MODEL == "synthetic":

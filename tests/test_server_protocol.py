@@ -1,13 +1,15 @@
 """The streaming protocol end to end without a browser: a real aiortc client (and a websockets client) against the
-server running the synthetic source in a background thread. Frames arrive at 16 fps with evenly spaced,
+server running the synthetic source in a background thread. Frames arrive at the model's fps with evenly spaced,
 increasing pts; a new prompt applies at the generator's next chunk and the decoded pixels follow it; pause,
 resume, rewind and stats do what they say; the HTTP endpoints and the MP4 recording hold what was streamed."""
 
 import asyncio
 import dataclasses
 import json
+import re
 import urllib.error
 import urllib.request
+from importlib import resources
 
 import av
 import numpy as np
@@ -17,8 +19,9 @@ from longsana.streaming.client import RtcClient, WsClient, frame_rate
 from longsana.streaming.server import ServerConfig, ServerThread
 from longsana.streaming.session import CLOCK_RATE, STEP_MARGIN
 from longsana.streaming.synthetic import MappedPipeline, SyntheticPipeline, prompt_color
+from longsana.text import MAX_PROMPT_CHARS
 
-FPS = 16
+FPS = SyntheticPipeline().spec.fps  # 16: the synthetic source stands in for LongSANA 2B
 STEP = CLOCK_RATE // FPS  # 5625 ticks of 90 kHz per frame
 FOX, OWL = "a red fox trotting through snow", "an owl gliding over a moonlit lake"
 
@@ -168,6 +171,7 @@ def test_websocket_stream(server):
     async def main():
         async with await WsClient.connect(server.url, FOX) as c:
             assert c.hello["transport"] == "websocket" and c.hello["codec"] == "JPEG"
+            assert c.hello["fps"] == FPS and c.hello["max_prompt_chars"] == MAX_PROMPT_CHARS
             await c.wait_until(lambda: len(c.frames) >= 24)
             assert frame_rate(c.frames[4:24]) == pytest.approx(FPS, rel=0.2)
             assert (await c.request("prompt", prompt=OWL))["type"] == "ack"
@@ -234,3 +238,11 @@ def test_recording_health_and_metrics(server, tmp_path):
     assert get(server.url + "app.js")[0] == 200 and get(server.url + "style.css")[0] == 200
     assert get(server.url + "nope")[0] == 404 and get(server.url + "offer")[0] == 405
     assert get(f"{server.url}recording/unknown.mp4")[0] == 404
+
+
+def test_the_page_takes_its_limits_and_frame_rate_from_hello():
+    """The server says them (test_websocket_stream); the page writes neither down (test_server_browser.py runs it)."""
+    web = resources.files("longsana.web")
+    html, js = (web / "index.html").read_text(), (web / "app.js").read_text()
+    assert "maxlength" not in html.lower() and not re.search(r"\bfps\s*=\s*\d", js)
+    assert "el.prompt.maxLength = m.max_prompt_chars" in js and "fps: m.fps" in js

@@ -13,7 +13,7 @@ const el = {
 };
 
 const stats = (window.longsana = {
-  state: "idle", transport: null, codec: null, session: null, width: null, height: null,
+  state: "idle", transport: null, codec: null, session: null, fps: null, width: null, height: null,
   framesShown: 0, ttffMs: null, switchMs: null, switchEstimated: false, genFps: null, playFps: null,
   promptSeq: -1, lastChunk: null, acks: 0, errors: [],
 });
@@ -27,7 +27,6 @@ let startedAt = 0;
 let switching = null; // {prompt, at, fromSeq, promptSeq?, recvAt?}: a prompt change not on screen yet
 let playoutDelayMs = 0; // WebRTC jitter buffer delay, for browsers that do not report frame receive times
 let paused = false;
-let fps = 16;
 const segments = [];
 const shown = []; // [time, framesShown] over the last 2 s, for the playback rate
 let timers = [];
@@ -165,7 +164,8 @@ function onMessage(m) {
   }
   switch (m.type) {
     case "hello":
-      Object.assign(stats, { session: m.session, transport: m.transport, codec: m.codec });
+      Object.assign(stats, { session: m.session, transport: m.transport, codec: m.codec, fps: m.fps });
+      el.prompt.maxLength = m.max_prompt_chars; // the server's limit, known once connected
       el.download.href = `/recording/${m.session}.mp4`;
       el.download.download = `longsana-${new Date().toISOString().slice(0, 19).replace(/[:T]/g, "-")}.mp4`;
       timers.push(setInterval(poll, 1000)); // also the heartbeat that keeps the stream alive
@@ -191,7 +191,6 @@ function onMessage(m) {
 }
 
 function onChunk(m) {
-  fps = m.fps;
   stats.lastChunk = m;
   if (m.gen_seconds > 0) stats.genFps = m.frames / m.gen_seconds; // 0: an early piece; its time is on the rest
   const pending = switching && switching.promptSeq === undefined;
@@ -317,12 +316,12 @@ function addToTimeline(m) {
     seg.item = document.createElement("li");
     seg.item.innerHTML = '<span class="swatch"></span><span class="time"></span><span class="text"></span>';
     seg.item.querySelector(".swatch").style.background = seg.color;
-    seg.item.querySelector(".time").textContent = clock(m.start_frame / fps);
+    seg.item.querySelector(".time").textContent = clock(m.start_frame / stats.fps);
     seg.item.querySelector(".text").textContent = m.prompt;
     if (rewound) {
       const note = document.createElement("div");
       note.className = "note";
-      note.textContent = `⟲ back to ${clock(m.start_frame / fps)}`;
+      note.textContent = `⟲ back to ${clock(m.start_frame / stats.fps)}`;
       seg.item.querySelector(".text").prepend(note);
     }
     el.prompts.querySelector(".empty")?.remove();

@@ -361,8 +361,8 @@ def _place(reach: np.ndarray, lo: np.ndarray, hi: np.ndarray, extent: np.ndarray
 
 
 @dataclass(frozen=True)
-class State:
-    """Object and background state at frames t: pos (T, n, 2), radius (T, n), angle (T, n), offset (T,)."""
+class Trajectory:
+    """Where the objects and the background are at frames t: pos (T, n, 2), radius (T, n), angle (T, n), offset (T,)."""
 
     pos: np.ndarray
     radius: np.ndarray
@@ -370,7 +370,7 @@ class State:
     offset: np.ndarray
 
 
-def _state(scene: Scene, layout: Layout, extent: np.ndarray, t: np.ndarray) -> State:
+def _trajectory(scene: Scene, layout: Layout, extent: np.ndarray, t: np.ndarray) -> Trajectory:
     dt = (t - layout.t0).astype(np.float64)[:, None]  # (T, 1)
     reach = _reach(scene, layout.radius)  # (n,)
     pos = layout.pos[None] + layout.vel[None] * dt[..., None]  # (T, n, 2) before wrapping / reflecting
@@ -385,7 +385,7 @@ def _state(scene: Scene, layout: Layout, extent: np.ndarray, t: np.ndarray) -> S
     radius = layout.radius * (1 + PULSE_AMPLITUDE * np.sin(2 * np.pi * dt / PULSE_PERIOD + layout.phase)
                               if scene.motion == "pulsing" else np.ones_like(dt))
     offset = layout.offset + PAN_SPEED * dt[:, 0] * {"none": 0, "left": 1, "right": -1}[scene.pan]
-    return State(pos, radius, layout.angle + layout.spin * dt, offset)
+    return Trajectory(pos, radius, layout.angle + layout.spin * dt, offset)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -422,28 +422,28 @@ def _background(scene: Scene, offset: np.ndarray, height: int, width: int) -> np
     return PALETTE_RGB[i] + (SHADE_RGB[i] - PALETTE_RGB[i]) * w[..., None].astype(np.float32)
 
 
-def _draw(scene: Scene, state: State, height: int, width: int) -> np.ndarray:
+def _draw(scene: Scene, path: Trajectory, height: int, width: int) -> np.ndarray:
     """uint8 (T, H, W, 3). All objects share one color, so they are drawn as one coverage map (each in a K x K
     patch around it, frame by frame), then blended over the background once per channel."""
     S = min(height, width)
-    T = len(state.offset)
+    T = len(path.offset)
     cover = np.zeros((T, height, width), np.float32)
     for i in range(scene.count):
-        c = state.pos[:, i] * S  # (T, 2) centre, pixels
-        r = (state.radius[:, i] * S).astype(np.float32)[:, None, None]
-        K = int(2 * np.ceil(_reach(scene, state.radius[:, i]).max() * S)) + 4  # patch side
+        c = path.pos[:, i] * S  # (T, 2) centre, pixels
+        r = (path.radius[:, i] * S).astype(np.float32)[:, None, None]
+        K = int(2 * np.ceil(_reach(scene, path.radius[:, i]).max() * S)) + 4  # patch side
         o = np.floor(c).astype(np.int64) - K // 2  # (T, 2) patch corner (x, y)
         k = np.arange(K)
         dx = (o[:, 0, None] + k + 0.5 - c[:, 0, None]).astype(np.float32)  # (T, K)
         dy = (o[:, 1, None] + k + 0.5 - c[:, 1, None]).astype(np.float32)
         a = _coverage(scene.shape, dx[:, None, :], dy[:, :, None],
-                      state.angle[:, i].astype(np.float32)[:, None, None], r)  # (T, K, K)
+                      path.angle[:, i].astype(np.float32)[:, None, None], r)  # (T, K, K)
         for t, (x0, y0) in enumerate(o):  # clip the patch to the frame; "over" compositing
             xa, xb, ya, yb = max(x0, 0), min(x0 + K, width), max(y0, 0), min(y0 + K, height)
             if xa < xb and ya < yb:
                 view = cover[t, ya:yb, xa:xb]
                 view += a[t, ya - y0:yb - y0, xa - x0:xb - x0] * (1 - view)
-    bg = _background(scene, state.offset, height, width)[:, None]  # (T, 1, W, 3)
+    bg = _background(scene, path.offset, height, width)[:, None]  # (T, 1, W, 3)
     color = PALETTE_RGB[COLORS.index(scene.color)]
     out = np.empty((T, height, width, 3), np.uint8)
     for ch in range(3):  # per channel: numpy broadcasts slowly over a trailing axis of 3
@@ -479,10 +479,10 @@ def render_timeline(segments: Sequence[tuple[int, Scene]], num_frames: int, heig
         end = starts[j + 1] if j + 1 < len(segments) else None
         sel = (t >= s) & (t < end if end is not None else True)
         if sel.any():
-            out[sel] = _draw(scene, _state(scene, layout, extent, t[sel]), height, width)
+            out[sel] = _draw(scene, _trajectory(scene, layout, extent, t[sel]), height, width)
         if end is None or end > t[-1]:  # later segments lie outside the window
             break
-        carried = _state(scene, layout, extent, np.array([end]))
+        carried = _trajectory(scene, layout, extent, np.array([end]))
         keep, angle, offset = carried.pos[0], carried.angle[0], float(carried.offset[0])
     return out
 

@@ -1,7 +1,7 @@
 """`longsana train-demo`: train the built-in demo model (config "demo") from scratch on procedural clips.
 
-The demo is the LongSANA architecture at toy size (transformer, VAE, text encoder), so that a fresh machine streams a video
-that follows its prompt through exactly the code the real model runs. One command trains all of it on one GPU
+The demo is the LongSANA architecture at toy size (transformer, VAE, text encoder), so that a fresh machine streams a
+video that follows its prompt through exactly the code the real model runs. One command trains all of it on one GPU
 (`--resume` goes on from a previous run's output, so training can span several time-limited runs) and writes a
 diffusers-layout folder with `Pipeline.save_pretrained`, which `Pipeline.from_pretrained("demo")` loads like any
 other model folder:
@@ -82,7 +82,7 @@ import torch
 
 from longsana.kernels import backend
 
-from ..config import get_config
+from ..config import CAUSAL_TIMESTEPS, get_config
 from ..loading import load_transformer
 from ..model import LongSANATransformer
 from ..stream import Pipeline, video_frame
@@ -130,7 +130,7 @@ class TrainConfig:
     object_weight: float = 0.5  # loss weight 1 + object_weight d^2, d: a latent's distance from its frame's median
     # evaluation after training
     eval_captions: int = 24
-    eval_timesteps: tuple[tuple[float, ...], ...] = ((1000, 960, 889, 727),
+    eval_timesteps: tuple[tuple[float, ...], ...] = (CAUSAL_TIMESTEPS,
                                                      (1000, 900, 750, 550, 350, 200),
                                                      (1000, 950, 880, 790, 680, 550, 400, 250))
 
@@ -344,7 +344,7 @@ def train_vae(cfg: TrainConfig, spec, clips: torch.Tensor, device, vae: WanVAE |
     """Train a new VAE, or go on training `vae`: all of it (then the latent statistics are folded in again) or,
     with cfg.vae_decoder_only, its decoder alone, which keeps every latent as it was."""
     if cfg.vae_decoder_only and vae is None:
-        raise click.UsageError("--vae-decoder-only trains an existing VAE's decoder: give --vae-from or --resume")
+        raise ValueError(DECODER_ONLY_NEEDS_A_VAE)
     torch.manual_seed(cfg.seed)
     vae = (WanVAE(spec.vae).to(device) if vae is None else vae).train().requires_grad_(True)
     if cfg.vae_decoder_only:
@@ -504,18 +504,29 @@ def evaluate(pipe: Pipeline, captions: int, seed: int = 0, chunks: int = 2, **se
 
 # -- the command ---------------------------------------------------------------------------------------------------
 
+DECODER_ONLY_NEEDS_A_VAE = "--vae-decoder-only trains an existing VAE's decoder: give --vae-from or --resume"
+
+
+def check(cfg: TrainConfig) -> None:
+    """ValueError for a configuration that `train` cannot run, before any work starts."""
+    if torch.device(cfg.device).type == "cuda" and backend.BACKEND != "torch":
+        raise ValueError("training needs the PyTorch kernels (the Triton ones have no backward): run with "
+                         "LONGSANA_KERNELS=torch in the environment")
+    has_vae = cfg.vae_from is not None or cfg.resume is not None
+    if not has_vae and not (cfg.vae_steps or cfg.vae_seconds):
+        raise ValueError("no VAE: train one (--vae-seconds / --vae-steps) or take one (--vae-from, --resume)")
+    if cfg.vae_decoder_only and not has_vae:
+        raise ValueError(DECODER_ONLY_NEEDS_A_VAE)
+
+
 def train(cfg: TrainConfig) -> Path:
+    check(cfg)
     spec = get_config("demo")
     device = torch.device(cfg.device)
-    if device.type == "cuda" and backend.BACKEND != "torch":
-        raise click.UsageError("training needs the PyTorch kernels (the Triton ones have no backward): run with "
-                               "LONGSANA_KERNELS=torch in the environment")
     size = spec.height
     sizes = chunk_sizes(spec, cfg.chunks)
     vae_from = cfg.vae_from or cfg.resume
     train_vae_now = bool(cfg.vae_steps or cfg.vae_seconds)
-    if vae_from is None and not train_vae_now:
-        raise click.UsageError("no VAE: train one (--vae-seconds / --vae-steps) or take one (--vae-from, --resume)")
     ctx = multiprocessing.get_context("fork")  # before CUDA starts in this process
     with ctx.Pool(cfg.workers) as pool:
         vae_frames = video_frame(max(cfg.vae_prefixes) + cfg.vae_latents)
@@ -572,37 +583,48 @@ def train(cfg: TrainConfig) -> Path:
     return folder
 
 
+# Option defaults are TrainConfig's (a dataclass keeps each field's default as a class attribute).
+C = TrainConfig
+
+
 @click.command("train-demo")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder (demo/ model folder, "
               "resume.pt, train-config.json).")
-@click.option("--resume", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+@click.option("--resume", type=click.Path(path_type=Path, exists=True, file_okay=False), default=C.resume,
               help="A previous run's --out: keep its text encoder, continue training its transformer, and its VAE "
                    "for --vae-seconds (0: keep it as it is).")
-@click.option("--vae-from", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+@click.option("--vae-from", type=click.Path(path_type=Path, exists=True, file_okay=False), default=C.vae_from,
               help="A previous run's --out whose VAE to take (instead of --resume's), trained for --vae-seconds.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Data, init and noise seed.")
-@click.option("--device", default="cuda", show_default=True)
-@click.option("--workers", type=int, default=10, show_default=True, help="Processes rendering clips.")
-@click.option("--vae-steps", type=int, default=0, show_default=True, help="0: fit --vae-seconds.")
-@click.option("--vae-seconds", type=float, default=200.0, show_default=True)
-@click.option("--vae-clips", type=int, default=4096, show_default=True)
-@click.option("--vae-batch", type=int, default=48, show_default=True)
-@click.option("--vae-lr", type=float, default=1e-3, show_default=True)
-@click.option("--vae-decoder-only", is_flag=True, help="Train only the VAE's decoder (the latents stay valid).")
-@click.option("--steps", type=int, default=0, show_default=True, help="Transformer steps; 0: fit --seconds.")
-@click.option("--seconds", type=float, default=300.0, show_default=True)
-@click.option("--clips", type=int, default=10240, show_default=True, help="Training clips for the transformer.")
-@click.option("--chunks", type=int, default=8, show_default=True, help="Streaming chunks per training clip.")
-@click.option("--switch-prob", type=float, default=0.3, show_default=True,
+@click.option("--seed", type=int, default=C.seed, show_default=True, help="Data, init and noise seed.")
+@click.option("--device", default=C.device, show_default=True)
+@click.option("--workers", type=int, default=C.workers, show_default=True, help="Processes rendering clips.")
+@click.option("--vae-steps", type=int, default=C.vae_steps, show_default=True, help="0: fit --vae-seconds.")
+@click.option("--vae-seconds", type=float, default=C.vae_seconds, show_default=True)
+@click.option("--vae-clips", type=int, default=C.vae_clips, show_default=True)
+@click.option("--vae-batch", type=int, default=C.vae_batch, show_default=True)
+@click.option("--vae-lr", type=float, default=C.vae_lr, show_default=True)
+@click.option("--vae-decoder-only", is_flag=True, default=C.vae_decoder_only,
+              help="Train only the VAE's decoder (the latents stay valid).")
+@click.option("--steps", type=int, default=C.steps, show_default=True, help="Transformer steps; 0: fit --seconds.")
+@click.option("--seconds", type=float, default=C.seconds, show_default=True)
+@click.option("--clips", type=int, default=C.clips, show_default=True, help="Training clips for the transformer.")
+@click.option("--chunks", type=int, default=C.chunks, show_default=True, help="Streaming chunks per training clip.")
+@click.option("--switch-prob", type=float, default=C.switch_prob, show_default=True,
               help="Fraction of training clips that switch prompt at a chunk boundary.")
-@click.option("--switch-focus", type=float, default=0.0, show_default=True,
+@click.option("--switch-focus", type=float, default=C.switch_focus, show_default=True,
               help="Of the clips that switch, the fraction trained on the first chunk after the switch.")
-@click.option("--batch", type=int, default=128, show_default=True)
-@click.option("--object-weight", type=float, default=0.5, show_default=True,
+@click.option("--batch", type=int, default=C.batch, show_default=True)
+@click.option("--object-weight", type=float, default=C.object_weight, show_default=True,
               help="Extra loss weight of latents far from their frame's background (see flow_loss).")
-@click.option("--lr", type=float, default=5e-4, show_default=True)
-@click.option("--ema", type=float, default=0.999, show_default=True, help="Decay of the weight average shipped.")
-@click.option("--eval-captions", type=int, default=24, show_default=True, help="Captions scored after training.")
+@click.option("--lr", type=float, default=C.lr, show_default=True)
+@click.option("--ema", type=float, default=C.ema, show_default=True, help="Decay of the weight average shipped.")
+@click.option("--eval-captions", type=int, default=C.eval_captions, show_default=True,
+              help="Captions scored after training.")
 def train_cmd(**kw):
     """Train the built-in demo model on procedural clips (one GPU, a few minutes)."""
-    train(TrainConfig(**kw))
+    cfg = TrainConfig(**kw)
+    try:
+        check(cfg)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    train(cfg)
