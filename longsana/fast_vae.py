@@ -8,7 +8,8 @@ vae.py is the plain reference; this file changes how the same maths runs, never 
     input through. Compiled (compile=True), that is one fused pass over the activation instead of the eager
     form's ~8 (fp32 copy, norm, divide, cast, scale, SiLU, cat): the streaming decode at 480x832 in bf16 goes from
     52 to 77 FPS on an H100. The other layers are convolutions and layout changes that compiling does not help.
-In eager mode the accelerated decoder computes what the reference computes, to rounding (the per-tap sum).
+In eager mode the accelerated decoder computes what the reference computes, to rounding (the per-tap sums, the
+norm written as a sum of squares).
 
 It swaps `forward` on the module instances: modules, parameters and state-dict keys stay as they are, so a
 `CausalCache` keyed by the modules, made before or after, stays valid.
@@ -22,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .engine import COMPILE_OPTIONS, _allow_recompiles
 from .vae import CausalCache, CausalConv3d, ChannelRMSNorm, Decoder, Encoder, ResBlock
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default, which ChannelRMSNorm uses
@@ -30,8 +30,8 @@ _COMPILED: dict[str, object] = {}  # one compiled prologue per compile options: 
 
 
 def accelerate_decoder(decoder: nn.Module, compile: bool) -> None:
-    """Install the fast path on every causal conv, norm and SiLU inside `decoder` (vae.decoder), in place.
-    Idempotent; a second call installs its own `compile` choice over the first's."""
+    """Install the fast path on every causal conv, norm and SiLU inside `decoder` (vae.decoder; vae.encoder works
+    too), in place; differentiable. Idempotent; a second call installs its own `compile` choice over the first's."""
     prologue = _compiled_prologue() if compile else norm_silu_pad
     fused = {}
     for parent in decoder.modules():
@@ -53,6 +53,8 @@ def norm_silu_pad(norm: ChannelRMSNorm, x: Tensor, past: Tensor) -> Tensor:
 
 
 def _compiled_prologue():
+    from .engine import COMPILE_OPTIONS, _allow_recompiles  # here: the engine may come to import this file
+
     key = repr(sorted(COMPILE_OPTIONS.items()))
     if key not in _COMPILED:
         _allow_recompiles()

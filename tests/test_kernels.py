@@ -8,6 +8,9 @@ this process defer to it. With a GPU the same tests run compiled, in this proces
 torch.compile and CUDA graphs are checked too. Every buffer a kernel writes starts as NaN (poisoned), so an
 element left unwritten fails the test.
 
+The Triton ops' backward is their reference's: gradients through the entry points, and a transformer training step
+with the Triton kernels everywhere, must equal the reference's.
+
 Tolerances come from the dtype: fp32 1e-5, bf16 1e-2. Under the interpreter a bf16 result also carries the
 interpreter's truncating fp32 -> bf16 conversion (the GPU rounds to nearest), which still fits 1e-2.
 """
