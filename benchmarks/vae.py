@@ -4,7 +4,8 @@ tiny size, any device).
 Full size: the Wan 2.1 VAE (random weights, PyTorch's default init: never zeros) decoding 480x832. It prints
   - a cost card: decoder FLOPs and unfused op traffic per video frame (counted on meta tensors), weight and
     cache bytes, and the ceilings they imply at the matmul throughput and copy bandwidth measured in this run;
-  - ours: StreamingDecoder, per dtype and per `max_latent_frames_per_call` (the sub-piece size), the median time of a
+  - ours: StreamingDecoder with the fast path (`fast_vae.accelerate_decoder`, compiled on a GPU; --plain: without),
+    per dtype and per `max_latent_frames_per_call` (the sub-piece size), the median time of a
     steady-state chunk of --chunk latent frames (4 x chunk video frames) and of a stream's first chunk of
     1 + chunk latents (1 + 4 x chunk frames), after warm-up; peak GPU memory of each (all allocations: weights,
     cache, output, activations);
@@ -22,14 +23,14 @@ import statistics
 import time
 
 import torch
-from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from longsana.config import VAEConfig, get_config
+from longsana.fast_vae import accelerate_decoder
 from longsana.testing import rel_err
-from longsana.vae import CausalCache, StreamingDecoder, WanVAE
+from longsana.vae import CausalCache, Decoder, StreamingDecoder, WanVAE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -58,14 +59,16 @@ class OpTraffic(TorchDispatchMode):
 
 
 def decoder_cost(vae: WanVAE, height: int, width: int, chunk: int, dtype: torch.dtype) -> dict:
-    """FLOPs and op traffic of one steady-state chunk (not the stream's first), per video frame, on meta."""
-    dec, s = vae.decoder, vae.cfg.spatial_stride
-    params = {k: torch.empty_like(p, device="meta", dtype=dtype) for k, p in dec.named_parameters()}
+    """FLOPs and op traffic of one steady-state chunk (not the stream's first), per video frame, on meta, of the
+    decoder as vae.py writes it."""
+    s = vae.cfg.spatial_stride
+    with torch.device("meta"):
+        dec = Decoder(vae.cfg).to(dtype)
     z = torch.empty(1, vae.cfg.z_dim, chunk, height // s, width // s, device="meta", dtype=dtype)
     cache = CausalCache()
     cache.t = 1  # past the first frame: every latent frame gives temporal_stride video frames
     with FlopCounterMode(display=False) as flops, OpTraffic() as traffic:
-        functional_call(dec, params, (z, cache))
+        dec(z, cache)
     frames = chunk * vae.cfg.temporal_stride
     return dict(flops_per_frame=flops.get_total_flops() / frames, bytes_per_frame=traffic.bytes / frames)
 
@@ -178,6 +181,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--plain", action="store_true", help="our decoder as vae.py writes it, without fast_vae")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 for fp32 convs and matmuls (PyTorch's default for convs: on)")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True)
@@ -191,14 +195,16 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         vae = WanVAE(cfg).eval().requires_grad_(False)
+    if not a.plain:
+        accelerate_decoder(vae.decoder, compile=device.type == "cuda")
     s = cfg.spatial_stride
     z_first = torch.randn(1, cfg.z_dim, 1 + a.chunk, a.height // s, a.width // s, device=device)
     print(f"# VAE decode benchmark on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: "
           f"{a.height}x{a.width}, chunks of {a.chunk} latent frames, {'tiny' if a.tiny else 'Wan 2.1'} VAE "
           f"({sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M params), tf32={a.tf32}, "
-          f"cudnn.benchmark={a.cudnn_benchmark}")
+          f"cudnn.benchmark={a.cudnn_benchmark}, {'plain' if a.plain else 'fast path'}")
     result = dict(bench="vae", device=str(device), height=a.height, width=a.width, chunk=a.chunk, tiny=a.tiny,
-                  tf32=a.tf32, cudnn_benchmark=a.cudnn_benchmark)
+                  plain=a.plain, tf32=a.tf32, cudnn_benchmark=a.cudnn_benchmark)
     result |= {name: bench_dtype(vae, name, a, z_first) for name in a.dtypes.split(",")}
     print(json.dumps(result))
     return result

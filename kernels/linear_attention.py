@@ -11,14 +11,14 @@ dtype. A whole bidirectional clip is the special case S0 = 0, z0 = 0.
 
 This file holds the plain PyTorch reference, which faster implementations must match, and the entry point
 `linear_attention`, which runs the Triton kernels (triton_linear_attention.py) on CUDA tensors and the reference
-elsewhere (kernels/backend.py).
+elsewhere (kernels/backend.py); either way differentiable (the Triton op's backward is the reference's).
 """
 
 from __future__ import annotations
 
 import torch
 
-from longsana.kernels.backend import HAS_TRITON, use_triton
+from longsana.kernels.backend import HAS_TRITON, register_reference_backward, use_triton
 
 if HAS_TRITON:
     from longsana.kernels.triton_linear_attention import linear_attention_triton
@@ -58,6 +58,16 @@ def linear_attention_ref(q, k, v, cos, sin, S0=None, z0=None, eps: float = 1e-8,
     den = torch.einsum("bhk,bnhk->bnh", z, _wide(q)) + eps
     o = (num / den[..., None]).to(v.dtype)
     return (o, (S_c, z_c)) if return_state else o
+
+
+def _reference_op(q, k, v, cos, sin, S0, z0, eps: float):
+    """The reference with the Triton op's signature and outputs (o, S_c, z_c): its backward."""
+    o, (S_c, z_c) = linear_attention_ref(q, k, v, cos, sin, S0, z0, eps, return_state=True)
+    return o, S_c, z_c
+
+
+if HAS_TRITON:
+    register_reference_backward(linear_attention_triton, _reference_op)
 
 
 def linear_attention(q, k, v, cos, sin, S0=None, z0=None, eps: float = 1e-8, return_state: bool = False,

@@ -1,13 +1,14 @@
 """LayerNorm (no affine) followed by adaLN modulation, x * (1 + scale) + shift: the prologue of every
 self-attention and FFN branch. This file holds the plain PyTorch reference, which faster implementations must
 match, and the entry point `ln_modulate`, which runs the Triton kernel (triton_ln_modulate.py) on CUDA tensors and
-the reference elsewhere (kernels/backend.py)."""
+the reference elsewhere (kernels/backend.py); either way differentiable (the Triton op's backward is the
+reference's)."""
 
 from __future__ import annotations
 
 import torch
 
-from longsana.kernels.backend import HAS_TRITON, use_triton
+from longsana.kernels.backend import HAS_TRITON, register_reference_backward, use_triton
 
 if HAS_TRITON:
     from longsana.kernels.triton_ln_modulate import ln_modulate_triton
@@ -17,6 +18,10 @@ def ln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, e
     """LayerNorm without affine, then x * (1 + scale) + shift. x: (B, N, D); shift, scale broadcast to it."""
     xn = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], eps=eps)
     return (xn * (1 + scale.float()) + shift.float()).to(x.dtype)
+
+
+if HAS_TRITON:
+    register_reference_backward(ln_modulate_triton, ln_modulate_ref)
 
 
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,

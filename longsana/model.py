@@ -16,8 +16,7 @@ Inside a chunk everything is bidirectional; the right side of a chunk's temporal
 
 Layouts: tokens are ordered (frame, row, col), so a (B, N, D) activation is also (B, F, H*W, D) channels-last.
 
-Kernels: linear attention and LayerNorm-modulate go through the dispatching entry points of kernels/ (Triton on
-CUDA), except where autograd needs them (`_backend`): the Triton ops have no backward.
+Kernels: linear attention and LayerNorm-modulate come from kernels/ (Triton on CUDA, the PyTorch reference elsewhere).
 """
 
 from __future__ import annotations
@@ -34,11 +33,6 @@ from longsana.kernels.linear_attention import apply_rope, linear_attention
 from longsana.kernels.ln_modulate import ln_modulate
 
 from .config import TransformerConfig
-
-
-def _backend(*xs: torch.Tensor) -> str | None:
-    """The kernels' plain PyTorch reference where a gradient must flow (training), else the default dispatch."""
-    return "torch" if any(x.requires_grad for x in xs) else None
 
 
 class RMSNorm(nn.Module):
@@ -106,12 +100,11 @@ class SelfAttention(nn.Module):
         if chunk_tokens is not None:
             o = self.block_causal(q, k, v, rope, chunk_tokens)
         elif update_state:
-            o, (S_c, z_c) = linear_attention(q, k, v, *rope, S, z, eps=self.eps, return_state=True,
-                                             backend=_backend(q, k, v))
+            o, (S_c, z_c) = linear_attention(q, k, v, *rope, S, z, eps=self.eps, return_state=True)
             S.add_(S_c)
             z.add_(z_c)
         else:
-            o = linear_attention(q, k, v, *rope, S, z, eps=self.eps, backend=_backend(q, k, v))
+            o = linear_attention(q, k, v, *rope, S, z, eps=self.eps)
         return self.to_out[0](o.flatten(-2))
 
     def block_causal(self, q, k, v, rope, chunk_tokens):
@@ -119,7 +112,7 @@ class SelfAttention(nn.Module):
         outs, S, z = [], None, None
         for sl in _slices(chunk_tokens):
             o, (S_c, z_c) = linear_attention(q[:, sl], k[:, sl], v[:, sl], rope[0][sl], rope[1][sl], S, z,
-                                             eps=self.eps, return_state=True, backend=_backend(q, k, v))
+                                             eps=self.eps, return_state=True)
             S, z = (S_c, z_c) if S is None else (S + S_c, z + z_c)
             outs.append(o)
         return torch.cat(outs, dim=1)
@@ -204,10 +197,10 @@ class Block(nn.Module):
         chunk_ends = None if chunks is None else _chunk_ends(chunks, x.device)
         mods = self.scale_shift_table + t0.unflatten(-1, (6, -1))  # (B, 1 or N, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.unbind(2)
-        h = ln_modulate(x, shift_msa, scale_msa, self.norm_eps, backend=_backend(x, shift_msa))
+        h = ln_modulate(x, shift_msa, scale_msa, self.norm_eps)
         x = x + gate_msa * self.attn1(h, rope, S, z, update_state, chunk_tokens)
         x = x + self.attn2(x, k, v, bias)
-        h = ln_modulate(x, shift_mlp, scale_mlp, self.norm_eps, backend=_backend(x, shift_mlp))
+        h = ln_modulate(x, shift_mlp, scale_mlp, self.norm_eps)
         return x + gate_mlp * self.ff(h, *grid, tail=tail, update_state=update_state, chunk_ends=chunk_ends)
 
 

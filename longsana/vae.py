@@ -15,6 +15,9 @@ Both rules key on `cache.started` (has the stream seen its first frame), so they
 length, e.g. the 11-latent first chunk LongSANA emits.
 
 Latents: the network's latent is z; the diffusion model sees z_norm = (z - mean) / std (per channel, from the VAE config).
+
+This file is the plain reference. The fast path of the same decoder (per-tap convs on CPUs, norm + SiLU + causal
+padding fused and compiled) is installed by `fast_vae.accelerate_decoder(vae.decoder, compile)`.
 """
 
 from __future__ import annotations
@@ -84,57 +87,43 @@ class CausalConv3d(nn.Conv3d):
     def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int, int], padding: int = 0):
         super().__init__(c_in, c_out, kernel, padding=(0, padding, padding))
 
-    def forward(self, x: Tensor, cache: CausalCache, norm: RMSNorm | None = None) -> Tensor:
-        """norm: the RMSNorm (+ SiLU) in front of this conv, run here so that it writes the padded input itself."""
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         n = self.kernel_size[0] - 1
         past = cache.left(self, x, n)
-        x = torch.cat([past, x], dim=2) if norm is None else norm(x, past)
+        x = torch.cat([past, x], dim=2)
         past.copy_(x[:, :, -n:])
-        return super().forward(x) if x.is_cuda or n == 0 else self._per_tap(x)
-
-    def _per_tap(self, x: Tensor) -> Tensor:
-        """The same conv as one 2D conv per time tap, summed: on CPUs PyTorch runs small 3D convs in a slow
-        generic kernel (`slow_conv3d`), and this is about 3x faster there."""
-        B, C, T, H, W = x.shape
-        kt, T_out = self.kernel_size[0], x.shape[2] - self.kernel_size[0] + 1
-        out = None
-        for k in range(kt):
-            frames = x[:, :, k:k + T_out].transpose(1, 2).reshape(B * T_out, C, H, W)
-            y = F.conv2d(frames, self.weight[:, :, k], self.bias if k == 0 else None, padding=self.padding[1:])
-            out = y if out is None else out.add_(y)
-        return out.view(B, T_out, *out.shape[1:]).transpose(1, 2)
+        return super().forward(x)
 
 
-class RMSNorm(nn.Module):
-    """x / ||x|| * sqrt(C) * gamma over channels (dim 1); F.normalize's eps, computed in fp32 for bf16 inputs.
-    gamma is (C, 1, 1, 1) for video tensors, (C, 1, 1) for per-frame images (the attention block). `silu`: the SiLU
-    that follows every norm in front of a conv. Given `past`, the causal cache frames of that conv, it returns
-    cat([past, out]) along time: compiled (engine.compile_norms), norm, SiLU and causal padding are then one pass
-    over the activation instead of three."""
+class ChannelRMSNorm(nn.Module):
+    """x / ||x|| * sqrt(C) * gamma over the channels (dim 1), not the last dim as model.RMSNorm; F.normalize's eps,
+    computed in fp32 for bf16 inputs. gamma is (C, 1, 1, 1) for video tensors, (C, 1, 1) for per-frame images (the
+    attention block)."""
 
-    def __init__(self, dim: int, images: bool = False, silu: bool = False):
+    def __init__(self, dim: int, images: bool = False):
         super().__init__()
-        self.scale, self.silu = dim**0.5, silu
+        self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * (2 if images else 3)))
 
-    def forward(self, x: Tensor, past: Tensor | None = None) -> Tensor:
-        y = F.normalize(x.float(), dim=1).to(x.dtype) * (self.gamma * self.scale)
-        if self.silu:
-            y = F.silu(y, inplace=True)
-        return y if past is None else torch.cat([past, y], dim=2)
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x.float(), dim=1).to(x.dtype) * (self.gamma * self.scale)
+
+
+RMSNorm = ChannelRMSNorm  # TRANSITIONAL: engine.py imports this name until compile_norms becomes fast_vae's; delete then
 
 
 class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.norm1, self.conv1 = RMSNorm(c_in, silu=True), CausalConv3d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = RMSNorm(c_out, silu=True), CausalConv3d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = ChannelRMSNorm(c_in), CausalConv3d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = ChannelRMSNorm(c_out), CausalConv3d(c_out, c_out, 3, padding=1)
+        self.nonlinearity = nn.SiLU(inplace=True)  # on the norm's fresh output
         self.conv_shortcut = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         h = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        x = self.conv1(x, cache, self.norm1)  # conv1(silu(norm1(x)))
-        x = self.conv2(x, cache, self.norm2)
+        x = self.conv1(self.nonlinearity(self.norm1(x)), cache)
+        x = self.conv2(self.nonlinearity(self.norm2(x)), cache)
         return x.add_(h)
 
 
@@ -143,7 +132,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.norm = RMSNorm(dim, images=True)
+        self.norm = ChannelRMSNorm(dim, images=True)
         self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
 
@@ -244,7 +233,7 @@ class Encoder(nn.Module):
                 blocks.append(Resample(c_out, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(dims[-1])
-        self.norm_out = RMSNorm(dims[-1], silu=True)
+        self.norm_out, self.nonlinearity = ChannelRMSNorm(dims[-1]), nn.SiLU(inplace=True)
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
@@ -252,7 +241,7 @@ class Encoder(nn.Module):
         x = self.conv_in(x, cache)
         for block in self.down_blocks:
             x = block(x, cache)
-        x = self.conv_out(self.mid_block(x, cache), cache, self.norm_out)
+        x = self.conv_out(self.nonlinearity(self.norm_out(self.mid_block(x, cache))), cache)
         cache.t += t
         return x
 
@@ -272,7 +261,7 @@ class Decoder(nn.Module):
             # after the first block, the input comes from an upsampler, which halved the channels
             blocks.append(UpBlock(c_in // 2 if i else c_in, c_out, cfg.num_res_blocks + 1, mode))
         self.up_blocks = nn.ModuleList(blocks)
-        self.norm_out = RMSNorm(dims[-1], silu=True)
+        self.norm_out, self.nonlinearity = ChannelRMSNorm(dims[-1]), nn.SiLU(inplace=True)
         self.conv_out = CausalConv3d(dims[-1], 3, 3, padding=1)
 
     def forward(self, z: Tensor, cache: CausalCache) -> Tensor:
@@ -280,7 +269,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z, cache), cache)
         for block in self.up_blocks:
             x = block(x, cache)
-        x = self.conv_out(x, cache, self.norm_out)
+        x = self.conv_out(self.nonlinearity(self.norm_out(x)), cache)
         cache.t += t
         return x
 

@@ -8,6 +8,9 @@ this process defer to it. With a GPU the same tests run compiled, in this proces
 torch.compile and CUDA graphs are checked too. Every buffer a kernel writes starts as NaN (poisoned), so an
 element left unwritten fails the test.
 
+The Triton ops' backward is their reference's: gradients through the entry points, and a transformer training step
+with the Triton kernels everywhere, must equal the reference's.
+
 Tolerances come from the dtype: fp32 1e-5, bf16 1e-2. Under the interpreter a bf16 result also carries the
 interpreter's truncating fp32 -> bf16 conversion (the GPU rounds to nearest), which still fits 1e-2.
 """
@@ -155,6 +158,66 @@ def test_ln_modulate_matches_reference(B, N, D, dtype, per_token):
 
 
 @runs_triton
+@pytest.mark.parametrize("with_state", [False, True])
+def test_gradients_are_the_reference_gradients(with_state):
+    """Training runs the entry points: where inputs require grad, the Triton ops' gradients equal the reference's
+    (the backward is the reference's vector-Jacobian product), for every differentiable input and output."""
+    g = torch.Generator().manual_seed(5)
+    B, N, H, d = 2, 37, 2, 40
+    q, k, v = qkv(B, N, H, d, torch.float32, g)
+    cos, sin = rope_tables(N, d, g)
+    S0, z0 = past_state(B, 7, H, d, g) if with_state else (None, None)
+    x = (3 * torch.randn(B, N, H * d, generator=g) + 1).to(DEVICE)
+    mods = torch.randn(B, 1, 2, H * d, generator=g).to(DEVICE)
+    weights = [torch.randn(B, N, H, d, generator=g).to(DEVICE), torch.randn(B, H, d, d, generator=g).to(DEVICE),
+               torch.randn(B, H, d, generator=g).to(DEVICE), torch.randn(B, N, H * d, generator=g).to(DEVICE)]
+
+    def loss(backend, *inputs):  # a weighted sum of all outputs: every output's gradient flows back
+        q, k, v, S0, z0, x, shift, scale = inputs
+        o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True, backend=backend)
+        y = ln_modulate(x, shift, scale, backend=backend)
+        if backend == "triton":  # the Triton ops ran, with their own backward (no fallback to the reference)
+            assert all("longsana_" in type(a.grad_fn).__name__ for a in (o, y))
+        return sum((a * w).sum() for a, w in zip((o, S_c, z_c, y), weights))
+
+    inputs = [t if t is None else t.clone().requires_grad_() for t in (q, k, v, S0, z0, x, mods[:, :, 0],
+                                                                        mods[:, :, 1])]
+    wrt = [t for t in inputs if t is not None]
+    got = torch.autograd.grad(loss("triton", *inputs), wrt)
+    want = torch.autograd.grad(loss("torch", *inputs), wrt)
+    assert len(got) == (8 if with_state else 6)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and b.abs().sum() > 0
+        assert rel_err(a, b) < TOL[torch.float32]
+
+
+@runs_triton
+def test_training_step_through_the_triton_kernels(monkeypatch):
+    """A training step of the transformer (block-causal whole-sequence forward, backward) with the Triton kernels
+    everywhere gives the parameter gradients of the PyTorch reference kernels."""
+    from longsana.config import get_config
+    from longsana.kernels import backend
+    from longsana.model import LongSANATransformer
+    from longsana.testing import randomize_
+
+    cfg = get_config("tiny").transformer
+    torch.manual_seed(0)
+    model = randomize_(LongSANATransformer(cfg)).to(DEVICE)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, cfg.in_channels, 3, 4, 6, generator=g).to(DEVICE)
+    y, t = torch.randn(2, 5, cfg.caption_channels, generator=g).to(DEVICE), torch.tensor([500.0, 20.0], device=DEVICE)
+    grads = {}
+    for kernels in ("triton", "torch"):
+        monkeypatch.setattr(backend, "BACKEND", kernels)
+        model.zero_grad()
+        model(x, y, t, chunks=[1, 2]).square().mean().backward()
+        grads[kernels] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads["triton"], grads["torch"]):
+        assert rel_err(a, b) < TOL[torch.float32]
+    assert sum(b.abs().sum() > 0 for b in grads["torch"]) > len(grads["torch"]) // 2
+
+
+@runs_triton
 def test_dispatch():
     g = torch.Generator().manual_seed(0)
     q, k, v = qkv(1, 5, 1, 40, torch.float32, g)
@@ -273,3 +336,25 @@ def test_compile_and_cuda_graph(tuned):
     fresh = block(*(t * 0.5 for t in (x, q, k, v)))
     for a, b in zip(out, fresh):
         assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_compiled_backward(tuned):
+    """Gradients through both ops inside torch.compile(fullgraph=True): the registered backward traces too."""
+    g = torch.Generator().manual_seed(3)
+    B, N, H, d = 1, 1560, 4, 112
+    q, k, v = qkv(B, N, H, d, torch.float32, g)
+    cos, sin = rope_tables(N, d, g)
+    x = torch.randn(B, N, H * d, generator=g).to(DEVICE)
+    mod = torch.randn(B, 1, 2, H * d, generator=g).to(DEVICE)
+
+    def loss(x, q, k, v):
+        h = ln_modulate(x, mod[:, :, 0], mod[:, :, 1])
+        o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, return_state=True)
+        return h.square().sum() + o.square().sum() + S_c.sum() + z_c.sum()
+
+    inputs = [t.clone().requires_grad_() for t in (x, q, k, v)]
+    want = torch.autograd.grad(loss(*inputs), inputs)
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*inputs), inputs)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-4

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from longsana.config import VAEConfig, get_config
+from longsana.fast_vae import accelerate_decoder
 from longsana.loading import CheckpointError
 from longsana.testing import diffusers_vae, rel_err
-from longsana.vae import RMSNorm, StreamingDecoder, WanVAE, load_vae, original_to_diffusers, to_uint8
+from longsana.vae import ChannelRMSNorm, StreamingDecoder, WanVAE, load_vae, original_to_diffusers, to_uint8
 
 CFG = get_config("tiny").vae  # base 8, dim_mult (1, 2, 2, 2), 1 res block: shortcuts in 2 decoder blocks
 B, H, W = 2, 16, 24  # batch 2 also exercises the batch dimension (and CPU convs are faster at B > 1)
@@ -268,19 +269,61 @@ def test_checkpoint_errors(pair, tmp_path):
         load_vae(tmp_path / "broken.pth")
 
 
-def test_compiled_norms_decode_as_eager(pair, clips, monkeypatch):
-    """engine.compile_norms traces each norm + SiLU + causal padding as one region (inductor on a GPU; aot_eager
-    here, which runs the traced graph): a streaming decode through it equals diffusers' whole-clip decode."""
+def test_accelerated_decoder_equals_plain(pair):
+    """fast_vae's eager path (per-tap convs on the CPU, fused norm + SiLU + padding) decodes, in pieces and at an
+    awkward size, what the plain reference decodes in one pass; installing it twice changes nothing."""
+    Ha, Wa = 40, 56  # 5 x 7 latents
+    z_norm = torch.randn(1, CFG.z_dim, 6, Ha // 8, Wa // 8, generator=torch.Generator().manual_seed(4))
+    plain = pair[1].decode(z_norm)
+    vae = copy.deepcopy(pair[1])
+    dec = StreamingDecoder(vae, Ha, Wa, max_latent_frames_per_call=2)  # its cache made before the install
+    accelerate_decoder(vae.decoder, compile=False)
+    accelerate_decoder(vae.decoder, compile=False)
+    got = torch.cat([dec.decode_float(z_norm[:, :, s:e]) for s, e in ((0, 1), (1, 4), (4, 6))], dim=2)
+    assert rel_err(got, plain) <= 1e-5 and vae.state_dict().keys() == pair[1].state_dict().keys()
+    assert not torch.equal(got, plain)  # the per-tap sums: rounding differs, so the fast path did run
+
+
+def test_compiled_accelerated_decoder_decodes_as_eager(pair, clips, monkeypatch):
+    """accelerate_decoder(compile=True) traces norm + SiLU + causal padding as one region (inductor on a GPU;
+    aot_eager here, which runs the traced graph): a streaming decode through it equals diffusers' whole-clip
+    decode."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     from longsana import engine
 
-    monkeypatch.setitem(engine.COMPILE_OPTIONS, "backend", "aot_eager")
     torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setitem(engine.COMPILE_OPTIONS, "backend", counter)
     vae = copy.deepcopy(pair[1])
-    engine.compile_norms(vae.decoder)
+    accelerate_decoder(vae.decoder, compile=True)
     z_norm, video = clips[7]
     dec = StreamingDecoder(vae, H, W, batch=B, max_latent_frames_per_call=2)
-    with torch.no_grad():
-        got = torch.cat([dec.decode_float(z_norm[:, :, :3]), dec.decode_float(z_norm[:, :, 3:])], dim=2)
+    got = torch.cat([dec.decode_float(z_norm[:, :, :3]), dec.decode_float(z_norm[:, :, 3:])], dim=2)
     assert rel_err(got, video) <= 1e-5
-    assert all(m._compiled_call_impl is not None for m in vae.decoder.modules() if isinstance(m, RMSNorm))
+    graphs = counter.frame_count  # one per activation shape, shared by the norms
+    assert 0 < graphs < sum(1 for m in vae.decoder.modules() if isinstance(m, ChannelRMSNorm))
+    accelerate_decoder(vae.decoder, compile=True)  # idempotent: the same compiled function, no new graph
+    dec.reset()
+    assert torch.equal(dec.decode_float(z_norm[:, :, :3]), got[:, :, :9]) and counter.frame_count == graphs
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_accelerated_decoder_on_cuda(monkeypatch):
+    """The fast path as a GPU stream runs it (cuDNN convs, inductor's fused norm + SiLU + padding): fp32 in pieces
+    equals the plain whole-clip decode; bf16 is as close to it as the plain bf16 decode is."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convs, not TF32: a 1e-5 comparison
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = WanVAE(CFG).eval().cuda()
+    z_norm = torch.randn(B, CFG.z_dim, 7, h, w, device="cuda")
+    want = plain.decode(z_norm)
+    bf16_err = rel_err(copy.deepcopy(plain).to(torch.bfloat16).decode(z_norm), want)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1.25 * bf16_err)):
+        vae = copy.deepcopy(plain).to(dtype)
+        accelerate_decoder(vae.decoder, compile=True)
+        dec = StreamingDecoder(vae, H, W, batch=B, max_latent_frames_per_call=2)
+        got = torch.cat([dec.decode_float(z_norm[:, :, s:e]) for s, e in ((0, 3), (3, 4), (4, 7))], dim=2)
+        assert got.dtype == dtype and rel_err(got, want) <= tol
     torch._dynamo.reset()
