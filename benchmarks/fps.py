@@ -35,7 +35,6 @@ import traceback
 
 import click
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from longsana.benchmarks.vae import bench_diffusers as vae_diffusers
@@ -43,7 +42,8 @@ from longsana.benchmarks.vae import bench_ours as vae_ours
 from longsana.benchmarks.vae import ceilings, decoder_cost, gb, sync, timed
 from longsana.cli import CUDA_ALLOC_CONF
 from longsana.config import get_config
-from longsana.engine import ChunkEngine, compile_norms
+from longsana.engine import ChunkEngine
+from longsana.fast_vae import accelerate
 from longsana.model import LongSANATransformer
 from longsana.step import EagerStep
 from longsana.stream import Pipeline, StreamSettings
@@ -325,10 +325,10 @@ def bench_vae(pipe: Pipeline, a, hw) -> dict:
     vae, dev = pipe.vae, pipe.device
     z_first = torch.randn(1, vae.cfg.z_dim, 1 + a.chunk, *hw, device=dev)
     if dev.type == "cuda":
-        compile_norms(vae.decoder)  # as a fast stream runs it (it has, if the stream section ran)
+        accelerate(vae.decoder, compile=True)  # as a fast stream runs it (it has, if the stream section ran)
     variants = {"as the stream runs it": (vae, 2)}
     if a.vae_variants and dev.type == "cuda":
-        variants["eager norms"] = (make_vae(vae.cfg, dev, vae.dtype), 2)
+        variants["plain (no fast_vae)"] = (make_vae(vae.cfg, dev, vae.dtype), 2)
         variants["1 latent frame per call"] = (vae, 1)
     r = dict(variants={})
     print(f"## VAE streaming decode, {vae.dtype}, steady chunks of {a.chunk} latent frames")

@@ -4,7 +4,7 @@ tiny size, any device).
 Full size: the Wan 2.1 VAE (random weights, PyTorch's default init: never zeros) decoding 480x832. It prints
   - a cost card: decoder FLOPs and unfused op traffic per video frame (counted on meta tensors), weight and
     cache bytes, and the ceilings they imply at the matmul throughput and copy bandwidth measured in this run;
-  - ours: StreamingDecoder with the fast path (`fast_vae.accelerate_decoder`, compiled on a GPU; --plain: without),
+  - ours: StreamingDecoder with the fast path (`fast_vae.accelerate`, compiled on a GPU; --plain: without),
     per dtype and per `max_latent_frames_per_call` (the sub-piece size), the median time of a
     steady-state chunk of --chunk latent frames (4 x chunk video frames) and of a stream's first chunk of
     1 + chunk latents (1 + 4 x chunk frames), after warm-up; peak GPU memory of each (all allocations: weights,
@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from longsana.config import VAEConfig, get_config
-from longsana.fast_vae import accelerate_decoder
+from longsana.fast_vae import accelerate
 from longsana.testing import rel_err
 from longsana.vae import CausalCache, Decoder, StreamingDecoder, WanVAE
 
@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     with torch.device(device):
         vae = WanVAE(cfg).eval().requires_grad_(False)
     if not a.plain:
-        accelerate_decoder(vae.decoder, compile=device.type == "cuda")
+        accelerate(vae.decoder, compile=device.type == "cuda")
     s = cfg.spatial_stride
     z_first = torch.randn(1, cfg.z_dim, 1 + a.chunk, a.height // s, a.width // s, device=device)
     print(f"# VAE decode benchmark on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: "

@@ -40,41 +40,31 @@ import torch
 from .model import Block, LongSANATransformer, State, TextKV
 from .sampling import bf16_round, sample_chunk
 from .step import Pending, SideStream
-from .vae import RMSNorm, StreamingDecoder
+from .vae import StreamingDecoder
 
 # torch.compile options of the compiled regions (tests on the CPU swap in backend="aot_eager": inductor's C++ build
 # of even a tiny model takes minutes on 2 cores).
 COMPILE_OPTIONS: dict = dict(dynamic=False)
-_COMPILED: dict[str, object] = {}  # one compiled block function per options: a new one would compile anew
+_COMPILED: dict[tuple, object] = {}  # compiled functions by (function, options): a new one would compile anew
 RECOMPILE_LIMIT = 64  # graphs per compiled function: (chunk length, pass kind) per resolution; the VAE's norm shapes
+
+
+def compiled(fn):
+    """`fn` compiled with COMPILE_OPTIONS, once per process (every caller shares its graphs)."""
+    key = (fn, repr(sorted(COMPILE_OPTIONS.items())))
+    if key not in _COMPILED:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        _COMPILED[key] = torch.compile(fn, **COMPILE_OPTIONS)
+    return _COMPILED[key]
 
 
 def _call_block(blk: Block, *args):
     return blk(*args)
 
 
-def _allow_recompiles() -> None:
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-
-
 def compile_block():
     """One compiled function for every transformer block: `run_prepared(..., block=compile_block())`."""
-    key = repr(sorted(COMPILE_OPTIONS.items()))
-    if key not in _COMPILED:
-        _allow_recompiles()
-        _COMPILED[key] = torch.compile(_call_block, **COMPILE_OPTIONS)
-    return _COMPILED[key]
-
-
-def compile_norms(module: torch.nn.Module) -> None:
-    """Compile every VAE RMSNorm inside `module` in place (idempotent), with the SiLU and the causal padding it
-    carries (vae.RMSNorm): one fused pass over the activation instead of the eager form's ~8 (fp32 copy, norm,
-    divide, cast, scale, SiLU, cat). The streaming decode at 480x832 in bf16 goes from 52 to 77 FPS on an H100; the
-    other layers are convolutions and layout changes that compiling does not help."""
-    _allow_recompiles()
-    for mod in module.modules():
-        if isinstance(mod, RMSNorm) and getattr(mod, "_compiled_call_impl", None) is None:
-            mod.compile(**COMPILE_OPTIONS)
+    return compiled(_call_block)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The VAE decoder's fast path: `accelerate_decoder(vae.decoder, compile)`, installed on that module tree only.
+"""The VAE decoder's fast path: `accelerate(vae.decoder, compile)`, installed on that module tree only.
 
 vae.py is the plain reference; this file changes how the same maths runs, never what it computes:
   - causal convs on CPU inputs run as one 2D conv per time tap, summed: PyTorch runs small 3D convs on CPUs in a
@@ -23,16 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .engine import compiled
 from .vae import CausalCache, CausalConv3d, ChannelRMSNorm, Decoder, Encoder, ResBlock
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default, which ChannelRMSNorm uses
-_COMPILED: dict[str, object] = {}  # one compiled prologue per compile options: a new one would compile anew
 
 
-def accelerate_decoder(decoder: nn.Module, compile: bool) -> None:
+def accelerate(decoder: nn.Module, compile: bool) -> None:
     """Install the fast path on every causal conv, norm and SiLU inside `decoder` (vae.decoder; vae.encoder works
     too), in place; differentiable. Idempotent; a second call installs its own `compile` choice over the first's."""
-    prologue = _compiled_prologue() if compile else norm_silu_pad
+    prologue = compiled(norm_silu_pad) if compile else norm_silu_pad
     fused = {}
     for parent in decoder.modules():
         for norm, act, conv in _prologues(parent):
@@ -50,16 +50,6 @@ def norm_silu_pad(norm: ChannelRMSNorm, x: Tensor, past: Tensor) -> Tensor:
     xf = x.float()
     y = (xf * xf.square().sum(1, keepdim=True).clamp_min_(NORMALIZE_EPS**2).rsqrt_()).to(x.dtype)
     return torch.cat([past, F.silu(y * (norm.gamma * norm.scale), inplace=True)], dim=2)
-
-
-def _compiled_prologue():
-    from .engine import COMPILE_OPTIONS, _allow_recompiles  # here: the engine may come to import this file
-
-    key = repr(sorted(COMPILE_OPTIONS.items()))
-    if key not in _COMPILED:
-        _allow_recompiles()
-        _COMPILED[key] = torch.compile(norm_silu_pad, **COMPILE_OPTIONS)
-    return _COMPILED[key]
 
 
 def _prologues(module: nn.Module) -> list[tuple[ChannelRMSNorm, nn.SiLU, CausalConv3d]]:

@@ -150,7 +150,8 @@ def sample_flow_euler(velocity_fn: VelocityFn, x: torch.Tensor, schedule: Schedu
 
 
 # -- LongSANA: the 4-step causal chunk sampler ----------------------------------------------------------------------
-def sample_chunk(velocity_fn: Callable[[torch.Tensor, float], torch.Tensor], noise_fn: Callable[[], torch.Tensor], timesteps: Sequence[float],
+def sample_chunk(velocity_fn: Callable[[torch.Tensor, float], torch.Tensor], noise_fn: Callable[[], torch.Tensor],
+                 timesteps: Sequence[float],
                  bf16_like: bool = False, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Denoise one chunk and return its x0. `timesteps` are the exact levels (causal_timesteps()); each step
     predicts x0 = x - (t/T) v and re-noises x0 with a fresh noise_fn() draw to the next level. bf16_like feeds

@@ -18,8 +18,8 @@ clean-context pass with the new prompt". Older chunks keep their old-prompt cont
 un-mixed). Frames already yielded never change.
 
 Per-stream memory is bounded and allocated over the first chunks (after which it never changes): the transformer
-state, the last chunk's x0, the VAE cache, the fast step's static buffers and a ring of rewind points (rewind.py). Positions are re-based before the RoPE table ends, so a stream can run
-for hours.
+state, the last chunk's x0, the VAE cache, the fast step's static buffers and a ring of rewind points (rewind.py).
+Positions are re-based before the RoPE table ends, so a stream can run for hours.
 
 Determinism: chunk c's noise comes from a generator seeded by (seed, c), so a stream is a pure function of the
 seed and the prompt schedule, and a rewind followed by the original prompt replays the original continuation.
@@ -36,7 +36,8 @@ import torch
 
 from .chunk import Chunk
 from .config import DEFAULT_CONFIG, ModelSpec, VAEConfig, get_config
-from .engine import ChunkEngine, compile_norms
+from .engine import ChunkEngine
+from .fast_vae import accelerate
 from .model import LongSANATransformer
 from .rewind import RewindPoint, RewindRing
 from .step import ChunkStep, EagerStep, Pending
@@ -279,11 +280,12 @@ class Stream:
 
 
 def make_step(pipe: Pipeline, latent_hw: tuple[int, int], settings: StreamSettings) -> ChunkStep:
-    """The one place that chooses how a stream runs: the fast engine (by default on a GPU) or the eager reference."""
+    """The one place that chooses how a stream runs: the fast engine (by default on a GPU) or the eager reference,
+    and the decoder's fast path (compiled with the engine)."""
     fast = settings.compile if settings.compile is not None else pipe.device.type == "cuda"
+    accelerate(pipe.vae.decoder, compile=fast)
     if not fast:
         return EagerStep(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps)
-    compile_norms(pipe.vae.decoder)
     return ChunkEngine(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps, compile=True)
 
 

@@ -17,7 +17,7 @@ length, e.g. the 11-latent first chunk LongSANA emits.
 Latents: the network's latent is z; the diffusion model sees z_norm = (z - mean) / std (per channel, from the VAE config).
 
 This file is the plain reference. The fast path of the same decoder (per-tap convs on CPUs, norm + SiLU + causal
-padding fused and compiled) is installed by `fast_vae.accelerate_decoder(vae.decoder, compile)`.
+padding fused and compiled) is installed by `fast_vae.accelerate(vae.decoder, compile)`.
 """
 
 from __future__ import annotations
@@ -109,7 +109,6 @@ class ChannelRMSNorm(nn.Module):
         return F.normalize(x.float(), dim=1).to(x.dtype) * (self.gamma * self.scale)
 
 
-RMSNorm = ChannelRMSNorm  # TRANSITIONAL: engine.py imports this name until compile_norms becomes fast_vae's; delete then
 
 
 class ResBlock(nn.Module):

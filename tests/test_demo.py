@@ -10,11 +10,10 @@ import torch
 from click.testing import CliRunner
 
 from longsana.config import bundled_folder, get_config
-from longsana.demo.clips import (caption, caption_variant, matches, measure, parse_caption, render,
-                                 sample_scene)
+from longsana.demo.clips import caption, caption_variant, matches, measure, parse_caption, render, sample_scene
 from longsana.demo.train import TrainConfig, check, generate, noise_levels, switch_scene, train_cmd, train_vae
-from longsana.vae import WanVAE
 from longsana.stream import Pipeline
+from longsana.vae import WanVAE
 
 CAPTIONS, SWITCHES = 20, 8
 ATTRIBUTES = ("color", "background", "count", "motion", "pan")

@@ -150,7 +150,7 @@ def schedule(pipe, compile):
 
 def no_compile(monkeypatch):
     monkeypatch.setattr(engine_mod, "compile_block", lambda: None)
-    monkeypatch.setattr("longsana.stream.compile_norms", lambda module: None)
+    monkeypatch.setattr("longsana.stream.accelerate", lambda module, compile: None)
 
 
 def test_fast_stream_equals_the_eager_stream(pipe, monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from longsana.config import VAEConfig, get_config
-from longsana.fast_vae import accelerate_decoder
+from longsana.fast_vae import accelerate
 from longsana.loading import CheckpointError
 from longsana.testing import diffusers_vae, rel_err
 from longsana.vae import ChannelRMSNorm, StreamingDecoder, WanVAE, load_vae, original_to_diffusers, to_uint8
@@ -277,15 +277,15 @@ def test_accelerated_decoder_equals_plain(pair):
     plain = pair[1].decode(z_norm)
     vae = copy.deepcopy(pair[1])
     dec = StreamingDecoder(vae, Ha, Wa, max_latent_frames_per_call=2)  # its cache made before the install
-    accelerate_decoder(vae.decoder, compile=False)
-    accelerate_decoder(vae.decoder, compile=False)
+    accelerate(vae.decoder, compile=False)
+    accelerate(vae.decoder, compile=False)
     got = torch.cat([dec.decode_float(z_norm[:, :, s:e]) for s, e in ((0, 1), (1, 4), (4, 6))], dim=2)
     assert rel_err(got, plain) <= 1e-5 and vae.state_dict().keys() == pair[1].state_dict().keys()
     assert not torch.equal(got, plain)  # the per-tap sums: rounding differs, so the fast path did run
 
 
 def test_compiled_accelerated_decoder_decodes_as_eager(pair, clips, monkeypatch):
-    """accelerate_decoder(compile=True) traces norm + SiLU + causal padding as one region (inductor on a GPU;
+    """accelerate(compile=True) traces norm + SiLU + causal padding as one region (inductor on a GPU;
     aot_eager here, which runs the traced graph): a streaming decode through it equals diffusers' whole-clip
     decode."""
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -296,14 +296,14 @@ def test_compiled_accelerated_decoder_decodes_as_eager(pair, clips, monkeypatch)
     counter = CompileCounterWithBackend("aot_eager")
     monkeypatch.setitem(engine.COMPILE_OPTIONS, "backend", counter)
     vae = copy.deepcopy(pair[1])
-    accelerate_decoder(vae.decoder, compile=True)
+    accelerate(vae.decoder, compile=True)
     z_norm, video = clips[7]
     dec = StreamingDecoder(vae, H, W, batch=B, max_latent_frames_per_call=2)
     got = torch.cat([dec.decode_float(z_norm[:, :, :3]), dec.decode_float(z_norm[:, :, 3:])], dim=2)
     assert rel_err(got, video) <= 1e-5
     graphs = counter.frame_count  # one per activation shape, shared by the norms
     assert 0 < graphs < sum(1 for m in vae.decoder.modules() if isinstance(m, ChannelRMSNorm))
-    accelerate_decoder(vae.decoder, compile=True)  # idempotent: the same compiled function, no new graph
+    accelerate(vae.decoder, compile=True)  # idempotent: the same compiled function, no new graph
     dec.reset()
     assert torch.equal(dec.decode_float(z_norm[:, :, :3]), got[:, :, :9]) and counter.frame_count == graphs
     torch._dynamo.reset()
@@ -322,7 +322,7 @@ def test_compiled_accelerated_decoder_on_cuda(monkeypatch):
     bf16_err = rel_err(copy.deepcopy(plain).to(torch.bfloat16).decode(z_norm), want)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1.25 * bf16_err)):
         vae = copy.deepcopy(plain).to(dtype)
-        accelerate_decoder(vae.decoder, compile=True)
+        accelerate(vae.decoder, compile=True)
         dec = StreamingDecoder(vae, H, W, batch=B, max_latent_frames_per_call=2)
         got = torch.cat([dec.decode_float(z_norm[:, :, s:e]) for s, e in ((0, 3), (3, 4), (4, 7))], dim=2)
         assert got.dtype == dtype and rel_err(got, want) <= tol

@@ -80,9 +80,8 @@ import click
 import numpy as np
 import torch
 
-from longsana.kernels import backend
-
 from ..config import CAUSAL_TIMESTEPS, get_config
+from ..fast_vae import accelerate
 from ..loading import load_transformer
 from ..model import LongSANATransformer
 from ..stream import Pipeline, video_frame
@@ -347,6 +346,8 @@ def train_vae(cfg: TrainConfig, spec, clips: torch.Tensor, device, vae: WanVAE |
         raise ValueError(DECODER_ONLY_NEEDS_A_VAE)
     torch.manual_seed(cfg.seed)
     vae = (WanVAE(spec.vae).to(device) if vae is None else vae).train().requires_grad_(True)
+    for part in (vae.encoder, vae.decoder):
+        accelerate(part, compile=False)  # per-tap convs on CPUs (~3x faster), the same maths and gradients
     if cfg.vae_decoder_only:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
@@ -509,9 +510,6 @@ DECODER_ONLY_NEEDS_A_VAE = "--vae-decoder-only trains an existing VAE's decoder:
 
 def check(cfg: TrainConfig) -> None:
     """ValueError for a configuration that `train` cannot run, before any work starts."""
-    if torch.device(cfg.device).type == "cuda" and backend.BACKEND != "torch":
-        raise ValueError("training needs the PyTorch kernels (the Triton ones have no backward): run with "
-                         "LONGSANA_KERNELS=torch in the environment")
     has_vae = cfg.vae_from is not None or cfg.resume is not None
     if not has_vae and not (cfg.vae_steps or cfg.vae_seconds):
         raise ValueError("no VAE: train one (--vae-seconds / --vae-steps) or take one (--vae-from, --resume)")
