@@ -17,7 +17,7 @@ import torch
 from longsana.config import VAEConfig, get_config
 from longsana.fast_vae import accelerate
 from longsana.loading import CheckpointError
-from longsana.testing import diffusers_vae, rel_err
+from longsana.testing import diffusers_vae, needs_cuda, rel_err
 from longsana.vae import ChannelRMSNorm, StreamingDecoder, WanVAE, load_vae, original_to_diffusers, to_uint8
 
 CFG = get_config("tiny").vae  # base 8, dim_mult (1, 2, 2, 2), 1 res block: shortcuts in 2 decoder blocks
@@ -309,7 +309,7 @@ def test_compiled_accelerated_decoder_decodes_as_eager(pair, clips, monkeypatch)
     torch._dynamo.reset()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 def test_compiled_accelerated_decoder_on_cuda(monkeypatch):
     """The fast path as a GPU stream runs it (cuDNN convs, inductor's fused norm + SiLU + padding): fp32 in pieces
     equals the plain whole-clip decode; bf16 is as close to it as the plain bf16 decode is."""
