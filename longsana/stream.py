@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from .rewind import RewindPoint, RewindRing
 from .step import ChunkStep, EagerStep, Pending
 from .text import PromptCache, TextEncoder
 from .vae import StreamingDecoder
+from .worker import DeviceWorker, cuda_healthy
 
 SEED_STRIDE = 1_000_003  # chunk c of a stream seeded s draws its noise from seed s * SEED_STRIDE + c
 
@@ -82,6 +84,7 @@ class Pipeline:
         self.model, self.vae, self.text, self.spec = model, vae, text, spec
         self.device = next(model.parameters()).device
         self.prompts = PromptCache(text, derive=model.prepare_text, capacity=prompt_cache)
+        self.worker = DeviceWorker(str(self.device), cuda_healthy(self.device))  # runs all of the device work
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path, device=None, dtype=None, spec: str | ModelSpec | None = None):
@@ -123,7 +126,8 @@ class Pipeline:
         """An endless stream (or `num_frames` video frames, rounded up to whole chunks' worth of latents)."""
         height, width = height or self.spec.height, width or self.spec.width
         check_size(height, width)
-        return Stream(self, prompt, seed, height, width, num_frames, StreamSettings.from_spec(self.spec, **settings))
+        settings = StreamSettings.from_spec(self.spec, **settings)
+        return self.worker.run(Stream, self, prompt, seed, height, width, num_frames, settings)
 
 
 def resolve_model(path_or_name: str | Path, spec: str | ModelSpec | None) -> tuple[Path, ModelSpec]:
@@ -145,7 +149,9 @@ def resolve_model(path_or_name: str | Path, spec: str | ModelSpec | None) -> tup
 
 
 class Stream:
-    """Iterate for chunks. set_prompt / rewind / close are thread-safe and take effect at the next chunk."""
+    """Iterate for chunks. set_prompt / rewind / close are thread-safe and take effect at the next chunk. `deadline`,
+    when set, says (monotonic seconds) when the consumer needs the next chunk: the device worker serves the stream
+    that needs its chunk first."""
 
     def __init__(self, pipe: Pipeline, prompt: str, seed: int, height: int, width: int, num_frames: int | None,
                  settings: StreamSettings):
@@ -170,6 +176,7 @@ class Stream:
         self.index = 0  # next chunk
         self.frame0 = 0  # its first latent frame (absolute)
         self.origin = 0  # positions fed to RoPE are frame0 - origin
+        self.deadline: Callable[[], float | None] | None = None
 
     @property
     def state(self):
@@ -179,7 +186,7 @@ class Stream:
     def set_prompt(self, prompt: str) -> None:
         """Raises ValueError for a bad prompt. Encodes it here, in the caller's thread, so the switch itself
         costs the producer nothing (a cache hit)."""
-        self._encode(prompt)
+        self.pipe.worker.run(self._encode, prompt)
         with self._lock:
             self._pending_prompt = prompt
 
@@ -198,8 +205,12 @@ class Stream:
         self.ring.clear()
         self.pending = self.decoder = self.text = None
 
-    # -- generation (the producer thread) -----------------------------------------------------------------------
+    # -- generation -------------------------------------------------------------------------------------------------
     def __iter__(self):
+        """The chunks, each computed by a job on the pipeline's device worker (worker.py)."""
+        return self.pipe.worker.iterate(self._chunks(), owner=self, deadline=lambda: self.deadline and self.deadline())
+
+    def _chunks(self):
         while self._take_controls() and not self._finished():
             t_start = time.perf_counter()
             n, pos = self._chunk_len(), self._position()

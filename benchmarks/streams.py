@@ -1,0 +1,146 @@
+"""Several streams on one GPU: `python -m longsana.benchmarks.streams` (GPU; `--tiny` is a smoke test anywhere).
+
+Full LongSANA 2B / 480x832 shapes with random weights, bf16, one pipeline (one set of weights, one device worker:
+worker.py), each stream on its own thread as the server's producers run them. It prints, in order:
+  1. the card: one stream alone, unpaced: its FPS, and the most real-time streams that rate implies (FPS / fps);
+  2. N streams at once, unpaced (as fast as the GPU gives them frames), started together and started apart:
+     each stream's FPS after its first --settle chunks, its first-chunk time, and any error;
+  3. admission: 2 streams paced to real time (a consumer taking frames at the model's fps) for --paced-seconds,
+     then the worker's measured load and whether it admits a third (and why);
+  4. with --minutes M: 2 streams together for M minutes of video each (errors, FPS over the whole run).
+Then one JSON line. A stream's FPS is its frames handed out over the wall time they took: what its viewer gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import threading
+import time
+
+import torch
+
+from longsana.benchmarks.fps import PROMPTS, build
+
+REAL_TIME_MARGIN = 1.0  # a stream is real time at >= fps frames a second
+
+
+def run_streams(pipe, n: int, chunks: int, settle: int, stagger: float = 0.0, paced: bool = False,
+                seed: int = 0) -> list[dict]:
+    """n streams on their own threads; each takes `chunks` chunks. Returns one record a stream."""
+    out = [dict() for _ in range(n)]
+
+    def one(i: int):
+        r = out[i]
+        t0 = time.perf_counter()
+        try:
+            stream = pipe.stream(f"{PROMPTS[i % len(PROMPTS)]} ({seed + i})", seed=seed + i)
+            it, frames, times = iter(stream), [], []
+            for _ in range(chunks):
+                frames.append(len(next(it).frames))
+                times.append(time.perf_counter())
+                if paced:  # the viewer plays at the model's fps: the producer waits for it
+                    time.sleep(max(0.0, t0 + sum(frames) / stream.fps - time.perf_counter()))
+            stream.close()
+            w = min(settle, chunks - 2)
+            r.update(first_chunk_s=times[0] - t0, fps=sum(frames[w + 1:]) / (times[-1] - times[w]),
+                     video_s=sum(frames) / stream.fps, chunks=chunks)
+        except Exception as e:  # noqa: BLE001 (a failed stream is a result)
+            r["error"] = f"{type(e).__name__}: {e}"
+
+    threads = [threading.Thread(target=one, args=(i,), name=f"viewer-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+        time.sleep(stagger)
+    for t in threads:
+        t.join()
+    return out
+
+
+def report(title: str, rs: list[dict], fps: int, paced: bool = False) -> None:
+    slow = lambda r: not paced and r["fps"] < fps * REAL_TIME_MARGIN  # noqa: E731 (paced streams run at fps at most)
+    parts = [(f"error {r['error']}" if "error" in r else
+              f"{r['fps']:.1f} FPS{' (below real time)' if slow(r) else ''}, "
+              f"first chunk {r['first_chunk_s']:.2f} s") for r in rs]
+    print(f"  {title}: " + "; ".join(f"#{i} {p}" for i, p in enumerate(parts)))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny config and size: a smoke test for any machine")
+    p.add_argument("--chunks", type=int, default=12, help="chunks each stream takes in the unpaced runs")
+    p.add_argument("--settle", type=int, default=3, help="chunks before a stream's FPS is measured")
+    p.add_argument("--stagger", type=float, default=4.0, help="seconds between stream starts in the 'apart' runs")
+    p.add_argument("--max-streams", type=int, default=3)
+    p.add_argument("--paced-seconds", type=float, default=30.0)
+    p.add_argument("--minutes", type=float, default=0.0, help="minutes of video for the long 2-stream run (0: skip)")
+    p.add_argument("--json", help="also write the result to this file")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    pipe = build(a, device)
+    fps = pipe.spec.fps
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"# streams on one {name}: {'tiny' if a.tiny else 'LongSANA 2B 480x832'}, "
+          f"{next(pipe.model.parameters()).dtype}, {datetime.date.today()}")
+    res = dict(bench="streams", device=name, torch=torch.__version__, date=str(datetime.date.today()), tiny=a.tiny)
+
+    alone = run_streams(pipe, 1, a.chunks, a.settle)
+    res["alone"] = alone[0]
+    capacity = int(alone[0].get("fps", 0) // fps)
+    print(f"## card: one stream alone {alone[0].get('fps', float('nan')):.1f} FPS -> at most {capacity} real-time "
+          f"streams at {fps} fps on this device")
+    report("alone", alone, fps)
+
+    print("## several streams, unpaced")
+    for n in range(2, a.max_streams + 1):
+        for key, stagger in (("together", 0.0), ("apart", a.stagger)):
+            rs = run_streams(pipe, n, a.chunks, a.settle, stagger, seed=10 * n)
+            res[f"{key}_{n}"] = rs
+            report(f"{n} {key}", rs, fps)
+
+    print(f"## admission: 2 streams paced to {fps} fps for {a.paced_seconds:.0f} s")
+    paced_chunks = max(a.settle + 2, round(a.paced_seconds * fps / (4 * pipe.spec.chunk_frames)))
+    admitted = {}
+
+    def probe():  # while the paced streams run, after they settle
+        time.sleep(min(a.paced_seconds * 0.8, a.paced_seconds - 2))
+        admitted["load"] = pipe.worker.load()
+        admitted["admits"], admitted["why"] = pipe.worker.admits()
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    rs = run_streams(pipe, 2, paced_chunks, a.settle, paced=True, seed=100)
+    prober.join()
+    res["paced_2"], res["admission"] = rs, admitted
+    report("2 paced", rs, fps, paced=True)
+    print(f"  load {admitted['load']:.0%}; a third stream: {'admitted' if admitted['admits'] else 'refused'} "
+          f"({admitted['why']})")
+
+    if a.minutes:
+        chunks = round(a.minutes * 60 * fps / (4 * pipe.spec.chunk_frames))
+        rs = run_streams(pipe, 2, chunks, a.settle, seed=200)
+        res["long_2"] = rs
+        report(f"2 together, {a.minutes:g} min of video each", rs, fps)
+
+    runs = [r for k, v in res.items() if isinstance(v, list) for r in v]
+    res["errors"] = sum("error" in r for r in runs)
+    res["min_fps_two_streams"] = min((r.get("fps", 0.0) for k in ("together_2", "apart_2") for r in res[k]),
+                                     default=None)
+    if res["min_fps_two_streams"] is not None:
+        print(f"## two streams: slowest {res['min_fps_two_streams']:.1f} FPS (target >= {fps}); errors in all runs: "
+              f"{res['errors']}; median FPS of all unpaced streams "
+              f"{statistics.median(r['fps'] for r in runs if 'fps' in r):.1f}")
+    line = json.dumps(res)
+    print(line)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(line + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()

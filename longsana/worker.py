@@ -1,0 +1,164 @@
+"""One owner of a device: every stream's device work runs on one worker thread, one job at a time.
+
+Why: a CUDA graph capture allows no other work on the device while it records, and a stream on another thread that
+launches, allocates or synchronises during a capture breaks it (and, through the legacy default stream that each
+thread launches on, poisons the capture of the others: "operation not permitted when stream is capturing"). With
+one thread issuing all of a pipeline's device work, a capture never overlaps anything, and the streams still share
+the GPU: a job only launches work (the fast step's kernels run asynchronously, the next chunk's transformer work
+queued while this one decodes), so the device stays busy while the worker moves on to the next stream.
+
+A job is one call (`run`) or one chunk of a stream (`iterate`: each `next` of the stream's generator runs as a job,
+so the loop's controls, rewind copies, denoise, decode and download all happen on the worker). Jobs are served
+earliest deadline first; a stream's deadline is when its viewer's buffer runs dry (given by whoever paces it), else
+the moment it asked, which serves waiting streams in turn: none can starve another.
+
+The worker also keeps the load: the fraction of the last `window` seconds it spent in jobs. When the streams are
+paced to real time, that is the share of the device they need, so a new stream is admitted while the load with one
+more (load x (n + 1) / n) stays under the margin (`admits`).
+
+A failed job raises in the caller's thread and ends only that stream. A failure that leaves the device unusable (a
+CUDA error is sticky: every later call fails) is detected by `healthy()` after any failure; the worker then fails
+every waiting and later job at once with `DeviceFailed`, and `failure` says why (the server's /health reports it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+_DONE = object()  # the end of a stream's generator, carried back from the worker
+
+
+class DeviceFailed(RuntimeError):
+    """The device can no longer run work (e.g. a CUDA error that poisons the context)."""
+
+
+@dataclass(order=True)
+class _Job:
+    deadline: float
+    seq: int
+    fn: Callable = field(compare=False)
+    owner: object = field(compare=False, default=None)
+    done: threading.Event = field(compare=False, default_factory=threading.Event)
+    result: object = field(compare=False, default=None)
+    error: BaseException | None = field(compare=False, default=None)
+
+
+def cuda_healthy(device: torch.device) -> Callable[[], bool]:
+    """A health check for a device: a CUDA context that failed (sticky error) fails to synchronise."""
+    def healthy() -> bool:
+        if device.type != "cuda":
+            return True
+        try:
+            torch.cuda.synchronize(device)
+            return True
+        except Exception:  # noqa: BLE001 (any failure here means the device is gone)
+            return False
+    return healthy
+
+
+class DeviceWorker:
+    def __init__(self, name: str = "device", healthy: Callable[[], bool] = lambda: True, window: float = 10.0):
+        self.name, self.healthy, self.window = name, healthy, window
+        self.failure: BaseException | None = None
+        self._jobs: list[_Job] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._busy: deque[tuple[float, float, object]] = deque()  # (start, end, owner) of recent jobs
+        self._owners: dict[int, object] = {}  # streams iterating now (by id)
+        self._thread: threading.Thread | None = None
+
+    # -- submitting work (any thread) ----------------------------------------------------------------------------
+    def run(self, fn: Callable, *args, deadline: float | None = None, owner: object = None):
+        """fn(*args) on the worker thread; returns its result or raises its exception here."""
+        if threading.current_thread() is self._thread:  # a job that submits a job: run it in place
+            return fn(*args)
+        job = _Job(time.monotonic() if deadline is None else deadline, next(self._seq), lambda: fn(*args), owner)
+        with self._cv:
+            if self.failure is not None:
+                raise DeviceFailed(f"{self.name}: {self.failure}") from self.failure
+            heapq.heappush(self._jobs, job)
+            self._start()
+            self._cv.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def iterate(self, chunks: Iterator, owner: object = None, deadline: Callable[[], float | None] | None = None):
+        """Yield `chunks`' items, each produced by a job on the worker; `deadline()` gives each job's deadline."""
+        self._owners[id(owner)] = owner
+        try:
+            while True:
+                item = self.run(next, chunks, _DONE, deadline=deadline() if deadline else None, owner=owner)
+                if item is _DONE:
+                    return
+                yield item
+        finally:
+            self._owners.pop(id(owner), None)
+
+    # -- load and admission ---------------------------------------------------------------------------------------
+    def load(self, now: float | None = None) -> float:
+        """The fraction of the last `window` seconds spent in jobs."""
+        now = time.monotonic() if now is None else now
+        t0 = now - self.window
+        with self._cv:
+            busy = sum(min(end, now) - max(start, t0) for start, end, _ in self._busy if end > t0)
+        return busy / self.window
+
+    def admits(self, margin: float = 0.9) -> tuple[bool, str]:
+        """Whether one more paced stream fits: (yes/no, the reason in words)."""
+        if self.failure is not None:
+            return False, f"the device failed: {self.failure}"
+        n, load = len(self._owners), self.load()
+        if n == 0:
+            return True, "idle"
+        projected = load * (n + 1) / n
+        if projected > margin:
+            return False, (f"{n} stream{'s' if n > 1 else ''} use {load:.0%} of the device; one more would need "
+                           f"about {projected:.0%} (limit {margin:.0%})")
+        return True, f"{load:.0%} in use, about {projected:.0%} with one more"
+
+    # -- the worker thread ----------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"{self.name}-worker", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs:
+                    self._cv.wait()
+                job = heapq.heappop(self._jobs)
+            start = time.monotonic()
+            try:
+                job.result = job.fn()
+            except BaseException as e:  # noqa: BLE001 (handed to the caller, which raises it)
+                job.error = e
+                if not self.healthy():
+                    self._fail(e)
+            self._record(start, time.monotonic(), job.owner)
+            job.done.set()
+
+    def _record(self, start: float, end: float, owner: object) -> None:
+        with self._cv:
+            self._busy.append((start, end, owner))
+            while self._busy and self._busy[0][1] < end - self.window:
+                self._busy.popleft()
+
+    def _fail(self, error: BaseException) -> None:
+        """The device is gone: fail every waiting job now, and every later one at submission."""
+        with self._cv:
+            self.failure = error
+            jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            job.error = DeviceFailed(f"{self.name}: {error}")
+            job.done.set()

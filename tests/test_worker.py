@@ -1,0 +1,178 @@
+"""The device worker (worker.py) with stand-in jobs: one job at a time (so a capture never overlaps other work),
+fairness, earliest deadline first, admission by load, and failures: a failing stream ends alone, a failed device
+ends everything at once and says why. The real streams through it: tests/test_stream.py (and, on a GPU,
+tests/test_engine.py's concurrent streams)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from longsana.worker import DeviceFailed, DeviceWorker
+
+
+class Overlap:
+    """Counts jobs running at once; `most` is the largest count seen."""
+
+    def __init__(self):
+        self.now = self.most = 0
+        self.lock = threading.Lock()
+
+    def job(self, seconds: float):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(seconds)
+        with self.lock:
+            self.now -= 1
+
+
+def chunks(overlap: Overlap, seconds: float, n: int | None = None):
+    """A stand-in stream: each chunk is `seconds` of device work."""
+    i = 0
+    while n is None or i < n:
+        overlap.job(seconds)
+        yield i
+        i += 1
+
+
+def consume(worker, owner, it, out: list, stop: threading.Event, pause: float = 0.0):
+    for item in worker.iterate(it, owner=owner):
+        out.append(item)
+        if stop.is_set():
+            return
+        time.sleep(pause)
+
+
+def test_one_job_at_a_time_and_no_stream_starves():
+    worker, overlap, stop = DeviceWorker(), Overlap(), threading.Event()
+    got = {k: [] for k in range(3)}
+    threads = [threading.Thread(target=consume, args=(worker, k, chunks(overlap, 0.005), got[k], stop))
+               for k in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.6)
+    stop.set()
+    for t in threads:
+        t.join()
+    counts = sorted(len(v) for v in got.values())
+    assert overlap.most == 1  # never two jobs at once, though three threads ask all the time
+    assert counts[0] >= 10 and counts[-1] - counts[0] <= 2, counts  # served in turn
+    assert all(v == list(range(len(v))) for v in got.values())  # each stream's chunks in order
+
+
+def test_earliest_deadline_first():
+    worker, order, release = DeviceWorker(), [], threading.Event()
+    blocker = threading.Thread(target=worker.run, args=(release.wait,))
+    blocker.start()
+    time.sleep(0.05)  # the worker is busy: the next jobs queue up
+    threads = [threading.Thread(target=worker.run, args=(order.append, d), kwargs=dict(deadline=d))
+               for d in (3.0, 1.0, 2.0)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    release.set()
+    for t in [blocker, *threads]:
+        t.join()
+    assert order == [1.0, 2.0, 3.0]
+
+
+def test_a_job_that_submits_a_job_runs_it_in_place():
+    worker = DeviceWorker()
+    assert worker.run(lambda: worker.run(lambda: 7) + 1) == 8
+
+
+def test_admission_by_load():
+    worker = DeviceWorker(window=10.0)
+    assert worker.admits() == (True, "idle")
+    now = time.monotonic()
+    owners = [object(), object()]
+    for k, owner in enumerate(owners):
+        worker._owners[id(owner)] = owner
+        for s in range(10):  # each stream busy 0.4 s of every second over the window
+            worker._record(now - 10 + s + 0.5 * k, now - 10 + s + 0.5 * k + 0.4, owner)
+    assert worker.load(now) == pytest.approx(0.8)
+    ok, why = worker.admits(margin=0.9)
+    assert not ok and "2 streams use 80%" in why and "120%" in why
+    del worker._owners[id(owners[1])]
+    worker._busy = type(worker._busy)(b for b in worker._busy if b[2] is owners[0])
+    ok, why = worker.admits(margin=0.9)
+    assert ok, why  # one stream at 40%: two would need about 80%
+
+
+def test_paced_streams_show_their_load():
+    """Streams paced by their consumers (40 ms of work, then a 60 ms pause): the measured load says so."""
+    worker, overlap, stop = DeviceWorker(window=1.0), Overlap(), threading.Event()
+    out = []
+    t = threading.Thread(target=consume, args=(worker, "a", chunks(overlap, 0.04), out, stop, 0.06))
+    t.start()
+    time.sleep(1.5)
+    load = worker.load()
+    stop.set()
+    t.join()
+    assert 0.2 < load < 0.6, load
+
+
+def test_a_failing_stream_ends_alone():
+    worker, overlap, stop = DeviceWorker(), Overlap(), threading.Event()
+
+    def failing():
+        yield 0
+        raise ValueError("step failed")
+
+    good, bad, errors = [], [], []
+
+    def run_bad():
+        try:
+            for item in worker.iterate(failing(), owner="bad"):
+                bad.append(item)
+        except ValueError as e:
+            errors.append(e)
+
+    t_good = threading.Thread(target=consume, args=(worker, "good", chunks(overlap, 0.002), good, stop))
+    t_bad = threading.Thread(target=run_bad)
+    t_good.start()
+    t_bad.start()
+    t_bad.join()
+    n = len(good)
+    time.sleep(0.1)
+    stop.set()
+    t_good.join()
+    assert bad == [0] and [str(e) for e in errors] == ["step failed"]
+    assert len(good) > n and worker.failure is None
+
+
+def test_a_failed_device_ends_every_stream_and_says_why():
+    alive = {"ok": True}
+    worker = DeviceWorker("cuda:0", healthy=lambda: alive["ok"])
+    release = threading.Event()
+    results = []
+
+    def waiting_job():
+        try:
+            worker.run(lambda: "never")
+        except DeviceFailed as e:
+            results.append(e)
+
+    def poison():
+        release.wait()
+        alive["ok"] = False
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    t_poison = threading.Thread(target=lambda: pytest.raises(RuntimeError, worker.run, poison))
+    t_poison.start()
+    time.sleep(0.05)
+    waiters = [threading.Thread(target=waiting_job) for _ in range(2)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.05)
+    release.set()
+    for t in [t_poison, *waiters]:
+        t.join(5)
+    assert len(results) == 2 and all("illegal memory access" in str(e) for e in results)
+    assert "illegal memory access" in str(worker.failure)
+    with pytest.raises(DeviceFailed, match="cuda:0"):
+        worker.run(lambda: 1)
+    assert worker.admits()[0] is False
