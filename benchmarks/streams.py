@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import threading
 import time
@@ -23,6 +24,7 @@ import time
 import torch
 
 from longsana.benchmarks.fps import PROMPTS, build
+from longsana.cli import CUDA_ALLOC_CONF
 
 REAL_TIME_MARGIN = 1.0  # a stream is real time at >= fps frames a second
 
@@ -78,9 +80,8 @@ def main(argv=None) -> dict:
     p.add_argument("--minutes", type=float, default=0.0, help="minutes of video for the long 2-stream run (0: skip)")
     p.add_argument("--json", help="also write the result to this file")
     a = p.parse_args(argv)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # as `longsana serve` runs it
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     pipe = build(a, device)
     fps = pipe.spec.fps
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"

@@ -32,6 +32,8 @@ are exactly those of the eager schedule; a switch costs one chunk's transformer 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +101,8 @@ class ChunkEngine:
         self._before = model.new_state(batch, *latent_hw, device=self.device)  # the boundary, while work runs ahead
         self._ahead: tuple[tuple, torch.Tensor] | None = None  # (denoise arguments, x0) of the work started ahead
         self.side = SideStream(self.device)
+        self.main = torch.cuda.Stream(self.device) if cuda else None  # this step's own CUDA stream
+        self._landed: torch.cuda.Event | None = None  # the last download's copy to the host
         with torch.inference_mode():
             self.temb = {t: model.timestep(torch.full((batch,), t, device=self.device), batch) for t in self.t_net}
             self.temb_clean = model.timestep(torch.zeros(batch, device=self.device), batch)  # the clean pass: t = 0
@@ -138,6 +142,15 @@ class ChunkEngine:
     def boundary_state(self) -> State:
         return self._before if self._ahead is not None else self.state
 
+    def context(self):
+        """Run on this step's own CUDA stream, after the work queued so far on the current one (where the device
+        worker encodes prompts): the steps of several streams then wait for each other's work only where the GPU
+        makes them, and one stream's decode waits for its own transformer work alone."""
+        if self.main is None:
+            return contextlib.nullcontext()
+        self.main.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self.main)
+
     def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
         """Queued on the side stream, after the transformer work queued so far (which produced z)."""
         self.side.wait()
@@ -145,8 +158,18 @@ class ChunkEngine:
             return decoder.decode(z)
 
     def download(self, frames: torch.Tensor) -> np.ndarray:
+        """A non-blocking copy into pinned host memory: the frames are there after `finish`, which the stream's
+        consumer thread waits in, so the device worker can launch other streams' work meanwhile."""
         with self.side():
-            return frames.cpu().numpy()
+            host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=self.main is not None)
+            host.copy_(frames, non_blocking=True)
+            self._landed = self.side.mark()
+        return host.numpy()
+
+    def finish(self) -> None:
+        if self._landed is not None:
+            self._landed.synchronize()
+            self._landed = None
 
     # -- the work ---------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -247,6 +270,9 @@ class ChunkEngine:
                 k.copy_(k_new)
                 v.copy_(v_new)
             self.text.bias.copy_(bias)
+        if self.main is not None:  # encoded on another CUDA stream: its memory must outlive this stream's reads
+            for t in [*itertools.chain.from_iterable(text.kv), *([] if text.bias is None else [text.bias])]:
+                t.record_stream(self.main)
         self._text_src = text
 
 

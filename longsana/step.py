@@ -14,6 +14,7 @@ The stream (stream.py) is written against this interface only; the tests compare
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import numpy as np
@@ -71,11 +72,17 @@ class ChunkStep(Protocol):
     def boundary_state(self) -> State:
         """The state at the current boundary, as `denoise` will find it (before work started ahead)."""
 
+    def context(self) -> contextlib.AbstractContextManager:
+        """Where the step's device work runs (a CUDA stream of its own); every call above is made inside it."""
+
     def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
         """uint8 frames (n, H, W, 3) of latents z, on the device."""
 
     def download(self, frames: torch.Tensor) -> np.ndarray:
-        """`decode`'s frames on the host."""
+        """`decode`'s frames on the host, valid once `finish` has returned."""
+
+    def finish(self) -> None:
+        """Wait for the last download (called outside the device worker, by the thread that reads the frames)."""
 
 
 class EagerStep:
@@ -115,9 +122,15 @@ class EagerStep:
     def boundary_state(self) -> State:
         return self.state
 
+    def context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
     @torch.inference_mode()
     def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
         return decoder.decode(z)
 
     def download(self, frames: torch.Tensor) -> np.ndarray:
         return frames.cpu().numpy()
+
+    def finish(self) -> None:
+        pass

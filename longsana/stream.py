@@ -207,26 +207,38 @@ class Stream:
 
     # -- generation -------------------------------------------------------------------------------------------------
     def __iter__(self):
-        """The chunks, each computed by a job on the pipeline's device worker (worker.py)."""
-        return self.pipe.worker.iterate(self._chunks(), owner=self, deadline=lambda: self.deadline and self.deadline())
+        """The chunks, each computed by a job on the pipeline's device worker (worker.py). A chunk's gen_seconds is
+        what its consumer waited: from asking to having the frames (generation, decode, and any wait for the device
+        behind other streams); a chunk handed out in pieces carries its whole time on the last piece."""
+        asked = time.perf_counter()
+        deadline = lambda: self.deadline and self.deadline()  # noqa: E731 (set by the consumer at any time)
+        for chunk, last in self.pipe.worker.iterate(self._chunks(), owner=self, deadline=deadline):
+            self.step.finish()  # the frames' copy to the host, waited for here: the worker serves others meanwhile
+            if last:
+                chunk.gen_seconds = time.perf_counter() - asked
+            yield chunk
+            if last:
+                asked = time.perf_counter()
 
     def _chunks(self):
+        """The generate loop: (chunk, is the last piece of its chunk). The step's device work runs in its context;
+        the loop yields outside it."""
         while self._take_controls() and not self._finished():
-            t_start = time.perf_counter()
-            n, pos = self._chunk_len(), self._position()
-            self.ring.keep(RewindPoint(self.index, self.frame0, self.origin, self.prompt, self.prompt_seq, None),
-                           self.step.boundary_state(), self.pending, self.decoder)
-            x0 = self.step.denoise(self.text, n, pos, self._seed(), self.pending)  # re-cache, then denoise
+            with self.step.context():
+                n, pos = self._chunk_len(), self._position()
+                self.ring.keep(RewindPoint(self.index, self.frame0, self.origin, self.prompt, self.prompt_seq, None),
+                               self.step.boundary_state(), self.pending, self.decoder)
+                x0 = self.step.denoise(self.text, n, pos, self._seed(), self.pending)  # re-cache, then denoise
             self.pending = (x0, pos)
             index, start = self.index, self.video_frame(self.frame0)
             self.index, self.frame0 = index + 1, self.frame0 + n
             for z, last in self._pieces(x0, index):
-                frames = self.step.decode(self.decoder, z)
-                if index > 0 and not self._finished():  # not after the first chunk: its frames come first
-                    self.step.ahead(self.text, self._chunk_len(), self._position(), self._seed(), self.pending)
-                frames = self.step.download(frames)
-                yield Chunk(frames, index, start, self.prompt, self.prompt_seq,
-                            time.perf_counter() - t_start if last else 0.0)
+                with self.step.context():
+                    frames = self.step.decode(self.decoder, z)
+                    if index > 0 and not self._finished():  # not after the first chunk: its frames come first
+                        self.step.ahead(self.text, self._chunk_len(), self._position(), self._seed(), self.pending)
+                    frames = self.step.download(frames)
+                yield Chunk(frames, index, start, self.prompt, self.prompt_seq, 0.0), last
                 start += len(frames)
 
     def _take_controls(self) -> bool:
@@ -236,8 +248,9 @@ class Stream:
                 return False
             prompt, self._pending_prompt = self._pending_prompt, None
         if (point := self.ring.take_request()) is not None:
-            self.step.cancel()
-            self.pending = self.ring.restore(point, self.step.state, self.decoder)
+            with self.step.context():
+                self.step.cancel()
+                self.pending = self.ring.restore(point, self.step.state, self.decoder)
             self.index, self.frame0, self.origin = point.index, point.frame0, point.origin
             if point.prompt != self.prompt:
                 self.prompt, self.text = point.prompt, self._encode(point.prompt)
@@ -295,6 +308,8 @@ def make_step(pipe: Pipeline, latent_hw: tuple[int, int], settings: StreamSettin
     and the decoder's fast path (compiled with the engine)."""
     fast = settings.compile if settings.compile is not None else pipe.device.type == "cuda"
     accelerate(pipe.vae.decoder, compile=fast)
+    if fast and pipe.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the VAE's convs have fixed shapes: let cuDNN pick the fastest once
     if not fast:
         return EagerStep(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps)
     return ChunkEngine(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps, compile=True)

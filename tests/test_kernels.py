@@ -342,7 +342,7 @@ def test_compile_and_cuda_graph(tuned):
 def test_compiled_backward(tuned):
     """Gradients through both ops inside torch.compile(fullgraph=True): the registered backward traces too."""
     g = torch.Generator().manual_seed(3)
-    B, N, H, d = 1, 1560, 4, 112
+    B, N, H, d = 1, 1560, 4, 64  # fp32 at head dim 112 asks for more shared memory than Hopper has (issue 14)
     q, k, v = qkv(B, N, H, d, torch.float32, g)
     cos, sin = rope_tables(N, d, g)
     x = torch.randn(B, N, H * d, generator=g).to(DEVICE)
