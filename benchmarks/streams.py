@@ -129,8 +129,8 @@ def main(argv=None) -> dict:
 
     runs = [r for k, v in res.items() if isinstance(v, list) for r in v]
     res["errors"] = sum("error" in r for r in runs)
-    res["min_fps_two_streams"] = min((r.get("fps", 0.0) for k in ("together_2", "apart_2") for r in res[k]),
-                                     default=None)
+    res["min_fps_two_streams"] = min((r.get("fps", 0.0) for k in ("together_2", "apart_2", "long_2")
+                                      for r in res.get(k, ())), default=None)
     if res["min_fps_two_streams"] is not None:
         print(f"## two streams: slowest {res['min_fps_two_streams']:.1f} FPS (target >= {fps}); errors in all runs: "
               f"{res['errors']}; median FPS of all unpaced streams "

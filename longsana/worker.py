@@ -122,7 +122,7 @@ class DeviceWorker:
             return True, "idle"
         projected = load * (n + 1) / n
         if projected > margin:
-            return False, (f"{n} stream{'s' if n > 1 else ''} use {load:.0%} of the device; one more would need "
+            return False, (f"{n} stream{' uses' if n == 1 else 's use'} {load:.0%} of the device; one more would need "
                            f"about {projected:.0%} (limit {margin:.0%})")
         return True, f"{load:.0%} in use, about {projected:.0%} with one more"
 
