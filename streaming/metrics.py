@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, Summary
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import generate_latest
 
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the text format that every Prometheus reads
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # generate_latest's format, which every Prometheus reads
 prometheus_client.disable_created_metrics()  # no *_created series: the same series as before prometheus_client
 
 # name -> (type, help, label names). process_resident_memory_bytes and process_open_fds come from ProcessCollector.

@@ -377,3 +377,17 @@ def test_a_bind_error_is_one_line():
         r = CliRunner().invoke(cli, ["serve", "--model", "synthetic", "--port", str(port)])
     assert r.exit_code == 1 and f"127.0.0.1:{port}" in r.output and "Traceback" not in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+# -- any unexpected error: a 500, not a dropped connection, and its traceback logged once ------------------------------
+def test_a_bug_answers_500_and_is_logged_once(monkeypatch, caplog):
+    async def broken(self, request):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(server_module.Server, "_health", broken)
+    with serve() as server:
+        status, body = http(server.url, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert status == 500 and json.loads(body)["code"] == "internal"
+        assert http(server.url, b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") == (200, b"")
+    logged = [r for r in caplog.records if r.exc_info and "simulated bug" in str(r.exc_info[1])]
+    assert len(logged) == 1, caplog.text
