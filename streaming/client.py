@@ -218,6 +218,7 @@ class WsClient(Client):
                     self._on_frame(Received(time.monotonic(), int(pts), thumb, prompt_seq))
         finally:
             self._ended()
+            await self._http.close()  # the connection is over, however it ended (close() may never come)
 
     def send_raw(self, data: str | bytes) -> None:
         async def send():

@@ -52,10 +52,10 @@ import sys
 import tempfile
 import threading
 import webbrowser
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
 
 import click
@@ -65,16 +65,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from longsana.config import CONFIG_FILES, DEFAULT_MODEL, read_toml
 from longsana.streaming.media import MIN_SIDE, Recording
 from longsana.streaming.metrics import CONTENT_TYPE, Metrics
-from longsana.streaming.protocol import (
-    FRAME_HEADER,
-    MAX_MESSAGE_BYTES,
-    MAX_OFFER_BYTES,
-    MAX_PROMPT_CHARS,
-    ProtocolError,
-    error,
-    parse_message,
-    parse_offer,
-)
+from longsana.streaming.protocol import (FRAME_HEADER, MAX_MESSAGE_BYTES, MAX_OFFER_BYTES, MAX_PROMPT_CHARS,
+                                         ProtocolError, error, parse_message, parse_offer)
 from longsana.streaming.session import Session, StreamEnded
 from longsana.streaming.synthetic import SyntheticPipeline
 from longsana.streaming.webrtc import RtcPeer, SessionTrack, use_loopback_candidates
@@ -577,6 +569,8 @@ class Server:
                 await response.prepare(request)
                 while request.method != "HEAD" and size > 0:
                     piece = await asyncio.to_thread(read_piece, f, min(DOWNLOAD_PIECE_BYTES, size))
+                    if not piece:  # cannot happen: the file only grows while its stream lives
+                        raise ConnectionResetError("the recording ended early")
                     await response.write(piece)
                     size -= len(piece)
                 await response.write_eof()

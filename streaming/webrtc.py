@@ -15,15 +15,8 @@ from collections import deque
 from typing import Callable
 
 import aioice.ice
-from aiortc import (
-    MediaStreamTrack,
-    RTCConfiguration,
-    RTCDataChannel,
-    RTCIceServer,
-    RTCPeerConnection,
-    RTCRtpSender,
-    RTCSessionDescription,
-)
+from aiortc import (MediaStreamTrack, RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection,
+                    RTCRtpSender, RTCSessionDescription)
 from aiortc.codecs import vpx
 from aiortc.mediastreams import MediaStreamError
 

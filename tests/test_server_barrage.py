@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import struct
-import time
 
 import aiohttp
 import pytest
