@@ -94,7 +94,6 @@ BAD_CONTROL = [  # (raw message, error code, seq echoed)
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("client", [RtcClient, WsClient], ids=["webrtc", "websocket"])
 def test_bad_control_messages_never_silence_the_stream(client):
     async def main(server):
@@ -160,6 +159,7 @@ def test_malformed_http_gets_an_answer():
 
 
 # -- 4. conflicting lengths waited forever; stalled connections were never closed and never capped --------------------
+@pytest.mark.slow
 def test_conflicting_lengths_stalled_clients_and_the_connection_cap():
     with serve(request_timeout=1.0, max_connections=8) as server:
         url = server.url
@@ -241,6 +241,7 @@ def test_a_slot_is_taken_only_by_a_valid_offer():
         run(main(server))
 
 
+@pytest.mark.slow
 def test_only_the_holder_can_replace_a_stream():
     async def main(server):
         a = await RtcClient.connect(server.url, FOX, decode=False)
@@ -271,6 +272,7 @@ def download(url: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+@pytest.mark.slow
 def test_recordings_are_muxed_once_and_downloads_are_bounded(monkeypatch):
     async def main(server):
         c = await WsClient.connect(server.url, FOX, decode=False)
@@ -320,6 +322,7 @@ class SlowPromptPipeline(SyntheticPipeline):
         return stream
 
 
+@pytest.mark.slow
 def test_prompt_encoding_of_one_stream_does_not_hold_up_another():
     async def main(server):
         a, b = await asyncio.gather(WsClient.connect(server.url, FOX, decode=False),
