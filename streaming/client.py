@@ -1,4 +1,4 @@
-"""A Python client for the streaming server, over WebRTC (aiortc) or the WebSocket fallback (websockets). The
+"""A Python client for the streaming server, over WebRTC (aiortc) or the WebSocket fallback (aiohttp). The
 protocol, fault and soak tests drive the server with it, and it measures a server from the command line:
 
     python -m longsana.streaming.client http://127.0.0.1:8000/ --prompt "a fox" --switch "an owl" --seconds 10 \
@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+import aiohttp
 import av
 import click
 import numpy as np
-import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
@@ -50,6 +51,7 @@ class Client:
     frames: list[Received] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     session: str | None = None
+    token: str | None = None  # the secret that lets this client replace its stream (`replace`)
     hello: dict | None = None  # the server's hello message
 
     def __post_init__(self):
@@ -62,7 +64,7 @@ class Client:
         msg = json.loads(text)
         self.events.append(msg)
         if msg.get("type") == "hello":
-            self.hello, self.session = msg, msg["session"]
+            self.hello, self.session, self.token = msg, msg["session"], msg["token"]
         future = self._replies.pop(msg.get("seq"), None) if msg.get("type") in ("ack", "error", "stats") else None
         if future is not None and not future.done():
             future.set_result(msg)
@@ -154,7 +156,7 @@ class RtcClient(Client):
         if status != 200:
             await self.pc.close()
             raise Refused(reply)
-        self.session = reply["session"]
+        self.session, self.token = reply["session"], reply["token"]
         await self.pc.setRemoteDescription(RTCSessionDescription(reply["sdp"], "answer"))
         await asyncio.wait_for(opened.wait(), 20)
         await self.wait_until(lambda: self.hello, 20)
@@ -186,13 +188,18 @@ class WsClient(Client):
     async def connect(cls, url: str, prompt: str, decode: bool = True, **start) -> WsClient:
         """Open the WebSocket, send start, wait for hello (Refused on an error instead)."""
         self = cls(url, decode)
-        self.ws = await websockets.connect("ws" + url.rstrip("/").removeprefix("http") + "/ws", max_size=None)
+        self._http = aiohttp.ClientSession()
+        try:
+            self.ws = await self._http.ws_connect(url.rstrip("/") + "/ws", max_msg_size=0)
+        except BaseException:
+            await self._http.close()
+            raise
         self._jpeg = av.CodecContext.create("mjpeg", "r")
         self.send_raw(json.dumps({"type": "start", "seq": 0, "prompt": prompt, **start}))
         self._reader = asyncio.create_task(self._read())
         await self.wait_until(lambda: self.hello or self.errors(), 20)
         if not self.hello:
-            await self.ws.close()
+            await self.close()
             raise Refused(self.errors()[0])
         self._start_heartbeat()
         return self
@@ -200,32 +207,49 @@ class WsClient(Client):
     async def _read(self) -> None:
         try:
             async for message in self.ws:
-                if isinstance(message, str):
-                    self._on_text(message)
-                    continue
-                prompt_seq, _, _, pts = FRAME_HEADER.unpack_from(message)
-                thumb = None
-                if self.decode:
-                    (frame,) = self._jpeg.decode(av.Packet(message[FRAME_HEADER.size:]))
-                    thumb = _thumb(frame)
-                self._on_frame(Received(time.monotonic(), int(pts), thumb, prompt_seq))
-        except websockets.ConnectionClosed:
-            pass
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    self._on_text(message.data)
+                elif message.type == aiohttp.WSMsgType.BINARY:
+                    prompt_seq, _, _, pts = FRAME_HEADER.unpack_from(message.data)
+                    thumb = None
+                    if self.decode:
+                        (frame,) = self._jpeg.decode(av.Packet(message.data[FRAME_HEADER.size:]))
+                        thumb = _thumb(frame)
+                    self._on_frame(Received(time.monotonic(), int(pts), thumb, prompt_seq))
         finally:
             self._ended()
+            await self._http.close()  # the connection is over, however it ended (close() may never come)
 
     def send_raw(self, data: str | bytes) -> None:
         async def send():
             try:
-                await self.ws.send(data)
-            except websockets.ConnectionClosed:  # the server has gone: the reader sees it too
+                await (self.ws.send_str(data) if isinstance(data, str) else self.ws.send_bytes(data))
+            except ConnectionError:  # the server has gone: the reader sees it too
                 pass
 
         asyncio.ensure_future(send())
 
+    def send_burst(self, messages: list[str]) -> None:
+        """Send text messages in one piece on the wire (the socket corked meanwhile), as a flood would."""
+        sock = self.ws.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        for m in messages:
+            self.send_raw(m)
+
+        async def uncork():
+            await asyncio.sleep(0.05)  # after the sends above, which run first
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+
+        asyncio.ensure_future(uncork())
+
+    def abort(self) -> None:
+        """Drop the connection without a goodbye, as a crashed client or a lost network would."""
+        self.ws.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+
     async def close(self) -> None:
         self._ended()
         await self.ws.close()
+        await self._http.close()
 
 
 def post_json(url: str, body: dict, timeout: float = 30, headers: dict | None = None) -> tuple[int, dict]:

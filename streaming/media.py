@@ -20,11 +20,12 @@ import numpy as np
 KEYFRAME_SECONDS = 2
 H264_BITRATE = 2_500_000
 JPEG_QUANTIZER = 6  # MJPEG quantizer, 2 (best) .. 31
+MIN_SIDE = 16  # pixels; H.264 4:2:0 also needs even sides
 
 
 def _check_size(width: int, height: int) -> None:
-    if width < 16 or height < 16 or width % 2 or height % 2:
-        raise ValueError(f"frame size {width}x{height}: H.264 4:2:0 needs even sides of at least 16 pixels")
+    if width < MIN_SIDE or height < MIN_SIDE or width % 2 or height % 2:
+        raise ValueError(f"frame size {width}x{height}: H.264 4:2:0 needs even sides of at least {MIN_SIDE} pixels")
 
 
 class H264Encoder:
@@ -66,53 +67,49 @@ def to_video_frame(rgb: np.ndarray) -> av.VideoFrame:
 
 
 class Recording:
-    """Everything a stream sent, as an H.264 elementary stream on disk (memory stays flat however long it runs).
+    """Everything a stream sent, muxed once, as it is sent, into a fragmented MP4 on disk (one fragment per frame,
+    no re-encoding): memory stays flat however long the stream runs, and the file's first `size` bytes are always
+    a complete MP4 that a download serves as it is.
 
-    `append` runs on the encoder thread and `to_mp4` on a worker thread: the frame count is read under a lock and
-    the remux stops there, so a packet being written concurrently is never included.
+    `append` runs on the encoder thread; `size` and `frames` are read under the lock by the event loop. The muxer
+    writes a frame's fragment when the next frame comes, so the file holds all frames but the last one appended.
     """
 
     def __init__(self, path: Path, max_bytes: int):
         self.path, self.max_bytes = path, max_bytes
-        self.frames = self.bytes = 0
+        self.frames = self.size = 0  # complete frames and the bytes that hold them (and the header)
         self.full = False  # set once max_bytes is reached; the recording then keeps its first part
-        self._file = open(path, "wb")
+        self._out = self._stream = None
+        self._muxed, self._closed = 0, False
         self._lock = threading.Lock()
 
-    def append(self, packet: bytes) -> None:
+    def append(self, packet: av.Packet, fps: int) -> None:
         with self._lock:
-            if self._file.closed or self.full:
+            if self.full or self._closed:
                 return
-            if self.bytes + len(packet) > self.max_bytes:
+            if self._out is None:
+                self._open(fps)
+            if self.size + packet.size > self.max_bytes:
                 self.full = True
                 return
-            self._file.write(packet)
-            self._file.flush()
-            self.frames += 1
-            self.bytes += len(packet)
+            copy = av.Packet(bytes(packet))  # the original goes on to WebRTC with timestamps of its own
+            copy.is_keyframe, copy.stream = packet.is_keyframe, self._stream
+            copy.pts = copy.dts = self._muxed  # one packet per frame, no B-frames: pts = dts = frame number
+            copy.duration, copy.time_base = 1, Fraction(1, fps)
+            self._out.mux(copy)
+            self._muxed += 1
+            self.frames, self.size = self._muxed - 1, self.path.stat().st_size
 
-    def to_mp4(self, dst: Path, fps: int) -> int:
-        """Remux the frames recorded so far into an MP4 at `fps` (no re-encoding); returns the frame count."""
-        with self._lock:
-            frames = self.frames
-        if frames == 0:
-            raise ValueError("nothing has been streamed yet")
-        with av.open(str(self.path), format="h264") as src, av.open(str(dst), "w", format="mp4") as out:
-            stream = out.add_stream_from_template(src.streams.video[0])
-            stream.time_base = time_base = Fraction(1, fps)  # the muxer changes stream.time_base when it starts
-            n = 0
-            for packet in src.demux(src.streams.video[0]):
-                if packet.size == 0:  # the demuxer's end-of-stream marker
-                    continue
-                packet.pts = packet.dts = n  # one packet per frame, no B-frames: pts = dts = frame number
-                packet.duration, packet.time_base, packet.stream = 1, time_base, stream
-                out.mux(packet)
-                n += 1
-                if n == frames:
-                    break
-        return n
+    def _open(self, fps: int) -> None:
+        # empty_moov: the header first; frag_every_frame: each frame its own fragment, written when the next one
+        # comes; flush_packets: each write reaches the file at once, so the file always ends on a fragment
+        self._out = av.open(str(self.path), "w", format="mp4", options={
+            "movflags": "empty_moov+default_base_moof+frag_every_frame", "flush_packets": "1"})
+        self._stream = self._out.add_stream("h264", rate=fps)
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            self._closed = True
+            if self._out is not None:
+                self._out.close()
         self.path.unlink(missing_ok=True)

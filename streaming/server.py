@@ -1,28 +1,38 @@
 """The LongSANA streaming server: `longsana serve`.
 
-One asyncio event loop (uvloop) does all the I/O: HTTP, WebSockets and WebRTC. Each stream's generator and
-encoders run on their own threads (streaming/session.py), so the loop never computes. Routes:
+One asyncio event loop (uvloop) does all the I/O: HTTP and WebSockets through aiohttp, WebRTC through aiortc. Each
+stream's generator and encoders run on their own threads (streaming/session.py), so the loop never computes. Routes
+(each GET route answers HEAD too):
 
     GET  /  /app.js  /style.css   the page (web/)
-    POST /offer                   {sdp, type: "offer", prompt, seed?, replace?} -> {sdp, type: "answer", session}
+    POST /offer                   {sdp, type: "offer", prompt, seed?, replace?}
+                                  -> {sdp, type: "answer", session, token}
     GET  /ws                      the WebSocket fallback: JSON control messages, binary JPEG frames
     GET  /recording/<id>.mp4      what a live stream has sent so far, as MP4
     GET  /metrics  /health        Prometheus text; JSON
 
 A stream lives until its client leaves (WebRTC connection closed or failed, WebSocket closed, or no control
 message for `client_timeout` seconds: the page sends one every second), its generator ends, or the server stops.
-Its slot is given back only once its generator has been closed, so `max_streams` bounds GPU memory.
+Its slot is taken only once its request is valid, and given back only once its generator has been closed, so
+`max_streams` bounds GPU memory. `replace` ends the stream whose secret token (in its hello) it gives.
 
-Settings are a ServerConfig; `longsana serve --config NAME` starts from a preset, configs/server/NAME.toml (local:
-the defaults; lan: the page for the local network), and the options given on the command line override it.
+The server holds up against hostile clients: every client message goes through protocol.parse_message, which
+raises nothing but ProtocolError, and a handler that fails anyway answers `error` while the stream goes on; a
+request's head and body must arrive within `request_timeout`, at most `max_connections` connections are open at
+once (more are answered 503 and closed), at most `max_downloads` recordings are downloaded at once, and an
+unexpected error answers 500 with its traceback logged once.
 
-Any web page can make its visitor's browser POST to, or open a WebSocket on, 127.0.0.1, so requests that come from
-a page of another site are refused (`check_origin`) unless `--allow-origin` names it.
+Settings are a ServerConfig, which checks them; `longsana serve --config NAME` starts from a preset,
+configs/server/NAME.toml (local: the defaults; lan: the page for the local network), and the options given on the
+command line override it.
 
-The other parts of longsana.streaming: webrtc.py (WebRTC), httpd.py (HTTP and the WebSocket fallback), session.py
-(one per viewer: a generator thread, an encoder thread, a pacer), media.py (each frame encoded once), protocol.py
-(the control messages), metrics.py (/metrics), client.py (a Python client), synthetic.py (a test source with the
-generator's interface).
+Any web page can make its visitor's browser POST to, or open a WebSocket on, the server, so requests that come
+from a page of another site are refused (`check_origin`) unless `--allow-origin` names it, and so are requests
+for a name that is not this machine's (DNS rebinding) unless `--allow-host` names it.
+
+The other parts of longsana.streaming: webrtc.py (WebRTC), session.py (one per viewer: a generator thread, an
+encoder thread, a pacer), media.py (each frame encoded once; the recording), protocol.py (the control messages),
+metrics.py (/metrics), client.py (a Python client), synthetic.py (a test source with the generator's interface).
 """
 
 from __future__ import annotations
@@ -34,27 +44,29 @@ import importlib.resources as resources
 import ipaddress
 import json
 import logging
-import re
+import math
+import os
 import secrets
 import signal
 import sys
 import tempfile
 import threading
 import webbrowser
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
 
 import click
+from aiohttp import WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from longsana.config import CONFIG_FILES, DEFAULT_MODEL, read_toml
-from longsana.streaming.httpd import MAX_HEAD_BYTES, HTTPError, Request, WebSocket, read_request, send_response
-from longsana.streaming.media import Recording
-from longsana.streaming.metrics import Metrics
-from longsana.streaming.protocol import (FRAME_HEADER, MAX_MESSAGE_BYTES, MAX_PROMPT_CHARS, ProtocolError,
-                                         check_prompt, error, field as message_field, parse_message, rewind_seconds)
+from longsana.streaming.media import MIN_SIDE, Recording
+from longsana.streaming.metrics import CONTENT_TYPE, Metrics
+from longsana.streaming.protocol import (FRAME_HEADER, MAX_MESSAGE_BYTES, MAX_OFFER_BYTES, MAX_PROMPT_CHARS,
+                                         ProtocolError, error, parse_message, parse_offer)
 from longsana.streaming.session import Session, StreamEnded
 from longsana.streaming.synthetic import SyntheticPipeline
 from longsana.streaming.webrtc import RtcPeer, SessionTrack, use_loopback_candidates
@@ -66,9 +78,21 @@ STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/style.css": ("style.css", "text/css; charset=utf-8")}
 INBOX_SIZE = 32  # control messages of one client waiting for an answer
 WS_MAX_MESSAGE = 1 << 20  # a WebSocket message over this closes the connection (1009); over 16 KB gets an error
+SEND_DRAIN_SECONDS = 1.0  # how long a closing WebSocket waits for its last messages to leave
+DOWNLOAD_PIECE_BYTES = 256 * 1024
+SHUTDOWN_SECONDS = 5.0  # how long stopping waits for open connections
+REFUSAL_LINGER_SECONDS = 1.0
 M_ARENA_MAX = -8  # glibc's mallopt() parameter number
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class ConfigError(ValueError):
+    """A setting out of range; `name` is the ServerConfig field."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass
@@ -77,12 +101,41 @@ class ServerConfig:
     port: int = 8000  # 0: any free port
     max_streams: int = 2
     client_timeout: float = 15.0  # seconds without a control message before a stream is dropped
+    request_timeout: float = 10.0  # seconds a client may take to send a request's head, and then its body
+    max_connections: int = 64  # open HTTP and WebSocket connections; more are answered 503 and closed
+    max_downloads: int = 2  # recordings being downloaded at once
     ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for the server side; none needed on a reachable address
     ice_loopback: bool = False  # 127.0.0.1 as the only ICE candidate (loopback-only machines, tests)
     stream_kwargs: dict = field(default_factory=dict)  # height / width / motion_score for pipe.stream
     record_max_bytes: int = 512 << 20  # per stream; the MP4 download keeps the first part beyond this
     model_name: str = "unnamed"  # shown by /health and the page
     allowed_origins: tuple[str, ...] = ()  # web origins of other sites whose pages may use the server ("*": any)
+    allowed_hosts: tuple[str, ...] = ()  # names besides localhost and IP addresses the server answers to ("*": any)
+
+    def __post_init__(self):
+        """ConfigError (a ValueError) for a value the server could not run with."""
+        def need(name: str, ok: bool, what: str) -> None:
+            if not ok:
+                raise ConfigError(name, f"{name} must be {what}, got {getattr(self, name, None)!r}")
+
+        need("max_streams", _is_int(self.max_streams) and self.max_streams >= 1, "an integer >= 1")
+        need("client_timeout", _is_seconds(self.client_timeout) and self.client_timeout >= 1, "a number of seconds >= 1")
+        need("request_timeout", _is_seconds(self.request_timeout), "a finite number of seconds > 0")
+        need("max_connections", _is_int(self.max_connections) and self.max_connections >= 1, "an integer >= 1")
+        need("max_downloads", _is_int(self.max_downloads) and self.max_downloads >= 1, "an integer >= 1")
+        for side in ("height", "width"):
+            n = self.stream_kwargs.get(side)
+            if n is not None and not (_is_int(n) and n >= MIN_SIDE and n % 2 == 0):
+                raise ConfigError(side, f"{side} must be an even number of pixels >= {MIN_SIDE} (H.264 4:2:0), "
+                                        f"got {n!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_seconds(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -111,9 +164,7 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         LIBC.mallopt(M_ARENA_MAX, arenas)
 
 
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
-
-
+# -- who may use the server ------------------------------------------------------------------------------------------
 def _hostname(netloc: str) -> str | None:
     try:
         return urlsplit("//" + netloc).hostname
@@ -121,58 +172,148 @@ def _hostname(netloc: str) -> str | None:
         return None
 
 
-def _is_loopback(host: str) -> bool:
+def _is_ip(name: str) -> bool:
     try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+        ipaddress.ip_address(name)
     except ValueError:
         return False
+    return True
 
 
-def check_origin(request: Request, config: ServerConfig) -> None:
-    """Raise HTTPError 403 for a request that a page of another site made the browser send. Browsers name the
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or _is_ip(host) and ipaddress.ip_address(host).is_loopback
+
+
+def _host_allowed(host: str, config: ServerConfig) -> bool:
+    """DNS rebinding (an attacker's name re-pointed at this machine) needs a name: an IP address, localhost, or a
+    name given with --allow-host (or an allowed origin's) is safe."""
+    name = _hostname(host)
+    allowed = {*config.allowed_hosts, *(_hostname(urlsplit(o).netloc) for o in config.allowed_origins if o != "*")}
+    return "*" in config.allowed_hosts or name is not None and (name == "localhost" or _is_ip(name) or name in allowed)
+
+
+def check_origin(request, config: ServerConfig) -> None:
+    """Raise HTTPForbidden for a request that a page of another site made the browser send. Browsers name the
     page's site in Origin (always on a WebSocket handshake or a POST); it must be this server, i.e. the Host the
-    browser asked for, or an allowed origin. Served on a loopback address, the Host must also be a loopback name:
-    after DNS rebinding (the attacker's name re-pointed at 127.0.0.1) Origin and Host both name the attacker."""
-    allowed = config.allowed_origins
-    if "*" in allowed:
-        return
-    host = request.headers.get("host")  # browsers always send it; a client without one is no browser
-    if host is not None and _is_loopback(config.host) and _hostname(host) not in LOOPBACK_NAMES and host not in {
-            urlsplit(o).netloc for o in allowed}:
-        raise HTTPError(403, f"this server answers to localhost / 127.0.0.1, not to Host {host[:100]!r} (start it "
-                             f"with --allow-origin to serve under another name)")
-    origin = request.headers.get("origin")
-    if origin is not None and urlsplit(origin).netloc != host and origin not in allowed:
-        raise HTTPError(403, f"requests from pages of {origin[:100]!r} are refused: this server's pages are at "
-                             f"{(host or '')[:100]!r} (start it with --allow-origin ORIGIN to allow another site)")
+    browser asked for, or an allowed origin. The Host must be one of this machine's names (see _host_allowed):
+    after DNS rebinding Origin and Host both name the attacker. The same policy holds on every address."""
+    host = request.headers.get("Host")  # browsers always send it; a client without one is no browser
+    if host is not None and not _host_allowed(host, config):
+        raise web.HTTPForbidden(text=f"this server answers to localhost and its IP addresses, not to Host "
+                                     f"{host[:100]!r} (start it with --allow-host NAME to serve under a name)")
+    origin, allowed = request.headers.get("Origin"), config.allowed_origins
+    if origin is not None and "*" not in allowed and origin not in allowed and _netloc(origin) != host:
+        raise web.HTTPForbidden(text=f"requests from pages of {origin[:100]!r} are refused: this server's pages are "
+                                     f"at {(host or '')[:100]!r} (start it with --allow-origin ORIGIN to allow "
+                                     f"another site)")
+
+
+def _netloc(url: str) -> str | None:
+    try:
+        return urlsplit(url).netloc
+    except ValueError:
+        return None
+
+
+# -- connections -------------------------------------------------------------------------------------------------------
+class _ClientFaults(logging.Filter):
+    """aiohttp logs each malformed request with a traceback; it is the client's fault, not the server's: dropped
+    (the client gets its 400)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
+
+
+HTTP_LOG = logging.getLogger(__name__ + ".http")
+HTTP_LOG.addFilter(_ClientFaults())
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n%s")
+
+
+class Refusal(asyncio.Protocol):
+    """A connection over max_connections: a fixed 503, then the end of it. The request is read and dropped until
+    the client closes (for at most REFUSAL_LINGER_SECONDS): closing with it unread would reset the connection and
+    lose the 503."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        transport.write(BUSY_RESPONSE % (len(self.body), self.body))
+        transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER_SECONDS, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+
+
+def read_piece(f, size: int) -> bytes:
+    return f.read(size)
 
 
 class WsPeer:
-    """One browser over the WebSocket fallback."""
+    """One browser over the WebSocket fallback. One task sends everything, in the order it was queued (a chunk
+    event before its first frame); `send_frame` returns once the frame has left (back-pressure for video)."""
 
     transport = "websocket"
 
-    def __init__(self, ws: WebSocket):
+    def __init__(self, ws: web.WebSocketResponse):
         self.ws = ws
+        self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue()
+        self._sender = asyncio.create_task(self._send_all())
+
+    async def _send_all(self) -> None:
+        try:
+            while True:
+                item = await self._outbox.get()
+                try:
+                    await (self.ws.send_str(item) if isinstance(item, str) else self.ws.send_bytes(item))
+                finally:
+                    self._outbox.task_done()
+        except ConnectionError:
+            pass
+        finally:  # the connection is gone: nothing queued will leave, nobody may wait for it
+            while not self._outbox.empty():
+                self._outbox.get_nowait()
+                self._outbox.task_done()
 
     def send(self, message: dict) -> None:
-        self.ws.send_text(json.dumps(message))
+        if not self._sender.done():
+            self._outbox.put_nowait(json.dumps(message))
 
-    async def close(self) -> None:
-        await self.ws.close()
+    async def send_frame(self, data: bytes) -> None:
+        if not self._sender.done():
+            self._outbox.put_nowait(data)
+            await self._outbox.join()
+        if self._sender.done():
+            raise ConnectionResetError("the WebSocket is closed")
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        try:
+            await asyncio.wait_for(self._outbox.join(), SEND_DRAIN_SECONDS)
+        except TimeoutError:
+            pass
+        self._sender.cancel()
+        await self.ws.close(code=code, message=reason.encode())
 
 
 class Server:
     def __init__(self, pipe, config: ServerConfig):
         self.pipe, self.config = pipe, config
-        self.metrics = Metrics()
+        self.metrics = Metrics({"longsana_streams_active": lambda: len(self.sessions),
+                                "longsana_streams_limit": lambda: config.max_streams})
         self.sessions: dict[str, Session] = {}
+        self._tokens: dict[str, str] = {}  # session id -> the secret that replaces it
         self._supervisors: dict[str, asyncio.Task] = {}
+        self._downloads = 0
         self.url = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> str:
-        """Listen; returns the page's URL."""
+        """Listen; returns the page's URL. OSError, with the address in its message, if that is not possible."""
         self.loop = asyncio.get_running_loop()
         self.started = self.loop.time()
         if self.config.ice_loopback:
@@ -180,35 +321,69 @@ class Server:
         self._tmp = tempfile.TemporaryDirectory(prefix="longsana-streams-")
         # two threads per stream (producer, encoder), reused: fresh threads would each warm up a new malloc arena
         self._threads = ThreadPoolExecutor(2 * self.config.max_streams, thread_name_prefix="longsana-stream")
-        # prompt changes: the generator may run its text encoder in set_prompt, which must not block the loop
-        self._control_thread = ThreadPoolExecutor(1, thread_name_prefix="longsana-control")
-        self._server = await asyncio.start_server(self._on_connection, self.config.host, self.config.port,
-                                                  limit=MAX_HEAD_BYTES)
-        port = self._server.sockets[0].getsockname()[1]
-        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
-        self.url = f"http://{host}:{port}/"
+        # prompt changes: the generator may run its text encoder in set_prompt, which must not block the loop; a
+        # stream answers its messages one at a time, so a thread per stream means no stream waits for another
+        self._control_threads = ThreadPoolExecutor(self.config.max_streams, thread_name_prefix="longsana-control")
+        app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=[self._guard])
+        for path in STATIC:
+            app.router.add_get(path, self._static)
+        app.router.add_post("/offer", self._offer)
+        app.router.add_get("/ws", self._websocket)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get(r"/recording/{sid:[\w-]+}.mp4", self._recording)
+        app.on_response_prepare.append(_one_request)
+        # keepalive_timeout runs from the moment a connection opens, so it also bounds how long a request's head
+        # may take (aiohttp has no timeout of its own for that); lingering_time bounds how long the unread rest of
+        # a refused body is waited for before the connection closes
+        timeout = self.config.request_timeout
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, logger=HTTP_LOG,
+                                     keepalive_timeout=timeout, lingering_time=timeout,
+                                     shutdown_timeout=SHUTDOWN_SECONDS)
+        await self._runner.setup()
+        host, port = self.config.host, self.config.port
+        try:
+            self._listener = await self.loop.create_server(self._accept, host, port, reuse_address=True)
+        except OSError as e:
+            await self._runner.cleanup()
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise OSError(e.errno, f"cannot listen on {host}:{port}: {reason}") from None
+        port = self._listener.sockets[0].getsockname()[1]
+        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/"
         return self.url
 
+    def _accept(self) -> asyncio.Protocol:
+        """The protocol of a new connection: aiohttp's, or a Refusal over max_connections."""
+        if len(self._runner.server.connections) >= self.config.max_connections:
+            self.metrics.inc("longsana_http_requests_total", status="503")
+            n = self.config.max_connections
+            return Refusal(json.dumps(error("busy", f"busy: {n} connections are open; try again later")).encode())
+        return self._runner.server()
+
     async def stop(self) -> None:
-        self._server.close()
+        self._listener.close()
         for session in list(self.sessions.values()):
             session.close("the server is stopping")
         await asyncio.gather(*self._supervisors.values(), return_exceptions=True)
+        await self._runner.cleanup()
         self._threads.shutdown()
-        self._control_thread.shutdown()
+        self._control_threads.shutdown()
         self._tmp.cleanup()
 
     # -- streams ------------------------------------------------------------------------------------------------
-    def _open(self, prompt: str, seed: int, jpeg: bool) -> Session | None:
-        """A started session, or None when all `max_streams` slots are taken."""
+    def _open(self, start: dict, jpeg: bool) -> Session | None:
+        """A started session for a valid `start` (or offer) message, or None when all `max_streams` slots are
+        taken."""
         if len(self.sessions) >= self.config.max_streams:
             self.metrics.inc("longsana_streams_rejected_total", reason="busy")
             return None
         sid = secrets.token_urlsafe(9)
-        recording = Recording(Path(self._tmp.name) / f"{sid}.h264", self.config.record_max_bytes)
-        session = Session(sid, self.pipe, prompt, seed=seed, stream_kwargs=self.config.stream_kwargs, jpeg=jpeg,
-                          recording=recording, metrics=self.metrics, loop=self.loop)
-        self.sessions[sid] = session
+        seed = start.get("seed")
+        recording = Recording(Path(self._tmp.name) / f"{sid}.mp4", self.config.record_max_bytes)
+        session = Session(sid, self.pipe, start["prompt"], seed=secrets.randbelow(2**31) if seed is None else seed,
+                          stream_kwargs=self.config.stream_kwargs, jpeg=jpeg, recording=recording,
+                          metrics=self.metrics, loop=self.loop)
+        self.sessions[sid], self._tokens[sid] = session, secrets.token_urlsafe(18)
         self.metrics.inc("longsana_streams_started_total")
         session.start(self._threads)
         return session
@@ -220,18 +395,24 @@ class Server:
 
     def _supervise(self, session: Session, peer) -> Callable[[str | bytes], None]:
         """Watch the session (see _watch) and answer its client's control messages, in order, on a task of its
-        own. Returns the function that takes the client's messages."""
-        inbox: asyncio.Queue[str | bytes] = asyncio.Queue(INBOX_SIZE)
+        own. Returns the function that takes the client's messages: each is checked at once, so that a refusal
+        for a full inbox can name its seq."""
+        inbox: asyncio.Queue[dict | ProtocolError] = asyncio.Queue(INBOX_SIZE)
         answering = asyncio.create_task(self._answer(session, peer, inbox))
         self._supervisors[session.sid] = asyncio.create_task(self._watch(session, peer, answering))
 
         def deliver(raw: str | bytes) -> None:
             session.last_message = self.loop.time()
             try:
-                inbox.put_nowait(raw)
+                msg = parse_message(raw)
+            except ProtocolError as e:
+                msg = e
+            try:
+                inbox.put_nowait(msg)
             except asyncio.QueueFull:
-                self.metrics.inc("longsana_message_errors_total", code="too_many")
-                peer.send(error("too_many", f"over {INBOX_SIZE} messages waiting for an answer; slow down"))
+                seq = msg.seq if isinstance(msg, ProtocolError) else msg["seq"]
+                peer.send(self._refuse(ProtocolError("too_many", f"over {INBOX_SIZE} messages waiting for an "
+                                                                 "answer; slow down", seq)))
 
         return deliver
 
@@ -257,33 +438,20 @@ class Server:
             finally:
                 await session.wait_freed()
                 release_memory()
-                del self.sessions[session.sid]
-                del self._supervisors[session.sid]
+                del self.sessions[session.sid], self._tokens[session.sid], self._supervisors[session.sid]
 
-    async def _replace(self, sid: str | None) -> None:
-        """End the stream `sid` (a client switching transports) and wait until its slot is free."""
-        task = self._supervisors.get(sid) if sid else None
-        if task is not None:
+    async def _replace(self, token: str | None) -> None:
+        """End the stream whose token this is (its client switching transports) and wait until its slot is free.
+        Only its client has the token: a session id, which is no secret, ends nothing."""
+        sid = next((sid for sid, t in self._tokens.items() if token and secrets.compare_digest(t, token)), None)
+        if sid is not None:
             self.sessions[sid].close("replaced by a new connection of its client")
-            await asyncio.shield(task)
-
-    def _start_fields(self, msg: dict) -> tuple[str, int, str | None]:
-        seq = msg.get("seq")
-        try:
-            prompt = check_prompt(message_field(msg, "prompt", str))
-        except ValueError as e:
-            raise ProtocolError("bad_prompt", str(e), seq) from None
-        seed = message_field(msg, "seed", int, default=None)
-        if seed is None:
-            seed = secrets.randbelow(2**31)
-        elif not 0 <= seed < 2**32:
-            raise ProtocolError("bad_message", f"seed must be in [0, 2**32), got {seed}", seq)
-        return prompt, seed, message_field(msg, "replace", str, default=None)
+            await asyncio.shield(self._supervisors[sid])
 
     def _hello(self, session: Session, transport: str, seq: int | None = None, **extra) -> dict:
-        return {"type": "hello", "seq": seq, "session": session.sid, "transport": transport,
-                "model": self.config.model_name, "fps": self.pipe.spec.fps, "max_message_bytes": MAX_MESSAGE_BYTES,
-                "max_prompt_chars": MAX_PROMPT_CHARS, **extra}
+        return {"type": "hello", "seq": seq, "session": session.sid, "token": self._tokens[session.sid],
+                "transport": transport, "model": self.config.model_name, "fps": self.pipe.spec.fps,
+                "max_message_bytes": MAX_MESSAGE_BYTES, "max_prompt_chars": MAX_PROMPT_CHARS, **extra}
 
     def _sent(self, transport: str, size: int | None) -> None:
         self.metrics.inc("longsana_frames_sent_total", transport=transport)
@@ -291,120 +459,148 @@ class Server:
             self.metrics.inc("longsana_sent_bytes_total", size, transport=transport)
 
     # -- control messages ---------------------------------------------------------------------------------------
+    def _refuse(self, e: ProtocolError) -> dict:
+        self.metrics.inc("longsana_message_errors_total", code=e.code)
+        return e.reply()
+
     async def _answer(self, session: Session, peer, inbox: asyncio.Queue) -> None:
         while True:
-            raw = await inbox.get()
+            msg = await inbox.get()
+            if isinstance(msg, ProtocolError):
+                peer.send(self._refuse(msg))
+                continue
+            self.metrics.inc("longsana_messages_total", type=msg["type"])
             try:
-                msg = parse_message(raw)
-                self.metrics.inc("longsana_messages_total", type=msg["type"])
                 reply = await self._control(session, msg)
             except ProtocolError as e:
-                self.metrics.inc("longsana_message_errors_total", code=e.code)
-                reply = e.reply()
+                reply = self._refuse(e)
+            except Exception as e:  # a handler's bug, or the generator's: this message fails, the stream goes on
+                log.exception("answering a %s message", msg["type"])
+                reply = self._refuse(ProtocolError("internal", f"{type(e).__name__}: {e}", msg["seq"]))
             peer.send(reply)
 
     async def _control(self, session: Session, msg: dict) -> dict:
-        kind, seq = msg["type"], msg.get("seq")
+        kind, seq = msg["type"], msg["seq"]
         ack = {"type": "ack", "seq": seq, "of": kind}
         try:
             if kind == "prompt":
-                await session.set_prompt(check_prompt(message_field(msg, "prompt", str)), self._control_thread)
+                await session.set_prompt(msg["prompt"], self._control_threads)
             elif kind == "pause":
                 session.pause()
             elif kind == "resume":
                 session.resume()
             elif kind == "rewind":
-                ack["rewound"] = round(session.rewind(rewind_seconds(msg)), 3)
+                ack["rewound"] = round(session.rewind(msg["seconds"]), 3)
             elif kind == "stats":
                 return dict(session.stats(), seq=seq)
             elif kind == "start":
                 raise ProtocolError("bad_message", "this stream has already started", seq)
-        except ValueError as e:  # refused by check_prompt or by the generator
+        except ValueError as e:  # refused by the generator
             raise ProtocolError("bad_prompt" if kind == "prompt" else "refused", str(e), seq) from None
         return ack
 
     # -- HTTP ---------------------------------------------------------------------------------------------------
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        body = None
+    @web.middleware
+    async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        """Around every route: the Origin/Host policy, errors as JSON `error` bodies, a 500 for a bug (logged once,
+        with its traceback), and the status counted."""
         try:
-            try:
-                request = await read_request(reader)
-                if request is None:
-                    return
-                check_origin(request, self.config)
-                if request.path == "/ws" and request.is_websocket:
-                    self.metrics.inc("longsana_http_requests_total", status="101")
-                    await self._websocket(request, reader, writer)
-                    return
-                status, body, content_type = await self._route(request)
-            except HTTPError as e:
-                status, body, content_type = e.status, error("http", e.message), None
-            self.metrics.inc("longsana_http_requests_total", status=str(status))
-            await send_response(writer, status, body, content_type)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except Exception:  # a bug: log it, close this connection, keep serving
-            log.exception("error handling a connection")
-        finally:
-            if isinstance(body, Path):  # a temporary file (the MP4 download)
-                body.unlink(missing_ok=True)
-            writer.close()
+            check_origin(request, self.config)
+            response = await handler(request)
+        except web.HTTPException as e:  # aiohttp's own (404, 405, 413) and check_origin's
+            response = web.json_response(error("http", e.text or e.reason), status=e.status)
+            if "Allow" in e.headers:
+                response.headers["Allow"] = e.headers["Allow"]
+        except ConnectionError:  # the client left
+            raise
+        except Exception:
+            log.exception("error answering %s %s", request.method, request.path[:200])
+            response = web.json_response(error("internal", "internal server error"), status=500)
+        self.metrics.inc("longsana_http_requests_total", status=str(response.status))
+        return response
 
-    async def _route(self, request: Request) -> tuple[int, bytes | dict | Path, str | None]:
-        path, method = request.path, request.method
-        allowed = "POST" if path == "/offer" else "GET"
-        if method != allowed and (path in STATIC or path in ("/offer", "/ws", "/health", "/metrics")):
-            raise HTTPError(405, f"{path} takes {allowed}, not {method}")
-        if path in STATIC:
-            name, content_type = STATIC[path]
-            return 200, (WEB / name).read_bytes(), content_type
-        if path == "/offer":
-            return await self._offer(request)
-        if path == "/ws":
-            raise HTTPError(426, "/ws is the WebSocket endpoint: send an Upgrade request")
-        if path == "/health":
-            return 200, {"status": "ok", "model": self.config.model_name, "streams": len(self.sessions),
-                         "max_streams": self.config.max_streams,
-                         "uptime_s": round(self.loop.time() - self.started, 1)}, None
-        if path == "/metrics":
-            gauges = {"longsana_streams_active": len(self.sessions),
-                      "longsana_streams_limit": self.config.max_streams}
-            return 200, self.metrics.render(gauges).encode(), "text/plain; version=0.0.4; charset=utf-8"
-        if m := re.fullmatch(r"/recording/([\w-]+)\.mp4", path):
-            return 200, await self._recording(m.group(1)), "video/mp4"
-        raise HTTPError(404, f"no such page: {path[:200]}")
+    async def _static(self, request: web.Request) -> web.Response:
+        name, content_type = STATIC[request.path]
+        return web.Response(body=(WEB / name).read_bytes(), headers={"Content-Type": content_type})
 
-    async def _recording(self, sid: str) -> Path:
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "model": self.config.model_name, "streams": len(self.sessions),
+                                  "max_streams": self.config.max_streams,
+                                  "uptime_s": round(self.loop.time() - self.started, 1)})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The request's body, announced by Content-Length (checked before any of it is read) and arriving within
+        request_timeout."""
+        if request.content_length is None:
+            raise web.HTTPLengthRequired(text="send the body with a Content-Length")
+        if request.content_length > MAX_OFFER_BYTES:
+            raise web.HTTPRequestEntityTooLarge(MAX_OFFER_BYTES, request.content_length,
+                                                text=f"request body of {request.content_length} bytes; the limit "
+                                                     f"is {MAX_OFFER_BYTES}")
+        try:
+            async with asyncio.timeout(self.config.request_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(text=f"the body did not arrive within {self.config.request_timeout:g} s",
+                                         headers={"Connection": "close"}) from None
+
+    async def _recording(self, request: web.Request) -> web.StreamResponse:
+        """The live stream's recording as it is now: the complete part of its MP4, read in pieces (at most
+        max_downloads at once: each holds a worker thread and a file)."""
+        sid = request.match_info["sid"]
         session = self.sessions.get(sid)
         if session is None:
-            raise HTTPError(404, f"no live stream {sid!r}: a recording lasts as long as its stream")
-        mp4 = Path(self._tmp.name) / f"{sid}-{secrets.token_hex(4)}.mp4"
+            raise web.HTTPNotFound(text=f"no live stream {sid!r}: a recording lasts as long as its stream")
+        size = session.recording.size
+        if not session.recording.frames:
+            raise web.HTTPConflict(text="nothing has been streamed yet")
+        if self._downloads >= self.config.max_downloads:
+            return web.json_response(error("busy", f"busy: {self._downloads} downloads are running; try again when "
+                                                   "one ends"), status=503)
+        self._downloads += 1
         try:
-            await asyncio.to_thread(session.recording.to_mp4, mp4, session.fps)
-        except ValueError as e:
-            mp4.unlink(missing_ok=True)
-            raise HTTPError(409, str(e)) from None
-        return mp4
+            # once open, the file is readable to its end even if the stream ends (and removes it) meanwhile
+            with await asyncio.to_thread(open, session.recording.path, "rb") as f:
+                response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+                response.content_length = size
+                await response.prepare(request)
+                while request.method != "HEAD" and size > 0:
+                    piece = await asyncio.to_thread(read_piece, f, min(DOWNLOAD_PIECE_BYTES, size))
+                    if not piece:  # cannot happen: the file only grows while its stream lives
+                        raise ConnectionResetError("the recording ended early")
+                    await response.write(piece)
+                    size -= len(piece)
+                await response.write_eof()
+            return response
+        finally:
+            self._downloads -= 1
 
     # -- WebRTC -------------------------------------------------------------------------------------------------
-    async def _offer(self, request: Request) -> tuple[int, dict, None]:
-        msg = request.json()
+    async def _offer(self, request: web.Request) -> web.Response:
         try:
-            sdp = message_field(msg, "sdp", str)
-            if msg.get("type") != "offer":
-                raise ProtocolError("bad_message", f'type must be "offer", got {msg.get("type")!r}')
-            prompt, seed, replace = self._start_fields(msg)
+            offer = parse_offer(await self._body(request))
         except ProtocolError as e:
-            self.metrics.inc("longsana_message_errors_total", code=e.code)
-            return 400, e.reply(), None
-        await self._replace(replace)
-        session = self._open(prompt, seed, jpeg=False)
-        if session is None:
-            return 503, self._busy(), None
+            return web.json_response(self._refuse(e), status=400)
+        await self._replace(offer.get("replace"))
         peer = RtcPeer(list(self.config.ice_servers))
-        session.emit = peer.send  # held back until the data channel opens
+        track = SessionTrack(lambda size: self._sent("webrtc", size))
+        try:  # the offer is answered before a slot is taken: a bad one costs no stream
+            answer = await peer.answer(offer["sdp"], track)
+        except Exception as e:  # aiortc raises assorted errors on an unusable SDP
+            await peer.close()
+            return web.json_response(self._refuse(ProtocolError(
+                "bad_offer", f"could not answer the offer: {type(e).__name__}: {e}")), status=400)
+        # no await from here on until the events are wired: the connection cannot open before the answer is sent
+        session = self._open(offer, jpeg=False)
+        if session is None:
+            await peer.close()
+            return web.json_response(self._busy(), status=503)
+        track.session, session.emit = session, peer.send  # events are held back until the data channel opens
         pc = peer.pc
-        track = SessionTrack(session, lambda size: self._sent("webrtc", size))
+        deliver = self._supervise(session, peer)
 
         @pc.on("datachannel")
         def on_datachannel(channel):
@@ -416,78 +612,83 @@ class Server:
             if pc.connectionState in ("failed", "closed"):
                 session.close(f"the WebRTC connection {pc.connectionState}")
 
-        deliver = self._supervise(session, peer)
-        try:
-            answer = await peer.answer(sdp, track)
-        except Exception as e:  # aiortc raises assorted errors on an unusable SDP
-            session.close("bad offer")
-            self.metrics.inc("longsana_message_errors_total", code="bad_offer")
-            return 400, error("bad_offer", f"could not answer the offer: {type(e).__name__}: {e}"), None
         peer.send(self._hello(session, "webrtc", codec="H264" if track.passthrough else "VP8"))
-        return 200, {"type": "answer", "sdp": answer, "session": session.sid}, None
+        return web.json_response({"type": "answer", "sdp": answer, "session": session.sid,
+                                  "token": self._tokens[session.sid]})
 
     # -- WebSocket ----------------------------------------------------------------------------------------------
-    async def _websocket(self, request: Request, reader, writer) -> None:
-        ws = WebSocket(reader, writer, WS_MAX_MESSAGE)
-        if not await ws.accept(request.head):
-            return
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=WS_MAX_MESSAGE, compress=False)
+        if not ws.can_prepare(request).ok:
+            return web.json_response(error("http", "/ws is the WebSocket endpoint: send an Upgrade request"),
+                                     status=426)
+        await ws.prepare(request)
         peer = WsPeer(ws)
         start = await self._ws_start(ws, peer)
         if start is None:
-            await ws.close(1008)
-            return
-        seq, (prompt, seed, replace) = start
-        await self._replace(replace)
-        session = self._open(prompt, seed, jpeg=True)
+            await peer.close(1008)
+            return ws
+        await self._replace(start.get("replace"))
+        session = self._open(start, jpeg=True)
         if session is None:
-            peer.send(self._busy(seq))
-            await ws.close(1013, "busy")
-            return
+            peer.send(self._busy(start["seq"]))
+            await peer.close(1013, "busy")
+            return ws
         session.emit = peer.send
-        peer.send(self._hello(session, "websocket", seq, codec="JPEG", frame_header=FRAME_HEADER.format))
+        peer.send(self._hello(session, "websocket", start["seq"], codec="JPEG", frame_header=FRAME_HEADER.format))
         deliver = self._supervise(session, peer)
         supervisor = self._supervisors[session.sid]
-        pump = asyncio.create_task(self._pump(session, ws))
+        pump = asyncio.create_task(self._pump(session, peer))
         try:
-            while (raw := await ws.recv()) is not None:
-                deliver(raw)
+            async for msg in ws:  # ends on a close, a lost connection, or a message over WS_MAX_MESSAGE (1009)
+                if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    break
+                deliver(msg.data)
         finally:
             pump.cancel()
             session.close("the WebSocket closed")
             await asyncio.shield(supervisor)
+        return ws
 
-    async def _ws_start(self, ws: WebSocket, peer: WsPeer) -> tuple[int | None, tuple] | None:
-        """The seq and fields of the client's first message, which must be `start`; None (after an error reply,
-        if the client is still there) otherwise."""
+    async def _ws_start(self, ws: web.WebSocketResponse, peer: WsPeer) -> dict | None:
+        """The client's first message, which must be `start`; None (after an error reply, if the client is still
+        there) otherwise."""
         try:
-            raw = await asyncio.wait_for(ws.recv(), self.config.client_timeout)
-            if raw is None:
+            msg = await ws.receive(self.config.client_timeout)
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 return None
-            msg = parse_message(raw)
-            if msg["type"] != "start":
-                raise ProtocolError("bad_message", f"the first message must be start, not {msg['type']}",
-                                    msg.get("seq"))
-            return msg.get("seq"), self._start_fields(msg)
+            start = parse_message(msg.data)
+            if start["type"] != "start":
+                raise ProtocolError("bad_message", f"the first message must be start, not {start['type']}",
+                                    start["seq"])
+            return start
         except TimeoutError:
             refusal = ProtocolError("timeout", f"no start message within {self.config.client_timeout:g} s")
         except ProtocolError as e:
             refusal = e
-        self.metrics.inc("longsana_message_errors_total", code=refusal.code)
-        peer.send(refusal.reply())
+        peer.send(self._refuse(refusal))
         return None
 
-    async def _pump(self, session: Session, ws: WebSocket) -> None:
+    async def _pump(self, session: Session, peer: WsPeer) -> None:
         """Send the session's frames as they come due: FRAME_HEADER + JPEG."""
         try:
             while True:
                 frame = await session.next_frame()
                 header = FRAME_HEADER.pack(frame.prompt_seq, frame.chunk, frame.index, frame.pts)
-                await ws.send_binary(header + frame.jpeg)
+                await peer.send_frame(header + frame.jpeg)
                 self._sent("websocket", len(frame.jpeg))
         except StreamEnded:
             pass
         except ConnectionError:
             session.close("the WebSocket connection was lost")
+
+
+async def _one_request(request: web.Request, response: web.StreamResponse) -> None:
+    """One request per connection (but a WebSocket's): no idle connection counts against max_connections, and
+    nothing is cached (the page changes with the server, a recording with its stream)."""
+    response.headers["Cache-Control"] = "no-store"
+    if not isinstance(response, web.WebSocketResponse):
+        response.force_close()
 
 
 # -- running it ---------------------------------------------------------------------------------------------------
@@ -502,6 +703,16 @@ def make_pipeline(model: str, device: str | None = None, dtype: str | None = Non
     from longsana.stream import Pipeline
 
     return Pipeline.from_pretrained(model, device, dtype and getattr(torch, DTYPES[dtype]), spec=spec)
+
+
+def check_video_size(pipe, stream_kwargs: dict) -> None:
+    """ValueError if the model cannot make video of the configured size (the server's own limit, even sides for
+    H.264, is ServerConfig's), so that a bad --height/--width fails at startup, not when a stream starts."""
+    if isinstance(pipe, SyntheticPipeline) or not {"height", "width"} & stream_kwargs.keys():
+        return  # the synthetic source makes any size; the model's own size is one it can make
+    from longsana.stream import check_size
+
+    check_size(stream_kwargs.get("height", pipe.spec.height), stream_kwargs.get("width", pipe.spec.width))
 
 
 class ServerThread:
@@ -562,6 +773,7 @@ async def _serve_forever(pipe, config: ServerConfig, open_browser: bool) -> None
 
 # -- the command: option defaults are ServerConfig's; a preset (--config) replaces them, the command line wins ------
 PRESETS = CONFIG_FILES / "server"
+OPTION_NAMES = {"allowed_hosts": "allow-host", "allowed_origins": "allow-origin", "ice_servers": "stun"}
 
 
 def read_preset(name_or_path: str) -> dict:
@@ -602,31 +814,55 @@ def _use_preset(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--spec", default=None, help="Named config of a model folder (e.g. longsana-2b-480p).")
 @click.option("--device", default=None, help="Torch device (default: cuda when available, else cpu).")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Default: bf16 on GPU, fp32 on CPU.")
-@click.option("--max-streams", default=ServerConfig.max_streams, show_default=True, type=click.IntRange(1),
-              help="Concurrent viewers.")
-@click.option("--height", type=click.IntRange(16), default=None, help="Video height (default: the model's).")
-@click.option("--width", type=click.IntRange(16), default=None, help="Video width (default: the model's).")
+@click.option("--max-streams", default=ServerConfig.max_streams, show_default=True, help="Concurrent viewers.")
+@click.option("--height", type=int, default=None, help="Video height (default: the model's).")
+@click.option("--width", type=int, default=None, help="Video width (default: the model's).")
 @click.option("--stun", multiple=True, default=ServerConfig.ice_servers,
               help="STUN/TURN URL for the server's ICE (repeatable).")
 @click.option("--ice-loopback", is_flag=True, default=ServerConfig.ice_loopback,
               help="Only 127.0.0.1 as ICE candidate (loopback-only machines).")
-@click.option("--client-timeout", default=ServerConfig.client_timeout, show_default=True, type=click.FloatRange(1),
+@click.option("--client-timeout", default=ServerConfig.client_timeout, show_default=True,
               help="Seconds without a control message before a stream is dropped.")
+@click.option("--request-timeout", default=ServerConfig.request_timeout, show_default=True,
+              help="Seconds a client may take to send a request's head, and then its body.")
+@click.option("--max-connections", default=ServerConfig.max_connections, show_default=True,
+              help="Open connections at once; more are answered 503.")
+@click.option("--max-downloads", default=ServerConfig.max_downloads, show_default=True,
+              help="Recordings downloaded at once.")
 @click.option("--allow-origin", multiple=True, default=ServerConfig.allowed_origins,
               help="Web origin of another site whose pages may use this server, e.g. https://example.com "
                    "(repeatable; \"*\": any).")
+@click.option("--allow-host", multiple=True, default=ServerConfig.allowed_hosts,
+              help="A name of this machine that browsers may use to reach it, besides localhost and its IP "
+                   "addresses, e.g. studio.lan (repeatable; \"*\": any, which leaves DNS rebinding open).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in a browser.")
 def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width, stun, ice_loopback, client_timeout,
-              allow_origin, open_browser):
+              request_timeout, max_connections, max_downloads, allow_origin, allow_host, open_browser):
     """Stream videos to browsers: open the printed URL, type a prompt, press Enter."""
-    limit_malloc_arenas()
+    stream_kwargs = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     model = model or DEFAULT_MODEL
+    try:
+        config = ServerConfig(host=host, port=port, max_streams=max_streams, client_timeout=client_timeout,
+                              request_timeout=request_timeout, max_connections=max_connections,
+                              max_downloads=max_downloads, ice_servers=tuple(stun), ice_loopback=ice_loopback,
+                              stream_kwargs=stream_kwargs, model_name=model, allowed_origins=tuple(allow_origin),
+                              allowed_hosts=tuple(allow_host))
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint=f"--{OPTION_NAMES.get(e.name, e.name.replace('_', '-'))}")
+    limit_malloc_arenas()
     try:
         pipe = make_pipeline(model, device, dtype, spec)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise click.ClickException(str(e)) from None
-    stream_kwargs = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
-    config = ServerConfig(host=host, port=port, max_streams=max_streams, client_timeout=client_timeout,
-                          ice_servers=tuple(stun), ice_loopback=ice_loopback, stream_kwargs=stream_kwargs,
-                          model_name=model, allowed_origins=tuple(allow_origin))
-    _run_loop(_serve_forever(pipe, config, open_browser))
+    try:
+        check_video_size(pipe, stream_kwargs)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--height / --width") from None
+    if not is_loopback(host):
+        click.echo(f"warning: listening on {host}, so other machines can reach this server, and there is no login: "
+                   f"anyone who reaches port {port} can start streams. Browsers must use this machine's IP address, "
+                   f"or a name given with --allow-host.", err=True)
+    try:
+        _run_loop(_serve_forever(pipe, config, open_browser))
+    except OSError as e:  # Server.start's: the address is in use, or not this machine's
+        raise click.ClickException(e.strerror or str(e)) from None

@@ -21,7 +21,7 @@ import asyncio
 import statistics
 import threading
 from collections import deque
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
@@ -135,6 +135,7 @@ class Session:
         self._send_times: deque[float] = deque(maxlen=256)  # release times, for the send rate
         self.frames_sent = self.chunks_generated = 0
         self.ttff = self.switch_latency = None
+        self._control_jobs: set[Future] = set()  # set_prompt calls running on a control thread
 
     def start(self, threads: ThreadPoolExecutor) -> None:
         """Run the producer and the encoder, each on its own thread of `threads`, which must have two free."""
@@ -195,7 +196,7 @@ class Session:
                 for i, rgb in enumerate(chunk.frames):
                     image = to_video_frame(rgb)
                     packet = h264.encode(image)
-                    self.recording.append(bytes(packet))
+                    self.recording.append(packet, self.fps)
                     frame = Frame(image, packet, jpeg.encode(image) if jpeg else None, chunk.start_frame + i,
                                   chunk.index, chunk.prompt_seq, announce if i == 0 else None)
                     self._credits.acquire()
@@ -277,13 +278,17 @@ class Session:
     # -- control (event loop) -----------------------------------------------------------------------------------
     async def set_prompt(self, prompt: str, executor: Executor) -> None:
         """Switch the prompt at the generator's next chunk; ValueError if the generator refuses it. The generator
-        may encode the prompt right away, so its set_prompt runs on `executor`, off the event loop."""
+        may encode the prompt right away, so its set_prompt runs on `executor`, off the event loop (the server's
+        executor has a thread per stream: one stream's encoding never waits for another's)."""
         self._requests[prompt] = self._loop.time()
         while len(self._requests) > MAX_PROMPT_REQUESTS:
             del self._requests[next(iter(self._requests))]
+        job = executor.submit(self._set_prompt, prompt)
+        self._control_jobs.add(job)
+        job.add_done_callback(self._control_jobs.discard)
         try:
-            await self._loop.run_in_executor(executor, self._set_prompt, prompt)
-        except ValueError:
+            await asyncio.wrap_future(job)
+        except Exception:
             self._requests.pop(prompt, None)
             raise
 
@@ -340,6 +345,8 @@ class Session:
         self.closed.set()
 
     async def wait_freed(self) -> None:
-        """Wait until both threads have exited (the generator's stream is closed), then drop the recording."""
-        await asyncio.gather(*self._threads_done)
+        """Wait until both threads have exited (the generator's stream is closed) and no set_prompt is running,
+        then drop the recording."""
+        jobs = [asyncio.wrap_future(job) for job in list(self._control_jobs)]
+        await asyncio.gather(*self._threads_done, *jobs, return_exceptions=True)
         self.recording.close()

@@ -39,9 +39,10 @@ def use_loopback_candidates() -> None:
 class SessionTrack(MediaStreamTrack):
     kind = "video"
 
-    def __init__(self, session: Session, on_sent: Callable[[int | None], None]):
+    def __init__(self, on_sent: Callable[[int | None], None]):
         super().__init__()
-        self.session, self.on_sent = session, on_sent  # on_sent(encoded bytes, None when aiortc encodes)
+        self.on_sent = on_sent  # on_sent(encoded bytes, None when aiortc encodes)
+        self.session: Session | None = None  # set once the offer is answered: recv is called only after that
         self.passthrough = True  # H.264 packets as they are; False: raw frames for aiortc to encode
 
     async def recv(self):

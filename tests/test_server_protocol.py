@@ -1,4 +1,4 @@
-"""The streaming protocol end to end without a browser: a real aiortc client (and a websockets client) against the
+"""The streaming protocol end to end without a browser: a real aiortc client (and an aiohttp WebSocket client) against the
 server running the synthetic source in a background thread. Frames arrive at the model's fps with evenly spaced,
 increasing pts; a new prompt applies at the generator's next chunk and the decoded pixels follow it; pause,
 resume, rewind and stats do what they say; the HTTP endpoints and the MP4 recording hold what was streamed."""
@@ -231,7 +231,7 @@ def test_recording_health_and_metrics(server, tmp_path):
     assert float(metrics['longsana_messages_total{type="prompt"}']) >= 1
     assert float(metrics["longsana_time_to_first_frame_seconds_count"]) >= 1
     assert float(metrics["longsana_prompt_switch_seconds_sum"]) > 0
-    assert int(metrics["process_threads"]) > 1 and int(metrics["process_resident_memory_bytes"]) > 1 << 20
+    assert float(metrics["process_threads"]) > 1 and float(metrics["process_resident_memory_bytes"]) > 1 << 20
 
     page = get(server.url)
     assert page[0] == 200 and page[1].startswith("text/html") and b"/app.js" in page[2]

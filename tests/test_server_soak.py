@@ -65,7 +65,7 @@ async def cycle(url: str, i: int) -> None:
         await c.wait_until(lambda: len(c.frames) >= n + 8)
     await rtc.close()
     if i % 3 == 2:
-        ws.ws.transport.abort()
+        ws.abort()
     else:
         await ws.close()
 

@@ -44,7 +44,7 @@ async function start(prompt) {
       return;
     } catch (e) {
       if (e.code || mode === "webrtc") return fail(e);
-      replace = e.session || null; // the server already holds a stream for us: end it
+      replace = e.token || null; // the server already holds a stream for us: end it (its token proves it is ours)
       showBanner(`WebRTC did not connect (${e.message}); using the WebSocket fallback`);
     }
   }
@@ -88,7 +88,7 @@ async function connectWebRTC(prompt) {
     await connected(pc, 10000);
   } catch (e) {
     pc.close();
-    e.session = body.session;
+    e.token = body.token;
     throw e;
   }
   pc.onconnectionstatechange = () => {
