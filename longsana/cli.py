@@ -28,10 +28,10 @@ def cpu_threads() -> int:
     """torch's CPU threads: half the CPUs this process may run on, at least one. OpenMP threads that wait for each
     other spin, so when another process takes a core, a pool as wide as the machine stalls at every one of the
     demo's thousands of small ops a second: on a 2-core CPU with one core busy, 2 threads streamed the demo at
-    3-32 FPS, 1 thread at 60+ (benchmarks/RESULTS.md). OMP_WAIT_POLICY=PASSIVE also cures that but halves the
-    speed on an idle machine (every op waits for a sleeping thread to wake). With two hardware threads a core, half
-    the CPUs is the one thread per core that torch takes by default; elsewhere it leaves the other half to the
-    server's video encoding and to a browser playing the stream."""
+    17-22 FPS (2.4 in issue 20), 1 thread at 55-74 (benchmarks/RESULTS.md). OMP_WAIT_POLICY=PASSIVE also cures that
+    but halves the speed on an idle machine (every op waits for a sleeping thread to wake). With two hardware threads
+    a core, half the CPUs is the one thread per core that torch takes by default; elsewhere it leaves the other half
+    to the server's video encoding and to a browser playing the stream."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cpus // 2)
 

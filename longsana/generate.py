@@ -107,6 +107,11 @@ def stream_to_file(pipe, timeline: Timeline, out: Path, frames: int, seed: int, 
 
     from .video import VideoWriter
 
+    for start, prompt in timeline:  # every prompt checked before the file is opened, not once it is half written
+        try:
+            pipe.prompts.get(prompt, pipe.spec.motion_score)
+        except ValueError as e:
+            raise ValueError(f"the segment at {start:g} s: {e}") from None
     stream = pipe.stream(timeline[0][1], seed=seed, height=height, width=width, num_frames=frames, **settings)
     total = (stream.total_latents - 1) * pipe.vae.cfg.temporal_stride + 1
     upcoming = list(timeline[1:])

@@ -132,7 +132,6 @@ def test_config_holding_a_json_array(demo, tmp_path, part):
 # -- generate: a timeline longer than the video ---------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_timeline_segments_not_in_the_video_are_named(tmp_path):
     """Warned, not refused (a short video is how one previews the start of a long timeline): before generating for
     segments past the end; after it for one that starts within the last chunk (a switch waits for a chunk start).
@@ -197,7 +196,6 @@ def test_convert_refuses_an_existing_file_unless_overwrite(demo, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
 
-@pytest.mark.slow
 def test_convert_overwrite_replaces_a_sharded_folder_whole(tmp_path):
     """An earlier sharded conversion in DST: refused without --overwrite (the old weights stay), and with it the
     folder holds exactly the new conversion (no old index or shard that would be loaded instead)."""
@@ -269,13 +267,21 @@ def bench_cpu(busy: int, chunks: int = 8) -> dict:
     return json.loads(r.stdout.splitlines()[-1])
 
 
-# The demo with one core of two busy: 2.4-32 FPS without the policy, 33-66 with it (benchmarks/RESULTS.md). The
-# bar is the product target; the runs on the shared 2-core CI machine stayed above 25.
+# The demo with one core of two busy: 17-22 FPS without the policy (2.4 in the issue), 55-83 with it
+# (benchmarks/RESULTS.md). The bar is the product target: over 3x below every run on the shared 2-core CI machine.
 BUSY_FPS = 16
 
 
 @pytest.mark.slow
 def test_the_demo_holds_its_frame_rate_beside_a_busy_process():
     result = bench_cpu(busy=1)
+    print(f"demo beside a busy process: {result['fps_median']:.1f} FPS, {result['threads']} thread(s)")
     assert result["busy"] == 1 and result["threads"] == cpu_threads()
     assert result["fps_median"] >= BUSY_FPS, result
+
+
+def test_timeline_prompts_are_checked_before_the_video_is_written(tmp_path):
+    tl = tmp_path / "tl.txt"
+    tl.write_text(f"0 {P}\n0.25 {'x' * 5000}\n")
+    fails(["generate", "--timeline", tl, "-o", tmp_path / "a.mp4"], 1, "the segment at 0.25 s", "prompt too long")
+    assert not (tmp_path / "a.mp4").exists()
