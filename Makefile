@@ -35,8 +35,9 @@ setup-test: setup
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "warning: chromium not installed; browser tests will be skipped"
 
+# ARGS go to `longsana serve` as they are: make serve ARGS="--port 8001 --model PATH"
 serve: setup
-	$(BIN)/longsana serve --open
+	$(BIN)/longsana serve --open $(ARGS)
 
 test: setup-test
 	$(BIN)/python -m pytest -q

@@ -22,6 +22,7 @@ frames by default. The base model takes any --height/--width (binned to its 480p
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -32,10 +33,33 @@ from .config import DEFAULT_MODEL, DEFAULT_SECONDS
 Timeline = list[tuple[float, str]]
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; ValueError naming the file, line and byte where it is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "save the file as UTF-8") from None
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` if it can be encoded as UTF-8, else ValueError naming `what`. Python hands a command-line argument
+    that is not UTF-8 over with its bad bytes as lone surrogates (U+DC80..U+DCFF), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        bad = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"a lone surrogate U+{c:04X}"
+        raise ValueError(f"{what}: not valid UTF-8 text ({bad} at character {e.start})") from None
+    return text
+
+
 def read_timeline(path: Path) -> Timeline:
     """Parse a timeline file; ValueErrors name the file and line."""
     segments: Timeline = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -55,7 +79,7 @@ def read_timeline(path: Path) -> Timeline:
 
 def read_prompt_file(path: Path) -> list[str]:
     """One prompt per line; blank lines are skipped and reported; ValueError if there is none."""
-    lines = Path(path).read_text().splitlines()
+    lines = read_text(path).splitlines()
     prompts = [ln.strip() for ln in lines if ln.strip()]
     skipped = [i + 1 for i, ln in enumerate(lines) if not ln.strip()]
     if skipped:
@@ -69,25 +93,43 @@ def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "video"
 
 
-def stream_to_file(pipe, timeline: Timeline, out: Path, frames: int, seed: int, height, width, **settings):
-    """Run one stream through the timeline and write it to `out`, with a progress bar. Returns frames written."""
+def past_the_end(timeline: Timeline, seconds: float) -> Timeline:
+    """The segments that start at or after the end of a video of `seconds`: none of their frames would exist."""
+    return [seg for seg in timeline if seg[0] >= seconds]
+
+
+def stream_to_file(pipe, timeline: Timeline, out: Path, frames: int, seed: int, height, width,
+                   **settings) -> tuple[int, Timeline]:
+    """Run one stream through the timeline and write it to `out`, with a progress bar. A segment comes into force
+    with the first chunk that starts at or after its start. Returns (frames written, the segments that never came
+    into force: those starting within the last chunk, and those followed by another before a chunk started)."""
     from tqdm import tqdm
 
     from .video import VideoWriter
 
+    for start, prompt in timeline:  # every prompt checked before the file is opened, not once it is half written
+        try:
+            pipe.prompts.get(prompt, pipe.spec.motion_score)
+        except ValueError as e:
+            raise ValueError(f"the segment at {start:g} s: {e}") from None
     stream = pipe.stream(timeline[0][1], seed=seed, height=height, width=width, num_frames=frames, **settings)
     total = (stream.total_latents - 1) * pipe.vae.cfg.temporal_stride + 1
     upcoming = list(timeline[1:])
+    scheduled, shown, index = timeline[0], [], None
     with VideoWriter(out, stream.width, stream.height, stream.fps) as video, \
             tqdm(total=total, unit="frame", desc=out.name, dynamic_ncols=True) as bar:
         for chunk in stream:
+            if chunk.index != index:  # a new chunk (not the next piece of one): made with the scheduled segment
+                index = chunk.index
+                shown += [scheduled] if scheduled not in shown else []
             video.write(chunk.frames)
             bar.update(len(chunk.frames))
             next_start = (chunk.start_frame + len(chunk.frames)) / stream.fps
             while upcoming and upcoming[0][0] <= next_start:
-                stream.set_prompt(upcoming.pop(0)[1])
+                scheduled = upcoming.pop(0)
+                stream.set_prompt(scheduled[1])
     stream.close()
-    return video.frames
+    return video.frames, [seg for seg in timeline if seg not in shown]
 
 
 def clip_to_file(pipe, prompt: str, out: Path, seed: int, **call) -> int:
@@ -123,8 +165,16 @@ def base_clip_settings(spec, image: Path | None, height: int | None, width: int 
     return dict(image=image, height=height, width=width)
 
 
+def _text_option(ctx, param, value):
+    """--prompt / --negative-prompt: a ValueError of check_text as click's bad-parameter error."""
+    try:
+        return value if value is None else check_text(value, param.opts[0])
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @click.command("generate")
-@click.option("--prompt", "-p", help="The prompt.")
+@click.option("--prompt", "-p", callback=_text_option, help="The prompt.")
 @click.option("--timeline", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Prompt timeline file: '<start second> <prompt>' per line.")
 @click.option("--txt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -140,7 +190,8 @@ def base_clip_settings(spec, image: Path | None, height: int | None, width: int 
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Base model: denoising steps (50).")
 @click.option("--guidance", type=click.FloatRange(min=1.0), default=None,
               help="Base model: classifier-free guidance scale, 1 = none (6).")
-@click.option("--negative-prompt", default=None, help="Base model: negative prompt (default: the original's).")
+@click.option("--negative-prompt", default=None, callback=_text_option,
+              help="Base model: negative prompt (default: the original's).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--height", type=int, default=None, help="Pixels (default: the model's; streaming: a multiple of 32).")
 @click.option("--width", type=int, default=None, help="Pixels (default: the model's; streaming: a multiple of 32).")
@@ -153,8 +204,12 @@ def base_clip_settings(spec, image: Path | None, height: int | None, width: int 
               show_default=True, help="Where --txt-file videos go.")
 def generate_cmd(prompt, timeline, txt_file, model, spec, seconds, frames, image, steps, guidance, negative_prompt,
                  seed, height, width, chunk_frames, bf16_timesteps, device, output, out_dir):
-    """Generate videos from prompts and write them as H.264 MP4 (at the model's frame rate)."""
+    """Generate videos from prompts and write them as H.264 MP4 (at the model's frame rate).
+
+    Everything given is checked before the model loads; the ValueErrors and OSErrors of the checks are one line of
+    error each (the `longsana` group turns them into click's)."""
     from .base import DEFAULT_FRAMES, MAX_STEPS
+    from .files import check_output
     from .stream import latent_frames, resolve_model
 
     if sum(x is not None for x in (prompt, timeline, txt_file)) != 1:
@@ -163,53 +218,69 @@ def generate_cmd(prompt, timeline, txt_file, model, spec, seconds, frames, image
         raise click.UsageError("give at most one of --seconds and --frames")
     if steps is not None and steps > MAX_STEPS:
         raise click.BadParameter(f"at most {MAX_STEPS}, got {steps}", param_hint="--steps")
+    prompts = read_prompt_file(txt_file) if txt_file else [prompt]
+    segments = read_timeline(timeline) if timeline else None
     try:
-        prompts = read_prompt_file(txt_file) if txt_file else [prompt]
-        segments = read_timeline(timeline) if timeline else None
         folder, model_spec = resolve_model(model, spec)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise click.ClickException(str(e.args[0])) from e
+    except KeyError as e:  # get_config's: an unknown spec name
+        raise click.BadParameter(e.args[0], param_hint="--spec") from None
     outputs = [out_dir / f"{i:03d}_{slug(p)}.mp4" for i, p in enumerate(prompts)] if txt_file else [output]
+    for out in outputs:
+        check_output(out)
     ts = model_spec.vae.temporal_stride  # video frames per latent frame after the first
     if frames is not None and (frames - 1) % ts:
         raise click.BadParameter(f"must be 1 + {ts}k (e.g. {DEFAULT_FRAMES}), got {frames}", param_hint="--frames")
-    frames = frames or 1 + ts * (latent_frames(round((seconds or DEFAULT_SECONDS) * model_spec.fps), ts) - 1)
+    seconds = DEFAULT_SECONDS if seconds is None else seconds
+    if not math.isfinite(seconds * model_spec.fps):  # nan and inf pass FloatRange; 1e308 overflows here
+        why = "is too long" if math.isfinite(seconds) else "is not a finite number of seconds"
+        raise click.BadParameter(f"{seconds:g} {why}", param_hint="--seconds")
+    frames = frames or 1 + ts * (latent_frames(round(seconds * model_spec.fps), ts) - 1)
     if model_spec.causal:
         _refuse("base-model", "this model streams (LongSANA); for a base-model folder pass --spec sana-video-2b-480p",
                 image=image, steps=steps, guidance=guidance, negative_prompt=negative_prompt)
     else:
         _refuse("streaming", "this model is the base model (one clip per prompt)", timeline=timeline,
                 chunk_frames=chunk_frames, bf16_timesteps=bf16_timesteps or None)
-    try:
-        if model_spec.causal:
-            from .stream import Pipeline, check_size
+    if model_spec.causal:
+        from .stream import Pipeline, check_size
 
-            if height is not None or width is not None:
-                try:
-                    check_size(height or 32, width or 32)
-                except ValueError as e:
-                    raise click.BadParameter(str(e)) from e
-            timelines = [segments] if segments else [[(0.0, p)] for p in prompts]
-            pipe = Pipeline.from_pretrained(folder, device=device, spec=model_spec)
-            settings = dict(chunk_frames=chunk_frames, bf16_timesteps=bf16_timesteps or None)
-            for tl, out in zip(timelines, outputs):
-                n = stream_to_file(pipe, tl, out, frames, seed, height, width, **settings)
-                click.echo(f"wrote {out} ({n} frames)")
-        else:
-            from tqdm import tqdm
+        if height is not None or width is not None:
+            try:
+                check_size(height or 32, width or 32)
+            except ValueError as e:
+                raise click.BadParameter(str(e)) from e
+        if segments and (late := past_the_end(segments, frames / model_spec.fps)):
+            # A warning, not a refusal: a shorter video is how one previews the start of a long timeline.
+            _warn_unshown(timeline, late, f"they start after the video's end ({frames / model_spec.fps:.2f} s); "
+                                          "a longer --seconds would include them")
+            segments = segments[:len(segments) - len(late)]
+        timelines = [segments] if segments else [[(0.0, p)] for p in prompts]
+        pipe = Pipeline.from_pretrained(folder, device=device, spec=model_spec)
+        settings = dict(chunk_frames=chunk_frames, bf16_timesteps=bf16_timesteps or None)
+        for tl, out in zip(timelines, outputs):
+            n, unshown = stream_to_file(pipe, tl, out, frames, seed, height, width, **settings)
+            click.echo(f"wrote {out} ({n} frames)")
+            if unshown:
+                _warn_unshown(timeline, unshown, "a prompt switch takes effect when the next chunk starts, and "
+                                                 "no chunk started after them (or another segment came first)")
+    else:
+        from tqdm import tqdm
 
-            from .base import BasePipeline
+        from .base import BasePipeline
 
-            call = dict(base_clip_settings(model_spec, image, height, width), frames=frames,
-                        num_inference_steps=steps or 50, guidance_scale=guidance or 6.0,
-                        negative_prompt=negative_prompt)
-            pipe = BasePipeline.from_pretrained(folder, device=device, spec=model_spec)
-            jobs = list(zip(prompts, outputs))
-            for p, out in tqdm(jobs, unit="clip", desc="clips", disable=len(jobs) == 1, dynamic_ncols=True):
-                n = clip_to_file(pipe, p, out, seed, **call)
-                tqdm.write(f"wrote {out} ({n} frames)")
-    except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+        call = dict(base_clip_settings(model_spec, image, height, width), frames=frames,
+                    num_inference_steps=steps or 50, guidance_scale=guidance or 6.0,
+                    negative_prompt=negative_prompt)
+        pipe = BasePipeline.from_pretrained(folder, device=device, spec=model_spec)
+        jobs = list(zip(prompts, outputs))
+        for p, out in tqdm(jobs, unit="clip", desc="clips", disable=len(jobs) == 1, dynamic_ncols=True):
+            n = clip_to_file(pipe, p, out, seed, **call)
+            tqdm.write(f"wrote {out} ({n} frames)")
+
+
+def _warn_unshown(path: Path, segments: Timeline, why: str) -> None:
+    starts = ", ".join(f"{start:g} s" for start, _ in segments)
+    click.echo(f"warning: {path}: the segment(s) starting at {starts} are not in the video: {why}", err=True)
 
 
 def _refuse(kind: str, why: str, **options) -> None:

@@ -17,7 +17,9 @@ way in. `longsana convert` writes either layout from the other.
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,7 +69,20 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+# The first bytes of a checkpoint in torch's legacy format (before torch 1.6; `torch.save(...,
+# _use_new_zipfile_serialization=False)`): the pickled magic number that torch.save writes first.
+LEGACY_TORCH_HEAD = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+
+
 def _read_torch(path: Path) -> dict[str, Tensor]:
+    if not zipfile.is_zipfile(path):  # torch.load(mmap=True) would blame the saving options of any such file
+        with open(path, "rb") as f:
+            legacy = f.read(len(LEGACY_TORCH_HEAD)) == LEGACY_TORCH_HEAD
+        if legacy:
+            raise CheckpointError(f"{path}: saved in torch's legacy format (before torch 1.6), which cannot be "
+                                  "memory-mapped; re-save it once with torch.save(torch.load(path), new_path)")
+        raise CheckpointError(f"{path}: not a torch checkpoint, or a truncated one (torch.save writes a zip "
+                              "archive; this file is not a complete one)")
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / zip errors for broken files
@@ -101,10 +116,9 @@ def _read_folder(folder: Path) -> dict[str, Tensor]:
 
 
 def _read_shards(index: Path) -> dict[str, Tensor]:
-    try:
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a shard index with a 'weight_map' ({e!r})") from e
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a shard index (no 'weight_map' object)")
     by_shard: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
         by_shard.setdefault(shard, []).append(key)
@@ -120,6 +134,24 @@ def _read_shards(index: Path) -> dict[str, Tensor]:
                                   f"{_fmt_keys(absent)}")
         sd.update(tensors)
     return sd
+
+
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+              type(None): "null"}
+
+
+def read_json_object(path: str | Path) -> dict:
+    """The object {...} a JSON file holds (a config.json, a shard index); CheckpointError naming the file if it
+    cannot be read, is not JSON, or holds anything else."""
+    try:
+        obj = json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object {{...}}, found {JSON_TYPES.get(type(obj), 'other')}")
+    return obj
 
 
 def _fmt_keys(keys, limit: int = 8) -> str:
@@ -297,8 +329,9 @@ def _resolve_config(config: str | TransformerConfig | None, config_json: Path | 
         config = get_config(config).transformer
     if config_json is None:
         return config or get_config(DEFAULT_CONFIG).transformer
+    fields = read_json_object(config_json)
     try:
-        from_file = TransformerConfig.from_diffusers(config_json)
+        from_file = TransformerConfig.from_diffusers(fields)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{config_json}: {e}") from e
     if config is None:
@@ -401,42 +434,52 @@ def _parse_size(text: str) -> int:
               help=f"Architecture of a file without config.json (default {DEFAULT_CONFIG}).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Shard size of a written folder.")
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp32"]), default="keep", show_default=True)
-def convert_cmd(src: Path, dst: Path, config_name: str | None, max_shard_size: str, dtype: str):
+@click.option("--overwrite", is_flag=True, help="Replace an existing DST (all of a folder's content).")
+def convert_cmd(src: Path, dst: Path, config_name: str | None, max_shard_size: str, dtype: str, overwrite: bool):
     """Convert a transformer checkpoint SRC between the two key layouts.
 
     Original layout (a .pth, state_dict or generator checkpoint) -> a diffusers transformer folder DST
     (config.json + safetensors, sharded above --max-shard-size). Diffusers layout (a model folder, its
     transformer/, or a safetensors file) -> an original-layout DST.pth holding {"state_dict": ...}.
-    Keys and shapes are checked against the config before anything is written."""
+    Keys and shapes are checked against the config before anything is written; DST is written beside itself and
+    moved into place when complete, so a failed run leaves it as it was."""
+    from .files import check_output, replacing
     from .model import LongSANATransformer
 
     try:
         max_bytes = _parse_size(max_shard_size)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
+    to_folder = dst.suffix not in TORCH_SUFFIXES
+    if dst.exists() and not overwrite:
+        raise click.BadParameter(f"{dst} exists; pass --overwrite to replace it", param_hint="DST")
+    if src.resolve() == dst.resolve() or dst.resolve() in src.resolve().parents:
+        raise click.BadParameter(f"{dst} holds the source {src}; write elsewhere", param_hint="DST")
+    check_output(dst, folder=to_folder)
     weights, config_json = _weights_path(src)
     try:
         cfg = _resolve_config(config_name, config_json)
-        sd = read_state_dict(weights)
-        original = is_original_layout(sd, weights)
-        if original:
-            sd = original_to_diffusers(sd, weights)
-        _check_architecture(sd, cfg, weights)
-        with torch.device("meta"):
-            check_state_dict(LongSANATransformer(cfg), sd, weights)
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from e
     except KeyError as e:  # an unknown --config name
         raise click.BadParameter(e.args[0], param_hint="--config") from None
-    if original == (dst.suffix in TORCH_SUFFIXES):
+    sd = read_state_dict(weights)
+    original = is_original_layout(sd, weights)
+    if original:
+        sd = original_to_diffusers(sd, weights)
+    _check_architecture(sd, cfg, weights)
+    with torch.device("meta"):
+        check_state_dict(LongSANATransformer(cfg), sd, weights)
+    if original != to_folder:
         raise click.BadParameter(f"{dst}: an original-layout checkpoint converts to a diffusers folder, a diffusers "
                                  f"one to a {'/'.join(TORCH_SUFFIXES)} file; {weights} is "
                                  f"{'original' if original else 'diffusers'}", param_hint="DST")
     to_dtype = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     sd = {k: v.to(dtype=to_dtype) for k, v in sd.items()}
+    with replacing(dst) as new:
+        if original:
+            files = save_diffusers_transformer(sd, cfg, new, max_bytes)
+        else:
+            torch.save({"state_dict": diffusers_to_original(sd, weights)}, new)
     if original:
-        files = save_diffusers_transformer(sd, cfg, dst, max_bytes)
         click.echo(f"wrote {dst}: diffusers layout, {len(sd)} tensors in {len(files)} file(s)")
     else:
-        torch.save({"state_dict": diffusers_to_original(sd, weights)}, dst)
         click.echo(f"wrote {dst}: original layout, {len(sd)} diffusers tensors")

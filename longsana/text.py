@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .config import MAX_PROMPT_CHARS
-from .loading import default_device_dtype
+from .loading import CheckpointError, default_device_dtype, read_json_object
 
 TEXT_LEN = 300  # tokens the transformer sees: BOS + 299
 
@@ -121,7 +121,8 @@ class TextEncoder:
         """`folder`: a diffusers model root holding text_encoder/ and tokenizer/, or (with `tokenizer` given) the
         text-encoder folder itself, which may also hold a Gemma2ForCausalLM (the original gemma-2-2b-it): its
         decoder is loaded. Defaults: cuda + bf16 where available, else cpu + fp32."""
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from safetensors import SafetensorError
+        from transformers import AutoModel, AutoTokenizer
 
         folder = Path(folder)
         enc_dir, tok_dir = (folder, Path(tokenizer)) if tokenizer is not None else (folder / "text_encoder",
@@ -130,14 +131,22 @@ class TextEncoder:
             if not d.is_dir():
                 raise FileNotFoundError(f"text encoder: no folder {d} (expected a diffusers model root with "
                                         "text_encoder/ and tokenizer/, or both folders given explicitly)")
-        model_type = AutoConfig.from_pretrained(enc_dir).model_type
+        model_type = read_json_object(enc_dir / "config.json").get("model_type")  # named errors, not transformers'
         if model_type != "gemma2":
             raise ValueError(f"{enc_dir / 'config.json'}: model_type {model_type!r}, expected 'gemma2'")
         device, dtype = default_device_dtype(device, dtype)
         # Gemma2Model: the decoder without LM head (the original: AutoModelForCausalLM(...).get_decoder()). Gemma-2
-        # runs eager attention in transformers (sdpa has no logit soft-capping).
-        model = AutoModel.from_pretrained(enc_dir, dtype=dtype).to(device=device, dtype=dtype)
-        return cls(AutoTokenizer.from_pretrained(tok_dir), model, recipe)
+        # runs eager attention in transformers (sdpa has no logit soft-capping). transformers reports a truncated
+        # or missing weights file as an OSError or safetensors' own error, neither naming the folder.
+        try:
+            model = AutoModel.from_pretrained(enc_dir, dtype=dtype).to(device=device, dtype=dtype)
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{enc_dir}: cannot load the text encoder's weights ({e})") from e
+        try:
+            tok = AutoTokenizer.from_pretrained(tok_dir)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{tok_dir}: cannot load the tokenizer ({e})") from e
+        return cls(tok, model, recipe)
 
     @property
     def device(self) -> torch.device:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import VAEConfig
-from .loading import CheckpointError, assign_load, read_state_dict
+from .loading import CheckpointError, assign_load, read_json_object, read_state_dict
 
 # -- causal state --------------------------------------------------------------------------------------------------
 
@@ -521,8 +521,9 @@ def _folder_config(folder: Path, cfg: VAEConfig | None) -> VAEConfig:
     file = folder / "config.json"
     if not file.is_file():
         raise CheckpointError(f"{folder}: no config.json (a diffusers vae/ folder has one)")
+    fields = read_json_object(file)
     try:
-        from_file = VAEConfig.from_diffusers(file)
+        from_file = VAEConfig.from_diffusers(fields)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{file}: {e}") from e
     if cfg is not None and cfg != from_file:

@@ -7,7 +7,7 @@ import click
 import pytest
 
 from longsana.config import get_config
-from longsana.generate import base_clip_settings, read_prompt_file, read_timeline
+from longsana.generate import base_clip_settings, check_text, past_the_end, read_prompt_file, read_timeline
 
 
 @pytest.mark.parametrize("text, message", [
@@ -41,3 +41,26 @@ def test_base_clip_size_must_be_even():
     """The base model generates at its nearest 480p entry and resizes back to any size, but H.264 needs even sides."""
     with pytest.raises(ValueError, match="H.264 needs an even height and width, got 481x832"):
         base_clip_settings(get_config("sana-video-2b-480p"), None, 481, 832)
+
+
+@pytest.mark.parametrize("read", [read_timeline, read_prompt_file])
+def test_text_files_that_are_not_utf8(tmp_path, read):
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"0 a fox\n" + "2 a caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"in\.txt:2: not UTF-8 text \(byte 0xe9 at offset 15\)") as e:
+        read(path)
+    assert type(e.value) is ValueError  # not UnicodeDecodeError, whose message names no file
+
+
+def test_check_text():
+    assert check_text("a fox \u00e9", "--prompt") == "a fox \u00e9"
+    with pytest.raises(ValueError, match=r"--prompt: not valid UTF-8 text \(byte 0xff at character 2\)"):
+        check_text("a \udcff", "--prompt")
+    with pytest.raises(ValueError, match=r"--prompt: not valid UTF-8 text \(a lone surrogate U\+D800 at character 0\)"):
+        check_text("\ud800", "--prompt")
+
+
+def test_past_the_end():
+    timeline = [(0.0, "a"), (4.0, "b"), (5.0, "c"), (9.0, "d")]
+    assert past_the_end(timeline, 5.0) == [(5.0, "c"), (9.0, "d")]
+    assert past_the_end(timeline, 10.0) == []

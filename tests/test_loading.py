@@ -231,6 +231,29 @@ def test_truncated_pth(tmp_path):
     assert str(tmp_path / "m.pth") in load_fails(tmp_path / "m.pth")
 
 
+def test_legacy_and_random_pth(tmp_path):
+    """Neither gets torch's "mmap can only be used with files saved with ..." (which blames the saving options of
+    any file that is not a zip archive): a legacy-format file is named as such, random bytes as no checkpoint."""
+    sd = diffusers_to_original(diffusers_transformer(TINY).state_dict(), "ref")
+    torch.save({"state_dict": sd}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    msg = load_fails(tmp_path / "old.pth")
+    assert str(tmp_path / "old.pth") in msg and "torch's legacy format" in msg and "mmap" not in msg
+    (tmp_path / "r.pth").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    msg = load_fails(tmp_path / "r.pth")
+    assert str(tmp_path / "r.pth") in msg and "not a torch checkpoint" in msg and "mmap" not in msg
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]", "expected a JSON object {...}, found an array"),
+                                           ('{"num_layers": 2,', "not valid JSON"),
+                                           (b"\xff\xfe{", "not valid JSON")])
+def test_bad_config_json(tmp_path, text, message):
+    diffusers_transformer(TINY).save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    msg = load_fails(tmp_path)
+    assert str(config) in msg and message in msg
+
+
 def test_wrong_hidden_size(tmp_path):
     """A .pth of another width: the message says which width and depth the weights have, and which the config."""
     original_pth(diffusers_transformer(OTHER), tmp_path / "m.pth", "state_dict")
