@@ -159,7 +159,7 @@ def test_streams_in_threads_share_one_pipeline(pipe):
 
 
 def test_memory_is_constant(pipe):
-    stream = pipe.stream(P, seed=3, rewind_points=2, chunk_frames=1)
+    stream = pipe.stream(P, seed=3, rewind_seconds=0, chunk_frames=1)
     it = iter(stream)
     sizes, ptrs = {}, None
     for i in range(1, 51):
@@ -171,17 +171,17 @@ def test_memory_is_constant(pipe):
     assert sizes[5] == sizes[50] > 0
     assert [a.data_ptr() for a in stream.state.tensors()] == ptrs
     assert {id(b.copy) for b in stream.ring.points} == copies  # the ring reuses its points' buffers
-    assert len(stream.ring.points) == 2
+    assert len(stream.ring.points) == stream.ring.capacity == 4  # 0 s of reach: the chunks at and ahead of the screen
     stream.close()
 
 
 def test_rewind_then_original_prompt_replays_the_original(pipe):
     original = take(pipe.stream(P, seed=4), 5)
-    stream = pipe.stream(P, seed=4, rewind_points=3)
+    stream = pipe.stream(P, seed=4)
     it = iter(stream)
     for _ in range(4):
         next(it)
-    back = stream.rewind(0.1)  # to the start of the last chunk generated
+    back = stream.rewind(len(original[3].frames) / 16)  # exactly to the start of the last chunk generated
     assert back == pytest.approx(len(original[3].frames) / 16)
     replay = [next(it), next(it)]
     assert replay[0].index == 3 and replay[0].start_frame == original[3].start_frame
