@@ -7,8 +7,11 @@
     longsana generate -m SANA-Video_2B_480p_diffusers --spec sana-video-2b-480p -p "a fox in the snow"
     longsana generate -m SANA-Video_2B_480p_diffusers --spec sana-video-2b-480p --image fox.png -p "it runs"
 
-A timeline file has one segment per line, "<start second> <prompt>", the first starting at 0; blank lines and
-lines starting with # are skipped. Frames are written as they are made, so a killed run leaves a playable file.
+A timeline file has one segment per line, "<start second> [~<transition seconds>] <prompt>", the first starting at
+0; blank lines and lines starting with # are skipped. Each switch lands on the first latent frame at or after its
+start second (inside a chunk if need be, not at the next chunk); the optional "~<seconds>" moves the conditioning
+from the previous prompt to this one over that long (a transition, e.g. "4 ~1.5 a fox in the snow"). Frames are
+written as they are made, so a killed run leaves a playable file.
 
 Which path runs is the model's spec: a block-causal spec (LongSANA, the default) streams chunk by chunk; a
 bidirectional one (sana-video-2b-480p) runs the base model, one whole clip per prompt with 50 steps of guided
@@ -29,7 +32,7 @@ import click
 
 from .config import DEFAULT_MODEL, DEFAULT_SECONDS
 
-Timeline = list[tuple[float, str]]
+Timeline = list[tuple]  # (start seconds, prompt), or (start seconds, prompt, transition seconds) where one is given
 
 
 def read_timeline(path: Path) -> Timeline:
@@ -39,15 +42,15 @@ def read_timeline(path: Path) -> Timeline:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        m = re.fullmatch(r"(\d+(?:\.\d*)?)\s+(\S.*)", line)
+        m = re.fullmatch(r"(\d+(?:\.\d*)?)(?:\s+~(\d+(?:\.\d*)?))?\s+(\S.*)", line)
         if not m:
-            raise ValueError(f"{path}:{n}: expected '<start seconds> <prompt>', got {line!r}")
+            raise ValueError(f"{path}:{n}: expected '<start seconds> [~<transition seconds>] <prompt>', got {line!r}")
         start = float(m[1])
         if not segments and start != 0:
             raise ValueError(f"{path}:{n}: the first segment must start at 0, not {start:g}")
         if segments and start <= segments[-1][0]:
             raise ValueError(f"{path}:{n}: start {start:g}s is not after the previous {segments[-1][0]:g}s")
-        segments.append((start, m[2]))
+        segments.append((start, m[3]) if m[2] is None else (start, m[3], float(m[2])))
     if not segments:
         raise ValueError(f"{path}: no segments")
     return segments
@@ -75,17 +78,17 @@ def stream_to_file(pipe, timeline: Timeline, out: Path, frames: int, seed: int, 
 
     from .video import VideoWriter
 
-    stream = pipe.stream(timeline[0][1], seed=seed, height=height, width=width, num_frames=frames, **settings)
+    stream = pipe.stream(timeline[0][1], seed=seed, height=height, width=width, num_frames=frames, switch_lead=0,
+                         **settings)
     total = (stream.total_latents - 1) * pipe.vae.cfg.temporal_stride + 1
-    upcoming = list(timeline[1:])
+    for start, prompt, *transition in timeline[1:]:  # each lands on its latent frame as the stream gets there
+        stream.set_prompt(prompt, at_frame=round(start * stream.fps),
+                          transition_frames=round(transition[0] * stream.fps) if transition else 0)
     with VideoWriter(out, stream.width, stream.height, stream.fps) as video, \
             tqdm(total=total, unit="frame", desc=out.name, dynamic_ncols=True) as bar:
-        for chunk in stream:
+        for chunk in stream:  # switches known ahead cut chunks as they are made: no chunk ever goes back
             video.write(chunk.frames)
             bar.update(len(chunk.frames))
-            next_start = (chunk.start_frame + len(chunk.frames)) / stream.fps
-            while upcoming and upcoming[0][0] <= next_start:
-                stream.set_prompt(upcoming.pop(0)[1])
     stream.close()
     return video.frames
 
@@ -126,7 +129,7 @@ def base_clip_settings(spec, image: Path | None, height: int | None, width: int 
 @click.command("generate")
 @click.option("--prompt", "-p", help="The prompt.")
 @click.option("--timeline", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Prompt timeline file: '<start second> <prompt>' per line.")
+              help="Prompt timeline file: '<start second> [~<transition seconds>] <prompt>' per line.")
 @click.option("--txt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Batch mode: one prompt per line, one video each (into --out-dir).")
 @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
