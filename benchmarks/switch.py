@@ -66,7 +66,7 @@ class Viewer:
         switches, late, t_next = [], 0.0, None
         for k in range(frames):
             with self.cond:
-                self.cond.wait_for(lambda: k in self.frames)
+                self.cond.wait_for(lambda k=k: k in self.frames)
                 now = time.perf_counter()
                 if t_next is None or now > t_next + 0.5 / self.fps:  # a stall: the clock restarts
                     late += 0.0 if t_next is None else now - t_next
@@ -80,9 +80,9 @@ class Viewer:
             if k in switch_at:
                 t = time.perf_counter()
                 rid = stream.set_prompt(next(prompts), at_frame=k)
-                switches.append(dict(id=rid, t=t, frame=k, lead=stream.lead_frames()))
+                switches.append({"id": rid, "t": t, "frame": k, "lead": stream.lead_frames()})
                 self.release()
-        return dict(switches=switches, late_s=late)
+        return {"switches": switches, "late_s": late}
 
 
 def p95(xs) -> float:
@@ -139,8 +139,8 @@ def main(argv=None) -> dict:
     rows = []
     for s in played["switches"]:
         handed, shown = viewer.handed.get(s["id"]), viewer.shown.get(s["id"])
-        rows.append(dict(frame=s["frame"], lead=s["lead"], handed_s=None if handed is None else handed - s["t"],
-                         screen_s=None if shown is None else shown - s["t"]))
+        rows.append({"frame": s["frame"], "lead": s["lead"], "handed_s": None if handed is None else handed - s["t"],
+                     "screen_s": None if shown is None else shown - s["t"]})
     done = [r for r in rows if r["screen_s"] is not None]
     screen, handed = [r["screen_s"] for r in done], [r["handed_s"] for r in done]
     print(f"# switch latency: {name} on {device.type}, {stream.height}x{stream.width} at {fps} fps, chunks of {chunk} "
@@ -151,12 +151,12 @@ def main(argv=None) -> dict:
         print(f"switch {i:2d} at frame {r['frame']:5d}: lead {r['lead']:3d} frames, handed out "
               f"{r['handed_s'] if r['handed_s'] is None else round(r['handed_s'], 3)} s, on screen "
               f"{r['screen_s'] if r['screen_s'] is None else round(r['screen_s'], 3)} s")
-    res = dict(bench="switch", model=name, device=device.type, chunk_frames=chunk, fps=fps, switches=len(rows),
-               answered=len(done), stalls_s=round(played["late_s"], 3))
+    res = {"bench": "switch", "model": name, "device": device.type, "chunk_frames": chunk, "fps": fps,
+           "switches": len(rows), "answered": len(done), "stalls_s": round(played["late_s"], 3)}
     if done:
-        res |= dict(screen_p50=statistics.median(screen), screen_p95=p95(screen),
-                    handed_p50=statistics.median(handed), handed_p95=p95(handed),
-                    within_1s=sum(s <= 1.0 for s in screen))
+        res |= {"screen_p50": statistics.median(screen), "screen_p95": p95(screen),
+                "handed_p50": statistics.median(handed), "handed_p95": p95(handed),
+                "within_1s": sum(s <= 1.0 for s in screen)}
         print(f"on screen: median {res['screen_p50']:.3f} s, p95 {res['screen_p95']:.3f} s, {res['within_1s']}/"
               f"{len(done)} within 1 s; handed out: median {res['handed_p50']:.3f} s, p95 {res['handed_p95']:.3f} s;"
               f" stalls {res['stalls_s']:.2f} s in all")

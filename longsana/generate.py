@@ -44,7 +44,8 @@ def read_timeline(path: Path) -> Timeline:
             continue
         m = re.fullmatch(r"(\d+(?:\.\d*)?)(?:\s+~(\d+(?:\.\d*)?))?\s+(\S.*)", line)
         if not m:
-            raise ValueError(f"{path}:{n}: expected '<start seconds> [~<transition seconds>] <prompt>', got {line!r}")
+            raise ValueError(f"{path}:{n}: expected '<start seconds> <prompt>', got {line!r} (a transition: "
+                             "'<start seconds> ~<seconds> <prompt>')")
         start = float(m[1])
         if not segments and start != 0:
             raise ValueError(f"{path}:{n}: the first segment must start at 0, not {start:g}")

@@ -38,6 +38,7 @@ seed and the schedule, and a rewind followed by the original prompt replays the 
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
 from collections import deque
@@ -70,7 +71,7 @@ class StreamSettings:
     rewind_seconds: float = 10.0  # how far back from the screen a rewind reaches (rewind.points_for: at 480p with
     # 2.5 s chunks 8 points of about 2 GB host memory each; 3 s or 0 still let a switch split any chunk ahead)
     switch_lead: float | None = None  # seconds from the frame on screen to where a switch lands; None: measured,
-    # twice the time to make a chunk (the chunk under way when the switch comes, then the new one)
+    # twice the median time to make a chunk (the chunk under way when the switch comes, then the new one)
     transition_frames: int = 0  # video frames over which a switch moves the conditioning to the new prompt
     vae_frames_per_call: int = 1  # latent frames the VAE decodes at once: 2 is ~4% faster on an H100, +2.6 GB peak
     early_first_frame: bool | None = None  # hand out the stream's first frame before the rest; None: on a GPU
@@ -219,7 +220,7 @@ class Stream:
         self.cue = Cue(prompt)
         self.request = 0  # the last request applied
         self._blend: tuple[tuple, TextKV] | None = None  # the last transition's mixed prompt, by (prev, prompt, w)
-        self._chunk_seconds: deque[float] = deque(maxlen=4)  # time to make the last chunks (the switch lead)
+        self._chunk_seconds: deque[float] = deque(maxlen=5)  # time to make the last chunks (the switch lead)
         self.index = 0  # next chunk
         self.frame0 = 0  # its first latent frame (absolute)
         self.decoded = 0  # latent frames the VAE's cache has seen
@@ -268,10 +269,11 @@ class Stream:
 
     def lead_frames(self) -> int:
         """Video frames from the frame on screen to the earliest a switch can land on: `switch_lead`, or twice the
-        longest of the last chunks' making times (the chunk under way, then the new one)."""
+        median of the last chunks' making times (the chunk under way, then the new one; a median, as one slow chunk
+        on a busy machine would hold back every switch after it)."""
         lead = self.settings.switch_lead
         if lead is None:
-            lead = 2 * max(self._chunk_seconds, default=0.0)
+            lead = 2 * statistics.median(self._chunk_seconds) if self._chunk_seconds else 0.0
         return math.ceil(lead * self.fps)
 
     def close(self) -> None:

@@ -187,7 +187,7 @@ def test_fast_stream_equals_the_eager_stream_through_splits(pipe, monkeypatch):
     no_compile(monkeypatch)
     fast, got = switch_schedule(pipe, True)
     eager, want = switch_schedule(pipe, False)
-    assert isinstance(fast.step, ChunkEngine)
+    assert isinstance(fast.step, ChunkEngine) and isinstance(eager.step, EagerStep)
     assert [(c.index, c.start_frame, len(c.frames), c.prompt, c.request) for c in got] == \
            [(c.index, c.start_frame, len(c.frames), c.prompt, c.request) for c in want]
     assert [c.start_frame for c in got] == [0, 9, 17, 21, 29, 25, 33, 41, 45]

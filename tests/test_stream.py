@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from longsana.cli import CUDA_ALLOC_CONF
 from longsana.cli import main as cli
+from longsana.generate import read_timeline
 from longsana.sampling import sample_chunk
 from longsana.stream import Pipeline, latent_frames
 from longsana.testing import save_pipeline, tiny_pipeline
@@ -245,7 +246,8 @@ def test_generate_writes_an_mp4(model_dir, tmp_path):
 
 def test_generate_timeline_and_batch(model_dir, tmp_path):
     tl = tmp_path / "tl.txt"
-    tl.write_text(f"0 {P}\n# a comment\n\n1.0 {Q}\n")
+    tl.write_text(f"0 {P}\n# a comment\n\n1.0 {Q}\n1.3 ~0.5 {P}\n")  # the last with a transition
+    assert read_timeline(tl) == [(0.0, P), (1.0, Q), (1.3, P, 0.5)]
     out = tmp_path / "tl.mp4"
     r = CliRunner().invoke(cli, ["generate", "-m", str(model_dir), "--spec", "tiny", "--timeline", str(tl),
                                  "--seconds", "2", "-o", str(out)])

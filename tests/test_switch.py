@@ -40,8 +40,13 @@ def reference(pipe, plan, seed=SEED, vae_frames_per_call=1):
         if pending is not None:
             m.forward_chunk(pending[0], torch.zeros(1), text[prompt], state, pending[1], update_state=True)
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        noise = lambda: torch.randn((1, 16, n, h, w), generator=g)  # noqa: E731
-        velocity = lambda x, t: m.forward_chunk(x, torch.full((1,), t), text[prompt], state, frame0)  # noqa: E731
+
+        def noise(g=g, n=n):
+            return torch.randn((1, 16, n, h, w), generator=g)
+
+        def velocity(x, t, kv=text[prompt], frame0=frame0):
+            return m.forward_chunk(x, torch.full((1,), t), kv, state, frame0)
+
         x0 = sample_chunk(velocity, noise, tuple(map(float, pipe.spec.denoise_timesteps)))[:, :, :keep]
         video.append(decoder.decode(x0).numpy())
         pending, frame0 = (x0, frame0), frame0 + keep
@@ -111,9 +116,9 @@ def test_the_lead_moves_the_switch_later(pipe):
     assert [(c.start_frame, c.prompt) for c in got[3:]] == [(25, Q), (33, Q)]
     want = reference(pipe, [(3, P, 3), (2, P, 2), (2, P, 2), (2, Q, 2), (2, Q, 2)])
     assert np.array_equal(watch(got), want)
-    auto = pipe.stream(P, seed=SEED)  # measured: twice the longest of the last chunks' times
-    run(auto, 2, {})
-    assert auto.lead_frames() == int(np.ceil(2 * max(auto._chunk_seconds) * auto.fps)) > 0
+    auto = pipe.stream(P, seed=SEED)  # measured: twice the median of the last chunks' times
+    run(auto, 3, {})
+    assert auto.lead_frames() == int(np.ceil(2 * np.median(auto._chunk_seconds) * auto.fps)) > 0
 
 
 def test_a_rewind_after_a_switch_splits_again_and_is_deterministic(pipe):
