@@ -38,7 +38,7 @@ def flops_per_frame(pipe: Pipeline) -> dict[str, float]:
     transformer's 4 denoising passes and 1 clean-context pass)."""
     from longsana.vae import StreamingDecoder
 
-    stream = pipe.stream(PROMPT, seed=0, rewind_points=0)
+    stream = pipe.stream(PROMPT, seed=0, rewind_seconds=0)
     it = iter(stream)
     next(it)
     with FlopCounterMode(display=False) as total:

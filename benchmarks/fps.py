@@ -54,7 +54,7 @@ from longsana.vae import StreamingDecoder, WanVAE
 PROMPTS = ("a red circle moving left on a black background", "two yellow squares bouncing up and down",
            "one white star spinning slowly", "three blue triangles moving right")
 TARGETS = dict(e2e_fps=45.0, pass_ms=110.0, vae_fps=100.0, ttff_s=1.0, peak_gb=16.0)
-VARIANTS = (("no_rewind", dict(rewind_points=0)), ("no_rewind_serial", dict(rewind_points=0)),
+VARIANTS = (("no_rewind", dict(rewind_seconds=0)), ("no_rewind_serial", dict(rewind_seconds=0)),
             ("vae_1_per_call", dict(vae_frames_per_call=1)), ("vae_2_per_call", dict(vae_frames_per_call=2)))
 
 

@@ -12,7 +12,9 @@ import numpy as np
 class Chunk:
     frames: np.ndarray  # uint8 (n, H, W, 3)
     index: int  # chunk index in the stream
-    start_frame: int  # video frame index of frames[0] (goes back after a rewind)
-    prompt: str  # the prompt this chunk was generated with
-    prompt_seq: int  # increments with each set_prompt call that took effect
+    start_frame: int  # video frame index of frames[0]; below the end of the last chunk after a switch or a rewind:
+    # the frames handed out from there on are replaced (drop them), so the video has no gap and no repeat
+    prompt: str  # the prompt this chunk was generated with (the one it moves to, during a transition)
+    prompt_seq: int  # increments with each switch that took effect; a rewind restores the value it had there
     gen_seconds: float  # wall time spent generating (and decoding) this chunk
+    request: int = 0  # the last set_prompt / rewind call applied before this chunk (the id it returned; 0: none)

@@ -15,6 +15,14 @@ tables of the chunk being denoised and of a pending chunk of that length (its cl
 chunk c's x0 can be read (by chunk c+1's clean pass and by the VAE on another stream) while chunk c+1's x0 is
 written. The block-causal `State` is the engine's own; rewind, re-cache and RoPE re-basing copy into it in place.
 
+A pending chunk may have any length m from 1 to the longest chunk: a prompt switch or a rewind inside a chunk cuts
+its x0 there (stream.py). A length that is only ever pending gets only what its clean pass needs (an x0 slot to copy
+the cut x0 into, its RoPE table: at 480p about 1.5 MB per latent frame of m, under 70 MB for every m of a 10-frame
+chunk) and runs its clean pass through the plain blocks, not the compiled function: a compiled graph per m would cost
+a compilation of the block for that shape (tens of seconds at full size) at the first switch cut there, for one pass
+of five. Its step variants ((m, 0), n, slot) are graphs like the others: run at their first use, captured at their
+second, at most 2 per m, in the shared memory pool.
+
 Compilation is regional: one `torch.compile`d function runs every transformer block (they share one graph, since
 blocks differ only in their weights), static shapes, so a stream compiles 2 chunk lengths x (denoise, clean) block
 graphs once per process. The first use of each step variant (which pending slot, which output slot, n) runs for
@@ -71,12 +79,13 @@ def compile_block():
 
 @dataclass
 class _Buffers:
-    """Static inputs and outputs of the step for chunks of n latent frames."""
+    """Static inputs and outputs of the step for chunks of n latent frames. The noise and the denoising RoPE table
+    only for a length that is denoised (not one that is only ever a pending chunk cut short)."""
 
-    noise: torch.Tensor  # (steps, B, C, n, h, w) fp32: initial noise, then one per re-noising
     x0: tuple[torch.Tensor, torch.Tensor]  # two output slots (B, C, n, h, w) fp32
-    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin (N, d/2) of the chunk being denoised
-    rope_clean: tuple[torch.Tensor, torch.Tensor]  # of a pending chunk of this length (its clean-context pass)
+    rope_clean: tuple[torch.Tensor, torch.Tensor]  # cos, sin (N, d/2) of a pending chunk of this length (clean pass)
+    noise: torch.Tensor | None = None  # (steps, B, C, n, h, w) fp32: initial noise, then one per re-noising
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # of the chunk being denoised
 
 
 class ChunkEngine:
@@ -152,8 +161,11 @@ class ChunkEngine:
         return torch.cuda.stream(self.main)
 
     def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
-        """Queued on the side stream, after the transformer work queued so far (which produced z)."""
+        """Queued on the side stream, after the transformer work queued so far (which produced z). z may be a
+        temporary (a cut x0): the allocator is told the side stream uses it, so its memory is not reused early."""
         self.side.wait()
+        if self.side.stream is not None:
+            z.record_stream(self.side.stream)
         with torch.inference_mode(), self.side():
             return decoder.decode(z)
 
@@ -177,7 +189,7 @@ class ChunkEngine:
         """The pending chunk's clean-context pass (with `text`), then the denoising passes of a chunk of n latent
         frames at RoPE position `pos`. Asynchronous on CUDA: nothing waits for the GPU."""
         self._set_text(text)
-        out = self._buffers_for(n)
+        out = self._buffers_for(n, denoise=True)
         g = self.generator.manual_seed(seed)
         for eps in out.noise:  # the eager sampler's draws, in its order
             eps.normal_(generator=g)
@@ -199,8 +211,9 @@ class ChunkEngine:
         m, b = self.model, self._buffers[n]
         if prev is not None:
             p = self._buffers[prev[0]]
+            block = self.block if p.noise is not None else None  # a cut length: plain blocks (see the top)
             m.run_prepared(p.x0[prev[1]], self.temb_clean, self.text, p.rope_clean, self.state, update_state=True,
-                           output=False, block=self.block)
+                           output=False, block=block)
 
         def velocity(x, t):
             return m.run_prepared(x, self.temb[t], self.text, b.rope, self.state, block=self.block)
@@ -231,15 +244,16 @@ class ChunkEngine:
         self._graphs[key] = graph
 
     # -- static buffers -------------------------------------------------------------------------------------------
-    def _buffers_for(self, n: int) -> _Buffers:
+    def _buffers_for(self, n: int, denoise: bool = False) -> _Buffers:
+        C, (h, w) = self.model.cfg.in_channels, self.latent_hw
+        f32 = {"device": self.device, "dtype": torch.float32}
+        shape = (self.batch, C, n, h, w)
         if n not in self._buffers:
-            C, (h, w) = self.model.cfg.in_channels, self.latent_hw
-            f32 = dict(device=self.device, dtype=torch.float32)
-            shape = (self.batch, C, n, h, w)
-            self._buffers[n] = _Buffers(torch.empty(len(self.t_net), *shape, **f32),
-                                        (torch.zeros(shape, **f32), torch.zeros(shape, **f32)),
-                                        self._rope(0, n), self._rope(0, n))
-        return self._buffers[n]
+            self._buffers[n] = _Buffers((torch.zeros(shape, **f32), torch.zeros(shape, **f32)), self._rope(0, n))
+        b = self._buffers[n]
+        if denoise and b.noise is None:
+            b.noise, b.rope = torch.empty(len(self.t_net), *shape, **f32), self._rope(0, n)
+        return b
 
     def _rope(self, pos: int, n: int):
         m = self.model

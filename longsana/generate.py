@@ -7,8 +7,11 @@
     longsana generate -m SANA-Video_2B_480p_diffusers --spec sana-video-2b-480p -p "a fox in the snow"
     longsana generate -m SANA-Video_2B_480p_diffusers --spec sana-video-2b-480p --image fox.png -p "it runs"
 
-A timeline file has one segment per line, "<start second> <prompt>", the first starting at 0; blank lines and
-lines starting with # are skipped. Frames are written as they are made, so a killed run leaves a playable file.
+A timeline file has one segment per line, "<start second> [~<transition seconds>] <prompt>", the first starting at
+0; blank lines and lines starting with # are skipped. Each switch lands on the first latent frame at or after its
+start second (inside a chunk if need be, not at the next chunk); the optional "~<seconds>" moves the conditioning
+from the previous prompt to this one over that long (a transition, e.g. "4 ~1.5 a fox in the snow"). Frames are
+written as they are made, so a killed run leaves a playable file.
 
 Which path runs is the model's spec: a block-causal spec (LongSANA, the default) streams chunk by chunk; a
 bidirectional one (sana-video-2b-480p) runs the base model, one whole clip per prompt with 50 steps of guided
@@ -30,7 +33,7 @@ import click
 
 from .config import DEFAULT_MODEL, DEFAULT_SECONDS
 
-Timeline = list[tuple[float, str]]
+Timeline = list[tuple]  # (start seconds, prompt), or (start seconds, prompt, transition seconds) where one is given
 
 
 def read_text(path: Path) -> str:
@@ -63,15 +66,16 @@ def read_timeline(path: Path) -> Timeline:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        m = re.fullmatch(r"(\d+(?:\.\d*)?)\s+(\S.*)", line)
+        m = re.fullmatch(r"(\d+(?:\.\d*)?)(?:\s+~(\d+(?:\.\d*)?))?\s+(\S.*)", line)
         if not m:
-            raise ValueError(f"{path}:{n}: expected '<start seconds> <prompt>', got {line!r}")
+            raise ValueError(f"{path}:{n}: expected '<start seconds> <prompt>', got {line!r} (a transition: "
+                             "'<start seconds> ~<seconds> <prompt>')")
         start = float(m[1])
         if not segments and start != 0:
             raise ValueError(f"{path}:{n}: the first segment must start at 0, not {start:g}")
         if segments and start <= segments[-1][0]:
             raise ValueError(f"{path}:{n}: start {start:g}s is not after the previous {segments[-1][0]:g}s")
-        segments.append((start, m[2]))
+        segments.append((start, m[3]) if m[2] is None else (start, m[3], float(m[2])))
     if not segments:
         raise ValueError(f"{path}: no segments")
     return segments
@@ -107,29 +111,29 @@ def stream_to_file(pipe, timeline: Timeline, out: Path, frames: int, seed: int, 
 
     from .video import VideoWriter
 
-    for start, prompt in timeline:  # every prompt checked before the file is opened, not once it is half written
+    for start, prompt, *_ in timeline:  # every prompt checked before the file is opened, not once it is half written
         try:
             pipe.prompts.get(prompt, pipe.spec.motion_score)
         except ValueError as e:
             raise ValueError(f"the segment at {start:g} s: {e}") from None
-    stream = pipe.stream(timeline[0][1], seed=seed, height=height, width=width, num_frames=frames, **settings)
+    stream = pipe.stream(timeline[0][1], seed=seed, height=height, width=width, num_frames=frames, switch_lead=0,
+                         **settings)
     total = (stream.total_latents - 1) * pipe.vae.cfg.temporal_stride + 1
-    upcoming = list(timeline[1:])
-    scheduled, shown, index = timeline[0], [], None
+    requests = {}  # request id -> segment
+    for segment in timeline[1:]:  # each lands on its latent frame as the stream gets there
+        start, prompt, *transition = segment
+        rid = stream.set_prompt(prompt, at_frame=round(start * stream.fps),
+                                transition_frames=round(transition[0] * stream.fps) if transition else 0)
+        requests[rid] = segment
+    shown = set()
     with VideoWriter(out, stream.width, stream.height, stream.fps) as video, \
             tqdm(total=total, unit="frame", desc=out.name, dynamic_ncols=True) as bar:
-        for chunk in stream:
-            if chunk.index != index:  # a new chunk (not the next piece of one): made with the scheduled segment
-                index = chunk.index
-                shown += [scheduled] if scheduled not in shown else []
+        for chunk in stream:  # switches known ahead cut chunks as they are made: no chunk ever goes back
+            shown.add(chunk.request)
             video.write(chunk.frames)
             bar.update(len(chunk.frames))
-            next_start = (chunk.start_frame + len(chunk.frames)) / stream.fps
-            while upcoming and upcoming[0][0] <= next_start:
-                scheduled = upcoming.pop(0)
-                stream.set_prompt(scheduled[1])
     stream.close()
-    return video.frames, [seg for seg in timeline if seg not in shown]
+    return video.frames, [seg for rid, seg in requests.items() if rid not in shown]
 
 
 def clip_to_file(pipe, prompt: str, out: Path, seed: int, **call) -> int:
@@ -176,7 +180,7 @@ def _text_option(ctx, param, value):
 @click.command("generate")
 @click.option("--prompt", "-p", callback=_text_option, help="The prompt.")
 @click.option("--timeline", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Prompt timeline file: '<start second> <prompt>' per line.")
+              help="Prompt timeline file: '<start second> [~<transition seconds>] <prompt>' per line.")
 @click.option("--txt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Batch mode: one prompt per line, one video each (into --out-dir).")
 @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
@@ -261,8 +265,8 @@ def generate_cmd(prompt, timeline, txt_file, model, spec, seconds, frames, image
             n, unshown = stream_to_file(pipe, tl, out, frames, seed, height, width, **settings)
             click.echo(f"wrote {out} ({n} frames)")
             if unshown:
-                _warn_unshown(timeline, unshown, "a prompt switch takes effect when the next chunk starts, and "
-                                                 "no chunk started after them (or another segment came first)")
+                _warn_unshown(timeline, unshown, "a later segment lands on the same latent frame (segments under "
+                                                 f"{model_spec.vae.temporal_stride} video frames apart)")
     else:
         from tqdm import tqdm
 
@@ -279,7 +283,7 @@ def generate_cmd(prompt, timeline, txt_file, model, spec, seconds, frames, image
 
 
 def _warn_unshown(path: Path, segments: Timeline, why: str) -> None:
-    starts = ", ".join(f"{start:g} s" for start, _ in segments)
+    starts = ", ".join(f"{start:g} s" for start, *_ in segments)
     click.echo(f"warning: {path}: the segment(s) starting at {starts} are not in the video: {why}", err=True)
 
 

@@ -1,10 +1,16 @@
-"""Rewind points of a stream: a bounded ring of chunk boundaries to go back to.
+"""Rewind points of a stream: a bounded ring of chunk boundaries to go back to, or to split a chunk at.
 
 A boundary is everything a stream needs to continue from there: the block-causal state, the pending chunk's x0
 (whose clean-context pass is still due) and the streaming VAE's causal cache, plus where it sits (chunk index,
-latent frame, RoPE origin, prompt). The tensors are copied off to host memory, into buffers allocated once and
+latent frame, RoPE origin, conditioning). The tensors are copied off to host memory, into buffers allocated once and
 reused as the ring turns (about 2 GB a point at 480p, nearly all of it the VAE's cache), so a stream's memory is
 fixed when it starts.
+
+Consecutive points chain: chunk k spans the latents [points[k].frame0, points[k+1].frame0) and its x0 is the pending
+x0 of point k+1. So any latent frame L from the oldest point on can be continued from exactly: at a point, by
+restoring it; inside chunk k, by taking the state and x0 of point k+1 (x0 cut at L) and the VAE cache of point k
+(which then re-decodes the latents of chunk k before L). How many points a stream keeps is a duration
+(`points_for`): the reach of a rewind from the frame on screen, plus the chunks made ahead of the screen.
 
 For a stream on a GPU the buffers are one pinned allocation each, filled by non-blocking copies that the copy engine
 runs beside the compute (a synchronous copy to pageable memory took about a second per chunk on an H100). The state
@@ -14,9 +20,11 @@ and x0 are copied in the order of the transformer's CUDA stream and the VAE cach
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,16 +59,20 @@ class HostCopy:
             self.vae.copy_(cache, non_blocking=True)
             self.landed.append(side.mark())
 
-    def put_back(self, state: State, decoder: StreamingDecoder, device: torch.device) -> Pending | None:
-        """Copy everything back (after the copies that took it have landed); returns the pending chunk."""
-        for event in filter(None, self.landed):
-            event.synchronize()
+    def put_state(self, state: State, device: torch.device) -> Pending | None:
+        """Copy the state back (after the copies that took it have landed); returns the pending chunk."""
+        if self.landed and self.landed[0] is not None:
+            self.landed[0].synchronize()
         state.copy_(self.state)
-        decoder.restore(self.vae)
         if self.pending is None:
             return None
         n, pos = self.pending
         return self.x0[:, :, :n].to(device, copy=True), pos
+
+    def put_vae(self, decoder: StreamingDecoder) -> None:
+        if self.landed and self.landed[-1] is not None:
+            self.landed[-1].synchronize()
+        decoder.restore(self.vae)
 
     @property
     def nbytes(self) -> int:
@@ -80,6 +92,18 @@ def _host_buffers(like: list[torch.Tensor], device: torch.device) -> list[torch.
     return [flat[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for o, t in zip(offsets, like)]
 
 
+AHEAD_CHUNKS = 3  # chunks at and after the frame on screen: the one playing, one handed out, one being made
+
+
+def points_for(seconds: float, fps: float, chunk_video_frames: int) -> int:
+    """Rewind points that let a rewind of `seconds` from the frame on screen land where asked (and a switch split
+    any chunk from the screen on): the chunks that span `seconds`, the chunks at and ahead of the screen, and one
+    more, as the oldest point may be dropped between a request and the chunk that takes it."""
+    if seconds < 0:
+        raise ValueError(f"rewind_seconds must be >= 0, got {seconds!r}")
+    return math.ceil(seconds * fps / chunk_video_frames) + AHEAD_CHUNKS + 1
+
+
 @dataclass
 class RewindPoint:
     """The boundary before chunk `index`, taken before the previous chunk's clean-context pass, so that a prompt
@@ -89,27 +113,24 @@ class RewindPoint:
     index: int
     frame0: int  # latent frame of the chunk
     origin: int  # RoPE re-basing offset at that time
-    prompt: str
-    prompt_seq: int
+    cue: Any  # the stream's conditioning from this point on (stream.Cue)
     copy: HostCopy | None
 
 
 class RewindRing:
-    """At most `capacity` rewind points, oldest first. `request` (any thread) picks a point; the stream's producer
-    takes the request at its next chunk. Thread-safe."""
+    """At most `capacity` rewind points, oldest first, kept and used by the stream's producer; `reach` may be asked
+    from any thread. Thread-safe."""
 
     def __init__(self, capacity: int, x0_shape: tuple[int, ...], device: torch.device, side: SideStream):
         self.capacity, self.x0_shape, self.device, self.side = capacity, x0_shape, device, side
         self.points: deque[RewindPoint] = deque()
         self.spare: list[HostCopy] = []  # buffers of dropped points, for the next ones
-        self.requested: RewindPoint | None = None
         self._lock = threading.Lock()
 
     def keep(self, point: RewindPoint, state: State, pending: Pending | None, decoder: StreamingDecoder) -> None:
-        """Take this boundary, reusing the buffers of the oldest point once the ring is full. Nothing is kept while
-        a rewind is requested: it would drop every later point, and the oldest may be its target."""
+        """Take this boundary, reusing the buffers of the oldest point once the ring is full."""
         with self._lock:
-            if not self.capacity or self.requested is not None:
+            if not self.capacity:
                 return
             if len(self.points) == self.capacity:
                 self._drop(self.points.popleft())
@@ -120,40 +141,47 @@ class RewindRing:
         with self._lock:
             self.points.append(point)
 
-    def request(self, frames_back: float, now: int, video_frame) -> RewindPoint | None:
-        """Ask for the latest point at least `frames_back` video frames before `now` (the oldest if none is that
-        far back); `video_frame` maps a point's latent frame to video frames. None when nothing is kept."""
+    def reach(self, live: int) -> int:
+        """The earliest latent frame a request made now can count on: the oldest point's, or the second oldest's
+        when the ring is full (the producer may keep one more point, dropping the oldest, before it takes the
+        request); `live` (the stream's next latent frame) when nothing is kept."""
         with self._lock:
             if not self.points:
-                return None
-            fits = [p for p in self.points if video_frame(p.frame0) <= now - frames_back]
-            self.requested = fits[-1] if fits else self.points[0]
-            return self.requested
+                return live
+            full = len(self.points) == self.capacity and len(self.points) > 1
+            return self.points[1 if full else 0].frame0
 
-    def take_request(self) -> RewindPoint | None:
+    def around(self, frame: int) -> tuple[RewindPoint, RewindPoint | None]:
+        """The last point at or before latent `frame` (there must be one) and the point after it (None: the stream's
+        live boundary comes next)."""
         with self._lock:
-            point, self.requested = self.requested, None
-            return point
+            points = list(self.points)
+        i = max(i for i, p in enumerate(points) if p.frame0 <= frame)
+        return points[i], points[i + 1] if i + 1 < len(points) else None
 
-    def restore(self, point: RewindPoint, state: State, decoder: StreamingDecoder) -> Pending | None:
-        """Put `point`'s tensors back into the stream's; drop it and every later point (a future that no longer
-        happens). Returns the pending chunk."""
-        if point.copy is None:  # the stream's start
-            state.reset()
-            decoder.reset()
-            pending = None
-        else:
-            pending = point.copy.put_back(state, decoder, self.device)
-        with self._lock:
-            while self.points and self.points[-1].index >= point.index:
-                self._drop(self.points.pop())
+    def put_back(self, point: RewindPoint, state: State | None = None,
+                 decoder: StreamingDecoder | None = None) -> Pending | None:
+        """Copy `point`'s state (returning its pending chunk) and/or its VAE cache into the stream's."""
+        if point.copy is None:  # the stream's start: everything zero
+            for part in (state, decoder):
+                if part is not None:
+                    part.reset()
+            return None
+        pending = None if state is None else point.copy.put_state(state, self.device)
+        if decoder is not None:
+            point.copy.put_vae(decoder)
         return pending
+
+    def truncate(self, frame: int) -> None:
+        """Drop every point at latent `frame` or later: a future that no longer happens."""
+        with self._lock:
+            while self.points and self.points[-1].frame0 >= frame:
+                self._drop(self.points.pop())
 
     def clear(self) -> None:
         with self._lock:
             self.points.clear()
             self.spare.clear()
-            self.requested = None
 
     @property
     def nbytes(self) -> int:

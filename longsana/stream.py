@@ -4,9 +4,9 @@
     stream = pipe.stream("a red circle moving left", seed=0)
     for chunk in stream:                                # chunk.frames: uint8 (n, H, W, 3)
         ...
-        stream.set_prompt("two yellow squares bouncing")  # from any thread; applies at the next chunk
+        stream.set_prompt("two yellow squares bouncing", at_frame=on_screen)  # from any thread
 
-`Stream.__iter__` is the whole algorithm, one chunk at a time: take the controls (a rewind, a new prompt), keep a
+`Stream.__iter__` is the whole algorithm, one chunk at a time: take the controls (a switch, a rewind), keep a
 rewind point, re-cache and denoise (the step), decode, hand out. How a chunk's model work runs is the step's
 business (step.py: the eager reference; engine.py: static buffers, CUDA graphs, the decode overlapped with the next
 chunk's work); the two give the same frames, and the stream does not know which it has.
@@ -15,20 +15,34 @@ The previous chunk's clean-context pass runs at the start of the NEXT chunk rath
 frames go out one pass earlier, and the LongLive prompt "re-cache" is free: a prompt switched before chunk c is in
 force when chunk c-1's clean-context pass runs, which is exactly "rebuild the state before c-1 and re-run c-1's
 clean-context pass with the new prompt". Older chunks keep their old-prompt contribution (a sum cannot be
-un-mixed). Frames already yielded never change.
+un-mixed).
+
+Switches and rewinds land on any latent frame L, not only on chunk boundaries. A switch names the video frame on
+screen; it lands at the first latent boundary a lead after it (the time to make the new frames), so the video goes
+on from the screen with no jump. Inside chunk c = [a, b) the state is exact under the block-causal semantics with c
+split at L: the state before c's clean-context pass, c's x0 cut to [a, L) as the pending chunk (its clean pass runs
+with the new prompt: the re-cache at a finer grain), the VAE's cache after the latents before L; the next chunk starts
+at L with a full length. A switch that lands after what was generated cuts the chunk that contains L when it is
+made, so the frames depend on the schedule (seed, and the latent frame of each switch) only, never on timing. Frames
+from L on that were made before the switch are dropped; the next Chunk starts at video_frame(L), so a consumer drops
+what it buffered from there on. Frames before L never change.
 
 Per-stream memory is bounded and allocated over the first chunks (after which it never changes): the transformer
 state, the last chunk's x0, the VAE cache, the fast step's static buffers and a ring of rewind points (rewind.py).
 Positions are re-based before the RoPE table ends, so a stream can run for hours.
 
 Determinism: chunk c's noise comes from a generator seeded by (seed, c), so a stream is a pure function of the
-seed and the prompt schedule, and a rewind followed by the original prompt replays the original continuation.
+seed and the schedule, and a rewind followed by the original prompt replays the original continuation.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import threading
+import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -39,8 +53,8 @@ from .chunk import Chunk
 from .config import DEFAULT_CONFIG, ModelSpec, VAEConfig, get_config
 from .engine import ChunkEngine
 from .fast_vae import accelerate
-from .model import LongSANATransformer
-from .rewind import RewindPoint, RewindRing
+from .model import LongSANATransformer, TextKV
+from .rewind import RewindPoint, RewindRing, points_for
 from .step import ChunkStep, EagerStep, Pending
 from .text import PromptCache, TextEncoder
 from .vae import StreamingDecoder
@@ -57,7 +71,11 @@ class StreamSettings:
     timesteps: tuple[float, ...]  # the causal sampler's levels
     motion_score: int
     bf16_timesteps: bool = False  # feed the bf16-rounded t the official sampler feeds (1000, 960, 888, 728)
-    rewind_points: int = 4  # chunk-boundary snapshots kept for rewind (in host memory when the model is on a GPU)
+    rewind_seconds: float = 10.0  # how far back from the screen a rewind reaches (rewind.points_for: at 480p with
+    # 2.5 s chunks 8 points of about 2 GB host memory each; 3 s or 0 still let a switch split any chunk ahead)
+    switch_lead: float | None = None  # seconds from the frame on screen to where a switch lands; None: measured,
+    # twice the median time to make a chunk (the chunk under way when the switch comes, then the new one)
+    transition_frames: int = 0  # video frames over which a switch moves the conditioning to the new prompt
     vae_frames_per_call: int = 1  # latent frames the VAE decodes at once: 2 is ~4% faster on an H100, +2.6 GB peak
     early_first_frame: bool | None = None  # hand out the stream's first frame before the rest; None: on a GPU
     compile: bool | None = None  # the fast chunk step (engine.py) and the overlapped decode; None: on a GPU only
@@ -148,10 +166,39 @@ def resolve_model(path_or_name: str | Path, spec: str | ModelSpec | None) -> tup
     return path, spec or get_config(DEFAULT_CONFIG)
 
 
+@dataclass(frozen=True)
+class Cue:
+    """The conditioning in force: `prompt`, reached from `prev` over `frames` video frames from video frame `start`
+    (a transition; 0 frames: at once). `seq` counts the switches that took effect (Chunk.prompt_seq)."""
+
+    prompt: str
+    seq: int = 0
+    prev: str | None = None
+    start: int = 0
+    frames: int = 0
+
+    def weight(self, first: int, end: int) -> float:
+        """How far along the transition the chunk of video frames [first, end) is, sampled at its middle frame:
+        0 = `prev`, 1 = `prompt`. Per chunk, not per frame: a chunk's frames all attend to one prompt K/V."""
+        if self.prev is None or self.frames <= 0:
+            return 1.0
+        return min(max(((first + end - 1) / 2 - self.start + 1) / self.frames, 0.0), 1.0)
+
+
+@dataclass
+class Request:
+    """A switch (`prompt`) or a rewind (`prompt` None) asked by set_prompt / rewind, applied by the producer."""
+
+    id: int  # what set_prompt / rewind returned; the chunks made after it carry it (Chunk.request)
+    at: int | None  # the latent frame where it lands; None: the next chunk boundary, whatever it is then
+    prompt: str | None = None
+    transition_frames: int = 0
+
+
 class Stream:
-    """Iterate for chunks. set_prompt / rewind / close are thread-safe and take effect at the next chunk. `deadline`,
-    when set, says (monotonic seconds) when the consumer needs the next chunk: the device worker serves the stream
-    that needs its chunk first."""
+    """Iterate for chunks. set_prompt / rewind / close are thread-safe and take effect at the next chunk (or, for a
+    switch named by the frame on screen, at the latent frame it lands on). `deadline`, when set, says (monotonic
+    seconds) when the consumer needs the next chunk: the device worker serves the stream that needs its chunk first."""
 
     def __init__(self, pipe: Pipeline, prompt: str, seed: int, height: int, width: int, num_frames: int | None,
                  settings: StreamSettings):
@@ -162,19 +209,27 @@ class Stream:
         self.total_latents = None if num_frames is None else latent_frames(num_frames, self.stride)
         on_gpu = pipe.device.type == "cuda"
         self.early_first_frame = on_gpu if settings.early_first_frame is None else settings.early_first_frame
+        if settings.transition_frames < 0:
+            raise ValueError(f"transition_frames must be >= 0, got {settings.transition_frames}")
         self.step = make_step(pipe, self.latent_hw, settings)
         self.decoder = StreamingDecoder(pipe.vae, height, width,
                                         max_latent_frames_per_call=settings.vae_frames_per_call)
         x0_shape = (1, pipe.model.cfg.in_channels, settings.chunk_frames + 1, *self.latent_hw)  # the longest chunk
-        self.ring = RewindRing(settings.rewind_points, x0_shape, pipe.device, self.step.side)
+        capacity = points_for(settings.rewind_seconds, self.fps, self.stride * settings.chunk_frames)
+        self.ring = RewindRing(capacity, x0_shape, pipe.device, self.step.side)
         self.pending: Pending | None = None  # the last chunk, its clean-context pass due
         self._lock = threading.Lock()
-        self._pending_prompt: str | None = None
+        self._requests: list[Request] = []  # by latent frame, the next-boundary ones last
+        self._last_request = 0
         self._closed = False
-        self.prompt, self.prompt_seq = prompt, 0
-        self.text = self._encode(prompt)
+        self._encode(prompt)
+        self.cue = Cue(prompt)
+        self.request = 0  # the last request applied
+        self._blend: tuple[tuple, TextKV] | None = None  # the last transition's mixed prompt, by (prev, prompt, w)
+        self._chunk_seconds: deque[float] = deque(maxlen=5)  # time to make the last chunks (the switch lead)
         self.index = 0  # next chunk
         self.frame0 = 0  # its first latent frame (absolute)
+        self.decoded = 0  # latent frames the VAE's cache has seen
         self.origin = 0  # positions fed to RoPE are frame0 - origin
         self.deadline: Callable[[], float | None] | None = None
 
@@ -182,28 +237,66 @@ class Stream:
     def state(self):
         return self.step.state
 
-    # -- control (any thread) -------------------------------------------------------------------------------
-    def set_prompt(self, prompt: str) -> None:
-        """Raises ValueError for a bad prompt. Encodes it here, in the caller's thread, so the switch itself
-        costs the producer nothing (a cache hit)."""
-        self.pipe.worker.run(self._encode, prompt)
-        with self._lock:
-            self._pending_prompt = prompt
+    @property
+    def prompt(self) -> str:
+        return self.cue.prompt
 
-    def rewind(self, seconds: float) -> float:
-        """Go back at least `seconds` (to a chunk boundary), as far as the kept rewind points allow. Returns the
-        seconds actually rewound from the end of what was generated (0 when there is nothing to go back to)."""
+    @property
+    def prompt_seq(self) -> int:
+        return self.cue.seq
+
+    # -- control (any thread) -------------------------------------------------------------------------------
+    def set_prompt(self, prompt: str, at_frame: int | None = None, transition_frames: int | None = None) -> int:
+        """Switch to `prompt`. at_frame: the video frame on screen; the switch lands on the first latent boundary
+        at least the lead (`StreamSettings.switch_lead`) after it, and frames made from there on are dropped (the
+        next chunk starts there). None: at the next chunk boundary. transition_frames: video frames over which the
+        conditioning moves from the old prompt to the new (default `StreamSettings.transition_frames`).
+        Returns the request's id, which the chunks made after it carry (`Chunk.request`). Raises ValueError for a
+        bad prompt. Encodes it here, in the caller's thread, so the switch itself costs the producer nothing."""
+        self.pipe.worker.run(self._encode, prompt)
+        n = self.settings.transition_frames if transition_frames is None else transition_frames
+        if n < 0:
+            raise ValueError(f"transition_frames must be >= 0, got {n}")
+        at = None if at_frame is None else latent_at_or_after(at_frame + self.lead_frames(), self.stride)
+        return self._ask(at, prompt, n)
+
+    def rewind(self, seconds: float, at_frame: int | None = None) -> float:
+        """Go back `seconds` from video frame `at_frame` (the frame on screen; None: the end of what was made), to
+        the latent boundary at or before, as far as the kept rewind points reach. The next chunk starts there, with
+        the prompt in force there. Returns the seconds actually rewound (0 when there is nothing to go back to)."""
         if not seconds > 0:
             raise ValueError(f"rewind needs a positive number of seconds, got {seconds!r}")
-        now = self.video_frame(self.frame0)
-        point = self.ring.request(seconds * self.fps, now, self.video_frame)
-        return 0.0 if point is None else (now - self.video_frame(point.frame0)) / self.fps
+        live = self.decoded  # the end of the frames handed out
+        now = self.video_frame(live) if at_frame is None else at_frame
+        at = min(max(latent_at_or_before(now - seconds * self.fps, self.stride), self.ring.reach(live)), live)
+        if at >= live:
+            return 0.0
+        self._ask(at, None, 0)
+        return max(now - self.video_frame(at), 0) / self.fps
+
+    def lead_frames(self) -> int:
+        """Video frames from the frame on screen to the earliest a switch can land on: `switch_lead`, or twice the
+        median of the last chunks' making times (the chunk under way, then the new one; a median, as one slow chunk
+        on a busy machine would hold back every switch after it)."""
+        lead = self.settings.switch_lead
+        if lead is None:
+            lead = 2 * statistics.median(self._chunk_seconds) if self._chunk_seconds else 0.0
+        return math.ceil(lead * self.fps)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
         self.ring.clear()
-        self.pending = self.decoder = self.text = None
+        self.pending = self.decoder = self._blend = None
+
+    def _ask(self, at: int | None, prompt: str | None, transition_frames: int) -> int:
+        """Queue a request. It replaces the queued ones it would undo: those landing at or after it (a future that
+        no longer happens); a next-boundary one replaces the next-boundary one."""
+        with self._lock:
+            self._last_request += 1
+            keep = [r for r in self._requests if (r.at is None) != (at is None) or (at is not None and r.at < at)]
+            self._requests = keep + [Request(self._last_request, at, prompt, transition_frames)]
+            return self._last_request
 
     # -- generation -------------------------------------------------------------------------------------------------
     def __iter__(self):
@@ -216,6 +309,7 @@ class Stream:
             self.step.finish()  # the frames' copy to the host, waited for here: the worker serves others meanwhile
             if last:
                 chunk.gen_seconds = time.perf_counter() - asked
+                self._chunk_seconds.append(chunk.gen_seconds)
             yield chunk
             if last:
                 asked = time.perf_counter()
@@ -223,41 +317,106 @@ class Stream:
     def _chunks(self):
         """The generate loop: (chunk, is the last piece of its chunk). The step's device work runs in its context;
         the loop yields outside it."""
-        while self._take_controls() and not self._finished():
+        while True:
             with self.step.context():
+                if not self._take_controls() or self._finished():
+                    return
                 n, pos = self._chunk_len(), self._position()
-                self.ring.keep(RewindPoint(self.index, self.frame0, self.origin, self.prompt, self.prompt_seq, None),
+                text = self._text(n)
+                self.ring.keep(RewindPoint(self.index, self.frame0, self.origin, self.cue, None),
                                self.step.boundary_state(), self.pending, self.decoder)
-                x0 = self.step.denoise(self.text, n, pos, self._seed(), self.pending)  # re-cache, then denoise
+                x0 = self.step.denoise(text, n, pos, self._seed(), self.pending)  # re-cache, then denoise
             self.pending = (x0, pos)
-            index, start = self.index, self.video_frame(self.frame0)
-            self.index, self.frame0 = index + 1, self.frame0 + n
-            for z, last in self._pieces(x0, index):
+            index, a = self.index, self.frame0
+            self.index, self.frame0 = index + 1, a + n
+            end = self._decode_end(a, a + n)  # a switch landing inside this chunk: its frames before it only
+            start = self.video_frame(a)
+            for z, last in self._pieces(x0[:, :, :end - a], index) if end > a else ():
                 with self.step.context():
                     frames = self.step.decode(self.decoder, z)
-                    if index > 0 and not self._finished():  # not after the first chunk: its frames come first
-                        self.step.ahead(self.text, self._chunk_len(), self._position(), self._seed(), self.pending)
+                    self.decoded += z.shape[2]
+                    if index > 0 and end == self.frame0 and not self._finished() and not self._due():
+                        m = self._chunk_len()  # overlap the decode with the next chunk's work
+                        self.step.ahead(self._text(m), m, self._position(), self._seed(), self.pending)
                     frames = self.step.download(frames)
-                yield Chunk(frames, index, start, self.prompt, self.prompt_seq, 0.0), last
+                yield Chunk(frames, index, start, self.cue.prompt, self.cue.seq, 0.0, self.request), last
                 start += len(frames)
 
     def _take_controls(self) -> bool:
-        """Apply a rewind and a new prompt asked for since the last chunk; False once the stream is closed."""
-        with self._lock:
-            if self._closed:
-                return False
-            prompt, self._pending_prompt = self._pending_prompt, None
-        if (point := self.ring.take_request()) is not None:
-            with self.step.context():
-                self.step.cancel()
-                self.pending = self.ring.restore(point, self.step.state, self.decoder)
-            self.index, self.frame0, self.origin = point.index, point.frame0, point.origin
-            if point.prompt != self.prompt:
-                self.prompt, self.text = point.prompt, self._encode(point.prompt)
-            self.prompt_seq = point.prompt_seq
-        if prompt is not None and prompt != self.prompt:
-            self.prompt, self.prompt_seq, self.text = prompt, self.prompt_seq + 1, self._encode(prompt)
+        """Apply the requests that land at or before the next chunk, in order; False once the stream is closed."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return False
+                due = self._due_request()
+                if due is None:
+                    break
+                self._requests.remove(due)
+            self._apply(due)
+        if self.decoded != self.frame0:  # a chunk was cut (or dropped) for a request since replaced: go on from the cut
+            self._go_to(self.decoded)
         return True
+
+    def _due_request(self) -> Request | None:
+        """The first queued request that lands at or before `frame0` (then a next-boundary one). Under the lock."""
+        landed = [r for r in self._requests if r.at is not None and r.at <= self.frame0]
+        if landed:
+            return min(landed, key=lambda r: r.at)
+        return next((r for r in self._requests if r.at is None), None)
+
+    def _due(self) -> bool:
+        with self._lock:
+            return self._due_request() is not None
+
+    def _decode_end(self, a: int, b: int) -> int:
+        """How far to decode the chunk [a, b) just made: to the first request landing inside it; not at all when
+        one lands at or before its start (the chunk is dropped); else all of it."""
+        with self._lock:
+            inside = [r.at for r in self._requests if r.at is not None and r.at < b]
+        return max(a, min(inside)) if inside else b
+
+    def _apply(self, r: Request) -> None:
+        """Go to where `r` lands, then switch the prompt there (a rewind keeps the prompt in force there)."""
+        at = self.decoded if r.at is None else max(r.at, self.ring.reach(self.decoded))
+        if at != self.frame0 or self.decoded != at:
+            self._go_to(at)
+        if r.prompt is not None and r.prompt != self.cue.prompt:
+            self.cue = Cue(r.prompt, self.cue.seq + 1, self.cue.prompt, self.video_frame(at), r.transition_frames)
+        self.request = r.id
+
+    def _go_to(self, at: int) -> None:
+        """Continue from latent frame `at` (at or before `frame0`, at or after the oldest rewind point): restore the
+        point there, or split the chunk that contains it (the module's doc)."""
+        self.step.cancel()
+        here, after = self.ring.around(at)
+        if here.frame0 == at:
+            self.pending = self.ring.put_back(here, self.step.state, self.decoder)
+            self.index, self.origin = here.index, here.origin
+        else:  # inside chunk [here.frame0, after): its x0 is the pending chunk of the point after (or of the stream)
+            if after is not None:
+                self.pending = self.ring.put_back(after, self.step.state)
+                self.index, self.origin = after.index, after.origin
+            x0, pos = self.pending
+            x0 = x0[:, :, :at - here.frame0].contiguous()
+            if self.decoded != at:  # the VAE's cache after the latents before `at`: decode them again, unseen
+                self.ring.put_back(here, decoder=self.decoder)
+                self.step.decode(self.decoder, x0)
+            self.pending = (x0, pos)
+        self.ring.truncate(at if here.frame0 == at else at + 1)  # what comes after `at` (and the point at it: re-kept)
+        self.frame0 = self.decoded = at
+        self.cue = here.cue
+
+    def _text(self, n: int) -> TextKV:
+        """The prompt K/V of the next chunk (n latent frames): the prompt's, or, during a transition, the mix of the
+        two prompts at the chunk's weight (one object per weight, so that `ahead` and `denoise` see the same)."""
+        cue = self.cue
+        w = cue.weight(self.video_frame(self.frame0), self.video_frame(self.frame0 + n))
+        if w >= 1.0:
+            return self._encode(cue.prompt)
+        key = (cue.prev, cue.prompt, w)
+        if self._blend is None or self._blend[0] != key:
+            self._blend = key, blend_text(self._encode(cue.prev), self._encode(cue.prompt), w)
+        return self._blend[1]
 
     def _pieces(self, x0: torch.Tensor, index: int):
         """(latents, is the last piece): the whole chunk, or, for the stream's first chunk with early_first_frame,
@@ -291,8 +450,12 @@ class Stream:
         return self.frame0 - self.origin
 
     # -- helpers ------------------------------------------------------------------------------------------------
-    def _encode(self, prompt: str):
-        return self.pipe.prompts.get(prompt, self.settings.motion_score).ctx
+    def _encode(self, prompt: str) -> TextKV:
+        """The prompt's K/V, from the pipeline's cache. Encoded on the device's default stream, which every step's
+        own stream waits for (ChunkEngine.context), so that any stream may read a cached prompt."""
+        cuda = self.pipe.device.type == "cuda"
+        with torch.cuda.stream(torch.cuda.default_stream(self.pipe.device)) if cuda else contextlib.nullcontext():
+            return self.pipe.prompts.get(prompt, self.settings.motion_score).ctx
 
     def video_frame(self, latent_frame: int) -> int:
         return video_frame(latent_frame, self.stride)
@@ -301,6 +464,24 @@ class Stream:
         """Bytes of every tensor this stream holds: state, pending x0, VAE cache, rewind points."""
         pending = self.pending[0].nbytes if self.pending else 0
         return self.step.state.nbytes + self.decoder.nbytes + pending + self.ring.nbytes
+
+
+def blend_text(a: TextKV, b: TextKV, w: float) -> TextKV:
+    """The conditioning a fraction w of the way from prompt a to prompt b. Each prompt position mixes a's and b's
+    K/V by the attention weight each prompt's mask gives it (exp(bias)): where both have a token, (1 - w) a + w b;
+    where only one has, that one's; the bias becomes the log of the mixed weight, so a token of one prompt only
+    fades in (or out) with w instead of appearing at the end. w = 0 is a, w = 1 is b."""
+    like = a.kv[0][0]
+    pa, pb = (torch.ones(like.shape[0], 1, 1, like.shape[2], device=like.device) if t.bias is None
+              else t.bias.float().exp() for t in (a, b))
+    mix = (1 - w) * pa + w * pb
+    wa = torch.where(mix > 0, (1 - w) * pa / mix.clamp(min=torch.finfo(mix.dtype).tiny), 1 - w)
+    wa = wa.transpose(-1, -2).to(like.dtype)  # (B, 1, L, 1): over heads and channels
+    kv = [(ka * wa + kb * (1 - wa), va * wa + vb * (1 - wa)) for (ka, va), (kb, vb) in zip(a.kv, b.kv)]
+    if a.bias is None and b.bias is None:
+        return TextKV(kv, None)
+    floor = min(t.bias.min().item() for t in (a, b) if t.bias is not None)  # the masks' own "no token" value
+    return TextKV(kv, mix.log().clamp(min=floor).to(like.dtype))
 
 
 def make_step(pipe: Pipeline, latent_hw: tuple[int, int], settings: StreamSettings) -> ChunkStep:
@@ -323,3 +504,13 @@ def latent_frames(num_frames: int, stride: int = VAEConfig().temporal_stride) ->
 def video_frame(latent_frame: int, stride: int = VAEConfig().temporal_stride) -> int:
     """Index of the first video frame decoded from `latent_frame` (latent 0 -> 1 frame, then `stride` each)."""
     return 0 if latent_frame == 0 else 1 + stride * (latent_frame - 1)
+
+
+def latent_at_or_after(frame: float, stride: int = VAEConfig().temporal_stride) -> int:
+    """The first latent frame whose first video frame is at or after video frame `frame`."""
+    return 0 if frame <= 0 else 1 + math.ceil((frame - 1) / stride)
+
+
+def latent_at_or_before(frame: float, stride: int = VAEConfig().temporal_stride) -> int:
+    """The last latent frame whose first video frame is at or before video frame `frame` (0 if none)."""
+    return 0 if frame < 1 else 1 + math.floor((frame - 1) / stride)

@@ -134,16 +134,19 @@ def test_config_holding_a_json_array(demo, tmp_path, part):
 
 def test_timeline_segments_not_in_the_video_are_named(tmp_path):
     """Warned, not refused (a short video is how one previews the start of a long timeline): before generating for
-    segments past the end; after it for one that starts within the last chunk (a switch waits for a chunk start).
+    segments past the end; after it for one that a later segment replaces (both land on the same latent frame). A
+    segment inside the one chunk is in the video: a switch known ahead cuts the chunk there.
     The demo at 0.5 s: 9 frames at 16 FPS (0.56 s), fewer than its first chunk's 13, so it is one chunk."""
     tl = tmp_path / "tl.txt"
-    tl.write_text(f"0 {P}\n0.25 two yellow squares\n3 a blue star\n9 a green circle\n")
+    tl.write_text(f"0 {P}\n0.25 two yellow squares\n0.3 a red star\n3 a blue star\n9 a green circle\n")
     out = tmp_path / "a.mp4"
     r = CliRunner().invoke(cli, ["generate", "--timeline", str(tl), "--seconds", "0.5", "-o", str(out)])
     assert r.exit_code == 0 and out.is_file(), r.output
     assert f"warning: {tl}: the segment(s) starting at 3 s, 9 s are not in the video: they start after the " \
            "video's end (0.56 s)" in r.output
-    assert f"warning: {tl}: the segment(s) starting at 0.25 s are not in the video: a prompt switch" in r.output
+    assert f"warning: {tl}: the segment(s) starting at 0.25 s are not in the video: a later segment lands on the " \
+           "same latent frame" in r.output
+    assert "0.3 s" not in r.output
 
 
 # -- convert ----------------------------------------------------------------------------------------------------------

@@ -41,9 +41,10 @@ def model_and_text(device="cpu", dtype=torch.float32, layers=2, seed=0):
     return model, text
 
 
-def run_both(model, text, engine, chunks, texts=None, bf16_like=False):
+def run_both(model, text, engine, chunks, texts=None, bf16_like=False, keep=None):
     """Chunks [(n, seed), ...] through the engine and the eager step from the same (zero) state, each chunk's
-    clean-context pass deferred to the next; returns both x0 lists and the eager state."""
+    clean-context pass deferred to the next; keep[i] cuts chunk i's x0 to its first latent frames before it is
+    pending (a switch inside it, as the stream cuts it). Returns both x0 lists and the eager state."""
     ref = EagerStep(model, HW, TIMESTEPS, bf16_like)
     ref.state.copy_(engine.state)
     got, want, pending, pending_ref, pos = [], [], None, None, 0
@@ -53,7 +54,9 @@ def run_both(model, text, engine, chunks, texts=None, bf16_like=False):
         got.append(x0.clone())
         want.append(ref.denoise(t, n, pos, seed, pending_ref))
         pending, pending_ref = (x0, pos), (want[-1], pos)
-        pos += n
+        if keep and keep.get(i, n) < n:
+            pending, pending_ref = ((x[:, :, :keep[i]].contiguous(), pos) for x in (x0, want[-1]))
+        pos += keep.get(i, n) if keep else n
     return got, want, ref.state
 
 
@@ -70,6 +73,22 @@ def test_uncompiled_engine_equals_the_eager_step_bitwise():
         assert torch.equal(a, b) and b.abs().sum() > 0
     # two x0 slots per length alternate, so the previous chunk's x0 survives the next step
     assert len({engine._slot_of(engine._buffers[2].x0[i]) for i in (0, 1)}) == 2
+
+
+def test_cut_pending_chunks_of_every_length_equal_the_eager_step():
+    """A switch inside a chunk leaves its x0 cut to 1..n latent frames pending: the engine gives such a length only
+    a clean-pass slot and RoPE table (no noise), and stays bitwise equal to the eager step, across a new prompt."""
+    model, text = model_and_text()
+    _, other = model_and_text(seed=7)
+    engine = ChunkEngine(model, HW, TIMESTEPS, compile=False)
+    chunks = [(3, 11), (2, 12), (2, 13), (2, 14), (2, 15)]
+    keep = {0: 1, 2: 1, 3: 2}  # cut the first chunk to 1 frame, a steady one to 1, then keep a whole one
+    got, want, ref_state = run_both(model, text, engine, chunks, texts=[text, text, other, other, other], keep=keep)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for a, b in zip(engine.state.tensors(), ref_state.tensors()):
+        assert torch.equal(a, b)
+    assert engine._buffers[1].noise is None and engine._buffers[2].noise is not None
 
 
 def test_engine_noise_is_the_eager_samplers():
@@ -146,8 +165,38 @@ def schedule(pipe, compile):
         if i == 1:
             stream.set_prompt(Q)
         if i == 3:
-            stream.rewind(0.01)
+            stream.rewind(len(out[3].frames) / stream.fps)  # to the start of chunk 3
     return stream, out
+
+
+def switch_schedule(pipe, compile):
+    """A switch inside a made chunk, a rewind inside a chunk, and a switch known ahead that cuts a chunk as it is
+    made; the engine speculates the chunk after each one that is not cut."""
+    stream = pipe.stream(P, seed=5, compile=compile, early_first_frame=False, switch_lead=0)
+    it, out = iter(stream), []
+    for i in range(9):
+        out.append(next(it))
+        if i == 2:
+            stream.set_prompt(Q, at_frame=18)  # latent 6, inside chunk 2 = [5, 7)
+        if i == 4:
+            stream.rewind(0.3, at_frame=32)  # latent 7, inside chunk 3 = [6, 8)
+        if i == 6:
+            stream.set_prompt(P, at_frame=out[-1].start_frame + 10, transition_frames=12)  # inside the next chunk
+    return stream, out
+
+
+def test_fast_stream_equals_the_eager_stream_through_splits(pipe, monkeypatch):
+    no_compile(monkeypatch)
+    fast, got = switch_schedule(pipe, True)
+    eager, want = switch_schedule(pipe, False)
+    assert isinstance(fast.step, ChunkEngine) and isinstance(eager.step, EagerStep)
+    assert [(c.index, c.start_frame, len(c.frames), c.prompt, c.request) for c in got] == \
+           [(c.index, c.start_frame, len(c.frames), c.prompt, c.request) for c in want]
+    assert [c.start_frame for c in got] == [0, 9, 17, 21, 29, 25, 33, 41, 45]
+    for a, b in zip(got, want):
+        assert np.array_equal(a.frames, b.frames)
+    assert set(fast.step._buffers) == {1, 2, 3}  # a cut to 1 latent frame: its clean-pass slot only
+    fast.close()
 
 
 def no_compile(monkeypatch):
@@ -184,9 +233,9 @@ def test_fast_stream_equals_the_eager_stream(pipe, monkeypatch):
 
 def test_fast_stream_memory_is_constant(pipe, monkeypatch):
     no_compile(monkeypatch)
-    stream = pipe.stream(P, seed=1, compile=True, chunk_frames=1, rewind_points=1)
+    stream = pipe.stream(P, seed=1, compile=True, chunk_frames=1, rewind_seconds=0)
     it = iter(stream)
-    for _ in range(4):
+    for _ in range(stream.ring.capacity + 2):  # the ring full, its oldest point's buffers reused
         next(it)
     ptrs = [a.data_ptr() for a in stream.state.tensors()]
     before = stream.memory_bytes()
@@ -240,16 +289,17 @@ def test_gpu_rewind_replays_from_reused_pinned_copies():
     a rewind after the ring has turned several times replays the original chunks (a copy that raced the work
     after it would not)."""
     torch._dynamo.reset()
-    stream = gpu_pipeline().stream(P, seed=6, compile=True, rewind_points=2, early_first_frame=False)
+    stream = gpu_pipeline().stream(P, seed=6, compile=True, rewind_seconds=0, early_first_frame=False)
     it = iter(stream)
     original = [next(it) for _ in range(7)]
     copies = {id(b.copy) for b in stream.ring.points}
-    assert [b.index for b in stream.ring.points] == [5, 6] and len(copies) == 2
+    assert [b.index for b in stream.ring.points] == [3, 4, 5, 6] and len(copies) == 4
     assert all(b.copy.x0.is_pinned() and b.copy.state.S.is_pinned() for b in stream.ring.points)
-    assert stream.rewind(100) == pytest.approx(sum(len(c.frames) for c in original[5:]) / 16)
+    # a full ring reaches back to its second oldest point (the oldest may turn before the request is taken)
+    assert stream.rewind(100) == pytest.approx(sum(len(c.frames) for c in original[4:]) / 16)
     replay = [next(it), next(it)]
-    assert [c.index for c in replay] == [5, 6]
-    for a, b in zip(replay, original[5:]):
+    assert [c.index for c in replay] == [4, 5]
+    for a, b in zip(replay, original[4:6]):
         assert np.abs(a.frames.astype(int) - b.frames.astype(int)).mean() < 0.1
     assert {id(b.copy) for b in stream.ring.points} <= copies | {id(c) for c in stream.ring.spare}
     stream.close()

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from longsana.cli import CUDA_ALLOC_CONF
 from longsana.cli import main as cli
+from longsana.generate import read_timeline
 from longsana.sampling import sample_chunk
 from longsana.stream import Pipeline, latent_frames
 from longsana.testing import save_pipeline, tiny_pipeline
@@ -159,7 +160,7 @@ def test_streams_in_threads_share_one_pipeline(pipe):
 
 
 def test_memory_is_constant(pipe):
-    stream = pipe.stream(P, seed=3, rewind_points=2, chunk_frames=1)
+    stream = pipe.stream(P, seed=3, rewind_seconds=0, chunk_frames=1)
     it = iter(stream)
     sizes, ptrs = {}, None
     for i in range(1, 51):
@@ -171,17 +172,17 @@ def test_memory_is_constant(pipe):
     assert sizes[5] == sizes[50] > 0
     assert [a.data_ptr() for a in stream.state.tensors()] == ptrs
     assert {id(b.copy) for b in stream.ring.points} == copies  # the ring reuses its points' buffers
-    assert len(stream.ring.points) == 2
+    assert len(stream.ring.points) == stream.ring.capacity == 4  # 0 s of reach: the chunks at and ahead of the screen
     stream.close()
 
 
 def test_rewind_then_original_prompt_replays_the_original(pipe):
     original = take(pipe.stream(P, seed=4), 5)
-    stream = pipe.stream(P, seed=4, rewind_points=3)
+    stream = pipe.stream(P, seed=4)
     it = iter(stream)
     for _ in range(4):
         next(it)
-    back = stream.rewind(0.1)  # to the start of the last chunk generated
+    back = stream.rewind(len(original[3].frames) / 16)  # exactly to the start of the last chunk generated
     assert back == pytest.approx(len(original[3].frames) / 16)
     replay = [next(it), next(it)]
     assert replay[0].index == 3 and replay[0].start_frame == original[3].start_frame
@@ -245,7 +246,8 @@ def test_generate_writes_an_mp4(model_dir, tmp_path):
 
 def test_generate_timeline_and_batch(model_dir, tmp_path):
     tl = tmp_path / "tl.txt"
-    tl.write_text(f"0 {P}\n# a comment\n\n1.0 {Q}\n")
+    tl.write_text(f"0 {P}\n# a comment\n\n1.0 {Q}\n1.3 ~0.5 {P}\n")  # the last with a transition
+    assert read_timeline(tl) == [(0.0, P), (1.0, Q), (1.3, P, 0.5)]
     out = tmp_path / "tl.mp4"
     r = CliRunner().invoke(cli, ["generate", "-m", str(model_dir), "--spec", "tiny", "--timeline", str(tl),
                                  "--seconds", "2", "-o", str(out)])

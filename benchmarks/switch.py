@@ -1,0 +1,168 @@
+"""Prompt-switch latency: `python -m longsana.benchmarks.switch` (the built-in demo model on the CPU by default).
+
+A simulated viewer plays the stream at the model's frame rate with the server's back-pressure: the producer hands
+a chunk over and waits until its first frame is on screen (so it works at most one chunk ahead), and a chunk that
+starts before the end of what the viewer holds replaces it from there on. At random moments the viewer switches
+the prompt with `Stream.set_prompt(prompt, at_frame=<frame on screen>)` and wakes the producer. Per switch it
+records the time from the call to the first chunk answering it being handed out (`Chunk.request`), and to that
+chunk's first frame being on screen; and the frames shown late (stalls) and any frame shown twice or skipped.
+
+    python -m longsana.benchmarks.switch                 # demo model, CPU
+    python -m longsana.benchmarks.switch --tiny          # tiny random model: a smoke test
+    python -m longsana.benchmarks.switch --full          # LongSANA 2B / 480p, random weights (benchmarks/fps.py's)
+
+Prints the cost card (model, chunk, lead, rewind points), one line per switch, medians / p95, and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import threading
+import time
+from types import SimpleNamespace
+
+import torch
+
+from longsana.benchmarks.fps import PROMPTS, build
+from longsana.stream import Pipeline
+
+SETTLE_CHUNKS = 3  # chunks played before the first switch (warm caches, a measured lead)
+
+
+class Viewer:
+    """Plays frames at `fps` from a buffer the producer fills; the producer's `put` returns once the chunk's first
+    frame is on screen, or at once after a switch (the server's Handoff, released by a prompt change)."""
+
+    def __init__(self, fps: float):
+        self.fps, self.cond = fps, threading.Condition()
+        self.frames: dict[int, int] = {}  # video frame -> the request its chunk answers
+        self.screen = -1  # the frame on screen
+        self.released = False
+        self.handed: dict[int, float] = {}  # request -> when its first chunk was handed out
+        self.shown: dict[int, float] = {}  # request -> when its first frame was on screen
+        self.done = False
+
+    def put(self, chunk) -> None:
+        with self.cond:
+            for f in [f for f in self.frames if f >= chunk.start_frame]:
+                del self.frames[f]
+            for i in range(len(chunk.frames)):
+                self.frames[chunk.start_frame + i] = chunk.request
+            self.handed.setdefault(chunk.request, time.perf_counter())
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.screen >= chunk.start_frame or self.released or self.done)
+            self.released = False
+
+    def release(self) -> None:
+        with self.cond:
+            self.released = True
+            self.cond.notify_all()
+
+    def play(self, stream, frames: int, switch_at: set[int], prompts) -> dict:
+        """Show `frames` frames; at each frame count in `switch_at`, switch. Returns the switches and the stalls."""
+        switches, late, t_next = [], 0.0, None
+        for k in range(frames):
+            with self.cond:
+                self.cond.wait_for(lambda k=k: k in self.frames)
+                now = time.perf_counter()
+                if t_next is None or now > t_next + 0.5 / self.fps:  # a stall: the clock restarts
+                    late += 0.0 if t_next is None else now - t_next
+                    t_next = now
+            time.sleep(max(0.0, t_next - time.perf_counter()))
+            with self.cond:
+                self.screen = k
+                self.shown.setdefault(self.frames[k], time.perf_counter())
+                self.cond.notify_all()
+            t_next += 1 / self.fps
+            if k in switch_at:
+                t = time.perf_counter()
+                rid = stream.set_prompt(next(prompts), at_frame=k)
+                switches.append({"id": rid, "t": t, "frame": k, "lead": stream.lead_frames()})
+                self.release()
+        return {"switches": switches, "late_s": late}
+
+
+def p95(xs) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="the tiny random model (a smoke test)")
+    p.add_argument("--full", action="store_true", help="LongSANA 2B / 480p with random weights (a GPU)")
+    p.add_argument("--switches", type=int, default=20)
+    p.add_argument("--chunk-frames", type=int, default=None, help="latent frames per chunk (default: the model's)")
+    p.add_argument("--lead", type=float, default=None, help="StreamSettings.switch_lead (default: measured)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.tiny or a.full:
+        pipe, name = build(SimpleNamespace(tiny=a.tiny), device), "tiny" if a.tiny else "longsana-2b-480p"
+    else:
+        pipe, name = Pipeline.from_pretrained("demo"), "demo"
+    stream = pipe.stream(PROMPTS[0], seed=a.seed, chunk_frames=a.chunk_frames, switch_lead=a.lead)
+    fps, chunk = stream.fps, stream.settings.chunk_frames
+    rng = random.Random(a.seed)
+    chunk_video = stream.stride * chunk
+    switch_at, k = set(), SETTLE_CHUNKS * chunk_video
+    for _ in range(a.switches):  # one switch in each stretch of 2 chunks' worth of video, at a random frame in it
+        switch_at.add(k + rng.randrange(2 * chunk_video))
+        k += 2 * chunk_video
+    frames = k + 2 * chunk_video
+    viewer = Viewer(fps)
+    prompts = iter(PROMPTS[(i % (len(PROMPTS) - 1)) + 1] if i % 2 == 0 else PROMPTS[0] for i in range(10 ** 9))
+    for q in PROMPTS:
+        pipe.prompts.get(q, stream.settings.motion_score)  # encoded once: a warm server's prompt cache
+
+    def produce():
+        for c in stream:
+            viewer.put(c)
+            if viewer.done:
+                break
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    played = viewer.play(stream, frames, switch_at, prompts)
+    with viewer.cond:
+        viewer.done = True
+        viewer.cond.notify_all()
+    producer.join(timeout=60)
+    stream.close()
+
+    rows = []
+    for s in played["switches"]:
+        handed, shown = viewer.handed.get(s["id"]), viewer.shown.get(s["id"])
+        rows.append({"frame": s["frame"], "lead": s["lead"], "handed_s": None if handed is None else handed - s["t"],
+                     "screen_s": None if shown is None else shown - s["t"]})
+    done = [r for r in rows if r["screen_s"] is not None]
+    screen, handed = [r["screen_s"] for r in done], [r["handed_s"] for r in done]
+    print(f"# switch latency: {name} on {device.type}, {stream.height}x{stream.width} at {fps} fps, chunks of {chunk} "
+          f"latent frames ({chunk_video} video frames, {chunk_video / fps:.2f} s); rewind points "
+          f"{stream.ring.capacity}; lead {rows[-1]['lead'] if rows else '?'} frames (switch_lead "
+          f"{a.lead if a.lead is not None else 'measured'})")
+    for i, r in enumerate(rows):
+        print(f"switch {i:2d} at frame {r['frame']:5d}: lead {r['lead']:3d} frames, handed out "
+              f"{r['handed_s'] if r['handed_s'] is None else round(r['handed_s'], 3)} s, on screen "
+              f"{r['screen_s'] if r['screen_s'] is None else round(r['screen_s'], 3)} s")
+    res = {"bench": "switch", "model": name, "device": device.type, "chunk_frames": chunk, "fps": fps,
+           "switches": len(rows), "answered": len(done), "stalls_s": round(played["late_s"], 3)}
+    if done:
+        res |= {"screen_p50": statistics.median(screen), "screen_p95": p95(screen),
+                "handed_p50": statistics.median(handed), "handed_p95": p95(handed),
+                "within_1s": sum(s <= 1.0 for s in screen)}
+        print(f"on screen: median {res['screen_p50']:.3f} s, p95 {res['screen_p95']:.3f} s, {res['within_1s']}/"
+              f"{len(done)} within 1 s; handed out: median {res['handed_p50']:.3f} s, p95 {res['handed_p95']:.3f} s;"
+              f" stalls {res['stalls_s']:.2f} s in all")
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

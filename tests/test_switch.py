@@ -1,0 +1,229 @@
+"""Switches and rewinds that land inside a chunk (stream.py): exact against a by-hand block-causal reference with the
+chunk split there, the same video whether the switch was known before or after the chunk was made, no gap and no
+repeat for a consumer, frames before the switch never changed; transitions; the ring's reach in seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from longsana.model import TextKV
+from longsana.rewind import points_for
+from longsana.sampling import sample_chunk
+from longsana.stream import Cue, blend_text, latent_at_or_after, latent_at_or_before, video_frame
+from longsana.testing import tiny_pipeline
+from longsana.vae import StreamingDecoder
+
+P, Q, R = "a red circle moving left", "two yellow squares bouncing", "one blue star spinning"
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+@torch.no_grad()
+def reference(pipe, plan, seed=SEED, vae_frames_per_call=1):
+    """The block-causal stream by hand. plan: [(n, prompt, keep)], one entry per chunk: chunk i is denoised with n
+    latent frames at the latent frame where the previous one's kept part ends, with noise seeded (seed, i), after
+    the previous chunk's clean-context pass with this chunk's prompt; only its first `keep` latent frames are kept (a
+    split: they are the pending chunk and the only ones the VAE decodes). Returns the video."""
+    m = pipe.model
+    text = {p: pipe.prompts.get(p, pipe.spec.motion_score).ctx for p in (P, Q, R)}
+    h = w = 32 // 8
+    state = m.new_state(1, h, w)
+    decoder = StreamingDecoder(pipe.vae, 32, 32, max_latent_frames_per_call=vae_frames_per_call)
+    frame0, pending, video = 0, None, []
+    for i, (n, prompt, keep) in enumerate(plan):
+        if pending is not None:
+            m.forward_chunk(pending[0], torch.zeros(1), text[prompt], state, pending[1], update_state=True)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+
+        def noise(g=g, n=n):
+            return torch.randn((1, 16, n, h, w), generator=g)
+
+        def velocity(x, t, kv=text[prompt], frame0=frame0):
+            return m.forward_chunk(x, torch.full((1,), t), kv, state, frame0)
+
+        x0 = sample_chunk(velocity, noise, tuple(map(float, pipe.spec.denoise_timesteps)))[:, :, :keep]
+        video.append(decoder.decode(x0).numpy())
+        pending, frame0 = (x0, frame0), frame0 + keep
+    return np.concatenate(video)
+
+
+def watch(chunks):
+    """What a consumer shows: each chunk replaces what it holds from the chunk's start_frame on. Checks that a
+    chunk never leaves a gap and that the frames before its start are never touched."""
+    video = np.zeros((0, 32, 32, 3), np.uint8)
+    for c in chunks:
+        assert c.start_frame <= len(video), f"gap before chunk {c.index}"
+        video = np.concatenate([video[:c.start_frame], c.frames])
+    return video
+
+
+def run(stream, n, actions):
+    """The first n chunks; actions[i](stream, chunks) runs once i chunks were handed out."""
+    out, it = [], iter(stream)
+    while len(out) < n:
+        if len(out) in actions:
+            actions.pop(len(out))(stream, out)
+        out.append(next(it))
+    return out
+
+
+CF = 2  # the tiny spec's chunk_frames: chunks [0, 3), [3, 5), [5, 7), ...
+SWITCHED = [(CF + 1, P, CF + 1), (CF, P, CF), (CF, P, 1), (CF, Q, CF), (CF, Q, CF)]  # Q from latent 6, in [5, 7)
+
+
+def test_latent_frames_of_video_frames():
+    for f in range(40):
+        after, before = latent_at_or_after(f), latent_at_or_before(f)
+        assert video_frame(after) >= f and (after == 0 or video_frame(after - 1) < f)
+        assert video_frame(before) <= f and video_frame(before + 1) > f
+    assert latent_at_or_after(-3) == latent_at_or_before(-3) == 0
+
+
+def test_switch_inside_a_made_chunk_is_the_split_reference(pipe):
+    """Chunk 2 (latents [5, 7), video frames 17..24) is made and handed out; a switch on screen at frame 18 lands at
+    latent 6 (frame 21): chunk 2 is split there, the next chunk starts at frame 21 with the new prompt."""
+    stream = pipe.stream(P, seed=SEED, switch_lead=0)
+    ids = []
+    got = run(stream, 5, {3: lambda s, out: ids.append(s.set_prompt(Q, at_frame=18))})
+    assert [(c.index, c.start_frame, c.prompt, c.request) for c in got] == \
+           [(0, 0, P, 0), (1, 9, P, 0), (2, 17, P, 0), (3, 21, Q, ids[0]), (4, 29, Q, ids[0])]
+    want = reference(pipe, SWITCHED)
+    video = watch(got)
+    assert np.array_equal(video, want)
+    base = watch(run(pipe.stream(P, seed=SEED), 3, {}))
+    assert np.array_equal(video[:21], base[:21]) and not np.array_equal(video[21:25], base[21:25])
+
+
+def test_a_switch_known_ahead_cuts_the_chunk_as_it_is_made(pipe):
+    """The same switch asked before chunk 2 is made: chunk 2 is handed out up to the switch only, and the video is
+    the same as when the switch came after it (the frames depend on where a switch lands, not on when it came)."""
+    stream = pipe.stream(P, seed=SEED, switch_lead=0)
+    got = run(stream, 5, {2: lambda s, out: s.set_prompt(Q, at_frame=18)})
+    assert [(c.index, c.start_frame, len(c.frames)) for c in got] == \
+           [(0, 0, 9), (1, 9, 8), (2, 17, 4), (3, 21, 8), (4, 29, 8)]  # never back: nothing to drop
+    assert np.array_equal(watch(got), reference(pipe, SWITCHED))
+
+
+def test_the_lead_moves_the_switch_later(pipe):
+    stream = pipe.stream(P, seed=SEED, switch_lead=0.25)  # 4 frames: from frame 18 to >= 22, latent 7 (frame 25)
+    got = run(stream, 5, {3: lambda s, out: s.set_prompt(Q, at_frame=18)})
+    assert [(c.start_frame, c.prompt) for c in got[3:]] == [(25, Q), (33, Q)]
+    want = reference(pipe, [(3, P, 3), (2, P, 2), (2, P, 2), (2, Q, 2), (2, Q, 2)])
+    assert np.array_equal(watch(got), want)
+    auto = pipe.stream(P, seed=SEED)  # measured: twice the median of the last chunks' times
+    run(auto, 3, {})
+    assert auto.lead_frames() == int(np.ceil(2 * np.median(auto._chunk_seconds) * auto.fps)) > 0
+
+
+def test_a_rewind_after_a_switch_splits_again_and_is_deterministic(pipe):
+    """After the switch (chunk 3 = latents [6, 8), frames 21..28), a rewind of 0.3 s from frame 32 goes to 27.2:
+    latent 7 (frame 25), inside chunk 3, whose prompt (Q) goes on. The same schedule gives the same frames."""
+    def schedule():
+        stream = pipe.stream(P, seed=SEED, switch_lead=0)
+        backs = []
+        got = run(stream, 7, {3: lambda s, out: s.set_prompt(Q, at_frame=18),
+                              5: lambda s, out: backs.append(s.rewind(0.3, at_frame=32))})
+        return got, backs
+
+    got, backs = schedule()
+    assert backs == [pytest.approx((32 - 25) / 16)]
+    assert [(c.index, c.start_frame, c.prompt) for c in got[4:]] == [(4, 29, Q), (4, 25, Q), (5, 33, Q)]
+    want = reference(pipe, [(3, P, 3), (2, P, 2), (2, P, 1), (2, Q, 1), (2, Q, 2), (2, Q, 2)])
+    assert np.array_equal(watch(got), want)
+    again, _ = schedule()
+    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(got, again))
+
+
+def test_rewind_to_a_frame_inside_a_chunk(pipe):
+    """Chunks [0,3) [3,5) [5,7) [7,9) handed out; a rewind of 0.3 s from frame 28 goes to 23.2: latent 6 (frame 21),
+    inside chunk 2 = [5, 7): the state before chunk 2's clean pass, its x0 cut to [5, 6), the VAE re-decoding latent
+    5; the next chunk (index 3) starts at latent 6 with the prompt in force there, a full chunk long."""
+    stream = pipe.stream(P, seed=SEED)
+    backs = []
+    got = run(stream, 6, {4: lambda s, out: backs.append(s.rewind(0.3, at_frame=28))})
+    assert backs == [pytest.approx((28 - 21) / 16)]
+    assert [(c.index, c.start_frame, c.request) for c in got] == \
+           [(0, 0, 0), (1, 9, 0), (2, 17, 0), (3, 25, 0), (3, 21, 1), (4, 29, 1)]
+    want = reference(pipe, [(3, P, 3), (2, P, 2), (2, P, 1), (2, P, 2), (2, P, 2)])
+    assert np.array_equal(watch(got), want)
+    assert stream.rewind(100) > 0 and stream.rewind(100, at_frame=0) == 0.0  # nothing before frame 0
+
+
+def test_a_rewind_then_a_switch_from_the_same_moment(pipe):
+    """A rewind queued with a next-boundary switch: the rewind first, then the switch where it landed."""
+    stream = pipe.stream(P, seed=SEED)
+
+    def both(s, out):
+        s.rewind(0.3, at_frame=28)
+        s.set_prompt(Q)
+
+    got = run(stream, 6, {4: both})
+    assert [(c.index, c.start_frame, c.prompt, c.prompt_seq) for c in got[4:]] == [(3, 21, Q, 1), (4, 29, Q, 1)]
+    want = reference(pipe, [(3, P, 3), (2, P, 2), (2, P, 1), (2, Q, 2), (2, Q, 2)])
+    assert np.array_equal(watch(got), want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk_frames", [3, 4, 5, 10])
+def test_chunk_sizes_with_a_split(pipe, chunk_frames):
+    """Any chunk size, with a switch splitting the second chunk after its first latent frame."""
+    n = chunk_frames
+    stream = pipe.stream(P, seed=SEED, chunk_frames=n, switch_lead=0)
+    at = video_frame(n + 2)  # latent n + 2: chunk 1 = [n + 1, 2n + 1) keeps 1 latent frame
+    got = run(stream, 4, {2: lambda s, out: s.set_prompt(Q, at_frame=at)})
+    assert got[2].start_frame == at and got[2].prompt == Q
+    want = reference(pipe, [(n + 1, P, n + 1), (n, P, 1), (n, Q, n), (n, Q, n)])
+    assert np.array_equal(watch(got), want)
+
+
+def test_ring_reach_is_a_duration(pipe):
+    """rewind_seconds from the screen, with the chunks ahead of it: a rewind of that much lands where asked."""
+    assert points_for(10, 16, 40) == 8 and points_for(10, 16, 12) == 18 and points_for(0, 16, 40) == 4
+    with pytest.raises(ValueError):
+        points_for(-1, 16, 40)
+    stream = pipe.stream(P, seed=SEED, rewind_seconds=2)  # 32 frames: 4 chunks of 8, +4 points
+    assert stream.ring.capacity == 8
+    got = run(stream, 12, {})
+    screen = got[-3].start_frame + 3  # the screen two chunks behind what was made
+    assert stream.rewind(2, at_frame=screen) == pytest.approx((screen - video_frame(latent_at_or_before(
+        screen - 32))) / 16)
+    assert screen - 32 - video_frame(latent_at_or_before(screen - 32)) < 4  # within a latent frame of 2 s
+
+
+def test_transition_mixes_the_prompts_per_chunk(pipe):
+    a, b = (pipe.prompts.get(p, pipe.spec.motion_score).ctx for p in (P, Q))
+    for w, want in ((0.0, a), (1.0, b)):
+        got = blend_text(a, b, w)
+        for (k, v), (k_want, v_want) in zip(got.kv, want.kv):
+            valid = want.bias[0, 0, 0] == 0
+            assert torch.equal(k[:, :, valid], k_want[:, :, valid]) and torch.equal(v[:, :, valid], v_want[:, :, valid])
+        assert torch.equal(got.bias, want.bias)
+    half = blend_text(a, b, 0.5)
+    both = (a.bias == 0) & (b.bias == 0)
+    assert torch.allclose(half.kv[0][0][:, :, both[0, 0, 0]], (a.kv[0][0] + b.kv[0][0])[:, :, both[0, 0, 0]] / 2)
+    only_b = (a.bias < 0) & (b.bias == 0)
+    if only_b.any():
+        assert torch.allclose(half.bias[only_b], torch.tensor(np.log(0.5)))
+    plain = TextKV(a.kv, None)
+    assert blend_text(plain, TextKV(b.kv, None), 0.25).bias is None
+
+    cue = Cue(Q, 1, P, start=21, frames=16)  # frames 21..36
+    assert cue.weight(21, 29) == pytest.approx(4.5 / 16) and cue.weight(37, 45) == 1 and cue.weight(0, 1) == 0
+    assert Cue(P).weight(0, 9) == 1
+
+    def schedule(frames):
+        stream = pipe.stream(P, seed=SEED, switch_lead=0)
+        return run(stream, 6, {3: lambda s, out: s.set_prompt(Q, at_frame=18, transition_frames=frames)})
+
+    smooth, sharp = schedule(16), schedule(0)
+    assert np.array_equal(watch(smooth)[:21], watch(sharp)[:21])
+    assert not np.array_equal(smooth[3].frames, sharp[3].frames)  # mixed conditioning in the first chunks
+    assert all(np.array_equal(x.frames, y.frames) for x, y in zip(smooth, schedule(16)))  # deterministic
+    with pytest.raises(ValueError):
+        pipe.stream(P).set_prompt(Q, transition_frames=-1)
