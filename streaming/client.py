@@ -42,6 +42,7 @@ class Received:
     pts: int  # 90 kHz; over WebRTC rebased so that the stream's first frame is 0, as on the server
     thumb: np.ndarray | None  # (8, 16, 3) RGB thumbnail, if decoding
     prompt_seq: int | None = None  # WebSocket frames carry it; over WebRTC use the chunk events
+    index: int | None = None  # the video frame index (WebSocket frames carry it)
 
 
 @dataclass
@@ -210,12 +211,12 @@ class WsClient(Client):
                 if message.type == aiohttp.WSMsgType.TEXT:
                     self._on_text(message.data)
                 elif message.type == aiohttp.WSMsgType.BINARY:
-                    prompt_seq, _, _, pts = FRAME_HEADER.unpack_from(message.data)
+                    prompt_seq, _, index, pts = FRAME_HEADER.unpack_from(message.data)
                     thumb = None
                     if self.decode:
                         (frame,) = self._jpeg.decode(av.Packet(message.data[FRAME_HEADER.size:]))
                         thumb = _thumb(frame)
-                    self._on_frame(Received(time.monotonic(), int(pts), thumb, prompt_seq))
+                    self._on_frame(Received(time.monotonic(), int(pts), thumb, prompt_seq, index))
         finally:
             self._ended()
             await self._http.close()  # the connection is over, however it ended (close() may never come)

@@ -371,12 +371,11 @@ class Server:
         self._tmp.cleanup()
 
     # -- streams ------------------------------------------------------------------------------------------------
-    def _open(self, start: dict, jpeg: bool) -> Session | None:
-        """A started session for a valid `start` (or offer) message, or None when all `max_streams` slots are
-        taken."""
-        if len(self.sessions) >= self.config.max_streams:
+    def _open(self, start: dict, jpeg: bool) -> Session | str:
+        """A started session for a valid `start` (or offer) message, or why none can start now."""
+        if (refusal := self._refusal()) is not None:
             self.metrics.inc("longsana_streams_rejected_total", reason="busy")
-            return None
+            return refusal
         sid = secrets.token_urlsafe(9)
         seed = start.get("seed")
         recording = Recording(Path(self._tmp.name) / f"{sid}.mp4", self.config.record_max_bytes)
@@ -388,10 +387,21 @@ class Server:
         session.start(self._threads)
         return session
 
-    def _busy(self, seq: int | None = None) -> dict:
+    def _refusal(self) -> str | None:
+        """Why a new stream cannot start now (None: it can): every slot taken, or, on a GPU, the streams already
+        running need so much of it that one more would not be real time (the device worker's measured load)."""
         n = self.config.max_streams
-        taken = f"all {n} streams are in use" if n > 1 else "the only stream is in use"
-        return error("busy", f"busy: {taken}; try again when one ends", seq)
+        if len(self.sessions) >= n:
+            return f"all {n} streams are in use" if n > 1 else "the only stream is in use"
+        worker = getattr(self.pipe, "worker", None)
+        if worker is not None and self.pipe.device.type == "cuda":
+            admitted, why = worker.admits()
+            if not admitted:
+                return f"another stream would not be real time on this GPU ({why})"
+        return None
+
+    def _busy(self, refusal: str, seq: int | None = None) -> dict:
+        return error("busy", f"busy: {refusal}; try again when one ends", seq)
 
     def _supervise(self, session: Session, peer) -> Callable[[str | bytes], None]:
         """Watch the session (see _watch) and answer its client's control messages, in order, on a task of its
@@ -524,9 +534,14 @@ class Server:
         return web.Response(body=(WEB / name).read_bytes(), headers={"Content-Type": content_type})
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "model": self.config.model_name, "streams": len(self.sessions),
-                                  "max_streams": self.config.max_streams,
-                                  "uptime_s": round(self.loop.time() - self.started, 1)})
+        """ok, or (503) failed with the reason when the device can no longer run work (worker.DeviceFailed)."""
+        failure = getattr(getattr(self.pipe, "worker", None), "failure", None)
+        health = {"status": "ok" if failure is None else "failed", "model": self.config.model_name,
+                  "streams": len(self.sessions), "max_streams": self.config.max_streams,
+                  "uptime_s": round(self.loop.time() - self.started, 1)}
+        if failure is not None:
+            health["reason"] = f"the device failed: {type(failure).__name__}: {failure}"
+        return web.json_response(health, status=200 if failure is None else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
@@ -595,9 +610,9 @@ class Server:
                 "bad_offer", f"could not answer the offer: {type(e).__name__}: {e}")), status=400)
         # no await from here on until the events are wired: the connection cannot open before the answer is sent
         session = self._open(offer, jpeg=False)
-        if session is None:
+        if isinstance(session, str):
             await peer.close()
-            return web.json_response(self._busy(), status=503)
+            return web.json_response(self._busy(session), status=503)
         track.session, session.emit = session, peer.send  # events are held back until the data channel opens
         pc = peer.pc
         deliver = self._supervise(session, peer)
@@ -630,8 +645,8 @@ class Server:
             return ws
         await self._replace(start.get("replace"))
         session = self._open(start, jpeg=True)
-        if session is None:
-            peer.send(self._busy(start["seq"]))
+        if isinstance(session, str):
+            peer.send(self._busy(session, start["seq"]))
             await peer.close(1013, "busy")
             return ws
         session.emit = peer.send

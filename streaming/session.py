@@ -5,8 +5,15 @@ event loop that releases frames at the video's own rate with evenly spaced 90 kH
 
 Back-pressure runs right to left: the pacer takes a frame only when it is due, the encoder waits for a credit, and
 the producer asks the generator for chunk c+1 only once chunk c has started playing. The generator is therefore
-one chunk ahead of the screen at most, and a new prompt, which the generator applies at the next chunk it starts,
-is on screen after the rest of the current chunk plus one chunk.
+one chunk ahead of the screen at most.
+
+A new prompt names the frame it starts from: the next frame the encoder will take (a rewind: the frame on screen).
+The generator lands the switch a lead after it (longsana/stream.py: the time to make about two chunks) and goes
+back if it had made frames past that point; the producer is let go at once, so the generator starts on it now
+rather than when the chunk in hand starts playing. A chunk that starts before the end of what was handed over is such a cut: frames from
+its start on that are still queued, or not yet encoded, are dropped, so the video goes on from the frame on screen
+with no jump and no repeat. (Frames already encoded are never dropped: the H.264 stream's references stay whole. A
+cut that comes too late to meet that replaces none of them and re-sends their indices with the new frames.)
 
 Timestamps: frames are released every `step` seconds and their pts advance by exactly `step`, so the browser's
 jitter buffer sees a steady source. `step` is the video's 1/fps, or the measured generation time per frame when the
@@ -18,8 +25,10 @@ current time and the pts jump by the real gap: frames are never duplicated and n
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 import threading
+import time
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +50,7 @@ STEP_MARGIN = 1.05  # pace slightly slower than a slow generator so that its bur
 SPF_CHUNKS = 3
 SEND_RATE_WINDOW = 2.0  # seconds over which stats() counts the frames sent
 MAX_PROMPT_REQUESTS = 16  # prompt changes remembered for the switch latency
+MAX_CUTS = 16  # cuts remembered for the frames still queued from before them
 
 
 class StreamEnded(Exception):
@@ -55,6 +65,7 @@ class Frame:
     index: int  # video frame index (chunk.start_frame + i)
     chunk: int
     prompt_seq: int
+    request: int  # the generator's last request applied when the chunk was made (Chunk.request)
     announce: dict | None  # the chunk event, on a chunk's first frame
     pts: int = 0  # 90 kHz, set by the pacer
 
@@ -67,38 +78,55 @@ def check_frames(frames) -> None:
 
 
 class Handoff:
-    """Chunks from the producer thread to the encoder thread, one at a time: `put` returns once the pacer has
-    put the chunk's first frame on screen (`shown()`), so the generator starts chunk c+1 when chunk c starts
-    playing and is never more than one chunk ahead of the screen."""
-
-    _EMPTY = object()
+    """Chunks from the producer thread to the encoder thread, in order: `put` returns once the pacer has put the
+    chunk's first frame on screen (`shown()`), so the generator starts chunk c+1 when chunk c starts playing and is
+    never more than one chunk ahead of the screen; `hurry` lets a waiting (or the next) `put` return at once; `cut`
+    drops what is queued from a video frame on."""
 
     def __init__(self):
         self._cv = threading.Condition()
-        self._item, self._closed = self._EMPTY, False
-        self._put = self._shown = 0  # chunks handed over, chunks on screen
+        self._queue: deque = deque()
+        self._closed = self._hurried = False
+        self._put = self._shown = 0  # chunks handed over, chunks on screen (or dropped)
 
     def put(self, item) -> bool:
         """Hand over `item` and wait until it is on screen; False if the handoff was closed instead."""
         with self._cv:
-            self._item = item
+            self._queue.append(item)
             self._put += 1
             self._cv.notify_all()
-            self._cv.wait_for(lambda: self._shown >= self._put or self._closed)
+            self._cv.wait_for(lambda: self._shown >= self._put or self._closed or self._hurried)
+            self._hurried = False
             return not self._closed
 
     def get(self):
         """The next item; StreamEnded once the handoff is closed."""
         with self._cv:
-            self._cv.wait_for(lambda: self._item is not self._EMPTY or self._closed)
+            self._cv.wait_for(lambda: self._queue or self._closed)
             if self._closed:
                 raise StreamEnded
-            item, self._item = self._item, self._EMPTY
-            return item
+            return self._queue.popleft()
 
     def shown(self) -> None:
         with self._cv:
             self._shown += 1
+            self._cv.notify_all()
+
+    def hurry(self) -> None:
+        with self._cv:
+            self._hurried = True
+            self._cv.notify_all()
+
+    def cut(self, frame: int) -> None:
+        """Drop the queued frames from video frame `frame` on (items are (gen, Chunk))."""
+        with self._cv:
+            kept = deque()
+            for gen, chunk in self._queue:
+                if chunk.start_frame < frame:
+                    kept.append((gen, dataclasses.replace(chunk, frames=chunk.frames[:frame - chunk.start_frame])))
+                else:
+                    self._shown += 1  # never shown: counted, so that the next put waits for its own chunk only
+            self._queue = kept
             self._cv.notify_all()
 
     def close(self) -> None:
@@ -128,10 +156,13 @@ class Session:
         self._chunk_spf: deque[float] = deque(maxlen=SPF_CHUNKS)  # generation seconds per frame of recent chunks
         self._spf = 0.0  # their median (written by the encoder thread)
         self._frontier = 0  # video frame index after the last generated chunk (written by the producer)
+        self._encoded = 0  # the next video frame index the encoder takes (written by the encoder)
+        self._gen = 0  # cuts so far (written by the producer); a chunk is handed over with the count at the time
+        self._cuts: deque[tuple[int, int]] = deque(maxlen=MAX_CUTS)  # (gen after the cut, its first frame)
         self._chunk_frames, self._generating = 0, True  # last chunk's length; a chunk is being generated
         self._due, self._pts = None, 0  # pacer clock: loop time the last frame was due, and its pts
         self._shown, self._prompt_seq = 0, 0  # after the last released frame: next frame index, its prompt_seq
-        self._requests: dict[str, float] = {}  # prompt -> loop time it was last asked for, until it is on screen
+        self._requests: dict[int, float] = {}  # the generator's request id -> loop time it came, until on screen
         self._send_times: deque[float] = deque(maxlen=256)  # release times, for the send rate
         self.frames_sent = self.chunks_generated = 0
         self.ttff = self.switch_latency = None
@@ -156,6 +187,8 @@ class Session:
                 prompt = self._prompt
             stream = self._pipe.stream(prompt, seed=self._seed, **self._stream_kwargs)
             self.fps = stream.fps
+            # the device worker serves first the stream whose viewer runs out of frames first
+            stream.deadline = lambda: time.monotonic() + max(0, self._frontier - self._shown) / self.fps
             with self._lock:
                 if self._prompt != prompt:  # changed while the stream was being created
                     stream.set_prompt(self._prompt)
@@ -163,9 +196,13 @@ class Session:
             if self.closing:  # the viewer left while the stream was being created
                 return
             for chunk in stream:
+                if chunk.start_frame < self._frontier:  # the generator went back: drop what it replaces
+                    self._gen += 1
+                    self._cuts.append((self._gen, chunk.start_frame))
+                    self._handoff.cut(chunk.start_frame)
                 self._frontier, self._chunk_frames = chunk.start_frame + len(chunk.frames), len(chunk.frames)
                 self._generating = False
-                if self.closing or not self._handoff.put(chunk):
+                if self.closing or not self._handoff.put((self._gen, chunk)):
                     return
                 self._generating = True
             self.end_reason = "the generator finished"
@@ -180,7 +217,7 @@ class Session:
         h264 = jpeg = None
         try:
             while True:
-                chunk = self._handoff.get()
+                gen, chunk = self._handoff.get()
                 check_frames(chunk.frames)
                 if not len(chunk.frames):  # nothing to show: let the producer go on
                     self._handoff.shown()
@@ -194,11 +231,16 @@ class Session:
                             "frames": len(chunk.frames), "prompt": chunk.prompt, "prompt_seq": chunk.prompt_seq,
                             "gen_seconds": round(chunk.gen_seconds, 4)}
                 for i, rgb in enumerate(chunk.frames):
+                    if chunk.start_frame + i >= self._cut_after(gen):  # replaced by a later cut: drop the rest
+                        if i == 0:
+                            self._handoff.shown()  # never shown: let the producer go on
+                        break
                     image = to_video_frame(rgb)
                     packet = h264.encode(image)
                     self.recording.append(packet, self.fps)
                     frame = Frame(image, packet, jpeg.encode(image) if jpeg else None, chunk.start_frame + i,
-                                  chunk.index, chunk.prompt_seq, announce if i == 0 else None)
+                                  chunk.index, chunk.prompt_seq, chunk.request, announce if i == 0 else None)
+                    self._encoded = frame.index + 1
                     self._credits.acquire()
                     if self.closing:
                         return
@@ -209,6 +251,10 @@ class Session:
             self._fail("encoder", e)
         finally:
             self._call(self._frames.put_nowait, None)
+
+    def _cut_after(self, gen: int) -> float:
+        """The first video frame replaced by a cut made after a chunk handed over at `gen` (inf: none)."""
+        return min((start for g, start in list(self._cuts) if g > gen), default=float("inf"))
 
     def _generated(self, chunk) -> None:
         n = len(chunk.frames)
@@ -267,52 +313,49 @@ class Session:
             return
         self._handoff.shown()  # the producer may start the next chunk
         event = dict(frame.announce, pts=frame.pts)
-        if frame.prompt_seq != self._prompt_seq:
-            self._prompt_seq = frame.prompt_seq
-            requested = self._requests.pop(event["prompt"], None)
-            if requested is not None:
-                self.switch_latency = event["switch_latency"] = now - requested
-                self._metrics.observe("longsana_prompt_switch_seconds", self.switch_latency)
+        self._prompt_seq = frame.prompt_seq
+        requested = self._requests.pop(frame.request, None)
+        if requested is not None:  # the first frame made after a prompt request, now on screen
+            self.switch_latency = event["switch_latency"] = now - requested
+            self._metrics.observe("longsana_prompt_switch_seconds", self.switch_latency)
         self.emit(event)
 
     # -- control (event loop) -----------------------------------------------------------------------------------
     async def set_prompt(self, prompt: str, executor: Executor) -> None:
-        """Switch the prompt at the generator's next chunk; ValueError if the generator refuses it. The generator
-        may encode the prompt right away, so its set_prompt runs on `executor`, off the event loop (the server's
-        executor has a thread per stream: one stream's encoding never waits for another's)."""
-        self._requests[prompt] = self._loop.time()
-        while len(self._requests) > MAX_PROMPT_REQUESTS:
-            del self._requests[next(iter(self._requests))]
+        """Switch the prompt from the frame on screen (see the module's doc); ValueError if the generator refuses
+        it. The generator encodes the prompt right away, so its set_prompt runs on `executor`, off the event loop
+        (the server's executor has a thread per stream: one stream's switch never waits for another's)."""
+        arrived = self._loop.time()
         job = executor.submit(self._set_prompt, prompt)
         self._control_jobs.add(job)
         job.add_done_callback(self._control_jobs.discard)
-        try:
-            await asyncio.wrap_future(job)
-        except Exception:
-            self._requests.pop(prompt, None)
-            raise
+        request = await asyncio.wrap_future(job)
+        if request is not None:
+            self._requests[request] = arrived
+            while len(self._requests) > MAX_PROMPT_REQUESTS:
+                del self._requests[next(iter(self._requests))]
 
-    def _set_prompt(self, prompt: str) -> None:
+    def _set_prompt(self, prompt: str) -> int | None:
+        """The generator's request id (None: the stream is still starting, and its first chunk will use it)."""
         with self._lock:
-            if self._stream is None:  # still starting: the first chunk will use it
+            if self._stream is None:
                 self._prompt = prompt
-                return
+                return None
             stream = self._stream
-        stream.set_prompt(prompt)
+        request = stream.set_prompt(prompt, at_frame=self._encoded)
+        self._handoff.hurry()
+        return request
 
     def rewind(self, seconds: float) -> float:
-        """Go back `seconds` from the frame on screen; returns how far that was possible.
-
-        The generator is ahead of the screen by the frames generated but not shown yet, and by the chunk it is
-        generating (the rewind applies to the chunk after it), so that lead is added: once those frames have
-        played, the stream continues from what was on screen `seconds` ago."""
+        """Go back `seconds` from the frame on screen; returns how far that was possible. (The few frames already
+        encoded after it still play first.)"""
         with self._lock:
             stream = self._stream
         if stream is None:
             return 0.0
-        ahead = self._frontier - self._shown + (self._chunk_frames if self._generating else 0)
-        lead = max(0, ahead) / self.fps
-        return max(0.0, stream.rewind(seconds + lead) - lead)
+        rewound = stream.rewind(seconds, at_frame=self._shown)
+        self._handoff.hurry()
+        return rewound
 
     def pause(self) -> None:
         self._playing.clear()

@@ -60,6 +60,7 @@ class SyntheticStream:
         self._lock = threading.Lock()  # guards the fields set_prompt / rewind change from other threads
         self._prompt, self._prompt_seq, self._pending = prompt, 0, None
         self._next_frame = 0
+        self._requests = self._request = 0  # requests asked (set_prompt, rewind); the last one applied
         self._closed = threading.Event()
         self._state = np.ones(pipe.state_bytes, np.uint8)  # written so that it is resident, like real state
         pipe._count(+1)
@@ -73,12 +74,13 @@ class SyntheticStream:
                 if self._pending is not None:
                     self._prompt, self._pending = self._pending, None
                     self._prompt_seq += 1
-                prompt, prompt_seq, start = self._prompt, self._prompt_seq, self._next_frame
+                self._request = self._requests
+                prompt, prompt_seq, start, request = self._prompt, self._prompt_seq, self._next_frame, self._request
                 self._next_frame += n
             frames = self._render(prompt, start, n)
             if self._closed.wait(max(0.0, self._pipe.delay - (time.perf_counter() - t0))):
                 return
-            yield Chunk(frames, index, start, prompt, prompt_seq, time.perf_counter() - t0)
+            yield Chunk(frames, index, start, prompt, prompt_seq, time.perf_counter() - t0, request)
             index += 1
 
     def _render(self, prompt: str, start: int, n: int) -> np.ndarray:
@@ -91,18 +93,25 @@ class SyntheticStream:
             frames[i, :, x:x + bar] = 255
         return frames
 
-    def set_prompt(self, prompt: str) -> None:
+    def set_prompt(self, prompt: str, at_frame: int | None = None, transition_frames: int | None = None) -> int:
+        """The generator's contract (longsana/stream.py); a synthetic switch lands at the next chunk, wherever
+        `at_frame` is. Returns the request's id, which the chunks made after it carry."""
         check_prompt(prompt)
         with self._lock:
             self._pending = prompt
+            self._requests += 1
+            return self._requests
 
-    def rewind(self, seconds: float) -> float:
+    def rewind(self, seconds: float, at_frame: int | None = None) -> float:
+        """Go back `seconds` from `at_frame` (None: the end of what was made), at the next chunk."""
         if not seconds >= 0:
             raise ValueError(f"cannot rewind {seconds!r} seconds")
         with self._lock:
-            back = min(round(seconds * self.fps), self._next_frame)
-            self._next_frame -= back
-        return back / self.fps
+            now = self._next_frame if at_frame is None else min(at_frame, self._next_frame)
+            to = max(0, now - round(seconds * self.fps))
+            self._next_frame = to
+            self._requests += 1
+        return (now - to) / self.fps
 
     def close(self) -> None:
         if not self._closed.is_set():

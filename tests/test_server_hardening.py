@@ -72,10 +72,10 @@ class FailingPipeline(SyntheticPipeline):
         stream = super().stream(*args, **kwargs)
         set_prompt = stream.set_prompt
 
-        def failing(prompt):
+        def failing(prompt, **kwargs):
             if prompt == "boom":
                 raise TypeError("simulated handler bug")
-            set_prompt(prompt)
+            return set_prompt(prompt, **kwargs)
 
         stream.set_prompt = failing
         return stream
@@ -313,10 +313,10 @@ class SlowPromptPipeline(SyntheticPipeline):
         stream = super().stream(*args, **kwargs)
         set_prompt = stream.set_prompt
 
-        def slow(prompt):
+        def slow(prompt, **kwargs):
             if prompt == "slow":
                 time.sleep(3)
-            set_prompt(prompt)
+            return set_prompt(prompt, **kwargs)
 
         stream.set_prompt = slow
         return stream
