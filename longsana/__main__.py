@@ -2,4 +2,5 @@
 
 from longsana.cli import main
 
-main(prog_name="longsana")
+if __name__ == "__main__":  # importing the module (as the import-everything test does) runs nothing
+    main(prog_name="longsana")
