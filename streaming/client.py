@@ -253,6 +253,33 @@ class WsClient(Client):
         await self._http.close()
 
 
+async def refusals(c: Client, raws: list[str | bytes], timeout: float = 10) -> list[tuple[str, int | None]]:
+    """Send each raw message; the (code, seq) of the errors they got, once there are as many as messages."""
+    before = len(c.errors())
+    for raw in raws:
+        c.send_raw(raw)
+    await c.wait_until(lambda: len(c.errors()) >= before + len(raws), timeout)
+    return [(e["code"], e["seq"]) for e in c.errors()[before:]]
+
+
+def address(url: str) -> tuple[str, int]:
+    """(host, port) of a server's URL."""
+    host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
+    return host, int(port)
+
+
+def http(url: str, raw: bytes, timeout: float = 10) -> tuple[int, bytes]:
+    """Send raw bytes as an HTTP request (for requests no HTTP library would send); (status, body). IndexError if
+    the server sent no response."""
+    with socket.create_connection(address(url), timeout=timeout) as s:
+        s.sendall(raw)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
 def post_json(url: str, body: dict, timeout: float = 30, headers: dict | None = None) -> tuple[int, dict]:
     """POST a JSON body; (status, JSON reply) for error statuses too."""
     request = urllib.request.Request(url, json.dumps(body).encode(),

@@ -12,7 +12,7 @@ import struct
 import aiohttp
 import pytest
 
-from longsana.streaming.client import Refused, RtcClient, WsClient, frame_rate, post_json
+from longsana.streaming.client import Refused, RtcClient, WsClient, address, frame_rate, post_json
 from longsana.streaming.server import ServerConfig, ServerThread
 from longsana.streaming.synthetic import SyntheticPipeline
 
@@ -47,11 +47,6 @@ BAD_MESSAGES = [
     "x" * 20_000,
     '{"type": "stats", "seq": "1"}',
 ]
-
-
-def address(url: str) -> tuple[str, int]:
-    host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
-    return host, int(port)
 
 
 def process() -> tuple[int, int]:

@@ -5,7 +5,6 @@ stand for GPU memory), and keeps serving the other viewers."""
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import urllib.request
 import aiohttp
 import pytest
 
-from longsana.streaming.client import Refused, RtcClient, WsClient, post_json
+from longsana.streaming.client import Refused, RtcClient, WsClient, http, post_json, refusals
 from longsana.streaming.server import ServerConfig, ServerThread
 from longsana.streaming.synthetic import MappedPipeline, SyntheticPipeline
 
@@ -69,10 +68,7 @@ def test_bad_messages_get_errors_and_the_stream_goes_on(client):
     async def main(server):
         c = await client.connect(server.url, FOX, decode=False)
         await c.wait_until(lambda: len(c.frames) >= 8)
-        for raw, _, _ in BAD_MESSAGES:
-            c.send_raw(raw)
-        await c.wait_until(lambda: len(c.errors()) >= len(BAD_MESSAGES), 10)
-        got = [(e["code"], e["seq"]) for e in c.errors()]
+        got = await refusals(c, [raw for raw, _, _ in BAD_MESSAGES])
         assert got == [(code, seq) for _, code, seq in BAD_MESSAGES]
         assert all(e["message"] for e in c.errors())
         await still_streaming(c)
@@ -104,18 +100,6 @@ def test_a_flood_of_messages_is_bounded():
 
     with serve() as server:
         run(main(server))
-
-
-def http(url: str, raw: bytes) -> tuple[int, bytes]:
-    """Send raw bytes as an HTTP request; (status, body)."""
-    host, port = url.split("//")[1].rstrip("/").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(raw)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 def test_bad_http_requests():

@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 
 from longsana.cli import main as cli
 from longsana.streaming import server as server_module
-from longsana.streaming.client import Refused, RtcClient, WsClient, post_json
+from longsana.streaming.client import Refused, RtcClient, WsClient, address, http, post_json, refusals
 from longsana.streaming.server import ServerConfig, ServerThread, check_origin
 from longsana.streaming.synthetic import SyntheticPipeline
 
@@ -37,22 +37,6 @@ def run(coro, timeout=60):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-def address(url: str) -> tuple[str, int]:
-    host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
-    return host, int(port)
-
-
-def http(url: str, raw: bytes, timeout=10) -> tuple[int, bytes]:
-    """Send raw bytes as an HTTP request; (status, body). IndexError if the server sent no response."""
-    with socket.create_connection(address(url), timeout=timeout) as s:
-        s.sendall(raw)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
 async def still_streaming(c, seconds=0.6) -> None:
     n = len(c.frames)
     await c.wait_until(lambda: len(c.frames) >= n + int(seconds * 16 * 0.6), 10)
@@ -65,20 +49,35 @@ async def answers(c) -> None:
     await still_streaming(c)
 
 
-class FailingPipeline(SyntheticPipeline):
-    """set_prompt raises what no handler expects for one prompt, as a buggy text encoder would."""
+class HookedPipeline(SyntheticPipeline):
+    """A synthetic source whose streams call `hook(prompt)` first in set_prompt (a stand-in for a text encoder)."""
+
+    def __init__(self, hook, **kwargs):
+        super().__init__(**kwargs)
+        self.hook = hook
 
     def stream(self, *args, **kwargs):
         stream = super().stream(*args, **kwargs)
         set_prompt = stream.set_prompt
 
-        def failing(prompt, **kwargs):
-            if prompt == "boom":
-                raise TypeError("simulated handler bug")
+        def hooked(prompt, **kwargs):
+            self.hook(prompt)
             return set_prompt(prompt, **kwargs)
 
-        stream.set_prompt = failing
+        stream.set_prompt = hooked
         return stream
+
+
+def fails_on_boom(prompt: str) -> None:
+    """What no handler expects, for one prompt, as a buggy text encoder would raise."""
+    if prompt == "boom":
+        raise TypeError("simulated handler bug")
+
+
+def slow_on_slow(prompt: str) -> None:
+    """3 s for one prompt, as a large text encoder on a busy GPU may take."""
+    if prompt == "slow":
+        time.sleep(3)
 
 
 # -- 1. one bad control message silenced the stream's control loop ------------------------------------------------
@@ -99,14 +98,11 @@ def test_bad_control_messages_never_silence_the_stream(client):
     async def main(server):
         c = await client.connect(server.url, FOX, decode=False)
         await c.wait_until(lambda: len(c.frames) >= 8)
-        for raw, _, _ in BAD_CONTROL:
-            c.send_raw(raw)
-        await c.wait_until(lambda: len(c.errors()) >= len(BAD_CONTROL), 10)
-        assert [(e["code"], e["seq"]) for e in c.errors()] == [(code, seq) for _, code, seq in BAD_CONTROL]
+        assert await refusals(c, [raw for raw, _, _ in BAD_CONTROL]) == [(code, seq) for _, code, seq in BAD_CONTROL]
         await answers(c)
         await c.close()
 
-    with serve(FailingPipeline(height=64, width=96)) as server:
+    with serve(HookedPipeline(fails_on_boom, height=64, width=96)) as server:
         run(main(server))
 
 
@@ -306,22 +302,6 @@ def test_recordings_are_muxed_once_and_downloads_are_bounded(monkeypatch):
         run(main(server))
 
 
-class SlowPromptPipeline(SyntheticPipeline):
-    """set_prompt of one prompt takes 3 s, as a large text encoder on a busy GPU may."""
-
-    def stream(self, *args, **kwargs):
-        stream = super().stream(*args, **kwargs)
-        set_prompt = stream.set_prompt
-
-        def slow(prompt, **kwargs):
-            if prompt == "slow":
-                time.sleep(3)
-            return set_prompt(prompt, **kwargs)
-
-        stream.set_prompt = slow
-        return stream
-
-
 @pytest.mark.slow
 def test_prompt_encoding_of_one_stream_does_not_hold_up_another():
     async def main(server):
@@ -337,7 +317,7 @@ def test_prompt_encoding_of_one_stream_does_not_hold_up_another():
         await a.close()
         await b.close()
 
-    with serve(SlowPromptPipeline(height=64, width=96)) as server:
+    with serve(HookedPipeline(slow_on_slow, height=64, width=96)) as server:
         run(main(server))
 
 
