@@ -309,6 +309,7 @@ def test_examples_vocabulary_and_phone_layout(playwright, demo_url):
     texts = [li.split("\n")[-1] for li in page.locator("#prompts li").all_inner_texts()]
     assert texts == [DEMO_EXAMPLES[1], DEMO_EXAMPLES[2], DEMO_EXAMPLES[1]]
     ARTIFACTS.mkdir(exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=ARTIFACTS / "page-phone.png", full_page=True)
 
     page.click("#stop")
