@@ -5,12 +5,16 @@ Client -> server (each may carry an integer `seq`; the reply echoes it):
                                         replace: the token of this client's earlier stream, which it ends
     prompt  {prompt}                    switch the prompt; applies at the next chunk the generator starts
     pause / resume
+    stop                                end the stream now; the reply comes before the `end` event, and the
+                                        recording stays downloadable (see ServerConfig.recording_keep_seconds)
     rewind  {seconds}                   go back `seconds` of what is on screen; the reply says how far it went
     stats                               the reply is a `stats` message
     ping                                keeps the stream alive (any message does; see ServerConfig.client_timeout)
 Server -> client:
-    hello {session, token, transport, codec, model, fps, max_prompt_chars, max_message_bytes}: the page takes its
-        limits and the video's frame rate from it; the token, a secret, lets only this client replace the stream; ack {seq, ...}, error {seq, code, message}, stats {...},
+    hello {session, token, transport, codec, model, fps, max_prompt_chars, max_message_bytes,
+        recording_keep_seconds, examples, vocabulary, default_prompt}: the page takes its limits, the video's frame
+        rate and what it offers the user (streaming/guide.py) from it; the token, a secret, lets only this client
+        replace the stream; ack {seq, ...}, error {seq, code, message}, stats {...},
     chunk {index, start_frame, frames, prompt, prompt_seq, gen_seconds, pts} when a chunk's first frame is sent
         (a GPU stream sends its first chunk in two pieces: its first frame, gen_seconds 0, then the rest),
     end {reason}
@@ -39,7 +43,7 @@ FIELDS = {
     "start": {"prompt": ("prompt", True), "seed": ("seed", False), "replace": ("text", False)},
     "offer": {"sdp": ("text", True), "prompt": ("prompt", True), "seed": ("seed", False), "replace": ("text", False)},
     "prompt": {"prompt": ("prompt", True)},
-    "pause": {}, "resume": {}, "stats": {}, "ping": {},
+    "pause": {}, "resume": {}, "stop": {}, "stats": {}, "ping": {},
     "rewind": {"seconds": ("seconds", True)},
 }
 CLIENT_TYPES = tuple(t for t in FIELDS if t != "offer")  # the offer is the body of POST /offer, not a message

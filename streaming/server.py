@@ -8,11 +8,15 @@ stream's generator and encoders run on their own threads (streaming/session.py),
     POST /offer                   {sdp, type: "offer", prompt, seed?, replace?}
                                   -> {sdp, type: "answer", session, token}
     GET  /ws                      the WebSocket fallback: JSON control messages, binary JPEG frames
-    GET  /recording/<id>.mp4      what a live stream has sent so far, as MP4
+    GET  /recording/<id>.mp4      what a stream has sent so far, as MP4: while it lives, and for
+                                  `recording_keep_seconds` after it ends
+    GET  /model                   what the page offers before a stream starts (also in each hello): the model's
+                                  name, video size, default and example prompts, vocabulary (guide.py)
     GET  /metrics  /health        Prometheus text; JSON
 
 A stream lives until its client leaves (WebRTC connection closed or failed, WebSocket closed, or no control
-message for `client_timeout` seconds: the page sends one every second), its generator ends, or the server stops.
+message for `client_timeout` seconds: the page sends one every second) or stops it, its generator ends, or the
+server stops.
 Its slot is taken only once its request is valid, and given back only once its generator has been closed, so
 `max_streams` bounds GPU memory. `replace` ends the stream whose secret token (in its hello) it gives.
 
@@ -63,6 +67,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from longsana.config import CONFIG_FILES, DEFAULT_MODEL, read_toml
+from longsana.streaming.guide import prompt_guide
 from longsana.streaming.media import MIN_SIDE, Recording
 from longsana.streaming.metrics import CONTENT_TYPE, Metrics
 from longsana.streaming.protocol import (FRAME_HEADER, MAX_MESSAGE_BYTES, MAX_OFFER_BYTES, MAX_PROMPT_CHARS,
@@ -109,6 +114,7 @@ class ServerConfig:
     stream_kwargs: dict = field(default_factory=dict)  # height / width / motion_score for pipe.stream
     record_max_bytes: int = 512 << 20  # per stream; the MP4 download keeps the first part beyond this
     model_name: str = "unnamed"  # shown by /health and the page
+    recording_keep_seconds: float = 300.0  # how long a recording stays downloadable after its stream ends (0: not)
     allowed_origins: tuple[str, ...] = ()  # web origins of other sites whose pages may use the server ("*": any)
     allowed_hosts: tuple[str, ...] = ()  # names besides localhost and IP addresses the server answers to ("*": any)
 
@@ -123,6 +129,9 @@ class ServerConfig:
         need("request_timeout", _is_seconds(self.request_timeout), "a finite number of seconds > 0")
         need("max_connections", _is_int(self.max_connections) and self.max_connections >= 1, "an integer >= 1")
         need("max_downloads", _is_int(self.max_downloads) and self.max_downloads >= 1, "an integer >= 1")
+        keep = self.recording_keep_seconds
+        need("recording_keep_seconds", _is_seconds(keep) or keep == 0 and not isinstance(keep, bool),
+             "a finite number of seconds >= 0")
         for side in ("height", "width"):
             n = self.stream_kwargs.get(side)
             if n is not None and not (_is_int(n) and n >= MIN_SIDE and n % 2 == 0):
@@ -300,6 +309,46 @@ class WsPeer:
         await self.ws.close(code=code, message=reason.encode())
 
 
+class KeptRecordings:
+    """The recordings of ended streams, each downloadable for `seconds` after its stream was freed. A session
+    deletes its recording's file when it is freed, so a second name (a hard link, the same file) is made in
+    `folder` before that: the muxer finishes writing the file through its first name, and the second keeps it.
+    They take at most the disk that the streams ended over the last `seconds` wrote (record_max_bytes each)."""
+
+    def __init__(self, folder: Path, seconds: float, loop: asyncio.AbstractEventLoop):
+        self.folder, self.seconds, self._loop = folder, seconds, loop
+        self._files: dict[str, Path] = {}  # session id -> its complete recording
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        folder.mkdir()
+
+    async def free(self, session: Session) -> None:
+        """session.wait_freed(), keeping its recording (if it has one) for `seconds`."""
+        kept, linked = self.folder / session.recording.path.name, False
+        if self.seconds > 0:
+            try:
+                os.link(session.recording.path, kept)
+                linked = True
+            except FileNotFoundError:  # nothing was streamed
+                pass
+            except OSError as e:  # a file system without hard links: the recording goes with its stream
+                log.warning("cannot keep the recording of stream %s: %s", session.sid, e)
+        await session.wait_freed()
+        if linked:
+            self._files[session.sid] = kept
+            self._timers[session.sid] = self._loop.call_later(self.seconds, self._delete, session.sid)
+
+    def get(self, sid: str) -> Path | None:
+        return self._files.get(sid)
+
+    def _delete(self, sid: str) -> None:
+        del self._timers[sid]
+        self._files.pop(sid).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+
+
 class Server:
     def __init__(self, pipe, config: ServerConfig):
         self.pipe, self.config = pipe, config
@@ -310,6 +359,7 @@ class Server:
         self._supervisors: dict[str, asyncio.Task] = {}
         self._downloads = 0
         self.url = None
+        self.guide = prompt_guide(config.model_name)  # what the page offers: see /model
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> str:
@@ -319,6 +369,7 @@ class Server:
         if self.config.ice_loopback:
             use_loopback_candidates()
         self._tmp = tempfile.TemporaryDirectory(prefix="longsana-streams-")
+        self.kept = KeptRecordings(Path(self._tmp.name) / "kept", self.config.recording_keep_seconds, self.loop)
         # two threads per stream (producer, encoder), reused: fresh threads would each warm up a new malloc arena
         self._threads = ThreadPoolExecutor(2 * self.config.max_streams, thread_name_prefix="longsana-stream")
         # prompt changes: the generator may run its text encoder in set_prompt, which must not block the loop; a
@@ -331,6 +382,7 @@ class Server:
         app.router.add_get("/ws", self._websocket)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/model", self._model)
         app.router.add_get(r"/recording/{sid:[\w-]+}.mp4", self._recording)
         app.on_response_prepare.append(_one_request)
         # keepalive_timeout runs from the moment a connection opens, so it also bounds how long a request's head
@@ -366,6 +418,7 @@ class Server:
             session.close("the server is stopping")
         await asyncio.gather(*self._supervisors.values(), return_exceptions=True)
         await self._runner.cleanup()
+        self.kept.close()
         self._threads.shutdown()
         self._control_threads.shutdown()
         self._tmp.cleanup()
@@ -446,7 +499,7 @@ class Server:
             try:
                 await peer.close()
             finally:
-                await session.wait_freed()
+                await self.kept.free(session)
                 release_memory()
                 del self.sessions[session.sid], self._tokens[session.sid], self._supervisors[session.sid]
 
@@ -461,7 +514,8 @@ class Server:
     def _hello(self, session: Session, transport: str, seq: int | None = None, **extra) -> dict:
         return {"type": "hello", "seq": seq, "session": session.sid, "token": self._tokens[session.sid],
                 "transport": transport, "model": self.config.model_name, "fps": self.pipe.spec.fps,
-                "max_message_bytes": MAX_MESSAGE_BYTES, "max_prompt_chars": MAX_PROMPT_CHARS, **extra}
+                "max_message_bytes": MAX_MESSAGE_BYTES, "max_prompt_chars": MAX_PROMPT_CHARS,
+                "recording_keep_seconds": self.config.recording_keep_seconds, **self.guide, **extra}
 
     def _sent(self, transport: str, size: int | None) -> None:
         self.metrics.inc("longsana_frames_sent_total", transport=transport)
@@ -503,6 +557,8 @@ class Server:
                 ack["rewound"] = round(session.rewind(msg["seconds"]), 3)
             elif kind == "stats":
                 return dict(session.stats(), seq=seq)
+            elif kind == "stop":  # the ack goes out before the end event: the supervisor sends that once woken
+                session.close("stopped by the client")
             elif kind == "start":
                 raise ProtocolError("bad_message", "this stream has already started", seq)
         except ValueError as e:  # refused by the generator
@@ -543,6 +599,11 @@ class Server:
             health["reason"] = f"the device failed: {type(failure).__name__}: {failure}"
         return web.json_response(health, status=200 if failure is None else 503)
 
+    async def _model(self, request: web.Request) -> web.Response:
+        size = {side: self.config.stream_kwargs.get(side, getattr(self.pipe.spec, side)) for side in ("width", "height")}
+        return web.json_response({"model": self.config.model_name, **size, **self.guide,
+                                  "recording_keep_seconds": self.config.recording_keep_seconds})
+
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
@@ -562,29 +623,38 @@ class Server:
             raise web.HTTPRequestTimeout(text=f"the body did not arrive within {self.config.request_timeout:g} s",
                                          headers={"Connection": "close"}) from None
 
-    async def _recording(self, request: web.Request) -> web.StreamResponse:
-        """The live stream's recording as it is now: the complete part of its MP4, read in pieces (at most
-        max_downloads at once: each holds a worker thread and a file)."""
-        sid = request.match_info["sid"]
+    def _recording_file(self, sid: str) -> tuple[Path, int]:
+        """A stream's recording: a live one's complete part (through its kept name once that exists: the first
+        goes when the stream is freed), or an ended one's whole file."""
+        if kept := self.kept.get(sid):
+            return kept, kept.stat().st_size
         session = self.sessions.get(sid)
         if session is None:
-            raise web.HTTPNotFound(text=f"no live stream {sid!r}: a recording lasts as long as its stream")
-        size = session.recording.size
+            keep = self.config.recording_keep_seconds
+            raise web.HTTPNotFound(text=f"no recording of stream {sid!r}: a recording can be downloaded while its "
+                                        f"stream is live and for {keep:g} s after it ends")
         if not session.recording.frames:
             raise web.HTTPConflict(text="nothing has been streamed yet")
+        kept = self.kept.folder / session.recording.path.name
+        return kept if kept.exists() else session.recording.path, session.recording.size
+
+    async def _recording(self, request: web.Request) -> web.StreamResponse:
+        """A stream's recording (see _recording_file), read in pieces (at most max_downloads at once: each holds a
+        worker thread and a file)."""
+        path, size = self._recording_file(request.match_info["sid"])
         if self._downloads >= self.config.max_downloads:
             return web.json_response(error("busy", f"busy: {self._downloads} downloads are running; try again when "
                                                    "one ends"), status=503)
         self._downloads += 1
         try:
-            # once open, the file is readable to its end even if the stream ends (and removes it) meanwhile
-            with await asyncio.to_thread(open, session.recording.path, "rb") as f:
+            # once open, the file is readable to its end even if it is deleted meanwhile
+            with await asyncio.to_thread(open, path, "rb") as f:
                 response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
                 response.content_length = size
                 await response.prepare(request)
                 while request.method != "HEAD" and size > 0:
                     piece = await asyncio.to_thread(read_piece, f, min(DOWNLOAD_PIECE_BYTES, size))
-                    if not piece:  # cannot happen: the file only grows while its stream lives
+                    if not piece:  # cannot happen: the file only grows
                         raise ConnectionResetError("the recording ended early")
                     await response.write(piece)
                     size -= len(piece)
@@ -773,12 +843,19 @@ def _run_loop(main) -> None:
         uvloop.run(main)
 
 
+def open_page(url: str) -> str:
+    """Open `url` in the user's browser; what happened, to print."""
+    if webbrowser.open(url):
+        return f"Opened {url} in your browser."
+    return f"No browser found here: open {url} in a browser."
+
+
 async def _serve_forever(pipe, config: ServerConfig, open_browser: bool) -> None:
     server = Server(pipe, config)
     url = await server.start()
     print(f"LongSANA ({config.model_name}) streaming at {url}  (Ctrl+C stops)", flush=True)
     if open_browser:
-        webbrowser.open(url)
+        print(open_page(url), flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
