@@ -210,6 +210,7 @@ class Session:
             self._fail("generator", e)
         finally:
             if stream is not None:
+                stream.deadline = None  # it refers to this session: no reference cycle outlives the stream
                 stream.close()  # frees its GPU memory, from the thread that used it
             self._handoff.close()
 

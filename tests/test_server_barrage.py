@@ -89,8 +89,12 @@ async def websocket_faults(url: str) -> None:
         with pytest.raises(Refused):
             await WsClient.connect(url, FOX, decode=False)
         async with session.ws_connect(url + "ws", max_msg_size=0) as ws:
-            await ws.send_bytes(b"\x00" * (2 << 20))
-            assert (await ws.receive(timeout=10)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            try:
+                await ws.send_bytes(b"\x00" * (2 << 20))
+            except ConnectionError:  # the server may close the connection before all of it is sent: as it should
+                pass
+            else:
+                assert (await ws.receive(timeout=10)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         ws = await session.ws_connect(url + "ws")
         ws.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
         await ws.close()

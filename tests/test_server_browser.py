@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import av
@@ -87,6 +88,17 @@ def playwright():
 
 def launch(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+
+
+def idle(url: str, timeout_s: float = 30.0) -> str:
+    """`url` once the module's server holds no stream: an earlier test's may linger (a WebRTC connection that never
+    connected is dropped after the client timeout) and hold a slot this test needs."""
+    for _ in range(int(timeout_s / 0.2)):
+        with urllib.request.urlopen(url + "health", timeout=10) as r:
+            if json.loads(r.read())["streams"] == 0:
+                return url
+        time.sleep(0.2)
+    raise AssertionError(f"the server still holds a stream after {timeout_s:g} s")
 
 
 def screen_color(page, selector: str) -> np.ndarray:
@@ -214,6 +226,7 @@ def test_falls_back_to_websocket_when_webrtc_cannot_connect(playwright, url):
 
 
 def test_stop_then_download_after_the_end_then_start_again(playwright, url, tmp_path):
+    idle(url)
     browser = launch(playwright)
     page = browser.new_page(accept_downloads=True)
     offers = []
@@ -245,6 +258,7 @@ def test_stop_then_download_after_the_end_then_start_again(playwright, url, tmp_
 
 
 def test_transport_menu_reconnects_a_live_stream(playwright, url):
+    idle(url)
     browser = launch(playwright)
     page = browser.new_page()
     page.goto(f"{url}?transport=webrtc")

@@ -46,8 +46,16 @@ async def idle(url: str) -> dict[str, float]:
                 break
         assert time.monotonic() < deadline, "streams were not freed"
         await asyncio.sleep(0.1)
-    await asyncio.sleep(0.3)  # let closed connections finish tearing down
-    return metrics(url)
+    # let closed connections finish tearing down: their encoders' and peers' threads end on their own time, so
+    # sample once the thread count has held for a moment
+    previous = None
+    for _ in range(20):
+        await asyncio.sleep(0.3)
+        now = metrics(url)
+        if previous is not None and now["process_threads"] == previous["process_threads"]:
+            break
+        previous = now
+    return now
 
 
 async def cycle(url: str, i: int) -> None:
