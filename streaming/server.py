@@ -921,6 +921,8 @@ def _use_preset(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Open connections at once; more are answered 503.")
 @click.option("--max-downloads", default=ServerConfig.max_downloads, show_default=True,
               help="Recordings downloaded at once.")
+@click.option("--recording-keep-seconds", type=float, default=ServerConfig.recording_keep_seconds, show_default=True,
+              help="How long a stream's recording stays downloadable after the stream ends (0: not at all).")
 @click.option("--allow-origin", multiple=True, default=ServerConfig.allowed_origins,
               help="Web origin of another site whose pages may use this server, e.g. https://example.com "
                    "(repeatable; \"*\": any).")
@@ -929,14 +931,16 @@ def _use_preset(ctx: click.Context, param: click.Parameter, value: str | None) -
                    "addresses, e.g. studio.lan (repeatable; \"*\": any, which leaves DNS rebinding open).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in a browser.")
 def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width, stun, ice_loopback, client_timeout,
-              request_timeout, max_connections, max_downloads, allow_origin, allow_host, open_browser):
+              request_timeout, max_connections, max_downloads, recording_keep_seconds, allow_origin, allow_host,
+              open_browser):
     """Stream videos to browsers: open the printed URL, type a prompt, press Enter."""
     stream_kwargs = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     model = model or DEFAULT_MODEL
     try:
         config = ServerConfig(host=host, port=port, max_streams=max_streams, client_timeout=client_timeout,
                               request_timeout=request_timeout, max_connections=max_connections,
-                              max_downloads=max_downloads, ice_servers=tuple(stun), ice_loopback=ice_loopback,
+                              max_downloads=max_downloads, recording_keep_seconds=recording_keep_seconds,
+                              ice_servers=tuple(stun), ice_loopback=ice_loopback,
                               stream_kwargs=stream_kwargs, model_name=model, allowed_origins=tuple(allow_origin),
                               allowed_hosts=tuple(allow_host))
     except ConfigError as e:

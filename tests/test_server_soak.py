@@ -28,6 +28,7 @@ WARMUP_CYCLES = 2  # the first streams load codecs and grow the allocator's pool
 # plus its encoders and frames; Python's heap moves by about 1.5% between idle samples.
 RSS_SLACK = 8 << 20  # bytes, over the second half of the run
 BLOCKS_SLACK = 0.03
+SETTLED_BLOCKS = 200  # Python heap blocks between two reads 0.3 s apart: the teardown is over
 FOX, OWL = "a red fox trotting through snow", "an owl gliding over a moonlit lake"
 
 
@@ -46,13 +47,14 @@ async def idle(url: str) -> dict[str, float]:
                 break
         assert time.monotonic() < deadline, "streams were not freed"
         await asyncio.sleep(0.1)
-    # let closed connections finish tearing down: their encoders' and peers' threads end on their own time, so
-    # sample once the thread count has held for a moment
+    # let closed connections finish tearing down (their peers, codecs and threads go on their own time): sample once
+    # the thread count and Python's heap have held for a moment
     previous = None
     for _ in range(20):
         await asyncio.sleep(0.3)
         now = metrics(url)
-        if previous is not None and now["process_threads"] == previous["process_threads"]:
+        if previous is not None and now["process_threads"] == previous["process_threads"] and \
+                abs(now["python_allocated_blocks"] - previous["python_allocated_blocks"]) < SETTLED_BLOCKS:
             break
         previous = now
     return now
@@ -86,7 +88,8 @@ def test_soak_memory_is_flat(tmp_path):
 
         model = ["--model", str(save_pipeline(tiny_pipeline(), tmp_path)), "--spec", SOAK_MODEL]
     proc = subprocess.Popen([sys.executable, "-m", "longsana.cli", "serve", *model, "--port", "0",
-                             "--ice-loopback", "--client-timeout", "3"], stdout=subprocess.PIPE, text=True)
+                             "--ice-loopback", "--client-timeout", "3", "--recording-keep-seconds", "0"],
+                            stdout=subprocess.PIPE, text=True)  # kept recordings are held on purpose, for minutes
     try:
         url = re.search(r"http://\S+", proc.stdout.readline()).group(0)
 
