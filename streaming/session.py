@@ -10,9 +10,9 @@ one chunk ahead of the screen at most.
 A new prompt names the frame it starts from: the next frame the encoder will take (a rewind: the frame on screen).
 The generator lands the switch a lead after it (longsana/stream.py: the time to make about two chunks) and goes
 back if it had made frames past that point; the producer is let go at once, so the generator starts on it now
-rather than when the chunk in hand starts playing. A chunk that starts before the end of what was handed over is such a cut: frames from
-its start on that are still queued, or not yet encoded, are dropped, so the video goes on from the frame on screen
-with no jump and no repeat. (Frames already encoded are never dropped: the H.264 stream's references stay whole. A
+rather than when the chunk in hand starts playing. A chunk that starts before the end of what was handed over is
+such a cut: frames from its start on that are still queued, or not yet encoded, are dropped, so the video goes on
+from the frame on screen with no jump and no repeat. (Frames already encoded are never dropped: the H.264 stream's references stay whole. A
 cut that comes too late to meet that replaces none of them and re-sends their indices with the new frames.)
 
 Timestamps: frames are released every `step` seconds and their pts advance by exactly `step`, so the browser's
@@ -159,7 +159,6 @@ class Session:
         self._encoded = 0  # the next video frame index the encoder takes (written by the encoder)
         self._gen = 0  # cuts so far (written by the producer); a chunk is handed over with the count at the time
         self._cuts: deque[tuple[int, int]] = deque(maxlen=MAX_CUTS)  # (gen after the cut, its first frame)
-        self._chunk_frames, self._generating = 0, True  # last chunk's length; a chunk is being generated
         self._due, self._pts = None, 0  # pacer clock: loop time the last frame was due, and its pts
         self._shown, self._prompt_seq = 0, 0  # after the last released frame: next frame index, its prompt_seq
         self._requests: dict[int, float] = {}  # the generator's request id -> loop time it came, until on screen
@@ -200,11 +199,9 @@ class Session:
                     self._gen += 1
                     self._cuts.append((self._gen, chunk.start_frame))
                     self._handoff.cut(chunk.start_frame)
-                self._frontier, self._chunk_frames = chunk.start_frame + len(chunk.frames), len(chunk.frames)
-                self._generating = False
+                self._frontier = chunk.start_frame + len(chunk.frames)
                 if self.closing or not self._handoff.put((self._gen, chunk)):
                     return
-                self._generating = True
             self.end_reason = "the generator finished"
         except Exception as e:  # the generator failed: tell the viewer, end this stream, keep the server up
             self._fail("generator", e)
