@@ -220,6 +220,19 @@ MAX_PROMPT_CHARS = 2000  # longest prompt accepted (checked before tokenizing; t
 DEFAULT_SECONDS = 5  # clip length when none is given (the base model's clips are this long)
 
 
+def check_text(text: str, what: str) -> str:
+    """`text` if it can be encoded as UTF-8, else ValueError naming `what`: a lone surrogate, which valid JSON can
+    hold ("\\ud800") and as which Python hands over a command-line argument's bytes that are not UTF-8
+    (U+DC80..U+DCFF), is no text, and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        bad = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"a lone surrogate U+{c:04X}"
+        raise ValueError(f"{what}: not valid UTF-8 text ({bad} at character {e.start})") from None
+    return text
+
+
 def bundled_folder(name: str) -> Path | None:
     """The folder of a built-in model whose weights ship with the package, or None."""
     folder = ASSETS / name

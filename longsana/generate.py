@@ -31,7 +31,7 @@ from pathlib import Path
 
 import click
 
-from .config import DEFAULT_MODEL, DEFAULT_SECONDS
+from .config import DEFAULT_MODEL, DEFAULT_SECONDS, check_text
 
 Timeline = list[tuple]  # (start seconds, prompt), or (start seconds, prompt, transition seconds) where one is given
 
@@ -45,18 +45,6 @@ def read_text(path: Path) -> str:
         line = data.count(b"\n", 0, e.start) + 1
         raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
                          "save the file as UTF-8") from None
-
-
-def check_text(text: str, what: str) -> str:
-    """`text` if it can be encoded as UTF-8, else ValueError naming `what`. Python hands a command-line argument
-    that is not UTF-8 over with its bad bytes as lone surrogates (U+DC80..U+DCFF), which no tokenizer takes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        c = ord(text[e.start])
-        bad = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"a lone surrogate U+{c:04X}"
-        raise ValueError(f"{what}: not valid UTF-8 text ({bad} at character {e.start})") from None
-    return text
 
 
 def read_timeline(path: Path) -> Timeline:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .config import MAX_PROMPT_CHARS
+from .config import MAX_PROMPT_CHARS, check_text
 from .loading import CheckpointError, default_device_dtype, read_json_object
 
 TEXT_LEN = 300  # tokens the transformer sees: BOS + 299
@@ -166,7 +166,7 @@ class TextEncoder:
             raise TypeError(f"a prompt must be a str, got {type(prompt).__name__}")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt too long: {len(prompt)} characters, the limit is {MAX_PROMPT_CHARS}")
-        text = prompt.strip()
+        text = check_text(prompt, "the prompt").strip()
         if not text and not allow_empty:
             raise ValueError("empty prompt")
         return (text.lower() if self.recipe.lowercase else text) + motion_suffix(motion_score)

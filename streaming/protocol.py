@@ -32,7 +32,7 @@ import json
 import math
 import struct
 
-from longsana.config import MAX_PROMPT_CHARS
+from longsana.config import MAX_PROMPT_CHARS, check_text
 
 MAX_MESSAGE_BYTES = 16 * 1024
 MAX_OFFER_BYTES = 64 * 1024  # an SDP offer is a few KB
@@ -134,8 +134,8 @@ def _fields(msg: dict, kind: str, seq: int | None) -> dict:
 def _is_text(s: str) -> bool:
     """False for a string holding a lone surrogate (valid JSON, "\\ud800", but no Unicode text)."""
     try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
+        check_text(s, "")
+    except ValueError:
         return False
     return True
 
@@ -185,6 +185,4 @@ def check_prompt(prompt: object) -> str:
         raise ValueError("the prompt must be a non-empty string")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"the prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-    if not _is_text(prompt):
-        raise ValueError("the prompt is not valid Unicode text (it holds a lone surrogate)")
-    return prompt
+    return check_text(prompt, "the prompt")

@@ -109,6 +109,8 @@ def test_bad_prompts(folder):
         enc.encode(["a" * (MAX_PROMPT_CHARS + 1)])
     with pytest.raises(TypeError, match="must be a str"):
         enc.encode([None])
+    with pytest.raises(ValueError, match=r"the prompt: not valid UTF-8 text \(a lone surrogate U\+D800"):
+        enc.encode(["a fox \ud800"])  # valid JSON can hold it; the tokenizer would fail with a TypeError
     with pytest.raises(ValueError, match="no prompts"):
         enc.encode([])
     for score in [0, -3, 2.5, True]:
