@@ -37,10 +37,10 @@ seed and the schedule, and a rewind followed by the original prompt replays the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import threading
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -252,7 +252,7 @@ class Stream:
         next chunk starts there). None: at the next chunk boundary. transition_frames: video frames over which the
         conditioning moves from the old prompt to the new (default `StreamSettings.transition_frames`).
         Returns the request's id, which the chunks made after it carry (`Chunk.request`). Raises ValueError for a
-        bad prompt. Encodes it here, in the caller's thread, so the switch itself costs the producer nothing."""
+        bad prompt. Encodes it now (a job on the device worker), so the switch itself costs the producer nothing."""
         self.pipe.worker.run(self._encode, prompt)
         n = self.settings.transition_frames if transition_frames is None else transition_frames
         if n < 0:

@@ -108,8 +108,14 @@ class Recording:
         self._stream = self._out.add_stream("h264", rate=fps)
 
     def close(self) -> None:
+        """Finish the file: its last fragment is written, and `frames`, `size` then cover all of it. The file stays
+        (its owner, the server, keeps it for downloads a while): `delete` removes it."""
         with self._lock:
-            self._closed = True
-            if self._out is not None:
+            if self._out is not None and not self._closed:
                 self._out.close()
+                self.frames, self.size = self._muxed, self.path.stat().st_size
+            self._closed = True
+
+    def delete(self) -> None:
+        self.close()
         self.path.unlink(missing_ok=True)

@@ -310,39 +310,28 @@ class WsPeer:
 
 
 class KeptRecordings:
-    """The recordings of ended streams, each downloadable for `seconds` after its stream was freed. A session
-    deletes its recording's file when it is freed, so a second name (a hard link, the same file) is made in
-    `folder` before that: the muxer finishes writing the file through its first name, and the second keeps it.
-    They take at most the disk that the streams ended over the last `seconds` wrote (record_max_bytes each)."""
+    """The recordings of ended streams, each downloadable for `seconds` after its stream was freed, then deleted."""
 
-    def __init__(self, folder: Path, seconds: float, loop: asyncio.AbstractEventLoop):
-        self.folder, self.seconds, self._loop = folder, seconds, loop
-        self._files: dict[str, Path] = {}  # session id -> its complete recording
+    def __init__(self, seconds: float, loop: asyncio.AbstractEventLoop):
+        self.seconds, self._loop = seconds, loop
+        self._kept: dict[str, Recording] = {}  # session id -> its finished recording
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        folder.mkdir()
 
     async def free(self, session: Session) -> None:
-        """session.wait_freed(), keeping its recording (if it has one) for `seconds`."""
-        kept, linked = self.folder / session.recording.path.name, False
-        if self.seconds > 0:
-            try:
-                os.link(session.recording.path, kept)
-                linked = True
-            except FileNotFoundError:  # nothing was streamed
-                pass
-            except OSError as e:  # a file system without hard links: the recording goes with its stream
-                log.warning("cannot keep the recording of stream %s: %s", session.sid, e)
+        """session.wait_freed(), then keep its recording for `seconds` (delete it now if nothing was streamed)."""
         await session.wait_freed()
-        if linked:
-            self._files[session.sid] = kept
+        if self.seconds > 0 and session.recording.frames:
+            self._kept[session.sid] = session.recording
             self._timers[session.sid] = self._loop.call_later(self.seconds, self._delete, session.sid)
+        else:
+            session.recording.delete()
 
-    def get(self, sid: str) -> Path | None:
-        return self._files.get(sid)
+    def get(self, sid: str) -> Recording | None:
+        return self._kept.get(sid)
 
     def _delete(self, sid: str) -> None:
         del self._timers[sid]
-        self._files.pop(sid).unlink(missing_ok=True)
+        self._kept.pop(sid).delete()
 
     def close(self) -> None:
         for timer in self._timers.values():
@@ -369,7 +358,7 @@ class Server:
         if self.config.ice_loopback:
             use_loopback_candidates()
         self._tmp = tempfile.TemporaryDirectory(prefix="longsana-streams-")
-        self.kept = KeptRecordings(Path(self._tmp.name) / "kept", self.config.recording_keep_seconds, self.loop)
+        self.kept = KeptRecordings(self.config.recording_keep_seconds, self.loop)
         # two threads per stream (producer, encoder), reused: fresh threads would each warm up a new malloc arena
         self._threads = ThreadPoolExecutor(2 * self.config.max_streams, thread_name_prefix="longsana-stream")
         # prompt changes: the generator may run its text encoder in set_prompt, which must not block the loop; a
@@ -624,19 +613,16 @@ class Server:
                                          headers={"Connection": "close"}) from None
 
     def _recording_file(self, sid: str) -> tuple[Path, int]:
-        """A stream's recording: a live one's complete part (through its kept name once that exists: the first
-        goes when the stream is freed), or an ended one's whole file."""
-        if kept := self.kept.get(sid):
-            return kept, kept.stat().st_size
+        """A stream's recording: a live one's complete part, or an ended one's whole file."""
         session = self.sessions.get(sid)
-        if session is None:
+        recording = self.kept.get(sid) or (session.recording if session is not None else None)
+        if recording is None:
             keep = self.config.recording_keep_seconds
             raise web.HTTPNotFound(text=f"no recording of stream {sid!r}: a recording can be downloaded while its "
                                         f"stream is live and for {keep:g} s after it ends")
-        if not session.recording.frames:
+        if not recording.frames:
             raise web.HTTPConflict(text="nothing has been streamed yet")
-        kept = self.kept.folder / session.recording.path.name
-        return kept if kept.exists() else session.recording.path, session.recording.size
+        return recording.path, recording.size
 
     async def _recording(self, request: web.Request) -> web.StreamResponse:
         """A stream's recording (see _recording_file), read in pieces (at most max_downloads at once: each holds a

@@ -387,7 +387,7 @@ class Session:
 
     async def wait_freed(self) -> None:
         """Wait until both threads have exited (the generator's stream is closed) and no set_prompt is running,
-        then drop the recording."""
+        then finish the recording."""
         jobs = [asyncio.wrap_future(job) for job in list(self._control_jobs)]
         await asyncio.gather(*self._threads_done, *jobs, return_exceptions=True)
         self.recording.close()
