@@ -2,7 +2,7 @@
 drop their connection) against `longsana serve`, and the server's memory, open files and threads (its own
 /metrics) come back to the same level whenever it is idle.
 
-CI runs it for 20 s on the synthetic source; LONGSANA_SOAK_SECONDS=300 runs it for 5 minutes, and
+CI runs it for 30 s on the synthetic source; LONGSANA_SOAK_SECONDS=300 runs it for 5 minutes, and
 LONGSANA_SOAK_MODEL=tiny on the tiny random model (the real generator) instead.
 """
 
@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -19,14 +20,16 @@ import pytest
 
 from longsana.streaming.client import RtcClient, WsClient
 
-pytestmark = pytest.mark.slow  # a 20 s soak
+pytestmark = pytest.mark.slow  # a 30 s soak
 
-SOAK_SECONDS = float(os.environ.get("LONGSANA_SOAK_SECONDS", 20))
+SOAK_SECONDS = float(os.environ.get("LONGSANA_SOAK_SECONDS", 30))
 SOAK_MODEL = os.environ.get("LONGSANA_SOAK_MODEL", "synthetic")
 WARMUP_CYCLES = 2  # the first streams load codecs and grow the allocator's pools
-# Allowed drift, below what leaking streams would add: each cycle runs two streams, each holding 4 MB of state
-# plus its encoders and frames; Python's heap moves by about 1.5% between idle samples.
-RSS_SLACK = 8 << 20  # bytes, over the second half of the run
+# Allowed drift, below what leaking streams would add: a stream kept alive after its end (tried by holding every
+# freed session) adds about 4.5 MB of RSS and 1.3% of Python's heap blocks per stream, two streams a cycle. Idle RSS
+# moves by a few MB from one sample to the next on a busy 2-core machine, so RSS is judged by its trend per cycle
+# (a least-squares slope), not by any two samples.
+RSS_SLOPE = 3 << 20  # bytes per cycle
 BLOCKS_SLACK = 0.03
 SETTLED_BLOCKS = 200  # Python heap blocks between two reads 0.3 s apart: the teardown is over
 FOX, OWL = "a red fox trotting through snow", "an owl gliding over a moonlit lake"
@@ -109,7 +112,6 @@ def test_soak_memory_is_flat(tmp_path):
     # Python's objects and RSS (`longsana serve` caps malloc's arenas and trims the heap after each stream; without
     # that, RSS rises over the first 10-20 streams before it levels off). Leaked streams would show in all four.
     base, rest = samples[WARMUP_CYCLES - 1], samples[WARMUP_CYCLES:]
-    half = rest[len(rest) // 2 - 1]
     summary = "\n".join(f"{name}: {base[name]:.0f} -> {[round(s[name] / scale, 1) for s in rest]}" for name, scale in
                         [("process_resident_memory_bytes", 2**20), ("python_allocated_blocks", 1),
                          ("process_open_fds", 1), ("process_threads", 1)])
@@ -118,6 +120,6 @@ def test_soak_memory_is_flat(tmp_path):
         assert all(s[name] == base[name] for s in rest), summary
     assert max(s["python_allocated_blocks"] for s in rest) <= (1 + BLOCKS_SLACK) * base["python_allocated_blocks"], \
         summary
-    second_half = [s["process_resident_memory_bytes"] for s in rest[len(rest) // 2:]]
-    assert max(second_half) - half["process_resident_memory_bytes"] <= RSS_SLACK, summary
+    rss = [s["process_resident_memory_bytes"] for s in rest]
+    assert statistics.linear_regression(range(len(rss)), rss).slope <= RSS_SLOPE, summary
     assert samples[-1]["longsana_streams_started_total"] == 2 * len(samples)
