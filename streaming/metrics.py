@@ -34,6 +34,10 @@ SPECS = {
     "longsana_http_requests_total": ("counter", "HTTP requests, by status.", ("status",)),
     "longsana_time_to_first_frame_seconds": ("summary", "From stream request to its first frame being sent.", ()),
     "longsana_prompt_switch_seconds": ("summary", "From a prompt change to the first frame sent that uses it.", ()),
+    # with several GPUs (streaming/gpus.py), a series per worker: gpu="0", or "0+1" for a worker spanning two
+    "longsana_gpu_streams": ("gauge", "Streams placed on each GPU worker and not yet freed.", ("gpu",)),
+    "longsana_gpu_load": ("gauge", "Share of the last 10 s each GPU worker's device spent in work.", ("gpu",)),
+    "longsana_gpu_up": ("gauge", "1 while a GPU worker runs and its device works, else 0.", ("gpu",)),
     "process_threads": ("gauge", "Threads of the server process.", ()),
     "python_allocated_blocks": ("gauge", "Blocks held by the Python allocator: grows when Python objects leak.", ()),
 }
@@ -66,6 +70,10 @@ class Metrics:
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         self._child(name, labels).inc(value)
+
+    def watch(self, name: str, f: Callable[[], float], **labels: str) -> None:
+        """The gauge `name` (with these labels) reads f() whenever the metrics are read."""
+        self._child(name, labels).set_function(f)
 
     def observe(self, name: str, seconds: float) -> None:
         self._series[name].observe(seconds)

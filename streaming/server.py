@@ -36,7 +36,8 @@ for a name that is not this machine's (DNS rebinding) unless `--allow-host` name
 
 The other parts of longsana.streaming: webrtc.py (WebRTC), session.py (one per viewer: a generator thread, an
 encoder thread, a pacer), media.py (each frame encoded once; the recording), protocol.py (the control messages),
-metrics.py (/metrics), client.py (a Python client), synthetic.py (a test source with the generator's interface).
+metrics.py (/metrics), client.py (a Python client), synthetic.py (a test source with the generator's interface),
+gpus.py (several GPUs: a worker process per GPU, `--gpus 0,1`; the server then places each stream on one).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ import threading
 import webbrowser
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -67,6 +68,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from longsana.config import CONFIG_FILES, DEFAULT_MODEL, read_toml
+from longsana.streaming.gpus import GpuPool, GpuWorker, WorkerStartError, check_gpus, devices, parse_gpus
 from longsana.streaming.guide import prompt_guide
 from longsana.streaming.media import MIN_SIDE, Recording
 from longsana.streaming.metrics import CONTENT_TYPE, Metrics
@@ -344,6 +346,11 @@ class Server:
         self.metrics = Metrics({"longsana_streams_active": lambda: len(self.sessions),
                                 "longsana_streams_limit": lambda: config.max_streams})
         self.sessions: dict[str, Session] = {}
+        self.pool = pipe if isinstance(pipe, GpuPool) else None  # several GPUs: each stream goes on one worker
+        for worker in self.pool.workers if self.pool else ():
+            self.metrics.watch("longsana_gpu_streams", lambda w=worker: self._streams_on(w), gpu=worker.name)
+            self.metrics.watch("longsana_gpu_load", worker.load, gpu=worker.name)
+            self.metrics.watch("longsana_gpu_up", lambda w=worker: float(w.problem is None), gpu=worker.name)
         self._tokens: dict[str, str] = {}  # session id -> the secret that replaces it
         self._supervisors: dict[str, asyncio.Task] = {}
         self._downloads = 0
@@ -415,13 +422,14 @@ class Server:
     # -- streams ------------------------------------------------------------------------------------------------
     def _open(self, start: dict, jpeg: bool) -> Session | str:
         """A started session for a valid `start` (or offer) message, or why none can start now."""
-        if (refusal := self._refusal()) is not None:
+        pipe, refusal = self._place()
+        if pipe is None:
             self.metrics.inc("longsana_streams_rejected_total", reason="busy")
             return refusal
         sid = secrets.token_urlsafe(9)
         seed = start.get("seed")
         recording = Recording(Path(self._tmp.name) / f"{sid}.mp4", self.config.record_max_bytes)
-        session = Session(sid, self.pipe, start["prompt"], seed=secrets.randbelow(2**31) if seed is None else seed,
+        session = Session(sid, pipe, start["prompt"], seed=secrets.randbelow(2**31) if seed is None else seed,
                           stream_kwargs=self.config.stream_kwargs, jpeg=jpeg, recording=recording,
                           metrics=self.metrics, loop=self.loop)
         self.sessions[sid], self._tokens[sid] = session, secrets.token_urlsafe(18)
@@ -429,18 +437,26 @@ class Server:
         session.start(self._threads)
         return session
 
-    def _refusal(self) -> str | None:
-        """Why a new stream cannot start now (None: it can): every slot taken, or, on a GPU, the streams already
-        running need so much of it that one more would not be real time (the device worker's measured load)."""
+    def _place(self) -> tuple[object, str | None]:
+        """The pipeline a new stream runs on, or (None, why none can start now): every slot taken, or, on a GPU,
+        the streams already running need so much of it that one more would not be real time (the device worker's
+        measured load). With several GPUs, the least loaded worker that admits it (GpuPool.place)."""
         n = self.config.max_streams
         if len(self.sessions) >= n:
-            return f"all {n} streams are in use" if n > 1 else "the only stream is in use"
+            return None, f"all {n} streams are in use" if n > 1 else "the only stream is in use"
+        if self.pool is not None:
+            worker, why = self.pool.place(self._streams_on)
+            return worker, None if worker else why
         worker = getattr(self.pipe, "worker", None)
         if worker is not None and self.pipe.device.type == "cuda":
             admitted, why = worker.admits()
             if not admitted:
-                return f"another stream would not be real time on this GPU ({why})"
-        return None
+                return None, f"another stream would not be real time on this GPU ({why})"
+        return self.pipe, None
+
+    def _streams_on(self, worker: GpuWorker) -> int:
+        """Streams placed on a GPU worker and not yet freed (their slots)."""
+        return sum(session.pipe is worker for session in list(self.sessions.values()))
 
     def _busy(self, refusal: str, seq: int | None = None) -> dict:
         return error("busy", f"busy: {refusal}; try again when one ends", seq)
@@ -579,14 +595,27 @@ class Server:
         return web.Response(body=(WEB / name).read_bytes(), headers={"Content-Type": content_type})
 
     async def _health(self, request: web.Request) -> web.Response:
-        """ok, or (503) failed with the reason when the device can no longer run work (worker.DeviceFailed)."""
-        failure = getattr(getattr(self.pipe, "worker", None), "failure", None)
-        health = {"status": "ok" if failure is None else "failed", "model": self.config.model_name,
+        """ok, or (503) failed with the reason when the device can no longer run work (worker.DeviceFailed). With
+        several GPUs, each worker's state, and degraded (still 200: it serves) while some of them are down."""
+        status, reason = self._condition()
+        health = {"status": status, "model": self.config.model_name,
                   "streams": len(self.sessions), "max_streams": self.config.max_streams,
                   "uptime_s": round(self.loop.time() - self.started, 1)}
-        if failure is not None:
-            health["reason"] = f"the device failed: {type(failure).__name__}: {failure}"
-        return web.json_response(health, status=200 if failure is None else 503)
+        if reason is not None:
+            health["reason"] = reason
+        if self.pool is not None:
+            health["gpus"] = [{"gpu": w.name, "streams": self._streams_on(w), "load": round(w.load(), 3),
+                               "status": "ok" if w.problem is None else w.problem} for w in self.pool.workers]
+        return web.json_response(health, status=503 if status == "failed" else 200)
+
+    def _condition(self) -> tuple[str, str | None]:
+        """ok, degraded or failed, and why."""
+        if self.pool is not None:
+            return self.pool.health()
+        failure = getattr(getattr(self.pipe, "worker", None), "failure", None)
+        if failure is None:
+            return "ok", None
+        return "failed", f"the device failed: {type(failure).__name__}: {failure}"
 
     async def _model(self, request: web.Request) -> web.Response:
         size = {side: self.config.stream_kwargs.get(side, getattr(self.pipe.spec, side)) for side in ("width", "height")}
@@ -763,7 +792,8 @@ async def _one_request(request: web.Request, response: web.StreamResponse) -> No
 
 
 # -- running it ---------------------------------------------------------------------------------------------------
-def make_pipeline(model: str, device: str | None = None, dtype: str | None = None, spec: str | None = None):
+def make_pipeline(model: str, device: str | None = None, dtype: str | None = None, spec: str | None = None,
+                  vae_device: str | None = None):
     """The video source for `model`: "synthetic" (streaming/synthetic.py), or a built-in model name or a model
     folder (with `spec`, its named config) for `longsana.stream.Pipeline`. The one place a model is chosen.
     FileNotFoundError, ValueError or KeyError for a model that cannot be loaded."""
@@ -773,13 +803,15 @@ def make_pipeline(model: str, device: str | None = None, dtype: str | None = Non
 
     from longsana.stream import Pipeline
 
-    return Pipeline.from_pretrained(model, device, dtype and getattr(torch, DTYPES[dtype]), spec=spec)
+    return Pipeline.from_pretrained(model, device, dtype and getattr(torch, DTYPES[dtype]), spec=spec,
+                                    **({"vae_device": vae_device} if vae_device else {}))
 
 
 def check_video_size(pipe, stream_kwargs: dict) -> None:
     """ValueError if the model cannot make video of the configured size (the server's own limit, even sides for
     H.264, is ServerConfig's), so that a bad --height/--width fails at startup, not when a stream starts."""
-    if isinstance(pipe, SyntheticPipeline) or not {"height", "width"} & stream_kwargs.keys():
+    synthetic = isinstance(pipe, SyntheticPipeline) or getattr(pipe, "model", None) == "synthetic"  # a GpuPool's
+    if synthetic or not {"height", "width"} & stream_kwargs.keys():
         return  # the synthetic source makes any size; the model's own size is one it can make
     from longsana.stream import check_size
 
@@ -865,6 +897,14 @@ def read_preset(name_or_path: str) -> dict:
     return read_toml(path)
 
 
+def _use_gpus(ctx: click.Context, param: click.Parameter, value: str | None) -> list[tuple[int, ...]] | None:
+    """--gpus 0,1 or 0+1,2+3: the GPU groups, one worker each; one line of error for anything else."""
+    try:
+        return None if value is None else parse_gpus(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _use_preset(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     """--config: the preset's values become the defaults of the other options (click's default_map), so an option
     given on the command line overrides them."""
@@ -915,10 +955,14 @@ def _use_preset(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--allow-host", multiple=True, default=ServerConfig.allowed_hosts,
               help="A name of this machine that browsers may use to reach it, besides localhost and its IP "
                    "addresses, e.g. studio.lan (repeatable; \"*\": any, which leaves DNS rebinding open).")
+@click.option("--gpus", callback=_use_gpus, default=None,
+              help="GPUs to serve from, a worker process each, every stream placed on the least loaded: 0,1; or "
+                   "0+1,2+3 for workers that span two GPUs (the transformer on the first, the decoder on the "
+                   "second). --max-streams is then per worker. One GPU (or pair) runs in this process.")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in a browser.")
 def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width, stun, ice_loopback, client_timeout,
               request_timeout, max_connections, max_downloads, recording_keep_seconds, allow_origin, allow_host,
-              open_browser):
+              gpus, open_browser):
     """Stream videos to browsers: open the printed URL, type a prompt, press Enter."""
     stream_kwargs = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     model = model or DEFAULT_MODEL
@@ -932,10 +976,9 @@ def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint=f"--{OPTION_NAMES.get(e.name, e.name.replace('_', '-'))}")
     limit_malloc_arenas()
-    try:
-        pipe = make_pipeline(model, device, dtype, spec)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise click.ClickException(str(e)) from None
+    pipe = _open_pipeline(model, device, dtype, spec, gpus, max_streams)
+    if isinstance(pipe, GpuPool):  # --max-streams is per worker; the server's limit is theirs together
+        config = replace(config, max_streams=max_streams * len(pipe.workers))
     try:
         check_video_size(pipe, stream_kwargs)
     except ValueError as e:
@@ -948,3 +991,26 @@ def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width
         _run_loop(_serve_forever(pipe, config, open_browser))
     except OSError as e:  # Server.start's: the address is in use, or not this machine's
         raise click.ClickException(e.strerror or str(e)) from None
+    finally:
+        if isinstance(pipe, GpuPool):
+            pipe.close()
+
+
+def _open_pipeline(model: str, device: str | None, dtype: str | None, spec: str | None,
+                   gpus: list[tuple[int, ...]] | None, max_streams: int):
+    """The video source: in this process (no --gpus, or one GPU or pair), else a GpuPool of worker processes.
+    One line of error for a model that cannot load or a GPU this machine lacks."""
+    if gpus and device:
+        raise click.BadParameter("--gpus names the devices: leave out --device", param_hint="--gpus")
+    try:
+        if gpus and model != "synthetic":  # the synthetic source needs no GPU: its workers run anywhere
+            check_gpus(gpus)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--gpus") from None
+    try:
+        if gpus and len(gpus) > 1:
+            return GpuPool(gpus, model, dtype, spec, max_streams=max_streams)
+        device, vae_device = devices(gpus[0]) if gpus else (device, None)
+        return make_pipeline(model, device, dtype, spec, vae_device=vae_device)
+    except (FileNotFoundError, ValueError, KeyError, WorkerStartError) as e:
+        raise click.ClickException(str(e)) from None

@@ -144,7 +144,8 @@ class Session:
         self.closing, self.end_reason = False, None
         self.closed = asyncio.Event()
         self.last_message = self.created = loop.time()
-        self._pipe, self._prompt, self._seed, self._stream_kwargs, self._jpeg = pipe, prompt, seed, stream_kwargs, jpeg
+        self.pipe = pipe  # the generator's (with several GPUs, the server counts each worker's streams by it)
+        self._prompt, self._seed, self._stream_kwargs, self._jpeg = prompt, seed, stream_kwargs, jpeg
         self._metrics, self._loop = metrics, loop
         self._stream = None
         self._lock = threading.Lock()  # guards _stream / _prompt between the producer and the event loop
@@ -184,7 +185,7 @@ class Session:
         try:
             with self._lock:
                 prompt = self._prompt
-            stream = self._pipe.stream(prompt, seed=self._seed, **self._stream_kwargs)
+            stream = self.pipe.stream(prompt, seed=self._seed, **self._stream_kwargs)
             self.fps = stream.fps
             # the device worker serves first the stream whose viewer runs out of frames first
             stream.deadline = lambda: time.monotonic() + max(0, self._frontier - self._shown) / self.fps

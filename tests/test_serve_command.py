@@ -7,10 +7,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from longsana.cli import main as cli
 from longsana.streaming import server
+from longsana.streaming.gpus import GpuPool
 from longsana.streaming.server import ServerConfig, make_pipeline, read_preset
 
 
@@ -18,7 +20,12 @@ from longsana.streaming.server import ServerConfig, make_pipeline, read_preset
 def serve(monkeypatch):
     """Run `longsana serve ARGS` up to the point where it would serve: (exit code, output, ServerConfig or None)."""
     got = {}
-    monkeypatch.setattr(server, "make_pipeline", lambda model, *args: f"pipe of {model}")
+
+    def make_pipeline(model, *args, **kwargs):
+        got["pipeline"] = model, *args, kwargs
+        return f"pipe of {model}"
+
+    monkeypatch.setattr(server, "make_pipeline", make_pipeline)
     monkeypatch.setattr(server, "_serve_forever", lambda pipe, config, open_browser: config)
     monkeypatch.setattr(server, "_run_loop", lambda config: got.update(config=config))
 
@@ -27,6 +34,7 @@ def serve(monkeypatch):
         r = CliRunner().invoke(cli, ["serve", *args])
         return r.exit_code, r.output, got.get("config")
 
+    run.got = got
     return run
 
 
@@ -81,3 +89,55 @@ def test_a_model_that_cannot_load(monkeypatch, tmp_path):
     monkeypatch.setattr(server, "_serve_forever", lambda *args: pytest.fail("the server started"))
     r = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "nope" in r.output and "Traceback" not in r.output, r.output
+
+
+# -- --gpus ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gpus, message", [
+    ("0,,1", "'0,,1' has an empty entry"), ("0,", "'0,' has an empty entry"), ("0+", "has an empty entry"),
+    ("a", "'a' is not a GPU index"), ("-1", "'-1' is not a GPU index"), ("1.5", "'1.5' is not a GPU index"),
+    ("0,1,0", "GPU 0 is listed twice"), ("0+0", "GPU 0 is listed twice"), ("0+1,1+2", "GPU 1 is listed twice"),
+    ("0+1+2", "a worker spans at most 2 GPUs"),
+])
+def test_bad_gpus_are_one_line(serve, gpus, message):
+    code, output, config = serve("--model", "synthetic", "--gpus", gpus)
+    errors = [line for line in output.splitlines() if line.startswith("Error")]
+    assert code == 2 and len(errors) == 1 and message in errors[0] and "--gpus" in errors[0], output
+    assert "Traceback" not in output and config is None, output
+
+
+@pytest.mark.parametrize("count, gpus, message", [
+    (0, "0", "no CUDA GPU 0 on this machine: it has none"),
+    (2, "0,2", "no CUDA GPU 2 on this machine: it has 2 (0, 1)"),
+    (2, "1+2", "no CUDA GPU 2 on this machine"),
+])
+def test_gpus_this_machine_lacks(serve, monkeypatch, count, gpus, message):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    code, output, config = serve("--gpus", gpus)
+    assert code == 2 and message in output and "Traceback" not in output and config is None, output
+    code, output, config = serve("--gpus", "0", "--device", "cpu")
+    assert code == 2 and "--gpus names the devices: leave out --device" in output, output
+
+
+def test_one_gpu_runs_in_process(serve, monkeypatch):
+    """One GPU, or one pair, is a pipeline in this process, on those devices: no worker process."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    code, output, config = serve("--gpus", "3")
+    assert code == 0 and config.max_streams == ServerConfig.max_streams, output
+    assert serve.got["pipeline"] == ("demo", "cuda:3", None, None, {"vae_device": None})
+    code, output, config = serve("--gpus", "2+1")
+    assert code == 0 and serve.got["pipeline"] == ("demo", "cuda:2", None, None, {"vae_device": "cuda:1"}), output
+
+
+def test_synthetic_workers_need_no_gpu(monkeypatch):
+    """`--model synthetic --gpus 0,1` starts two synthetic worker processes on any machine; --max-streams is per
+    worker; the workers stop when the command ends."""
+    got = {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(server, "_serve_forever", lambda pipe, config, open_browser: (pipe, config))
+    monkeypatch.setattr(server, "_run_loop", lambda served: got.update(zip(("pipe", "config"), served)))
+    r = CliRunner().invoke(cli, ["serve", "--model", "synthetic", "--gpus", "0,1", "--max-streams", "3"])
+    assert r.exit_code == 0, r.output
+    pool = got["pipe"]
+    assert isinstance(pool, GpuPool) and [w.name for w in pool.workers] == ["0", "1"] and pool.max_streams == 3
+    assert got["config"].max_streams == 6
+    assert all(w.process.exitcode is not None for w in pool.workers)  # stopped

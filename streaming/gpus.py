@@ -1,0 +1,414 @@
+"""The server on several GPUs (`longsana serve --gpus 0,1`): one worker process per GPU, or per pair of GPUs
+(`--gpus 0+1,2+3`: the transformer on the first, the decoder on the second).
+
+Why processes: a crash, an out-of-memory error or a CUDA error that poisons a context takes down the process it
+happens in. With a worker process per GPU it ends only that GPU's streams; the server and the other GPUs' streams
+go on. (With one GPU, or one pair, the server keeps its pipeline in process, as before: nothing changes.)
+
+    server process                                      worker process (one per GPU, 'spawn')
+    Session --RemoteStream--> GpuWorker --Connection--> _Host: pipeline = make_pipeline(...), DeviceWorker
+                                          <-- replies (chunks), status every STATUS_SECONDS --
+
+- A `GpuWorker` stands in for a pipeline in the server process: `stream(...)` returns a `RemoteStream` with the
+  Stream interface (fps, deadline, set_prompt, rewind, iteration, close). Every call is a message with an id on the
+  worker's one Connection, answered by a reply with that id; the worker runs each call on a thread of its own, so a
+  stream's `next` (a chunk) never holds up another's switch. Chunks are pulled one `next` at a time, as in process,
+  so the generator stays one chunk ahead of the screen; their frames cross as pickled numpy (a 40-frame 480x832
+  chunk, 48 MB, takes about 120 ms on one CPU core here: a few percent of a core per stream; shared memory would
+  remove the copy). Deadlines cross as time.monotonic() values, one clock for every process on Linux.
+- The worker reports its device's load and admission (`DeviceWorker.load` / `admits`) and any device failure every
+  STATUS_SECONDS, so placing a stream never waits for a worker.
+- `GpuPool` places a new stream on the least loaded worker that admits it: the one with the fewest streams (counted
+  by the server at placement, so streams opened together spread at once), the measured load breaking ties. A
+  worker admits while it has fewer than `max_streams` streams, its device would stay real time with one more, and
+  it is alive; the server refuses a stream (busy, naming each GPU's reason) only when no worker admits it.
+- A worker that dies (killed, out of memory, a crash) ends every stream on it: their pending and later calls raise
+  `WorkerDied`, whose message names the GPU and how its process ended, so each session's failure path tells its
+  viewer and frees the slot. The others are untouched; /health says `degraded` (503 `failed` only when every
+  worker is down). A dead worker is not restarted: the server stops placing streams on it.
+- The synthetic source (`--model synthetic`) needs no GPU, so `--model synthetic --gpus 0,1` starts two synthetic
+  workers on any machine, without looking for CUDA: the tests' stand-in workers, and a way to try the pool.
+
+This module imports no torch at the top: the worker sets CUDA_VISIBLE_DEVICES to its GPUs before torch loads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+from concurrent.futures import Future
+
+STATUS_SECONDS = 0.5  # how often a worker reports its load, admission and health
+START_SECONDS = 600.0  # how long a worker may take to load its model
+STOP_SECONDS = 5.0  # how long a stopped worker may take to exit before it is killed
+MAX_GROUP = 2  # GPUs one worker spans: the transformer's and the decoder's
+
+
+class WorkerDied(RuntimeError):
+    """The worker process running a stream is gone; the message says which GPU and how it ended."""
+
+
+class WorkerStartError(RuntimeError):
+    """A worker could not load its pipeline; the message is the worker's error."""
+
+
+# -- --gpus ------------------------------------------------------------------------------------------------------------
+def parse_gpus(text: str) -> list[tuple[int, ...]]:
+    """`0,1` -> [(0,), (1,)]: a worker per GPU; `0+1,2+3` -> [(0, 1), (2, 3)]: a worker per pair. ValueError, in
+    one line, for anything else."""
+    groups, seen = [], set()
+    for item in text.split(","):
+        parts = item.strip().split("+")
+        if not all(p.strip() for p in parts):
+            raise ValueError(f"{text!r} has an empty entry: give GPU indices, e.g. 0,1 or 0+1,2+3")
+        if bad := next((p for p in parts if not (p.strip().isascii() and p.strip().isdigit())), None):
+            raise ValueError(f"{bad.strip()!r} is not a GPU index: give GPU indices, e.g. 0,1 or 0+1,2+3")
+        group = tuple(int(p) for p in parts)
+        if len(group) > MAX_GROUP:
+            raise ValueError(f"{item.strip()!r}: a worker spans at most {MAX_GROUP} GPUs (the transformer's, "
+                             "then the decoder's)")
+        for gpu in group:
+            if gpu in seen:
+                raise ValueError(f"GPU {gpu} is listed twice in {text!r}: a GPU serves one worker")
+            seen.add(gpu)
+        groups.append(group)
+    return groups
+
+
+def gpu_name(group: tuple[int, ...]) -> str:
+    """The worker's name in messages and in /metrics' gpu label: "0", or "0+1" for a pair."""
+    return "+".join(map(str, group))
+
+
+def check_gpus(groups: list[tuple[int, ...]]) -> None:
+    """ValueError, in one line, if a GPU named is not one of this machine's (CUDA's numbering)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    missing = sorted({g for group in groups for g in group if g >= count})
+    if missing:
+        have = f"it has {count} ({', '.join(map(str, range(count)))})" if count else "it has none"
+        raise ValueError(f"no CUDA GPU {missing[0]} on this machine: {have}")
+
+
+def devices(group: tuple[int, ...]) -> tuple[str, str | None]:
+    """The pipeline's device and its decoder's (None: the same) for a group of GPUs."""
+    return f"cuda:{group[0]}", f"cuda:{group[1]}" if len(group) > 1 else None
+
+
+def _visible(group: tuple[int, ...]) -> str:
+    """CUDA_VISIBLE_DEVICES for a worker: its GPUs, in CUDA's numbering in this process (which a
+    CUDA_VISIBLE_DEVICES of the user's own may already narrow)."""
+    outer = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return ",".join(outer.split(",")[g] if outer else str(g) for g in group)
+
+
+# -- the worker process ------------------------------------------------------------------------------------------------
+def _serve(conn, model: str, group: tuple[int, ...], dtype: str | None, spec: str | None) -> None:
+    """The worker process: load the pipeline, say it is ready (or why not), then answer calls until the server
+    goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: the server stops us
+    if model != "synthetic":
+        os.environ["CUDA_VISIBLE_DEVICES"] = _visible(group)  # before torch loads: this worker sees its GPUs only
+    from longsana.streaming.server import make_pipeline
+
+    device, vae_device = devices(tuple(range(len(group))))  # numbered as this worker sees them: its GPUs only
+    try:
+        pipe = make_pipeline(model, device, dtype, spec, vae_device=vae_device)
+    except Exception as e:  # noqa: BLE001 (any loading error goes to the server, which reports it)
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    _Host(pipe, conn).serve()
+
+
+class _Host:
+    """The worker's side: the pipeline, its open streams, and the calls on them."""
+
+    def __init__(self, pipe, conn):
+        self.pipe, self.conn = pipe, conn
+        self._send_lock = threading.Lock()  # a Connection takes one message at a time
+        self._streams: dict[int, tuple[object, object]] = {}  # stream id -> (stream, its iterator)
+        self._deadlines: dict[int, float | None] = {}  # stream id -> the deadline of its next chunk
+
+    def send(self, message) -> None:
+        try:
+            with self._send_lock:
+                self.conn.send(message)
+        except OSError:  # the server is gone: the main thread sees the end of the pipe and exits
+            pass
+
+    def serve(self) -> None:
+        self.send(("ready", {"spec": self.pipe.spec, "status": self._status()}))
+        threading.Thread(target=self._report, name="status", daemon=True).start()
+        while True:
+            try:
+                call_id, method, sid, args = self.conn.recv()
+            except (EOFError, OSError):  # the server is gone: so is our reason to run
+                os._exit(0)
+            threading.Thread(target=self._answer, args=(call_id, method, sid, args), daemon=True).start()
+
+    def _answer(self, call_id: int, method: str, sid: int, args: tuple) -> None:
+        try:
+            reply = ("reply", call_id, True, getattr(self, "_" + method)(sid, *args))
+        except Exception as e:  # noqa: BLE001 (raised again in the server, in the caller's thread)
+            reply = ("reply", call_id, False, _portable(e))
+        self.send(reply)
+
+    def _stream(self, sid: int, prompt: str, seed: int, kwargs: dict) -> float:
+        stream = self.pipe.stream(prompt, seed=seed, **kwargs)
+        stream.deadline = lambda: self._deadlines.get(sid)
+        self._streams[sid] = stream, iter(stream)
+        return stream.fps
+
+    def _next(self, sid: int, deadline: float | None):
+        """The stream's next chunk, None at its end."""
+        self._deadlines[sid] = deadline
+        return next(self._open(sid)[1], None)
+
+    def _set_prompt(self, sid: int, prompt: str, at_frame: int | None) -> int:
+        return self._open(sid)[0].set_prompt(prompt, at_frame=at_frame)
+
+    def _rewind(self, sid: int, seconds: float, at_frame: int | None) -> float:
+        return self._open(sid)[0].rewind(seconds, at_frame=at_frame)
+
+    def _close(self, sid: int) -> None:
+        stream, _ = self._open(sid)
+        del self._streams[sid]
+        self._deadlines.pop(sid, None)
+        stream.close()
+
+    def _open(self, sid: int) -> tuple:
+        """The stream and its iterator; ValueError (a refusal, as for a closed stream in process) once it is closed."""
+        if sid not in self._streams:
+            raise ValueError("the stream has ended")
+        return self._streams[sid]
+
+    def _report(self) -> None:
+        while True:
+            self.send(("status", self._status()))
+            time.sleep(STATUS_SECONDS)
+
+    def _status(self) -> dict:
+        """The device's load, whether it admits one more stream, and its failure if it has one. The synthetic
+        source has no device worker: idle, always admits."""
+        worker = getattr(self.pipe, "worker", None)
+        if worker is None:
+            return {"load": 0.0, "admits": (True, "idle"), "failure": None}
+        admits = worker.admits() if self.pipe.device.type == "cuda" else (True, "not a GPU")
+        failure = worker.failure and f"the device failed: {type(worker.failure).__name__}: {worker.failure}"
+        return {"load": worker.load(), "admits": admits, "failure": failure}
+
+
+def _portable(e: Exception) -> Exception:
+    """`e` if it survives pickling (a ValueError for a refused prompt stays one), else a RuntimeError saying it."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+# -- the server's side -------------------------------------------------------------------------------------------------
+class GpuWorker:
+    """One worker process, seen from the server: a pipeline whose streams run there (`stream`), its last reported
+    status (`load`, `admits`), and `failure` once it has died."""
+
+    def __init__(self, group: tuple[int, ...], model: str, dtype: str | None, spec: str | None, context):
+        self.group, self.name = group, gpu_name(group)
+        self.failure: str | None = None  # why the process is gone
+        self._status = {"load": 0.0, "admits": (False, "starting"), "failure": None}
+        self._lock = threading.Lock()  # guards _calls and failure
+        self._calls: dict[int, Future] = {}
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, model, group, dtype, spec),
+                                       name=f"longsana-gpu{self.name}")
+        self.process.start()
+        child.close()
+
+    def wait_ready(self, timeout: float = START_SECONDS) -> dict:
+        """What the worker says once its pipeline is loaded; WorkerStartError if it could not load it."""
+        if not self._conn.poll(timeout):
+            raise WorkerStartError(f"GPU worker {self.name} did not load its model within {timeout:g} s")
+        try:
+            kind, info = self._conn.recv()
+        except EOFError:
+            raise WorkerStartError(f"GPU worker {self.name} {self._ended()} while loading its model") from None
+        if kind == "failed":
+            raise WorkerStartError(f"GPU worker {self.name}: {info}")
+        self._status = info["status"]
+        threading.Thread(target=self._read, name=f"gpu{self.name}-replies", daemon=True).start()
+        return info
+
+    # -- the pipeline's interface --------------------------------------------------------------------------------------
+    def stream(self, prompt: str, seed: int = 0, **kwargs) -> RemoteStream:
+        sid = next(self._ids)
+        fps = self.call("stream", sid, prompt, seed, kwargs)
+        return RemoteStream(self, sid, fps)
+
+    def call(self, method: str, sid: int, *args):
+        """The worker's answer to method(sid, *args): its result, or its exception raised here."""
+        future = Future()
+        with self._lock:
+            if self.failure is not None:
+                raise WorkerDied(self.failure)
+            call_id = next(self._ids)
+            self._calls[call_id] = future
+            try:
+                self._conn.send((call_id, method, sid, args))
+            except OSError:  # the process is gone: the reader fails the call
+                pass
+        return future.result()
+
+    # -- status --------------------------------------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self.failure is None and self._status["failure"] is None
+
+    @property
+    def problem(self) -> str | None:
+        """Why this worker cannot run streams (None: it can)."""
+        return self.failure or self._status["failure"]
+
+    def load(self) -> float:
+        return self._status["load"] if self.failure is None else 0.0
+
+    def admits(self, streams: int, max_streams: int) -> tuple[bool, str]:
+        """Whether one more stream fits beside `streams` (yes/no, the reason in words)."""
+        if self.problem is not None:
+            return False, self.problem
+        if streams >= max_streams:
+            return False, f"{streams} of {max_streams} streams in use"
+        return self._status["admits"]
+
+    # -- the reply reader ----------------------------------------------------------------------------------------------
+    def _read(self) -> None:
+        try:
+            while True:
+                message = self._conn.recv()
+                if message[0] == "status":
+                    self._status = message[1]
+                    continue
+                _, call_id, ok, value = message
+                with self._lock:
+                    future = self._calls.pop(call_id)
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+        except (EOFError, OSError):
+            pass
+        self._died()
+
+    def _died(self) -> None:
+        """The process is gone: fail every waiting call and every later one."""
+        self.process.join(STOP_SECONDS)
+        with self._lock:
+            how = "was stopped" if self._stopping else self._ended()
+            self.failure = f"the GPU {self.name} worker (pid {self.process.pid}) {how}"
+            calls, self._calls = self._calls, {}
+        for future in calls.values():
+            future.set_exception(WorkerDied(self.failure))
+
+    def _ended(self) -> str:
+        code = self.process.exitcode
+        if code is None:
+            return "stopped answering"
+        if code < 0:
+            return f"died: killed by {signal.Signals(-code).name} (exit code {code})"
+        return f"died: exit code {code}"
+
+    def stop(self) -> None:
+        """End the process (its streams end with it) and wait for it."""
+        self._stopping = True
+        self.process.terminate()
+        self.process.join(STOP_SECONDS)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self._conn.close()
+
+
+class RemoteStream:
+    """A stream running in a worker process, with the Stream interface the session uses."""
+
+    def __init__(self, worker: GpuWorker, sid: int, fps: float):
+        self.fps, self.deadline = fps, None  # deadline: set by the session, sent with each `next`
+        self._worker, self._sid, self._closed = worker, sid, False
+
+    def __iter__(self):
+        while (chunk := self._worker.call("next", self._sid, self.deadline and self.deadline())) is not None:
+            yield chunk
+
+    def set_prompt(self, prompt: str, at_frame: int | None = None) -> int:
+        return self._worker.call("set_prompt", self._sid, prompt, at_frame)
+
+    def rewind(self, seconds: float, at_frame: int | None = None) -> float:
+        return self._worker.call("rewind", self._sid, seconds, at_frame)
+
+    def close(self) -> None:
+        """Free the stream in its worker (nothing to do if the worker is gone: its memory went with it)."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._worker.call("close", self._sid)
+            except WorkerDied:
+                pass
+
+
+class GpuPool:
+    """A worker process per GPU group, all loading at once; the server places each stream on one of them. `spec`
+    is the model's (the workers all load the same one). Close it (`close`, or `with`) to stop the workers."""
+
+    def __init__(self, groups: list[tuple[int, ...]], model: str, dtype: str | None = None, spec: str | None = None,
+                 max_streams: int = 2, start_timeout: float = START_SECONDS):
+        self.model, self.max_streams = model, max_streams  # max_streams: per worker
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
+        self.workers = [GpuWorker(group, model, dtype, spec, context) for group in groups]
+        atexit.register(self.close)  # before multiprocessing's own exit handler, which would wait for them
+        try:
+            ready = [w.wait_ready(start_timeout) for w in self.workers]  # they load at once: wait for them all
+            self.spec = ready[0]["spec"]
+        except BaseException:
+            self.close()
+            raise
+
+    def place(self, streams_on) -> tuple[GpuWorker | None, str]:
+        """The worker for a new stream and why; (None, every worker's reason) if none admits it.
+        `streams_on(worker)`: the streams the server has placed on it and not yet freed."""
+        admitting, reasons = [], []
+        for worker in self.workers:
+            ok, why = worker.admits(streams_on(worker), self.max_streams)
+            if ok:
+                admitting.append(worker)
+            else:
+                reasons.append(f"GPU {worker.name}: {why}")
+        if not admitting:
+            return None, f"no GPU has room ({'; '.join(reasons)})"
+        best = min(admitting, key=lambda w: (streams_on(w), w.load()))
+        return best, f"placed on GPU {best.name}"
+
+    def health(self) -> tuple[str, str | None]:
+        """ok; degraded (some workers down) or failed (all down), with the reasons."""
+        down = [w for w in self.workers if w.problem is not None]
+        if not down:
+            return "ok", None
+        return "failed" if len(down) == len(self.workers) else "degraded", "; ".join(w.problem for w in down)
+
+    def close(self) -> None:
+        atexit.unregister(self.close)
+        for worker in self.workers:
+            worker.stop()
+
+    def __enter__(self) -> GpuPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,156 @@
+"""The server with several GPU workers (streaming/gpus.py), through a real server and WebSocket clients. Stand-in
+workers: processes running the synthetic source (`GpuPool(..., "synthetic")`, as `longsana serve --model synthetic
+--gpus 0,1` starts), which need no GPU. Placement on the least loaded worker, admission across the workers, a
+worker's crash (SIGKILL) that ends only its own streams, and /metrics per GPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+
+from longsana.streaming.client import Refused, WsClient
+from longsana.streaming.gpus import GpuPool
+from longsana.streaming.server import ServerConfig, ServerThread
+
+FOX, OWL = "a red fox trotting through snow", "an owl in a pine tree"
+SMALL = {"height": 64, "width": 64}
+pytestmark = pytest.mark.slow  # each starts two worker processes and streams for a few seconds
+
+
+@contextmanager
+def serving(per_worker: int, max_streams: int = 8):
+    """A server over two synthetic workers, each taking at most `per_worker` streams."""
+    pool = GpuPool([(0,), (1,)], "synthetic", max_streams=per_worker)
+    with pool, ServerThread(pool, ServerConfig(port=0, max_streams=max_streams, stream_kwargs=SMALL)) as server:
+        yield pool, server
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+def health(server) -> dict:
+    return json.loads(get(server.url + "health"))
+
+
+def gpu_of(server, client: WsClient) -> str:
+    """The worker (its GPU's name) the client's stream was placed on."""
+    return server.server.sessions[client.session].pipe.name
+
+
+def streams_per_gpu(server) -> dict[str, int]:
+    return {g["gpu"]: g["streams"] for g in health(server)["gpus"]}
+
+
+async def wait_for(predicate, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+def run(main) -> None:
+    asyncio.run(asyncio.wait_for(main, 60))
+
+
+def test_streams_go_to_the_least_loaded_worker():
+    """Four streams on two workers with room for four each: two and two, not four on the first."""
+    async def main(server):
+        clients = [await WsClient.connect(server.url, FOX, decode=False) for _ in range(4)]
+        assert streams_per_gpu(server) == {"0": 2, "1": 2}
+        assert sorted(gpu_of(server, c) for c in clients) == ["0", "0", "1", "1"]
+        for c in clients:  # each is streaming from its worker
+            await c.wait_until(lambda c=c: len(c.frames) >= 8)
+        for c in clients:
+            await c.close()
+
+    with serving(per_worker=4) as (_, server):
+        run(main(server))
+
+
+def test_admission_counts_every_worker():
+    """One stream a worker: a third viewer is busy, with each GPU's reason; once a stream ends, the next viewer
+    is placed on the worker that has room again."""
+    async def main(server):
+        a = await WsClient.connect(server.url, FOX, decode=False)
+        b = await WsClient.connect(server.url, OWL, decode=False)
+        assert {gpu_of(server, a), gpu_of(server, b)} == {"0", "1"}
+        with pytest.raises(Refused) as refused:
+            await WsClient.connect(server.url, FOX, decode=False)
+        message = refused.value.reply["message"]
+        assert refused.value.reply["code"] == "busy" and "GPU 0: 1 of 1 streams" in message, message
+        assert "GPU 1: 1 of 1 streams" in message, message
+        freed = gpu_of(server, a)
+        await a.close()
+        await wait_for(lambda: health(server)["streams"] == 1)
+        c = await WsClient.connect(server.url, FOX, decode=False)
+        assert gpu_of(server, c) == freed
+        await c.wait_until(lambda: len(c.frames) >= 8)
+        for client in (b, c):
+            await client.close()
+
+    with serving(per_worker=1) as (_, server):
+        run(main(server))
+
+
+def test_a_worker_crash_ends_only_its_streams():
+    """SIGKILL one worker: its viewer gets an error and an `end` naming the GPU and how its worker ended, its slot
+    frees, /health says degraded; the other worker's viewer keeps receiving frames, and new streams go there."""
+    async def main(pool, server):
+        a = await WsClient.connect(server.url, FOX, decode=False)
+        b = await WsClient.connect(server.url, OWL, decode=False)
+        for c in (a, b):
+            await c.wait_until(lambda c=c: len(c.frames) >= 8)
+        crashed = next(w for w in pool.workers if w.name == gpu_of(server, a))
+        os.kill(crashed.process.pid, signal.SIGKILL)
+        await a.wait_until(lambda: any(e["type"] == "end" for e in a.events))
+        end = next(e for e in a.events if e["type"] == "end")
+        assert f"the GPU {crashed.name} worker" in end["reason"] and "killed by SIGKILL" in end["reason"], end
+        assert any("killed by SIGKILL" in e["message"] for e in a.errors()), a.events
+        await wait_for(lambda: health(server)["streams"] == 1)
+        state = health(server)
+        assert state["status"] == "degraded" and f"GPU {crashed.name} worker" in state["reason"], state
+
+        before = len(b.frames)  # the other stream goes on
+        await asyncio.sleep(1.5)
+        assert len(b.frames) >= before + 12, (before, len(b.frames))
+        assert not any(e["type"] == "end" for e in b.events)
+        c = await WsClient.connect(server.url, FOX, decode=False)  # placed on the worker that lives
+        assert gpu_of(server, c) == gpu_of(server, b)
+        await c.wait_until(lambda: len(c.frames) >= 8)
+        for client in (b, c):
+            await client.close()
+
+    with serving(per_worker=2) as (pool, server):
+        run(main(pool, server))
+
+
+def test_metrics_per_gpu():
+    async def main(pool, server):
+        c = await WsClient.connect(server.url, FOX, decode=False)
+        await c.wait_until(lambda: len(c.frames) >= 8)
+        on, idle = gpu_of(server, c), ({"0", "1"} - {gpu_of(server, c)}).pop()
+        metrics = series(get(server.url + "metrics"))
+        assert metrics[f'longsana_gpu_streams{{gpu="{on}"}}'] == 1
+        assert metrics[f'longsana_gpu_streams{{gpu="{idle}"}}'] == 0
+        assert metrics['longsana_gpu_up{gpu="0"}'] == metrics['longsana_gpu_up{gpu="1"}'] == 1
+        assert 'longsana_gpu_load{gpu="0"}' in metrics and 'longsana_gpu_load{gpu="1"}' in metrics
+        await c.close()
+        pool.workers[1].process.kill()
+        await wait_for(lambda: series(get(server.url + "metrics"))['longsana_gpu_up{gpu="1"}'] == 0)
+
+    with serving(per_worker=2) as (pool, server):
+        run(main(pool, server))
+
+
+def series(text: str) -> dict[str, float]:
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
+                                                   if line and not line.startswith("#"))}
