@@ -763,7 +763,8 @@ async def _one_request(request: web.Request, response: web.StreamResponse) -> No
 
 
 # -- running it ---------------------------------------------------------------------------------------------------
-def make_pipeline(model: str, device: str | None = None, dtype: str | None = None, spec: str | None = None):
+def make_pipeline(model: str, device: str | None = None, dtype: str | None = None, spec: str | None = None,
+                  vae_device: str | None = None):
     """The video source for `model`: "synthetic" (streaming/synthetic.py), or a built-in model name or a model
     folder (with `spec`, its named config) for `longsana.stream.Pipeline`. The one place a model is chosen.
     FileNotFoundError, ValueError or KeyError for a model that cannot be loaded."""
@@ -773,7 +774,8 @@ def make_pipeline(model: str, device: str | None = None, dtype: str | None = Non
 
     from longsana.stream import Pipeline
 
-    return Pipeline.from_pretrained(model, device, dtype and getattr(torch, DTYPES[dtype]), spec=spec)
+    return Pipeline.from_pretrained(model, device, dtype and getattr(torch, DTYPES[dtype]), spec=spec,
+                                    vae_device=vae_device)
 
 
 def check_video_size(pipe, stream_kwargs: dict) -> None:
