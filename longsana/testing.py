@@ -41,6 +41,15 @@ def needs_cuda(test):
     return pytest.mark.gpu(skip(test))
 
 
+def needs_gpus(n: int):
+    """`needs_cuda`, and a skip where fewer than `n` CUDA GPUs are present (a stream split across GPUs)."""
+    import pytest
+
+    def mark(test):
+        return needs_cuda(pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA GPUs")(test))
+    return mark
+
+
 @torch.no_grad()
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Fill every parameter, on its own device: weights ~ N(0, 1/fan_in), norm weights around 1, biases and

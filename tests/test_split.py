@@ -13,7 +13,7 @@ import torch
 import longsana.engine as engine_mod
 from longsana.engine import ChunkEngine
 from longsana.step import EagerStep, SideStream
-from longsana.testing import SecondCPU, needs_cuda, rel_err, second_cpu, tiny_pipeline
+from longsana.testing import SecondCPU, needs_gpus, rel_err, second_cpu, tiny_pipeline
 from longsana.vae import StreamingDecoder
 
 P, Q = "a red circle moving left", "two yellow squares bouncing"
@@ -96,8 +96,7 @@ def gpu_pipeline(vae_device: str):
     return pipe
 
 
-@needs_cuda
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@needs_gpus(2)
 def test_split_over_two_gpus_matches_one_gpu():
     """The fast engine with the decoder on cuda:1: the latents cross over to its own CUDA stream there."""
     torch._dynamo.reset()
