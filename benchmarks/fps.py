@@ -10,6 +10,8 @@ word-level tokenizer (the real one needs the hub). It prints, in order:
      from prompt submit (a new prompt: text encoding included; the encoding alone too), then --chunks chunks of
      steady state: per-chunk latency median / p95, end-to-end FPS of the decoded uint8 frames handed out, peak
      GPU memory (weights and text encoder included) and torch.cuda.memory_allocated after every chunk (growth);
+     with `--devices cuda:0,cuda:1` the stream is split: the transformer and text encoder on the first GPU, the
+     VAE on the second (its peak memory reported too), so the decode of a chunk overlaps the next chunk's work;
   3. the chunk step: the fast step against the eager reference step on the same inputs (relative error of x0 and
      of the state, per chunk, graph replays included), and timings: eager pass, compiled pass, graph-replayed
      step (clean + 4 denoising passes) median / p95, transformer-only FPS;
@@ -90,13 +92,36 @@ def make_text_encoder(device, tiny: bool) -> TextEncoder:
     return TextEncoder(tok, model)
 
 
-def build(a, device) -> Pipeline:
+def build(a, device, vae_device) -> Pipeline:
+    """The transformer and the text encoder on `device`, the VAE on `vae_device` (the same, or a second GPU)."""
     spec = get_config("tiny" if a.tiny else "longsana-2b-480p")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device), default_dtype(dtype):
         model = LongSANATransformer(spec.transformer)
     randomize_(model.eval().requires_grad_(False), 0)
-    return Pipeline(model, make_vae(spec.vae, device, dtype), make_text_encoder(device, a.tiny), spec)
+    return Pipeline(model, make_vae(spec.vae, vae_device, dtype), make_text_encoder(device, a.tiny), spec)
+
+
+def devices_of(pipe: Pipeline) -> list[torch.device]:
+    """The transformer's device, then the VAE's where it is another (a split stream)."""
+    return list(dict.fromkeys([pipe.device, pipe.vae_device]))
+
+
+def sync_all(pipe: Pipeline) -> None:
+    for d in devices_of(pipe):
+        sync(d)
+
+
+def reset_peaks(pipe: Pipeline) -> None:
+    for d in devices_of(pipe):
+        if d.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d)
+
+
+def vae_peak(pipe: Pipeline) -> dict:
+    """The peak allocated on the VAE's own GPU, for a split stream (the transformer's is the current device's)."""
+    split = len(devices_of(pipe)) > 1 and pipe.vae_device.type == "cuda"
+    return {"peak_allocated_vae_device": torch.cuda.max_memory_allocated(pipe.vae_device)} if split else {}
 
 
 # -- 1. cost card --------------------------------------------------------------------------------------------------
@@ -140,27 +165,28 @@ def _mem() -> int:
 
 def bench_stream(pipe: Pipeline, a) -> dict:
     r = {}
-    sync(pipe.device)
+    sync_all(pipe)
     t0 = time.perf_counter()
     settings = dict(vae_frames_per_call=a.vae_frames_per_call)
     warm = pipe.stream(PROMPTS[0], seed=0, **settings)  # compiles the blocks (once per process) and captures its graphs
     it = iter(warm)
     for _ in range(a.warmup_chunks):
         next(it)
-    sync(pipe.device)
+    sync_all(pipe)
     r["warmup_s"] = time.perf_counter() - t0
     warm.close()
     del warm, it
     gc.collect()
     if pipe.device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    print(f"## stream (fast engine, default settings): warm-up of {a.warmup_chunks} chunks (compilation, graph "
-          f"captures) {r['warmup_s']:.1f} s")
+    reset_peaks(pipe)
+    where = " and ".join(map(str, devices_of(pipe)))
+    print(f"## stream (fast engine, default settings, on {where}): warm-up of {a.warmup_chunks} chunks "
+          f"(compilation, graph captures) {r['warmup_s']:.1f} s")
 
     t0 = time.perf_counter()
     pipe.prompts.get(PROMPTS[2], pipe.spec.motion_score)
-    sync(pipe.device)
+    sync_all(pipe)
     r["encode_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -193,7 +219,8 @@ def bench_stream(pipe: Pipeline, a) -> dict:
               mem_after_settle=mem[w], mem_last=mem[-1], mem_growth=mem[-1] - mem[w],
               mem_range_after_settle=max(mem[w:]) - min(mem[w:]), mem_per_chunk=mem)
     if pipe.device.type == "cuda":
-        r |= dict(peak_allocated=torch.cuda.max_memory_allocated(), peak_reserved=torch.cuda.max_memory_reserved())
+        r |= dict(peak_allocated=torch.cuda.max_memory_allocated(), peak_reserved=torch.cuda.max_memory_reserved(),
+                  **vae_peak(pipe))
     stream.close()
     del stream, it
     print(f"  steady state over chunks {w + 1}..{a.chunks} ({r['video_s']:.0f} s of video in all): "
@@ -201,11 +228,12 @@ def bench_stream(pipe: Pipeline, a) -> dict:
           f"{r['latency_p95_s'] * 1e3:.0f} ms")
     print(f"  GPU memory: peak allocated {gb(r.get('peak_allocated'))}, reserved {gb(r.get('peak_reserved'))}; "
           f"allocated after chunk {w}: {gb(mem[w])}, after the last: {gb(mem[-1])} (growth {r['mem_growth']} "
-          f"bytes, range {r['mem_range_after_settle']} bytes)")
+          f"bytes, range {r['mem_range_after_settle']} bytes)"
+          + (f"; on the VAE's {pipe.vae_device}: peak allocated {gb(r['peak_allocated_vae_device'])}"
+             if "peak_allocated_vae_device" in r else ""))
 
     for i, (key, settings) in enumerate(VARIANTS if a.variant_chunks else ()):  # rewind, overlap, VAE pieces
-        if pipe.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        reset_peaks(pipe)
         t0 = time.perf_counter()
         stream = pipe.stream(f"{PROMPTS[i % 4]} ({key})", seed=2, **settings)  # a new prompt each
         if key.endswith("serial"):
@@ -322,7 +350,7 @@ def bench_step(pipe: Pipeline, a, hw) -> dict:
 
 # -- 4. the VAE ----------------------------------------------------------------------------------------------------
 def bench_vae(pipe: Pipeline, a, hw) -> dict:
-    vae, dev = pipe.vae, pipe.device
+    vae, dev = pipe.vae, pipe.vae_device
     z_first = torch.randn(1, vae.cfg.z_dim, 1 + a.chunk, *hw, device=dev)
     if dev.type == "cuda":
         accelerate(vae.decoder, compile=True)  # as a fast stream runs it (it has, if the stream section ran)
@@ -392,7 +420,7 @@ def bench_diffusers(pipe: Pipeline, a, hw) -> dict:
             r["tr_compiled_pass_s"] = timed(fn, dev, 2, a.reps)["median_s"]
             print(f", blocks compiled {r['tr_compiled_pass_s'] * 1e3:.1f} ms", end="")
         print()
-    z_first = torch.randn(1, pipe.vae.cfg.z_dim, 1 + a.chunk, *hw, device=dev)
+    z_first = torch.randn(1, pipe.vae.cfg.z_dim, 1 + a.chunk, *hw, device=pipe.vae_device)
     d, _ = vae_diffusers(pipe.vae, z_first, 1, max(2, a.reps // 2))
     r["vae_fps"], r["vae_peak"] = d["fps"], d["peak_bytes"]
     frames = pipe.vae.cfg.temporal_stride * a.chunk
@@ -452,23 +480,33 @@ def main(argv=None) -> dict:
     p.add_argument("--vae-variants", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--diffusers-compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--profile", type=int, default=0, help="print the top N GPU kernels of a pass and of a decode")
+    p.add_argument("--devices", help="the transformer's device, then the VAE's: cuda:0,cuda:1 splits the stream over "
+                                     "two GPUs, the decode on the second (default: the GPU, else the CPU)")
     p.add_argument("--json", help="also write the result to this file")
     a = p.parse_args(argv)
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    devices = [torch.device(d.strip()) for d in (a.devices or default).split(",")]
+    if not 1 <= len(devices) <= 2:
+        p.error(f"--devices takes one or two devices, got {a.devices!r}")
     spec = get_config("tiny" if a.tiny else "longsana-2b-480p")
     a.height, a.width, a.chunk = spec.height, spec.width, spec.chunk_frames
     if a.tiny:
         a.chunks, a.settle, a.warmup_chunks, a.variant_chunks, a.reps = 6, 2, 2, 4, 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device, vae_device = devices[0], devices[-1]
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the "current" GPU of the memory readings and the kernels launched here
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"# LongSANA streaming benchmark on {name}, torch {torch.__version__}, "
+    split = f" (the VAE on {vae_device}: one stream split over two devices)" if vae_device != device else ""
+    print(f"# LongSANA streaming benchmark on {name}{split}, torch {torch.__version__}, "
           f"{datetime.date.today().isoformat()}: {'tiny' if a.tiny else 'longsana-2b-480p'} {a.height}x{a.width}, "
           f"chunks of {a.chunk} latent frames, random weights")
     t0 = time.perf_counter()
-    pipe = build(a, device)
+    pipe = build(a, device, vae_device)
     hw = (a.height // pipe.vae.cfg.spatial_stride, a.width // pipe.vae.cfg.spatial_stride)
-    res = dict(bench="fps", device=name, torch=torch.__version__, date=datetime.date.today().isoformat(),
+    res = dict(bench="fps", device=name, devices=[str(d) for d in devices_of(pipe)], torch=torch.__version__,
+               date=datetime.date.today().isoformat(),
                tiny=a.tiny, height=a.height, width=a.width, chunk=a.chunk, build_s=time.perf_counter() - t0,
                errors={})
     print(f"built in {res['build_s']:.0f} s: transformer {sum(q.numel() for q in pipe.model.parameters()) / 1e9:.2f}"

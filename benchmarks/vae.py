@@ -41,7 +41,7 @@ def gb(nbytes: int | None) -> str:
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 class OpTraffic(TorchDispatchMode):

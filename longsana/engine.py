@@ -33,7 +33,8 @@ rounding, not bitwise.
 
 Overlap: the VAE decode of chunk c runs on a second, high-priority CUDA stream (`SideStream`), and the stream calls
 `ahead` with chunk c+1's arguments before it waits for c's frames, so c+1's transformer work fills the GPU while c
-decodes. If the next `denoise` asks for something else (the prompt changed, or a rewind), the speculative work is
+decodes. With the VAE on a second GPU (`vae_device`) that stream is on the VAE's GPU and c's x0 crosses over to it
+first (`SideStream.take`), so c's decode and c+1's transformer work run on two GPUs at once. If the next `denoise` asks for something else (the prompt changed, or a rewind), the speculative work is
 taken back: the state is put back as it was before its clean-context pass and the chunk is redone. So the frames
 are exactly those of the eager schedule; a switch costs one chunk's transformer work.
 """
@@ -93,8 +94,10 @@ class ChunkEngine:
     buffer; `ahead` launches the next chunk's before it is asked for, while this chunk decodes on the side stream."""
 
     def __init__(self, model: LongSANATransformer, latent_hw: tuple[int, int], timesteps, bf16_like: bool = False,
-                 batch: int = 1, compile: bool | None = None, graphs: bool | None = None):
-        """timesteps, bf16_like: as `sample_chunk`'s. compile / graphs default to True on CUDA, False elsewhere."""
+                 batch: int = 1, compile: bool | None = None, graphs: bool | None = None,
+                 vae_device: torch.device | None = None):
+        """timesteps, bf16_like: as `sample_chunk`'s. compile / graphs default to True on CUDA, False elsewhere.
+        vae_device: where the decoder is (default: the model's device)."""
         self.model, self.latent_hw, self.batch = model, tuple(latent_hw), batch
         self.device = model.proj_out.weight.device
         cuda = self.device.type == "cuda"
@@ -109,7 +112,7 @@ class ChunkEngine:
         self.state = model.new_state(batch, *latent_hw, device=self.device)
         self._before = model.new_state(batch, *latent_hw, device=self.device)  # the boundary, while work runs ahead
         self._ahead: tuple[tuple, torch.Tensor] | None = None  # (denoise arguments, x0) of the work started ahead
-        self.side = SideStream(self.device)
+        self.side = SideStream(vae_device or self.device, self.device)  # the decodes: on the VAE's device
         self.main = torch.cuda.Stream(self.device) if cuda else None  # this step's own CUDA stream
         self._landed: torch.cuda.Event | None = None  # the last download's copy to the host
         with torch.inference_mode():
@@ -161,13 +164,9 @@ class ChunkEngine:
         return torch.cuda.stream(self.main)
 
     def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
-        """Queued on the side stream, after the transformer work queued so far (which produced z). z may be a
-        temporary (a cut x0): the allocator is told the side stream uses it, so its memory is not reused early."""
-        self.side.wait()
-        if self.side.stream is not None:
-            z.record_stream(self.side.stream)
-        with torch.inference_mode(), self.side():
-            return decoder.decode(z)
+        """Queued on the side stream (on the VAE's device, z handed over to it), after the transformer work queued
+        so far, which produced z (`SideStream.decode`)."""
+        return self.side.decode(decoder, z)
 
     def download(self, frames: torch.Tensor) -> np.ndarray:
         """A non-blocking copy into pinned host memory: the frames are there after `finish`, which the stream's

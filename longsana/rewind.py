@@ -15,7 +15,8 @@ restoring it; inside chunk k, by taking the state and x0 of point k+1 (x0 cut at
 For a stream on a GPU the buffers are one pinned allocation each, filled by non-blocking copies that the copy engine
 runs beside the compute (a synchronous copy to pageable memory took about a second per chunk on an H100). The state
 and x0 are copied in the order of the transformer's CUDA stream and the VAE cache in the order of the decoder's
-(`side`), so each is read before any later work there overwrites it; restoring waits for those copies.
+(`side`, on the VAE's device, which may be another GPU), so each is read before any later work there overwrites
+it; restoring waits for those copies, and puts the VAE cache back in the decoder's order too.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from .vae import CausalCache, StreamingDecoder
 class HostCopy:
     """One boundary's tensors in host buffers shaped like a stream's (x0 sized for the longest chunk)."""
 
-    def __init__(self, state: State, x0_shape: tuple[int, ...], cache: CausalCache, device: torch.device):
+    def __init__(self, state: State, x0_shape: tuple[int, ...], cache: CausalCache):
         x0 = torch.empty(x0_shape, device="meta")  # fp32, as the samplers return x0
-        bufs = _host_buffers([*state.tensors(), x0, *cache.frames.values()], device)
+        bufs = _host_buffers([*state.tensors(), x0, *cache.frames.values()])
         self.state, self.x0 = State(*bufs[:3]), bufs[3]
         self.vae = CausalCache()
         self.vae.frames = dict(zip(cache.frames, bufs[4:]))
@@ -54,7 +55,7 @@ class HostCopy:
             x0, pos = pending
             self.x0[:, :, :x0.shape[2]].copy_(x0, non_blocking=True)
             self.pending = (x0.shape[2], pos)
-        self.landed = [side.mark()]
+        self.landed = [side.mark(state.S.device)]  # where the state was copied: the transformer's current stream
         with side():
             self.vae.copy_(cache, non_blocking=True)
             self.landed.append(side.mark())
@@ -69,21 +70,22 @@ class HostCopy:
         n, pos = self.pending
         return self.x0[:, :, :n].to(device, copy=True), pos
 
-    def put_vae(self, decoder: StreamingDecoder) -> None:
+    def put_vae(self, decoder: StreamingDecoder, side: SideStream) -> None:
         if self.landed and self.landed[-1] is not None:
             self.landed[-1].synchronize()
-        decoder.restore(self.vae)
+        with side():  # in the decodes' order, on the VAE's device
+            decoder.restore(self.vae)
 
     @property
     def nbytes(self) -> int:
         return self.state.nbytes + self.x0.nbytes + self.vae.nbytes
 
 
-def _host_buffers(like: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Empty host tensors shaped like `like`. For a GPU stream they are views of ONE pinned allocation: pinned
+def _host_buffers(like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Empty host tensors shaped like `like`. When some are on a GPU they are views of ONE pinned allocation: pinned
     memory is what lets a device-to-host copy run asynchronously, and torch rounds each pinned allocation up to
     a power of two, so one allocation wastes at most one rounding, not one per tensor."""
-    if device.type != "cuda":
+    if not any(t.is_cuda for t in like):
         return [torch.empty(t.shape, dtype=t.dtype) for t in like]
     align = 256  # every view starts aligned for any dtype
     sizes = [-(-t.numel() * t.element_size() // align) * align for t in like]
@@ -122,6 +124,7 @@ class RewindRing:
     from any thread. Thread-safe."""
 
     def __init__(self, capacity: int, x0_shape: tuple[int, ...], device: torch.device, side: SideStream):
+        """device: the transformer's (the state and pending x0 are put back there); side: the decoder's."""
         self.capacity, self.x0_shape, self.device, self.side = capacity, x0_shape, device, side
         self.points: deque[RewindPoint] = deque()
         self.spare: list[HostCopy] = []  # buffers of dropped points, for the next ones
@@ -135,8 +138,7 @@ class RewindRing:
             if len(self.points) == self.capacity:
                 self._drop(self.points.popleft())
         if point.index > 0:
-            point.copy = self.spare.pop() if self.spare else HostCopy(state, self.x0_shape, decoder.cache,
-                                                                          self.device)
+            point.copy = self.spare.pop() if self.spare else HostCopy(state, self.x0_shape, decoder.cache)
             point.copy.take(state, pending, decoder.cache, self.side)
         with self._lock:
             self.points.append(point)
@@ -163,13 +165,15 @@ class RewindRing:
                  decoder: StreamingDecoder | None = None) -> Pending | None:
         """Copy `point`'s state (returning its pending chunk) and/or its VAE cache into the stream's."""
         if point.copy is None:  # the stream's start: everything zero
-            for part in (state, decoder):
-                if part is not None:
-                    part.reset()
+            if state is not None:
+                state.reset()
+            if decoder is not None:
+                with self.side():  # in the decodes' order, on the VAE's device
+                    decoder.reset()
             return None
         pending = None if state is None else point.copy.put_state(state, self.device)
         if decoder is not None:
-            point.copy.put_vae(decoder)
+            point.copy.put_vae(decoder, self.side)
         return pending
 
     def truncate(self, frame: int) -> None:

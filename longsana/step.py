@@ -4,7 +4,9 @@ Between two chunk boundaries a stream asks its step for
   denoise   the pending chunk's clean-context pass (it adds that chunk to the block-causal state, with the prompt in
             force now: the LongLive re-cache when the prompt changed in between), then the causal sampler's passes
             over fresh noise for the new chunk -> its x0;
-  decode    the streaming VAE decode of x0 to uint8 frames on the device, and `download` to the host.
+  decode    the streaming VAE decode of x0 to uint8 frames on the VAE's device, and `download` to the host.
+The VAE may sit on another device than the transformer (one stream split over two GPUs): `SideStream` is the one
+place that hands a chunk's latents over and orders the decode after the work that made them.
 Two implementations compute the same frames:
   - `EagerStep` (here): the reference, plain module calls in program order;
   - `ChunkEngine` (engine.py): static buffers, compiled blocks, CUDA graphs, and the decode on a second CUDA stream,
@@ -28,36 +30,68 @@ Pending = tuple[torch.Tensor, int]  # a chunk's x0 and RoPE position, its clean-
 
 
 class SideStream:
-    """A second CUDA stream, of high priority: the VAE decode of chunk c runs there and its kernels go first, so
-    its frames come out nearly as fast as alone, while chunk c+1's transformer work on the main stream fills the
-    rest of the GPU. On the CPU every method is a no-op and the work runs in program order."""
+    """Where a stream's VAE work runs: on the VAE's device (`device`), which may be another than the transformer's
+    (`source`: the decoder on a second GPU), and there on a CUDA stream of its own, of high priority (`overlap`).
+    The decode of chunk c runs there and its kernels go first, so its frames come out nearly as fast as alone,
+    while chunk c+1's transformer work fills the rest of the transformer's GPU (the same one, or, split, the other).
+    On the CPU, or without `overlap`, it has no stream and the work runs in program order."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, source: torch.device | None = None, overlap: bool = True):
+        self.device = _indexed(device)
+        self.source = self.device if source is None else _indexed(source)
         self.stream = None
-        if device.type == "cuda":
-            self.stream = torch.cuda.Stream(device, priority=-1)  # lower is higher; clamped to the range
+        if overlap and self.device.type == "cuda":
+            self.stream = torch.cuda.Stream(self.device, priority=-1)  # lower is higher; clamped to the range
 
     def __call__(self):
         """Context manager: run on the side stream."""
         return torch.cuda.stream(self.stream)
 
     def wait(self) -> None:
-        """Let the side stream's later work wait for all work queued so far on the current stream."""
+        """Let the side stream's later work wait for all work queued so far on the current streams of both devices
+        (the transformer's, which made the latents; the VAE's, where a decoder's cache was allocated)."""
         if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+            for device in {self.source, self.device}:
+                self.stream.wait_stream(torch.cuda.current_stream(device))
 
-    def mark(self) -> torch.cuda.Event | None:
-        """An event at the current point of the current stream (None on the CPU)."""
+    def mark(self, device: torch.device | None = None) -> torch.cuda.Event | None:
+        """An event at the current point of `device`'s current stream (default: the VAE's); None without a stream."""
         if self.stream is None:
             return None
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(device or self.device))
         return event
+
+    def take(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents made on the transformer's device, for work on the side stream (called inside it). The same
+        tensor on one device: the allocator is told the side stream uses it (it may be a temporary, a cut x0), so
+        its memory is not reused early. A non-blocking copy onto the VAE's device otherwise: PyTorch runs a copy
+        between GPUs on the source device's current stream (the transformer's, so after the work that made z),
+        fenced by events with the destination's current stream (this one, so the decode comes after it)."""
+        if z.device != self.device:
+            return z.to(self.device, non_blocking=True)
+        if self.stream is not None:
+            z.record_stream(self.stream)
+        return z
+
+    def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
+        """`decoder.decode(z)` queued on the side stream, after the work queued so far that made z."""
+        self.wait()
+        with torch.inference_mode(), self():
+            return decoder.decode(self.take(z))
+
+
+def _indexed(device) -> torch.device:
+    """"cuda" as "cuda:<the current GPU>", as tensors report it, so that devices compare as their tensors'."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class ChunkStep(Protocol):
     state: State  # the block-causal state, owned by the step and updated in place (its storage never changes)
-    side: SideStream  # where decodes run; copies of the VAE cache are queued there too
+    side: SideStream  # where decodes run (the VAE's device); copies of the VAE cache are queued there too
 
     def denoise(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None) -> torch.Tensor:
         """The pending chunk's clean-context pass, then x0 (B, C, n, h, w) fp32 of a chunk of n latent frames at
@@ -76,7 +110,7 @@ class ChunkStep(Protocol):
         """Where the step's device work runs (a CUDA stream of its own); every call above is made inside it."""
 
     def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
-        """uint8 frames (n, H, W, 3) of latents z, on the device."""
+        """uint8 frames (n, H, W, 3) of latents z (on the transformer's device), on the VAE's device."""
 
     def download(self, frames: torch.Tensor) -> np.ndarray:
         """`decode`'s frames on the host, valid once `finish` has returned."""
@@ -88,12 +122,14 @@ class ChunkStep(Protocol):
 class EagerStep:
     """The reference step: `sample_chunk` over `model.forward_chunk`, batch 1."""
 
-    def __init__(self, model: LongSANATransformer, latent_hw: tuple[int, int], timesteps, bf16_like: bool = False):
+    def __init__(self, model: LongSANATransformer, latent_hw: tuple[int, int], timesteps, bf16_like: bool = False,
+                 vae_device: torch.device | None = None):
+        """vae_device: where the decoder is (default: the model's device)."""
         self.model, self.latent_hw = model, tuple(latent_hw)
         self.timesteps, self.bf16_like = tuple(timesteps), bf16_like
         self.device = model.proj_out.weight.device
         self.state = model.new_state(1, *latent_hw, device=self.device)
-        self.side = SideStream(torch.device("cpu"))  # no second stream: everything in program order
+        self.side = SideStream(vae_device or self.device, self.device, overlap=False)  # everything in program order
 
     @torch.inference_mode()
     def denoise(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None) -> torch.Tensor:
@@ -125,9 +161,8 @@ class EagerStep:
     def context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    @torch.inference_mode()
     def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
-        return decoder.decode(z)
+        return self.side.decode(decoder, z)
 
     def download(self, frames: torch.Tensor) -> np.ndarray:
         return frames.cpu().numpy()

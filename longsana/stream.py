@@ -96,24 +96,36 @@ def check_size(height: int, width: int) -> None:
 
 
 class Pipeline:
-    """Transformer + streaming VAE + text encoder, loaded once, serving any number of streams."""
+    """Transformer + streaming VAE + text encoder, loaded once, serving any number of streams.
+
+    Each part runs where its weights are: the transformer and the text encoder on `device`, the VAE on
+    `vae_device`, the same device or a second one (a stream split over two GPUs: the decode of chunk c runs on the
+    second while the transformer works on chunk c+1; step.SideStream hands the latents over)."""
 
     def __init__(self, model: LongSANATransformer, vae, text: TextEncoder, spec: ModelSpec, prompt_cache: int = 8):
         self.model, self.vae, self.text, self.spec = model, vae, text, spec
         self.device = next(model.parameters()).device
         self.prompts = PromptCache(text, derive=model.prepare_text, capacity=prompt_cache)
-        self.worker = DeviceWorker(str(self.device), cuda_healthy(self.device))  # runs all of the device work
+        checks = [cuda_healthy(d) for d in {self.device, self.vae_device}]
+        self.worker = DeviceWorker(str(self.device), lambda: all(ok() for ok in checks))  # runs all device work
+
+    @property
+    def vae_device(self) -> torch.device:
+        """The VAE's device, read from its weights (`device` is the transformer's)."""
+        return self.vae.device
 
     @classmethod
-    def from_pretrained(cls, path_or_name: str | Path, device=None, dtype=None, spec: str | ModelSpec | None = None):
-        """A diffusers-layout model folder (transformer/, vae/, text_encoder/, tokenizer/) or a built-in name."""
+    def from_pretrained(cls, path_or_name: str | Path, device=None, dtype=None, spec: str | ModelSpec | None = None,
+                        vae_device=None):
+        """A diffusers-layout model folder (transformer/, vae/, text_encoder/, tokenizer/) or a built-in name.
+        `vae_device`: where the VAE goes (default: `device`), e.g. "cuda:1" to decode on a second GPU."""
         from .loading import default_device_dtype, load_transformer
         from .vae import load_vae
 
         folder, spec = resolve_model(path_or_name, spec)
         device, dtype = default_device_dtype(device, dtype)
         model = load_transformer(folder, config=spec.transformer, device=device, dtype=dtype)
-        vae = load_vae(folder / "vae", device=device, dtype=dtype)
+        vae = load_vae(folder / "vae", device=vae_device or device, dtype=dtype)
         text = TextEncoder.from_pretrained(folder, device=device, dtype=dtype)
         return cls(model, vae, text, spec)
 
@@ -486,14 +498,15 @@ def blend_text(a: TextKV, b: TextKV, w: float) -> TextKV:
 
 def make_step(pipe: Pipeline, latent_hw: tuple[int, int], settings: StreamSettings) -> ChunkStep:
     """The one place that chooses how a stream runs: the fast engine (by default on a GPU) or the eager reference,
-    and the decoder's fast path (compiled with the engine)."""
+    the decoder's fast path (compiled with the engine), and where the decodes run (the VAE's device)."""
     fast = settings.compile if settings.compile is not None else pipe.device.type == "cuda"
     accelerate(pipe.vae.decoder, compile=fast)
     if fast and pipe.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the VAE's convs have fixed shapes: let cuDNN pick the fastest once
     if not fast:
-        return EagerStep(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps)
-    return ChunkEngine(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps, compile=True)
+        return EagerStep(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps, pipe.vae_device)
+    return ChunkEngine(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps, compile=True,
+                       vae_device=pipe.vae_device)
 
 
 def latent_frames(num_frames: int, stride: int = VAEConfig().temporal_stride) -> int:

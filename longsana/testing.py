@@ -7,9 +7,13 @@ dependencies only, each imported inside the function that uses it: the benchmark
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .config import TransformerConfig
 
@@ -35,6 +39,15 @@ def needs_cuda(test):
     compiled_cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
     skip = pytest.mark.skipif(not compiled_cuda, reason="needs a CUDA GPU")
     return pytest.mark.gpu(skip(test))
+
+
+def needs_gpus(n: int):
+    """`needs_cuda`, and a skip where fewer than `n` CUDA GPUs are present (a stream split across GPUs)."""
+    import pytest
+
+    def mark(test):
+        return needs_cuda(pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA GPUs")(test))
+    return mark
 
 
 @torch.no_grad()
@@ -102,3 +115,85 @@ def save_pipeline(pipe, folder):
     """Write `pipe` as a diffusers-layout model folder."""
     pipe.save_pretrained(folder)
     return folder
+
+
+# -- a second device on a machine with one CPU --------------------------------------------------------------------
+_ON_SECOND = "_longsana_on_second_cpu"  # the attribute that marks a tensor as one of the second CPU's
+
+
+def _on_second(t) -> bool:
+    return isinstance(t, torch.Tensor) and getattr(t, _ON_SECOND, False)
+
+
+def _mark(tree, on: bool):
+    for t in tree_leaves(tree):
+        if isinstance(t, torch.Tensor):
+            setattr(t, _ON_SECOND, on)
+    return tree
+
+
+class SecondCPU(TorchFunctionMode):
+    """An emulated second device, "cpu:1", for tests of a stream split across two devices on a CPU-only machine
+    (torch drops the index of "cpu:1": every tensor is on "cpu"). Tensors placed there (`place`, a factory given
+    device="cpu:1", `.to("cpu:1")`, and whatever an op makes from them) report `device` cpu:1; an op that mixes them
+    with tensors of the real CPU raises, as across two GPUs (0-dim tensors aside, as CPU scalars join CUDA ops), and
+    so does `.numpy()` of one; `copy_`, item assignment, `.to` and `.cpu()` cross between the two. So code that
+    forgets to move a tensor between the devices fails here as it would on two GPUs. A mode is active on the
+    thread that enters it only: `second_cpu(pipe)` enters one on this thread and on the pipeline's device worker."""
+
+    device = torch.device("cpu", 1)
+    CROSSING = (torch.Tensor.copy_, torch.Tensor.__setitem__)  # ops that take their inputs from either device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func == torch.Tensor.device.__get__:
+            return self.device if _on_second(args[0]) else func(*args)
+        if func in (torch.Tensor.to, torch.Tensor.cpu):
+            return self._to(func, args, kwargs)
+        if func == torch.Tensor.numpy and _on_second(args[0]):
+            raise TypeError(f"can't convert {self.device} device type tensor to numpy: copy it to the host first")
+        device = kwargs.get("device")
+        if device is not None and torch.device(device) == self.device:  # a factory
+            return _mark(func(*args, **{**kwargs, "device": "cpu"}), True)
+        if func in self.CROSSING:
+            return func(*args, **kwargs)
+        where = {_on_second(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.ndim > 0}
+        if len(where) > 1:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{self.device} and cpu! ({func})")
+        out = func(*args, **kwargs)
+        return _mark(out, True) if True in where else out
+
+    def _to(self, func, args, kwargs):
+        """`.to` / `.cpu()`: a copy when the tensor changes device, as between GPUs."""
+        src = args[0]
+        device, dtype, copy = torch.device("cpu"), None, False
+        if func == torch.Tensor.to:
+            device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **{k: v for k, v in kwargs.items() if k != "copy"})
+            copy = kwargs.get("copy", False)
+        on = _on_second(src) if device is None else device == self.device
+        out = src.to(dtype=dtype or src.dtype, copy=copy or on != _on_second(src))
+        return out if out is src else _mark(out, on)
+
+    @staticmethod
+    def place(module: torch.nn.Module, on: bool = True) -> torch.nn.Module:
+        """Put `module`'s parameters and buffers on the second CPU (on=False: back)."""
+        _mark(list(itertools.chain(module.parameters(), module.buffers())), on)
+        return module
+
+
+@contextlib.contextmanager
+def second_cpu(pipe):
+    """`pipe`'s VAE on the emulated second CPU (`SecondCPU`) for the duration, the emulation active on this thread
+    and on the pipeline's device worker, where its streams run."""
+    here, worker = SecondCPU(), SecondCPU()
+    SecondCPU.place(pipe.vae)
+    try:
+        with here:
+            pipe.worker.run(worker.__enter__)
+            try:
+                yield pipe
+            finally:
+                pipe.worker.run(worker.__exit__, None, None, None)
+    finally:
+        SecondCPU.place(pipe.vae, on=False)

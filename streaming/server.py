@@ -804,7 +804,7 @@ def make_pipeline(model: str, device: str | None = None, dtype: str | None = Non
     from longsana.stream import Pipeline
 
     return Pipeline.from_pretrained(model, device, dtype and getattr(torch, DTYPES[dtype]), spec=spec,
-                                    **({"vae_device": vae_device} if vae_device else {}))
+                                    vae_device=vae_device)
 
 
 def check_video_size(pipe, stream_kwargs: dict) -> None:
