@@ -6,6 +6,10 @@ starts before the end of what the viewer holds replaces it from there on. At ran
 the prompt with `Stream.set_prompt(prompt, at_frame=<frame on screen>)` and wakes the producer. Per switch it
 records the time from the call to the first chunk answering it being handed out (`Chunk.request`), and to that
 chunk's first frame being on screen; and the frames shown late (stalls) and any frame shown twice or skipped.
+With the demo model the switches go through the page's example prompts, and it also records when the new
+prompt's colours hold on screen: the first frame from which the object and background colours the prompt names
+(read back by `clips.measure`) are on screen in at least 90% of the frames until the next switch
+(`clips.colours_hold_from`).
 
     python -m longsana.benchmarks.switch                 # demo model, CPU
     python -m longsana.benchmarks.switch --tiny          # tiny random model: a smoke test
@@ -19,15 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import itertools
 import statistics
 import threading
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from longsana.benchmarks.fps import PROMPTS, build
 from longsana.stream import Pipeline
+from longsana.streaming.guide import DEMO_EXAMPLES
 
 SETTLE_CHUNKS = 3  # chunks played before the first switch (warm caches, a measured lead)
 
@@ -38,7 +45,9 @@ class Viewer:
 
     def __init__(self, fps: float):
         self.fps, self.cond = fps, threading.Condition()
-        self.frames: dict[int, int] = {}  # video frame -> the request its chunk answers
+        self.frames: dict[int, tuple[int, object]] = {}  # video frame -> (the request its chunk answers, its RGB)
+        self.shown_rgb: list = []  # every frame as it was shown
+        self.shown_t: list[float] = []  # and when
         self.screen = -1  # the frame on screen
         self.released = False
         self.handed: dict[int, float] = {}  # request -> when its first chunk was handed out
@@ -49,8 +58,8 @@ class Viewer:
         with self.cond:
             for f in [f for f in self.frames if f >= chunk.start_frame]:
                 del self.frames[f]
-            for i in range(len(chunk.frames)):
-                self.frames[chunk.start_frame + i] = chunk.request
+            for i, rgb in enumerate(chunk.frames):
+                self.frames[chunk.start_frame + i] = chunk.request, rgb
             self.handed.setdefault(chunk.request, time.perf_counter())
             self.cond.notify_all()
             self.cond.wait_for(lambda: self.screen >= chunk.start_frame or self.released or self.done)
@@ -74,15 +83,32 @@ class Viewer:
             time.sleep(max(0.0, t_next - time.perf_counter()))
             with self.cond:
                 self.screen = k
-                self.shown.setdefault(self.frames[k], time.perf_counter())
+                request, rgb = self.frames[k]
+                self.shown.setdefault(request, time.perf_counter())
+                self.shown_rgb.append(rgb)
+                self.shown_t.append(time.perf_counter())
                 self.cond.notify_all()
             t_next += 1 / self.fps
             if k in switch_at:
                 t = time.perf_counter()
-                rid = stream.set_prompt(next(prompts), at_frame=k)
-                switches.append({"id": rid, "t": t, "frame": k, "lead": stream.lead_frames()})
+                prompt = next(prompts)
+                rid = stream.set_prompt(prompt, at_frame=k)
+                switches.append({"id": rid, "t": t, "frame": k, "lead": stream.lead_frames(), "prompt": prompt})
                 self.release()
         return {"switches": switches, "late_s": late}
+
+
+def colours_hold(viewer: Viewer, switches: list[dict]) -> list[float | None]:
+    """Per switch, seconds from the call to the first frame from which the colours its prompt names hold on screen
+    (None: not before the next switch)."""
+    from longsana.demo.clips import colours_hold_from, parse_caption
+
+    out = []
+    for s, after in zip(switches, [*switches[1:], None]):
+        first, end = s["frame"] + 1, after["frame"] + 1 if after else len(viewer.shown_rgb)
+        j = colours_hold_from(np.stack(viewer.shown_rgb[first:end]), parse_caption(s["prompt"])[0])
+        out.append(None if j is None else viewer.shown_t[first + j] - s["t"])
+    return out
 
 
 def p95(xs) -> float:
@@ -107,7 +133,8 @@ def main(argv=None) -> dict:
         pipe, name = build(SimpleNamespace(tiny=a.tiny), device), "tiny" if a.tiny else "longsana-2b-480p"
     else:
         pipe, name = Pipeline.from_pretrained("demo"), "demo"
-    stream = pipe.stream(PROMPTS[0], seed=a.seed, chunk_frames=a.chunk_frames, switch_lead=a.lead)
+    examples = DEMO_EXAMPLES if name == "demo" else PROMPTS
+    stream = pipe.stream(examples[0], seed=a.seed, chunk_frames=a.chunk_frames, switch_lead=a.lead)
     fps, chunk = stream.fps, stream.settings.chunk_frames
     rng = random.Random(a.seed)
     chunk_video = stream.stride * chunk
@@ -117,8 +144,8 @@ def main(argv=None) -> dict:
         k += 2 * chunk_video
     frames = k + 2 * chunk_video
     viewer = Viewer(fps)
-    prompts = iter(PROMPTS[(i % (len(PROMPTS) - 1)) + 1] if i % 2 == 0 else PROMPTS[0] for i in range(10 ** 9))
-    for q in PROMPTS:
+    prompts = itertools.cycle(examples[1:] + examples[:1])
+    for q in examples:
         pipe.prompts.get(q, stream.settings.motion_score)  # encoded once: a warm server's prompt cache
 
     def produce():
@@ -137,10 +164,11 @@ def main(argv=None) -> dict:
     stream.close()
 
     rows = []
-    for s in played["switches"]:
+    holds = colours_hold(viewer, played["switches"]) if name == "demo" else [None] * len(played["switches"])
+    for s, hold in zip(played["switches"], holds):
         handed, shown = viewer.handed.get(s["id"]), viewer.shown.get(s["id"])
         rows.append({"frame": s["frame"], "lead": s["lead"], "handed_s": None if handed is None else handed - s["t"],
-                     "screen_s": None if shown is None else shown - s["t"]})
+                     "screen_s": None if shown is None else shown - s["t"], "colours_s": hold})
     done = [r for r in rows if r["screen_s"] is not None]
     screen, handed = [r["screen_s"] for r in done], [r["handed_s"] for r in done]
     print(f"# switch latency: {name} on {device.type}, {stream.height}x{stream.width} at {fps} fps, chunks of {chunk} "
@@ -148,9 +176,11 @@ def main(argv=None) -> dict:
           f"{stream.ring.capacity}; lead {rows[-1]['lead'] if rows else '?'} frames (switch_lead "
           f"{a.lead if a.lead is not None else 'measured'})")
     for i, r in enumerate(rows):
+        colours = "" if name != "demo" else ", colours hold " + ("never" if r["colours_s"] is None else
+                                                               f"{r['colours_s']:.3f} s")
         print(f"switch {i:2d} at frame {r['frame']:5d}: lead {r['lead']:3d} frames, handed out "
               f"{r['handed_s'] if r['handed_s'] is None else round(r['handed_s'], 3)} s, on screen "
-              f"{r['screen_s'] if r['screen_s'] is None else round(r['screen_s'], 3)} s")
+              f"{r['screen_s'] if r['screen_s'] is None else round(r['screen_s'], 3)} s{colours}")
     res = {"bench": "switch", "model": name, "device": device.type, "chunk_frames": chunk, "fps": fps,
            "switches": len(rows), "answered": len(done), "stalls_s": round(played["late_s"], 3)}
     if done:
@@ -160,6 +190,12 @@ def main(argv=None) -> dict:
         print(f"on screen: median {res['screen_p50']:.3f} s, p95 {res['screen_p95']:.3f} s, {res['within_1s']}/"
               f"{len(done)} within 1 s; handed out: median {res['handed_p50']:.3f} s, p95 {res['handed_p95']:.3f} s;"
               f" stalls {res['stalls_s']:.2f} s in all")
+    if name == "demo":
+        held = sorted(h for h in holds if h is not None)
+        res |= {"colours_p50": round(statistics.median(held), 3) if held else None,
+                "colours_within_1s": sum(h <= 1.0 for h in held), "colours_never": len(holds) - len(held)}
+        print(f"colours hold: median {res['colours_p50']} s, {res['colours_within_1s']}/{len(holds)} within 1 s, "
+              f"{res['colours_never']} not before the next switch")
     print(json.dumps(res))
     return res
 

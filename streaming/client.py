@@ -40,7 +40,7 @@ class Refused(Exception):
 class Received:
     t: float  # arrival, time.monotonic()
     pts: int  # 90 kHz; over WebRTC rebased so that the stream's first frame is 0, as on the server
-    thumb: np.ndarray | None  # (8, 16, 3) RGB thumbnail, if decoding
+    thumb: np.ndarray | None  # RGB (height, width, 3) at the client's `size` (a thumbnail by default), if decoding
     prompt_seq: int | None = None  # WebSocket frames carry it; over WebRTC use the chunk events
     index: int | None = None  # the video frame index (WebSocket frames carry it)
 
@@ -49,6 +49,7 @@ class Received:
 class Client:
     url: str
     decode: bool = True
+    size: tuple[int, int] | None = THUMB  # (height, width) decoded frames are kept at; None: as sent
     frames: list[Received] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     session: str | None = None
@@ -130,17 +131,18 @@ class Client:
         return [e for e in self.events if e.get("type") == "error"]
 
 
-def _thumb(frame: av.VideoFrame) -> np.ndarray:
-    return frame.reformat(width=THUMB[1], height=THUMB[0], format="rgb24").to_ndarray()
+def _thumb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
+    height, width = size or (frame.height, frame.width)
+    return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
 
 
 class RtcClient(Client):
     @classmethod
     async def connect(cls, url: str, prompt: str, decode: bool = True, codecs: tuple[str, ...] = (),
-                      **start) -> RtcClient:
+                      size: tuple[int, int] | None = THUMB, **start) -> RtcClient:
         """Offer (video recvonly + the control data channel), POST it with the start fields, connect.
         `codecs` ("video/VP8", ...) limits the video codecs offered, as some browsers do."""
-        self = cls(url, decode)
+        self = cls(url, decode, size)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("control")
         self.channel.on("message", self._on_text)
@@ -174,7 +176,7 @@ class RtcClient(Client):
                 return
             origin = frame.pts if origin is None else origin
             pts = (frame.pts - origin) % 2**32  # RTP timestamps start at a random origin and wrap at 2**32
-            self._on_frame(Received(time.monotonic(), pts, _thumb(frame) if self.decode else None))
+            self._on_frame(Received(time.monotonic(), pts, _thumb(frame, self.size) if self.decode else None))
 
     def send_raw(self, data: str | bytes) -> None:
         self.channel.send(data)
@@ -186,9 +188,10 @@ class RtcClient(Client):
 
 class WsClient(Client):
     @classmethod
-    async def connect(cls, url: str, prompt: str, decode: bool = True, **start) -> WsClient:
+    async def connect(cls, url: str, prompt: str, decode: bool = True, size: tuple[int, int] | None = THUMB,
+                      **start) -> WsClient:
         """Open the WebSocket, send start, wait for hello (Refused on an error instead)."""
-        self = cls(url, decode)
+        self = cls(url, decode, size)
         self._http = aiohttp.ClientSession()
         try:
             self.ws = await self._http.ws_connect(url.rstrip("/") + "/ws", max_msg_size=0)
@@ -215,7 +218,7 @@ class WsClient(Client):
                     thumb = None
                     if self.decode:
                         (frame,) = self._jpeg.decode(av.Packet(message.data[FRAME_HEADER.size:]))
-                        thumb = _thumb(frame)
+                        thumb = _thumb(frame, self.size)
                     self._on_frame(Received(time.monotonic(), int(pts), thumb, prompt_seq, index))
         finally:
             self._ended()

@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from longsana.config import bundled_folder, get_config
-from longsana.demo.clips import caption, caption_variant, matches, measure, parse_caption, render, sample_scene
+from longsana.demo.clips import (caption, caption_variant, colours_hold_from, matches, measure, parse_caption, render,
+                                 render_timeline, sample_scene)
 from longsana.demo.train import TrainConfig, check, generate, noise_levels, switch_scene, train_cmd, train_vae
 from longsana.stream import Pipeline
 from longsana.vae import WanVAE
@@ -141,3 +142,16 @@ def test_train_options_default_to_train_config(tmp_path):
     params = {p.name: p.default for p in train_cmd.params if p.name != "out"}
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in params}
     assert params == defaults and len(params) >= 20
+
+
+def test_colours_hold_from_reads_a_switch_off_rendered_frames():
+    rng = np.random.default_rng(3)
+    a = sample_scene(rng)
+    b = switch_scene(a, rng)
+    while (b.color, b.background) == (a.color, a.background):
+        b = switch_scene(a, rng)
+    frames = render_timeline([(0, a), (20, b)], 48, 64, 64)
+    assert colours_hold_from(frames[:20], a) == 0
+    assert colours_hold_from(frames, a) is None  # a's colours leave at the switch
+    assert colours_hold_from(frames, b) in (20, 21)  # a frame of slack at the cut
+    assert colours_hold_from(frames[:20], b) is None

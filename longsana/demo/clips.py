@@ -657,6 +657,18 @@ def matches(frames: np.ndarray, scene: Scene) -> dict[str, bool | float]:
             "motion": _motion_ok(m, scene.motion), "pan": pan}
 
 
+HOLD = 0.9  # colours hold from a frame on when they are on screen in this share of the frames after it
+
+
+def colours_hold_from(frames: np.ndarray, scene: Scene) -> int | None:
+    """The first frame from which `scene`'s object and background colours hold (None: they never do): after a
+    prompt switch, when the new prompt's colours are on screen. A frame now and then may read otherwise."""
+    m = measure(frames)
+    ok = np.array([f == scene.color and b == scene.background for f, b in zip(m.fg_color, m.bg_color)])
+    share = np.cumsum(ok[::-1])[::-1] / np.arange(len(ok), 0, -1)  # share of the frames from each one on
+    return next((j for j in range(len(ok)) if ok[j] and share[j] >= HOLD), None)
+
+
 def _steps(b: Blobs, S: int, lag: int) -> tuple[np.ndarray, np.ndarray]:
     """Displacements over `lag` frames (short sides per frame) of whole blobs matched to their nearest whole
     blob `lag` frames later, skipping matches that jump or change size a lot (objects meeting, leaving, noise).
