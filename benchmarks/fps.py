@@ -92,14 +92,15 @@ def make_text_encoder(device, tiny: bool) -> TextEncoder:
     return TextEncoder(tok, model)
 
 
-def build(a, device, vae_device) -> Pipeline:
-    """The transformer and the text encoder on `device`, the VAE on `vae_device` (the same, or a second GPU)."""
+def build(a, device, vae_device=None) -> Pipeline:
+    """The transformer and the text encoder on `device`, the VAE on `vae_device` (default: the same; or a second
+    GPU)."""
     spec = get_config("tiny" if a.tiny else "longsana-2b-480p")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device), default_dtype(dtype):
         model = LongSANATransformer(spec.transformer)
     randomize_(model.eval().requires_grad_(False), 0)
-    return Pipeline(model, make_vae(spec.vae, vae_device, dtype), make_text_encoder(device, a.tiny), spec)
+    return Pipeline(model, make_vae(spec.vae, vae_device or device, dtype), make_text_encoder(device, a.tiny), spec)
 
 
 def devices_of(pipe: Pipeline) -> list[torch.device]:

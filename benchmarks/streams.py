@@ -9,6 +9,13 @@ worker.py), each stream on its own thread as the server's producers run them. It
      then the worker's measured load and whether it admits a third (and why);
   4. with --minutes M: 2 streams together for M minutes of video each (errors, FPS over the whole run).
 Then one JSON line. A stream's FPS is its frames handed out over the wall time they took: what its viewer gets.
+
+With --gpus 0,1 it measures a machine instead: the real-time streams its GPUs hold together. A process per GPU
+(as `longsana serve --gpus` runs them) builds the model, then every GPU runs n paced streams at the same time, for
+n = 1, 2, ... until a stream on some GPU falls behind real time; the machine holds n - 1 per GPU. Compare
+`--gpus 0` with `--gpus 0,1` for what a second GPU adds.
+
+    python -m longsana.benchmarks.streams --gpus 0,1 --paced-seconds 30
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -27,6 +36,7 @@ from longsana.benchmarks.fps import PROMPTS, build
 from longsana.cli import CUDA_ALLOC_CONF
 
 REAL_TIME_MARGIN = 1.0  # a stream is real time at >= fps frames a second
+PACED_SLACK = 0.97  # a paced stream keeps up at >= this share of fps (its measured rate jitters around fps)
 
 
 def run_streams(pipe, n: int, chunks: int, settle: int, stagger: float = 0.0, paced: bool = False,
@@ -69,6 +79,73 @@ def report(title: str, rs: list[dict], fps: int, paced: bool = False) -> None:
     print(f"  {title}: " + "; ".join(f"#{i} {p}" for i, p in enumerate(parts)))
 
 
+def paced_chunks(a, pipe) -> int:
+    """Chunks a paced stream takes to play --paced-seconds of video (at least a few after --settle)."""
+    return max(a.settle + 2, round(a.paced_seconds * pipe.spec.fps / (4 * pipe.spec.chunk_frames)))
+
+
+def held(rs: list[dict], fps: int) -> bool:
+    """Did every paced stream keep up with its viewer, without an error?"""
+    return all("fps" in r and r["fps"] >= PACED_SLACK * fps for r in rs)
+
+
+def serve_rounds(a) -> None:
+    """A process of `--gpus`: build the model on this process's GPU, say so, then for every n read from stdin run
+    n paced streams and answer with one JSON line."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = build(a, device)
+    print(json.dumps({"ready": torch.cuda.get_device_name() if device.type == "cuda" else "CPU"}), flush=True)
+    for line in sys.stdin:
+        n = int(line)
+        rs = run_streams(pipe, n, paced_chunks(a, pipe), a.settle, paced=True, seed=1000 * n)
+        print(json.dumps({"n": n, "fps": pipe.spec.fps, "streams": rs, "held": held(rs, pipe.spec.fps)}), flush=True)
+
+
+def machine(a, argv: list[str]) -> dict:
+    """--gpus: the real-time streams all the GPUs hold at once (the module's doc)."""
+    gpus = [g.strip() for g in a.gpus.split(",")]
+    passed = [x for x in argv if x not in ("--gpus", a.gpus)]
+    procs = [subprocess.Popen([sys.executable, "-m", "longsana.benchmarks.streams", "--rounds", *passed],
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": g}, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for g in gpus]
+    try:
+        names = [json.loads(p.stdout.readline())["ready"] for p in procs]
+        print(f"# real-time streams on {len(gpus)} GPU(s) at once: {', '.join(names)}; "
+              f"{'tiny' if a.tiny else 'LongSANA 2B 480x832'}, paced for {a.paced_seconds:g} s, {datetime.date.today()}")
+        res = dict(bench="streams-machine", gpus=gpus, devices=names, date=str(datetime.date.today()), tiny=a.tiny,
+                   rounds=[])
+        per_gpu = 0
+        for n in range(1, a.max_streams + 1):
+            for p in procs:
+                p.stdin.write(f"{n}\n")
+                p.stdin.flush()
+            rounds = [json.loads(p.stdout.readline()) for p in procs]
+            res["rounds"].append(rounds)
+            for g, r in zip(gpus, rounds):
+                report(f"GPU {g}, {n} paced", r["streams"], r["fps"], paced=True)
+            if not all(r["held"] for r in rounds):
+                break
+            per_gpu = n
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait(60)
+    res |= {"per_gpu": per_gpu, "machine_streams": per_gpu * len(gpus)}
+    capped = " at least (--max-streams reached)" if per_gpu == a.max_streams else ""
+    print(f"## the machine holds{capped} {res['machine_streams']} real-time streams ({per_gpu} per GPU, at once)")
+    return finish(res, a)
+
+
+def finish(res: dict, a) -> dict:
+    """The JSON line, printed and, with --json, written."""
+    line = json.dumps(res)
+    print(line)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(line + "\n")
+    return res
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny config and size: a smoke test for any machine")
@@ -78,9 +155,16 @@ def main(argv=None) -> dict:
     p.add_argument("--max-streams", type=int, default=3)
     p.add_argument("--paced-seconds", type=float, default=30.0)
     p.add_argument("--minutes", type=float, default=0.0, help="minutes of video for the long 2-stream run (0: skip)")
+    p.add_argument("--gpus", help="measure a machine: the real-time streams these GPUs hold at once, e.g. 0,1")
+    p.add_argument("--rounds", action="store_true", help=argparse.SUPPRESS)  # a process of --gpus
     p.add_argument("--json", help="also write the result to this file")
+    argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # as `longsana serve` runs it
+    if a.rounds:
+        return serve_rounds(a)
+    if a.gpus:
+        return machine(a, argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = build(a, device)
     fps = pipe.spec.fps
@@ -104,7 +188,6 @@ def main(argv=None) -> dict:
             report(f"{n} {key}", rs, fps)
 
     print(f"## admission: 2 streams paced to {fps} fps for {a.paced_seconds:.0f} s")
-    paced_chunks = max(a.settle + 2, round(a.paced_seconds * fps / (4 * pipe.spec.chunk_frames)))
     admitted = {}
 
     def probe():  # while the paced streams run, after they settle
@@ -114,7 +197,7 @@ def main(argv=None) -> dict:
 
     prober = threading.Thread(target=probe)
     prober.start()
-    rs = run_streams(pipe, 2, paced_chunks, a.settle, paced=True, seed=100)
+    rs = run_streams(pipe, 2, paced_chunks(a, pipe), a.settle, paced=True, seed=100)
     prober.join()
     res["paced_2"], res["admission"] = rs, admitted
     report("2 paced", rs, fps, paced=True)
@@ -135,12 +218,7 @@ def main(argv=None) -> dict:
         print(f"## two streams: slowest {res['min_fps_two_streams']:.1f} FPS (target >= {fps}); errors in all runs: "
               f"{res['errors']}; median FPS of all unpaced streams "
               f"{statistics.median(r['fps'] for r in runs if 'fps' in r):.1f}")
-    line = json.dumps(res)
-    print(line)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(line + "\n")
-    return res
+    return finish(res, a)
 
 
 if __name__ == "__main__":

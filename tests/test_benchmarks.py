@@ -1,0 +1,34 @@
+"""The benchmarks run: each one's `--tiny` smoke mode, as a user would start it, ends with its JSON line and no
+error. (Their figures are for a GPU and go in benchmarks/RESULTS.md; here only that the code paths work.)"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow  # three processes that build a model each, about 40 s in all
+
+
+def bench(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_fps():
+    res = bench("longsana.benchmarks.fps", "--tiny")
+    assert res["errors"] == {}, res["errors"]
+
+
+def test_switch():
+    res = bench("longsana.benchmarks.switch", "--tiny", "--switches", "2")
+    assert res["answered"] == res["switches"] == 2
+
+
+def test_streams_on_a_machine_of_two_devices():
+    res = bench("longsana.benchmarks.streams", "--tiny", "--gpus", "0,1", "--max-streams", "1", "--settle", "1",
+                "--paced-seconds", "2")
+    assert [len(r) for r in res["rounds"]] == [2]  # one round, both devices at once
+    assert all(len(r["streams"]) == 1 and "error" not in r["streams"][0] for r in res["rounds"][0])
+    assert res["machine_streams"] == 2 * res["per_gpu"]
