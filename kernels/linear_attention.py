@@ -21,7 +21,7 @@ import torch
 from longsana.kernels.backend import HAS_TRITON, register_reference_backward, use_triton
 
 if HAS_TRITON:
-    from longsana.kernels.triton_linear_attention import linear_attention_triton
+    from longsana.kernels.triton_linear_attention import linear_attention_triton, supports
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -72,8 +72,9 @@ if HAS_TRITON:
 
 def linear_attention(q, k, v, cos, sin, S0=None, z0=None, eps: float = 1e-8, return_state: bool = False,
                      backend: str | None = None):
-    """`linear_attention_ref`'s contract, run by the Triton kernels where `use_triton` says so."""
-    if not use_triton(v, backend):
+    """`linear_attention_ref`'s contract, run by the Triton kernels where `use_triton` says so and a tiling of theirs
+    fits the device (`supports`)."""
+    if not use_triton(v, backend) or not supports(v):
         return linear_attention_ref(q, k, v, cos, sin, S0, z0, eps, return_state)
     o, S_c, z_c = linear_attention_triton(q, k, v, cos, sin, S0, z0, eps)
     return (o, (S_c, z_c)) if return_state else o

@@ -16,6 +16,11 @@ the output error of the fp32 reference (H100, full shapes: 3.1e-3 against 1.66e-
 such operand x is split into hi = bf16(x) and lo = bf16(x - hi), and the products hi.hi + lo.hi + hi.lo give the
 fp32 reference's accuracy (1.66e-3) for a few percent more time: the kernels are memory-bound.
 
+Tiles must fit the GPU's shared memory per block (227 KB on Hopper, 163 KB on an A100, 99 KB on Ada and Ampere
+consumer GPUs). `TILES` lists, per element size, the tiles known to fit and the memory they take; a launch uses
+CONFIG's tiling capped by the largest of them that fits its device, and `supports` sends what no tile fits (head
+dims over 128, fp64) to the reference.
+
 Triton's interpreter multiplies bf16 tiles as raw 16-bit integers, so under it (UPCAST) the operands, already
 rounded to the input dtype, are multiplied in fp32: a product of two bf16 numbers is exact in fp32, so this is the
 tensor-core arithmetic up to the summation order.
@@ -23,6 +28,7 @@ tensor-core arithmetic up to the summation order.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -36,7 +42,8 @@ from longsana.kernels import triton_common
 
 @dataclass
 class LinearAttentionConfig:
-    """Tiling; defaults tuned on an H100 at 1 x 15600 tokens x 20 heads x 112 (benchmarks/kernels.py --sweep)."""
+    """Tiling; defaults tuned on an H100 at 1 x 15600 tokens x 20 heads x 112 in bf16 (benchmarks/kernels.py
+    --sweep). A launch caps the token tiles and stages by `tile`, what fits its device."""
     state_block_n: int = 128  # pass 1: tokens per tile
     state_programs: int = 264  # pass 1 splits the tokens so that splits x B x H comes near this (2 per H100 SM)
     state_warps: int = 8
@@ -48,6 +55,42 @@ class LinearAttentionConfig:
 
 
 CONFIG = LinearAttentionConfig()
+
+# By element size: (token tile, pipeline stages, KB of shared memory that the larger of the two kernels takes at head
+# dims up to MAX_HEAD_DIM), largest first. Measured by compiling for sm_80, sm_89 and sm_90 with Triton 3.9, which
+# tests/test_kernels.py does again to check the figures. fp32 at (128, 2) would take 256 KB: more than any GPU has.
+TILES = {2: ((128, 2, 160), (64, 1, 80)), 4: ((64, 2, 160), (64, 1, 96), (32, 1, 80))}
+MAX_HEAD_DIM = 128  # padded to BLOCK_D = 128; a larger head dim quadruples the tiles
+
+
+def tile(dtype: torch.dtype, shared_memory: int | None) -> tuple[int, int] | None:
+    """(token tile, pipeline stages) of the largest TILES entry for `dtype` that fits `shared_memory` bytes per block
+    (None: no limit, as under Triton's interpreter); None if none does."""
+    for block_n, stages, kb in TILES.get(dtype.itemsize, ()):
+        if shared_memory is None or kb * 1024 <= shared_memory:
+            return block_n, stages
+    return None
+
+
+@functools.cache
+def _shared_memory(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None  # the interpreter
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Can the kernels take (B, N, H, d) inputs like x on their device? (Else the reference must.)"""
+    return x.shape[-1] <= MAX_HEAD_DIM and tile(x.dtype, _shared_memory(x.device)) is not None
+
+
+def _tiling(x: torch.Tensor, block_n: int) -> tuple[int, int]:
+    """(token tile, stages) for a launch on inputs like x: CONFIG's, capped by the tile that fits the device."""
+    fit = tile(x.dtype, _shared_memory(x.device))
+    if x.shape[-1] > MAX_HEAD_DIM or fit is None:
+        raise ValueError(f"linear_attention: no Triton tiling fits head dim {x.shape[-1]} in {x.dtype} on {x.device} "
+                         "(the entry point runs the reference there)")
+    return min(block_n, fit[0]), min(CONFIG.num_stages, fit[1])
 
 
 @triton.jit
@@ -165,30 +208,33 @@ def _check(q, k, v, cos, sin, S0, z0):
                          f"{tuple(z0.shape)}")
 
 
-def _dot_meta(x: torch.Tensor, cos: torch.Tensor) -> dict:
-    """Compile-time arguments common to both kernels, for (B, N, H, d) inputs like x."""
+def _dot_meta(x: torch.Tensor, cos: torch.Tensor, block_n: int) -> dict:
+    """Compile-time arguments common to both kernels, for (B, N, H, d) inputs like x, with tiles of up to block_n
+    tokens."""
     d, interpret = x.shape[-1], os.environ.get("TRITON_INTERPRET") == "1"
     exact = x.dtype == torch.float32 or interpret  # fp32 operands, multiplied exactly
     stride = cos.stride(0)
+    block_n, stages = _tiling(x, block_n)
     return dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),  # >= 16: the smallest matrix-product side
-                COS_ALIGN=min(16, stride & -stride),  # power of 2 dividing the row stride (d/2 = 56: 8)
+                BLOCK_N=block_n, COS_ALIGN=min(16, stride & -stride),  # a power of 2 dividing the row stride
                 PRECISION="ieee" if exact else None, HI_LO=CONFIG.hi_lo and x.dtype != torch.float32,
-                UPCAST=interpret, num_stages=CONFIG.num_stages)
+                UPCAST=interpret, num_stages=stages)
 
 
 def chunk_state_triton(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Pass 1: (S_c, z_c) of the chunk, fp32. k, v: (B, N, H, d), last dim contiguous; cos, sin fp32 contiguous."""
     B, N, H, d = k.shape
-    tiles = triton.cdiv(N, CONFIG.state_block_n)
+    meta = _dot_meta(v, cos, CONFIG.state_block_n)
+    tiles = triton.cdiv(N, meta["BLOCK_N"])
     splits = max(1, min(tiles, CONFIG.state_programs // (B * H)))
-    per_split = triton.cdiv(tiles, splits) * CONFIG.state_block_n  # tokens per program, whole tiles
+    per_split = triton.cdiv(tiles, splits) * meta["BLOCK_N"]  # tokens per program, whole tiles
     splits = triton.cdiv(N, per_split)
     S_part = triton_common.empty((splits, B, H, d, d), torch.float32, k.device)
     z_part = triton_common.empty((splits, B, H, d), torch.float32, k.device)
     wrap_triton(_chunk_state_kernel)[(splits, B * H)](
         k, v, cos, sin, S_part, z_part, N, H, per_split,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), cos.stride(0),
-        BLOCK_N=CONFIG.state_block_n, num_warps=CONFIG.state_warps, **_dot_meta(v, cos))
+        num_warps=CONFIG.state_warps, **meta)
     return S_part.sum(0), z_part.sum(0)  # a fixed-order sum: deterministic, unlike atomics
 
 
@@ -199,7 +245,7 @@ def chunk_output_triton(q, cos, sin, S, z, eps: float, dtype: torch.dtype) -> to
     wrap_triton(_chunk_output_kernel)[(triton.cdiv(N, CONFIG.out_tokens), B * H)](
         q, cos, sin, S, z, o, N, H, CONFIG.out_tokens, eps,
         q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2), cos.stride(0),
-        BLOCK_N=CONFIG.out_block_n, num_warps=CONFIG.out_warps, **_dot_meta(q, cos))
+        num_warps=CONFIG.out_warps, **_dot_meta(q, cos, CONFIG.out_block_n))
     return o
 
 

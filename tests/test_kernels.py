@@ -264,6 +264,67 @@ def test_fake_tensors_give_shapes():
     assert (y.shape, y.dtype) == ((2, 37, 112), torch.bfloat16)
 
 
+# ---- tiles that fit a GPU's shared memory ----
+
+SHARED_MEMORY = {80: 166912, 89: 101376, 90: 232448}  # bytes per block (opt-in): A100; RTX 40 / L4 / L40; H100 / H200
+
+
+def test_tile_is_the_largest_that_fits():
+    tile = triton_linear_attention.tile
+    assert tile(torch.bfloat16, SHARED_MEMORY[90]) == (128, 2)  # the tuned default
+    assert tile(torch.float32, SHARED_MEMORY[90]) == (64, 2)  # (128, 2) would take 256 KB
+    assert tile(torch.float16, SHARED_MEMORY[89]) == tile(torch.float32, SHARED_MEMORY[89]) == (64, 1)
+    assert tile(torch.float32, 64 * 1024) is None and tile(torch.float64, None) is None
+    assert tile(torch.float32, None) == (64, 2)  # no limit (the interpreter): the largest
+
+
+@runs_triton
+def test_what_no_tile_fits_runs_the_reference():
+    """Head dims over 128 and fp64 go to the reference, even when the Triton backend is asked for."""
+    g = torch.Generator().manual_seed(4)
+    for d, dtype in ((256, torch.float32), (40, torch.float64)):
+        q, k, v = qkv(1, 9, 1, d, dtype, g)
+        cos, sin = rope_tables(9, d, g)
+        assert not triton_linear_attention.supports(v)
+        got = linear_attention(q, k, v, cos, sin, backend="triton")
+        assert torch.equal(got, linear_attention_ref(q, k, v, cos, sin))
+
+
+def _compiled_shared_memory(kernel, dtype: str, block_n: int, stages: int, warps: int, arch: int) -> int:
+    """Bytes of shared memory Triton gives `kernel` at head dim 112 (BLOCK_D 128) compiled for sm_<arch>, with no GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    exact = dtype == "fp32"
+    consts = dict(D=112, BLOCK_D=128, BLOCK_N=block_n, COS_ALIGN=8, PRECISION="ieee" if exact else None,
+                  HI_LO=not exact, UPCAST=False)
+    fp32 = ("S_ptr", "z_ptr", "cos_ptr", "sin_ptr")
+    signature = {name: "constexpr" if name in consts else (("*fp32" if name in fp32 else f"*{dtype}")
+                                                           if name.endswith("_ptr") else
+                                                           "fp32" if name == "eps" else "i32")
+                 for name in kernel.arg_names}
+    source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    return compiled.metadata.shared
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETER, reason="compiles for GPUs; needs no interpreter")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_tiles_take_the_shared_memory_they_claim(arch):
+    """Each TILES entry, compiled for the GPU architecture (no GPU needed: Triton's compiler and ptxas), takes at most
+    the memory `tile` counts on, so that the tiling chosen for a device fits it."""
+    tla, tuned = triton_linear_attention, triton_linear_attention.LinearAttentionConfig()
+    for itemsize, dtype in ((2, "bf16"), (4, "fp32")):
+        for block_n, stages, kb in tla.TILES[itemsize]:
+            for kernel, warps in ((tla._chunk_state_kernel, tuned.state_warps), (tla._chunk_output_kernel,
+                                                                               tuned.out_warps)):
+                shared = _compiled_shared_memory(kernel, dtype, block_n, stages, warps, arch)
+                assert shared <= kb * 1024, (kernel.__name__, dtype, block_n, stages, shared)
+
+
 # ---- GPU: full LongSANA shapes, torch.compile, CUDA graphs ----
 
 FULL = dict(B=1, N=15600, H=20, d=112)  # one 10-latent-frame chunk of the 2B model at 480p
@@ -290,6 +351,20 @@ def test_linear_attention_full_shape(tuned):
     assert rel_err(o, exact) < 1.1 * rel_err(o_ref, exact)
     assert rel_err(o, o_ref) < TOL[torch.bfloat16]
     assert rel_err(S_c, S_ref) < 2**-15 and rel_err(z_c, z_ref) < TOL[torch.float32]
+
+
+@needs_cuda
+def test_linear_attention_full_shape_fp32(tuned):
+    """fp32 on the GPU at full size: exact fp32 products, with the tile that fits (no OutOfResources)."""
+    g = torch.Generator().manual_seed(5)
+    B, N, H, d = FULL.values()
+    q, k, v = qkv(B, N, H, d, torch.float32, g)
+    cos, sin = rope_tables(N, d, g)
+    S0, z0 = past_state(B, N, H, d, g)
+    o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True)
+    exact = linear_attention_ref(*(x.double() for x in (q, k, v, cos, sin, S0, z0)), return_state=True)
+    for got, want in zip((o, S_c, z_c), (exact[0], *exact[1])):
+        assert rel_err(got, want) < TOL[torch.float32]
 
 
 @needs_cuda
@@ -342,7 +417,7 @@ def test_compile_and_cuda_graph(tuned):
 def test_compiled_backward(tuned):
     """Gradients through both ops inside torch.compile(fullgraph=True): the registered backward traces too."""
     g = torch.Generator().manual_seed(3)
-    B, N, H, d = 1, 1560, 4, 64  # fp32 at head dim 112 asks for more shared memory than Hopper has (issue 14)
+    B, N, H, d = 1, 1560, 4, 112
     q, k, v = qkv(B, N, H, d, torch.float32, g)
     cos, sin = rope_tables(N, d, g)
     x = torch.randn(B, N, H * d, generator=g).to(DEVICE)
