@@ -7,7 +7,8 @@ up and flushes L2 between runs) against the eager PyTorch reference and the refe
 line is one JSON object with every number.
 
 Shapes: one 10-latent-frame chunk of the 2B model at 480p: B = 1, N = 15,600 tokens, H = 20 heads of d = 112,
-bf16; ln_modulate on (1, 15600, 2240) with per-sample (B, 1, D) or per-token (B, N, D) shift and scale.
+bf16; ln_modulate on (1, 15600, 2240) with per-sample (B, 1, D) or per-token (B, N, D) shift and scale; glu_conv
+(the FFN's SiLU + depthwise 3x3 + gate) on (1, 15600, 11200): 10 frames of 30 x 52 tokens, 2C = 11200.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import json
 import torch
 import triton
 
+from longsana.kernels import triton_glu_conv as tglu
 from longsana.kernels import triton_linear_attention as tla
 from longsana.kernels import triton_ln_modulate as tln
+from longsana.kernels.glu_conv import glu_conv, glu_conv_ref
 from longsana.kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref
 from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_ref
 from longsana.testing import rel_err
@@ -28,6 +31,7 @@ from longsana.testing import rel_err
 PEAK_FLOPS, PEAK_BYTES = 781e12, 3.0e12  # H100: measured bf16 matmul ceiling, device copy bandwidth
 B, N, H, d = 1, 15600, 20, 112
 D = H * d
+FRAME_HW, C = (30, 52), 5600  # tokens of a latent frame at 480p; the FFN's hidden width (2.5 D)
 
 
 def bench_us(fn) -> float:
@@ -120,7 +124,30 @@ def sweep_all(g) -> dict:
     x = torch.randn(B, N, D, generator=g).cuda().bfloat16()
     mods = torch.randn(B, 1, 6, D, generator=g).cuda().bfloat16()
     ln = sweep(tln, dict(rows=[1, 2, 4], num_warps=[4, 8, 16]), lambda: ln_modulate(x, mods[:, :, 0], mods[:, :, 1]))
-    return dict(linear_attention=la, ln_modulate=ln)
+    h, weight, bias = glu_inputs(g)
+    glu = sweep(tglu, dict(block_p=[16, 32, 64, 128], block_c=[32, 64, 128, 256], num_warps=[2, 4, 8]),
+                lambda: glu_conv(h, weight, bias, *FRAME_HW))
+    return dict(linear_attention=la, ln_modulate=ln, glu_conv=glu)
+
+
+def glu_inputs(g):
+    shapes = (B, N, 2 * C), (2 * C, 1, 3, 3), (2 * C,)  # h, the depthwise weight, its bias
+    return tuple(torch.randn(shape, generator=g).cuda().bfloat16() for shape in shapes)
+
+
+def bench_glu_conv(g) -> dict:
+    """Fused against the reference, eager and compiled (Inductor around cuDNN's depthwise conv, as the model ran
+    before the kernel); minimal bytes: h read once, the output written once."""
+    h, weight, bias = glu_inputs(g)
+    exact = glu_conv_ref(h.float(), weight.float(), bias.float(), *FRAME_HW)
+    ref_compiled = torch.compile(glu_conv_ref)
+    return dict(
+        bytes=h.numel() * 2 + h.numel(), floor_us=(h.numel() * 3) / PEAK_BYTES * 1e6,
+        errors=dict(reference=rel_err(glu_conv_ref(h, weight, bias, *FRAME_HW), exact),
+                    triton=rel_err(glu_conv(h, weight, bias, *FRAME_HW), exact)),
+        times_us=dict(reference=bench_us(lambda: glu_conv_ref(h, weight, bias, *FRAME_HW)),
+                      reference_compiled=bench_us(lambda: ref_compiled(h, weight, bias, *FRAME_HW)),
+                      triton=bench_us(lambda: glu_conv(h, weight, bias, *FRAME_HW))))
 
 
 def bench_ln_modulate(g, per_token: bool) -> dict:
@@ -173,6 +200,10 @@ def main():
         print(f"{key} (1, {N}, {D}) bf16: {r['bytes'] / 1e6:.1f} MB -> floor {r['floor_us']:.1f} us; "
               "rel. error vs fp32: " + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
         print_times(r["times_us"], r["bytes"])
+    r = result["glu_conv"] = bench_glu_conv(g)
+    print(f"glu_conv (1, {N}, {2 * C}) bf16: {r['bytes'] / 1e6:.1f} MB -> floor {r['floor_us']:.1f} us; "
+          "rel. error vs fp32: " + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
+    print_times(r["times_us"], r["bytes"])
     print(json.dumps(result))
 
 

@@ -111,7 +111,8 @@ def machine(a, argv: list[str]) -> dict:
     try:
         names = [json.loads(p.stdout.readline())["ready"] for p in procs]
         print(f"# real-time streams on {len(gpus)} GPU(s) at once: {', '.join(names)}; "
-              f"{'tiny' if a.tiny else 'LongSANA 2B 480x832'}, paced for {a.paced_seconds:g} s, {datetime.date.today()}")
+              f"{'tiny' if a.tiny else 'LongSANA 2B 480x832'}, paced for {a.paced_seconds:g} s, "
+              f"{datetime.date.today()}")
         res = dict(bench="streams-machine", gpus=gpus, devices=names, date=str(datetime.date.today()), tiny=a.tiny,
                    rounds=[])
         per_gpu = 0

@@ -16,7 +16,8 @@ Inside a chunk everything is bidirectional; the right side of a chunk's temporal
 
 Layouts: tokens are ordered (frame, row, col), so a (B, N, D) activation is also (B, F, H*W, D) channels-last.
 
-Kernels: linear attention and LayerNorm-modulate come from kernels/ (Triton on CUDA, the PyTorch reference elsewhere).
+Kernels: linear attention, LayerNorm-modulate and the FFN's SiLU + depthwise conv + gate come from kernels/ (Triton on
+CUDA, the PyTorch reference elsewhere).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longsana.kernels.glu_conv import glu_conv
 from longsana.kernels.linear_attention import apply_rope, linear_attention
 from longsana.kernels.ln_modulate import ln_modulate
 
@@ -159,11 +161,9 @@ class MixFFN(nn.Module):
         chunk_ends: (frames,) bool, True on the last frame of each chunk of a block-causal sequence, whose right
         neighbour (the next chunk, in the future) the temporal conv must not see."""
         B, N, D = x.shape
-        h = F.silu(F.linear(x, self.conv_inverted.weight.flatten(1), self.conv_inverted.bias))
-        h = h.view(B * frames, height, width, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
-        h = self.conv_depth(h).permute(0, 2, 3, 1)  # (B*F, H, W, 2C)
-        a, g = h.chunk(2, dim=-1)
-        z = F.linear(a * F.silu(g), self.conv_point.weight.flatten(1)).view(B, frames, height * width, D)
+        h = F.linear(x, self.conv_inverted.weight.flatten(1), self.conv_inverted.bias)  # (B, N, 2C)
+        h = glu_conv(h, self.conv_depth.weight, self.conv_depth.bias, height, width)  # SiLU, 3x3, gate: (B, N, C)
+        z = F.linear(h, self.conv_point.weight.flatten(1)).view(B, frames, height * width, D)
         out = z + self.temporal_conv(z, tail, chunk_ends)
         if update_state:
             tail.copy_(z[:, -1])

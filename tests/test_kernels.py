@@ -27,7 +27,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from longsana.kernels import triton_common, triton_linear_attention  # noqa: E402
+from longsana.kernels import triton_common, triton_glu_conv, triton_linear_attention  # noqa: E402
+from longsana.kernels.glu_conv import glu_conv, glu_conv_ref  # noqa: E402
 from longsana.kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref  # noqa: E402
 from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_ref  # noqa: E402
 from longsana.testing import needs_cuda, rel_err  # noqa: E402
@@ -62,6 +63,7 @@ def poisoned_small(monkeypatch):
     small = triton_linear_attention.LinearAttentionConfig(state_block_n=32, state_programs=4, out_block_n=32,
                                                           out_tokens=64)
     monkeypatch.setattr(triton_linear_attention, "CONFIG", small)
+    monkeypatch.setattr(triton_glu_conv, "CONFIG", triton_glu_conv.GluConvConfig(block_p=16, block_c=32))
 
 
 def rope_tables(N: int, d: int, g: torch.Generator):
@@ -116,6 +118,45 @@ def test_linear_attention_matches_reference(B, N, H, d, dtype, with_state, fused
     assert rel_err(z_c, z_ref) < TOL[torch.float32]
     o_only = linear_attention(q, k, v, cos, sin, S0, z0, backend="triton")
     assert torch.equal(o_only, o)
+
+
+GLU_CASES = [  # (B, frames, height, width, C, dtype): pixel and channel counts that are not multiples of the tiles
+    (2, 3, 5, 7, 40, torch.float32),
+    (1, 2, 6, 9, 72, torch.bfloat16),
+    (1, 1, 1, 1, 8, torch.float32),
+    (1, 2, 4, 17, 16, torch.bfloat16),
+]
+
+
+def glu_inputs(B, frames, height, width, C, dtype, g):
+    h = torch.randn(B, frames * height * width, 2 * C, generator=g).to(DEVICE, dtype)
+    weight = torch.randn(2 * C, 1, 3, 3, generator=g).to(DEVICE, dtype)
+    return h, weight, torch.randn(2 * C, generator=g).to(DEVICE, dtype)
+
+
+@runs_triton
+@pytest.mark.parametrize("B,frames,height,width,C,dtype", GLU_CASES)
+def test_glu_conv_matches_reference(B, frames, height, width, C, dtype):
+    """Against the reference in fp64 (the kernel keeps fp32 throughout, the reference rounds each op to its dtype)."""
+    h, weight, bias = glu_inputs(B, frames, height, width, C, dtype, torch.Generator().manual_seed(C + width))
+    o = glu_conv(h, weight, bias, height, width, backend="triton")
+    assert (o.shape, o.dtype) == ((B, h.shape[1], C), dtype)
+    assert torch.isfinite(o).all(), "an output element was left unwritten (NaN poison survived)"
+    exact = glu_conv_ref(h.double(), weight.double(), bias.double(), height, width)
+    assert rel_err(o, exact) < TOL[dtype]
+    assert rel_err(o, exact) <= rel_err(glu_conv_ref(h, weight, bias, height, width), exact) * 1.5
+
+
+@runs_triton
+def test_glu_conv_gradients_are_the_reference_gradients():
+    g = torch.Generator().manual_seed(9)
+    inputs = [t.requires_grad_() for t in glu_inputs(2, 2, 3, 5, 24, torch.float32, g)]
+    w = torch.randn(2, 30, 24, generator=g).to(DEVICE)
+    got = torch.autograd.grad((glu_conv(*inputs, 3, 5, backend="triton") * w).sum(), inputs)
+    want = torch.autograd.grad((glu_conv_ref(*inputs, 3, 5) * w).sum(), inputs)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and b.abs().sum() > 0
+        assert rel_err(a, b) < TOL[torch.float32]
 
 
 @runs_triton
@@ -232,6 +273,9 @@ def test_dispatch():
         linear_attention(q, k, v, cos[:, :3], sin, backend="triton")
     with pytest.raises(ValueError, match="S0 and z0"):
         linear_attention(q, k, v, cos, sin, S0=torch.zeros(1, 1, 40, 40, device=DEVICE), backend="triton")
+    h, weight, bias = glu_inputs(1, 2, 3, 5, 4, torch.float32, g)
+    with pytest.raises(ValueError, match="multiple of 3 x 4"):
+        glu_conv(h, weight, bias, 3, 4, backend="triton")
 
 
 @pytest.mark.skipif(CUDA, reason="CPU dispatch")
@@ -241,11 +285,13 @@ def test_auto_backend_uses_reference_on_cpu(monkeypatch):
 
     monkeypatch.setattr("longsana.kernels.linear_attention.linear_attention_triton", refuse)
     monkeypatch.setattr("longsana.kernels.ln_modulate.ln_modulate_triton", refuse)
+    monkeypatch.setattr("longsana.kernels.glu_conv.glu_conv_triton", refuse)
     g = torch.Generator().manual_seed(0)
     q, k, v = qkv(1, 5, 1, 40, torch.float32, g)
     cos, sin = rope_tables(5, 40, g)
     linear_attention(q, k, v, cos, sin)
     ln_modulate(q[0], q[0, :1], q[0, :1])
+    glu_conv(*glu_inputs(1, 1, 2, 3, 4, torch.float32, g), 2, 3)
 
 
 @pytest.mark.skipif(INTERPRETER, reason="Triton's interpreter would run the kernels on the fake tensors")
@@ -259,6 +305,9 @@ def test_fake_tensors_give_shapes():
         S0, z0 = torch.empty(2, 3, 112, 112, device=DEVICE), torch.empty(2, 3, 112, device=DEVICE)
         o, S_c, z_c = torch.ops.longsana.linear_attention(q, q, q, cos, cos, S0, z0, 1e-8)
         y = torch.ops.longsana.ln_modulate(q[:, :, 0], q[:, :1, 0], q[:, :, 1], 1e-6)
+        h = torch.empty(2, 35, 48, dtype=torch.bfloat16, device=DEVICE)
+        u = torch.ops.longsana.glu_conv(h, h.new_empty(48, 1, 3, 3), h.new_empty(48), 5, 7)
+    assert (u.shape, u.dtype) == ((2, 35, 24), torch.bfloat16)
     assert (o.shape, o.dtype) == (q.shape, q.dtype)
     assert (S_c.shape, S_c.dtype, z_c.shape) == (S0.shape, torch.float32, z0.shape)
     assert (y.shape, y.dtype) == ((2, 37, 112), torch.bfloat16)
@@ -290,8 +339,24 @@ def test_what_no_tile_fits_runs_the_reference():
         assert torch.equal(got, linear_attention_ref(q, k, v, cos, sin))
 
 
+@pytest.mark.skipif(INTERPRETER, reason="compiles for a GPU; needs no interpreter")
+def test_glu_conv_compiles_for_hopper():
+    """The FFN kernel, tuned tiling, through Triton's compiler and ptxas for sm_90 (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    tuned, kernel = triton_glu_conv.GluConvConfig(), triton_glu_conv._glu_conv_kernel
+    consts = dict(BLOCK_P=tuned.block_p, BLOCK_C=tuned.block_c)
+    signature = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "o_ptr": "*bf16", "H": "i32", "W": "i32",
+                 "C": "i32", **dict.fromkeys(consts, "constexpr")}
+    source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=tuned.num_warps))
+    assert compiled.asm["cubin"]
+
+
 def _compiled_shared_memory(kernel, dtype: str, block_n: int, stages: int, warps: int, arch: int) -> int:
-    """Bytes of shared memory Triton gives `kernel` at head dim 112 (BLOCK_D 128) compiled for sm_<arch>, with no GPU."""
+    """Bytes of shared memory Triton gives `kernel` at head dim 112 (BLOCK_D 128) compiled for sm_<arch> (no GPU)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -368,6 +433,15 @@ def test_linear_attention_full_shape_fp32(tuned):
 
 
 @needs_cuda
+def test_glu_conv_full_shape():
+    """The FFN's middle of a 10-latent-frame chunk at 480p: 10 frames of 30 x 52 tokens, 2C = 11200."""
+    h, weight, bias = glu_inputs(1, 10, 30, 52, 5600, torch.bfloat16, torch.Generator().manual_seed(6))
+    o = glu_conv(h, weight, bias, 30, 52)
+    assert torch.isfinite(o).all()
+    assert rel_err(o, glu_conv_ref(h.float(), weight.float(), bias.float(), 30, 52)) < TOL[torch.bfloat16]
+
+
+@needs_cuda
 @pytest.mark.parametrize("per_token", [False, True])
 def test_ln_modulate_full_shape(per_token):
     g = torch.Generator().manual_seed(1)
@@ -389,11 +463,13 @@ def test_compile_and_cuda_graph(tuned):
     S0, z0 = past_state(B, 50, H, d, g)
     x = torch.randn(B, N, H * d, generator=g).to(DEVICE, torch.bfloat16)
     mod = torch.randn(B, 1, 2, H * d, generator=g).to(DEVICE)
+    weight, bias = glu_inputs(1, 1, 30, 52, H * d, torch.bfloat16, g)[1:]  # N = one 30 x 52 frame
 
     def block(x, q, k, v):
         h = ln_modulate(x, mod[:, :, 0], mod[:, :, 1])
         o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True)
-        return h, o, S_c
+        u = glu_conv(torch.cat([x, h], dim=-1), weight, bias, 30, 52)
+        return h, o, S_c, u
 
     eager = block(x, q, k, v)
     compiled = torch.compile(block, fullgraph=True)(x, q, k, v)
