@@ -15,8 +15,9 @@ word-level tokenizer (the real one needs the hub). It prints, in order:
   3. the chunk step: the fast step against the eager reference step on the same inputs (relative error of x0 and
      of the state, per chunk, graph replays included), and timings: eager pass, compiled pass, graph-replayed
      step (clean + 4 denoising passes) median / p95, transformer-only FPS;
-  4. the VAE: streaming decode of a steady chunk in bf16 (as the stream runs it: norms compiled; and variants),
-     and the bf16 vs fp32 decode error;
+  4. the VAE: streaming decode of a steady chunk in bf16 (as the stream runs it: norms compiled; and variants:
+     the other layout of `fast_vae.CHANNELS_LAST`, side by side with the stream's, on any device; on a GPU the
+     plain decoder and 1 latent frame per call), and the bf16 vs fp32 decode error;
   5. diffusers 0.42.1 when importable: SanaVideoTransformer3DModel (eager, and with its blocks compiled) and
      AutoencoderKLWan, same weights, same shapes, same run, with our numbers as ratios;
 then the targets, met or not, and one JSON line. Each section that fails is reported and skipped.
@@ -45,7 +46,7 @@ from longsana.benchmarks.vae import ceilings, decoder_cost, gb, sync, timed
 from longsana.cli import CUDA_ALLOC_CONF
 from longsana.config import get_config
 from longsana.engine import ChunkEngine
-from longsana.fast_vae import accelerate
+from longsana.fast_vae import CHANNELS_LAST, accelerate
 from longsana.model import LongSANATransformer
 from longsana.step import EagerStep
 from longsana.stream import Pipeline, StreamSettings
@@ -350,20 +351,38 @@ def bench_step(pipe: Pipeline, a, hw) -> dict:
 
 
 # -- 4. the VAE ----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def decoder_layout(vae: WanVAE, channels_last: bool | None):
+    """The fast path in the given layout (None: the decoder as it is) inside, as a stream runs it after."""
+    if channels_last is None:
+        yield
+        return
+    compile = vae.device.type == "cuda"  # as in bench_vae
+    accelerate(vae.decoder, compile=compile, channels_last=channels_last)
+    try:
+        yield
+    finally:
+        accelerate(vae.decoder, compile=compile)
+
+
 def bench_vae(pipe: Pipeline, a, hw) -> dict:
     vae, dev = pipe.vae, pipe.vae_device
     z_first = torch.randn(1, vae.cfg.z_dim, 1 + a.chunk, *hw, device=dev)
-    if dev.type == "cuda":
-        accelerate(vae.decoder, compile=True)  # as a fast stream runs it (it has, if the stream section ran)
-    variants = {"as the stream runs it": (vae, 2)}
+    accelerate(vae.decoder, compile=dev.type == "cuda")  # as make_step does (it has, if the stream section ran)
+    flipped = f"channels-last {'off' if CHANNELS_LAST else 'on'}"  # the other layout, side by side
+    layouts = {CHANNELS_LAST: "as the stream runs it", not CHANNELS_LAST: flipped}
+    variants = {layouts[CHANNELS_LAST]: (vae, 2, None)}  # (vae, max_latent_frames_per_call, channels_last)
+    if a.vae_variants:
+        variants[layouts[not CHANNELS_LAST]] = (vae, 2, not CHANNELS_LAST)
     if a.vae_variants and dev.type == "cuda":
-        variants["plain (no fast_vae)"] = (make_vae(vae.cfg, dev, vae.dtype), 2)
-        variants["1 latent frame per call"] = (vae, 1)
+        variants["plain (no fast_vae)"] = (make_vae(vae.cfg, dev, vae.dtype), 2, None)
+        variants["1 latent frame per call"] = (vae, 1, None)
     r = dict(variants={})
     print(f"## VAE streaming decode, {vae.dtype}, steady chunks of {a.chunk} latent frames")
-    for name, (v, pieces) in variants.items():
+    for name, (v, pieces, channels_last) in variants.items():
         try:
-            out = vae_ours(v, a.height, a.width, a.chunk, pieces, 1, max(2, a.reps // 2), z_first)
+            with decoder_layout(v, channels_last):
+                out = vae_ours(v, a.height, a.width, a.chunk, pieces, 1, max(2, a.reps // 2), z_first)
         except Exception as e:  # a variant that fails is reported, not fatal
             print(f"  {name}: failed: {type(e).__name__}: {e}")
             continue
@@ -371,15 +390,22 @@ def bench_vae(pipe: Pipeline, a, hw) -> dict:
         print(f"  {name}: steady {out['steady_fps']:.1f} FPS ({out['steady_s'] * 1e3:.0f} ms / "
               f"{vae.cfg.temporal_stride * a.chunk} frames, peak {gb(out['steady_peak_bytes'])}); first chunk "
               f"{out['first_s'] * 1e3:.0f} ms")
+    if all(name in r["variants"] for name in layouts.values()):
+        on, off = (r["variants"][layouts[x]] for x in (True, False))
+        r["channels_last_speedup"] = on["steady_fps"] / off["steady_fps"]
+        print(f"  default layout -> channels-last: steady {off['steady_fps']:.1f} -> {on['steady_fps']:.1f} FPS "
+              f"(x{r['channels_last_speedup']:.2f}), peak {gb(off['steady_peak_bytes'])} -> "
+              f"{gb(on['steady_peak_bytes'])}; first chunk {off['first_s'] * 1e3:.0f} -> {on['first_s'] * 1e3:.0f} ms")
     r["steady_fps"] = r["variants"]["as the stream runs it"]["steady_fps"]
     r["best_variant"] = max(r["variants"], key=lambda k: r["variants"][k]["steady_fps"])
     ref = make_vae(vae.cfg, dev, torch.float32)
     want = StreamingDecoder(ref, a.height, a.width).decode_float(z_first)
     got = StreamingDecoder(vae, a.height, a.width).decode_float(z_first)
     r["bf16_vs_fp32_err"] = rel_err(got, want)
-    best, pieces = variants[r["best_variant"]]
-    r["best_vs_fp32_err"] = rel_err(StreamingDecoder(best, a.height, a.width, max_latent_frames_per_call=pieces)
-                                    .decode_float(z_first), want)
+    best, pieces, channels_last = variants[r["best_variant"]]
+    with decoder_layout(best, channels_last):
+        r["best_vs_fp32_err"] = rel_err(StreamingDecoder(best, a.height, a.width, max_latent_frames_per_call=pieces)
+                                        .decode_float(z_first), want)
     levels = (StreamingDecoder(vae, a.height, a.width).decode(z_first).int()
               - StreamingDecoder(ref, a.height, a.width).decode(z_first).int()).abs()
     r["uint8_mean_abs_diff"], r["uint8_max_abs_diff"] = levels.float().mean().item(), levels.max().item()

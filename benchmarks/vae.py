@@ -5,10 +5,11 @@ Full size: the Wan 2.1 VAE (random weights, PyTorch's default init: never zeros)
   - a cost card: decoder FLOPs and unfused op traffic per video frame (counted on meta tensors), weight and
     cache bytes, and the ceilings they imply at the matmul throughput and copy bandwidth measured in this run;
   - ours: StreamingDecoder with the fast path (`fast_vae.accelerate`, compiled on a GPU; --plain: without),
-    per dtype and per `max_latent_frames_per_call` (the sub-piece size), the median time of a
-    steady-state chunk of --chunk latent frames (4 x chunk video frames) and of a stream's first chunk of
-    1 + chunk latents (1 + 4 x chunk frames), after warm-up; peak GPU memory of each (all allocations: weights,
-    cache, output, activations);
+    per dtype, per layout (--channels-last: channels-last and PyTorch's default, both by default) and per
+    `max_latent_frames_per_call` (the sub-piece size), the median time of a steady-state chunk of --chunk latent
+    frames (4 x chunk video frames) and of a stream's first chunk of 1 + chunk latents (1 + 4 x chunk frames),
+    after warm-up; peak GPU memory of each (all allocations: weights, cache, output, activations); then the two
+    layouts side by side, the figures that set `fast_vae.CHANNELS_LAST`;
   - diffusers' AutoencoderKLWan.decode of the same 1 + chunk latents, same weights, same run, and the relative
     error between its video and ours (fp32 "errors" include TF32 convs when --tf32, PyTorch's default);
 and ends with one JSON line.
@@ -28,11 +29,12 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from longsana.config import VAEConfig, get_config
-from longsana.fast_vae import accelerate
+from longsana.fast_vae import CHANNELS_LAST, accelerate
 from longsana.testing import rel_err
 from longsana.vae import CausalCache, Decoder, StreamingDecoder, WanVAE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAYOUTS = {"both": [False, True], "on": [True], "off": [False]}  # --channels-last: accelerate's channels_last values
 
 
 def gb(nbytes: int | None) -> str:
@@ -152,13 +154,20 @@ def bench_dtype(vae: WanVAE, name: str, a: argparse.Namespace, z_first: torch.Te
           f"matmul, {c['copy_bytes_per_s'] / 1e9:.0f} GB/s copy -> ceilings {c['compute_ceiling_fps']:.1f} FPS "
           f"(compute), {c['bandwidth_ceiling_fps']:.1f} FPS (unfused traffic)")
     out = dict(cost=c, ours=[], diffusers=None)
-    for m in (int(x) for x in a.pieces.split(",")):
-        r = bench_ours(vae, a.height, a.width, a.chunk, m, a.warmup, a.reps, z_first)
-        out["ours"].append(r)
-        print(f"ours {name} max_latent_frames_per_call={m}: steady {r['steady_fps']:.1f} FPS ({r['steady_s']:.3f} s "
-              f"/ {ts * a.chunk} frames, peak {gb(r['steady_peak_bytes'])}); first chunk {r['first_fps']:.1f} FPS "
-              f"({r['first_s']:.3f} s / {1 + ts * a.chunk} frames, peak {gb(r['first_peak_bytes'])}); "
-              f"cache {gb(r['cache_bytes'])}")
+    for channels_last in [None] if a.plain else LAYOUTS[a.channels_last]:  # None: vae.py as it is
+        if channels_last is not None:
+            torch._dynamo.reset()  # one (dtype, layout)'s graphs at a time: all of them pass the recompile limit
+            accelerate(vae.decoder, compile=a.compile, channels_last=channels_last)
+        for m in (int(x) for x in a.pieces.split(",")):
+            r = bench_ours(vae, a.height, a.width, a.chunk, m, a.warmup, a.reps, z_first)
+            out["ours"].append(r | dict(channels_last=channels_last))
+            print(f"ours {name} {layout_name(channels_last)} max_latent_frames_per_call={m}: steady "
+                  f"{r['steady_fps']:.1f} FPS ({r['steady_s']:.3f} s / {ts * a.chunk} frames, peak "
+                  f"{gb(r['steady_peak_bytes'])}); first chunk {r['first_fps']:.1f} FPS ({r['first_s']:.3f} s / "
+                  f"{1 + ts * a.chunk} frames, peak {gb(r['first_peak_bytes'])}); cache {gb(r['cache_bytes'])}")
+    if not a.plain:
+        accelerate(vae.decoder, compile=a.compile)  # the default layout again, for what follows
+        out["channels_last_vs_default"] = compare_layouts(out["ours"], name)
     if a.no_diffusers or importlib.util.find_spec("diffusers") is None:
         print("no diffusers baseline (--no-diffusers, or diffusers not importable)")
         return out
@@ -167,6 +176,29 @@ def bench_dtype(vae: WanVAE, name: str, a: argparse.Namespace, z_first: torch.Te
     out["diffusers"] = d
     print(f"diffusers {name} decode of {1 + a.chunk} latents: {d['fps']:.1f} FPS ({d['s']:.3f} s, peak "
           f"{gb(d['peak_bytes'])}); relative error ours vs diffusers {d['rel_err_vs_ours']:.2e}")
+    return out
+
+
+def layout_name(channels_last: bool | None) -> str:
+    return {None: "plain", False: "default layout", True: "channels-last"}[channels_last]
+
+
+def compare_layouts(rows: list[dict], name: str) -> dict:
+    """Per sub-piece size measured in both layouts: channels-last's FPS over the default layout's (steady and
+    first chunk) and both peaks; printed side by side."""
+    by = {(r["channels_last"], r["max_latent_frames_per_call"]): r for r in rows}
+    out = {}
+    for (channels_last, m), cl in by.items():
+        default = by.get((False, m))
+        if not channels_last or default is None:
+            continue
+        out[m] = dict(steady_speedup=cl["steady_fps"] / default["steady_fps"],
+                      first_speedup=cl["first_fps"] / default["first_fps"],
+                      steady_peak_bytes=(default["steady_peak_bytes"], cl["steady_peak_bytes"]))
+        print(f"{name} max_latent_frames_per_call={m}: default layout -> channels-last: steady "
+              f"{default['steady_fps']:.1f} -> {cl['steady_fps']:.1f} FPS (x{out[m]['steady_speedup']:.2f}), "
+              f"first chunk x{out[m]['first_speedup']:.2f}, steady peak {gb(default['steady_peak_bytes'])} -> "
+              f"{gb(cl['steady_peak_bytes'])}")
     return out
 
 
@@ -182,6 +214,9 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--plain", action="store_true", help="our decoder as vae.py writes it, without fast_vae")
+    p.add_argument("--channels-last", choices=sorted(LAYOUTS), default="both",
+                   help=f"the fast path's layouts to time (default: both; fast_vae's default: "
+                        f"{'on' if CHANNELS_LAST else 'off'})")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 for fp32 convs and matmuls (PyTorch's default for convs: on)")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True)
@@ -195,8 +230,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         vae = WanVAE(cfg).eval().requires_grad_(False)
-    if not a.plain:
-        accelerate(vae.decoder, compile=device.type == "cuda")
+    a.compile = device.type == "cuda"
     s = cfg.spatial_stride
     z_first = torch.randn(1, cfg.z_dim, 1 + a.chunk, a.height // s, a.width // s, device=device)
     print(f"# VAE decode benchmark on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: "
@@ -204,7 +238,8 @@ def main(argv=None) -> dict:
           f"({sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M params), tf32={a.tf32}, "
           f"cudnn.benchmark={a.cudnn_benchmark}, {'plain' if a.plain else 'fast path'}")
     result = dict(bench="vae", device=str(device), height=a.height, width=a.width, chunk=a.chunk, tiny=a.tiny,
-                  plain=a.plain, tf32=a.tf32, cudnn_benchmark=a.cudnn_benchmark)
+                  plain=a.plain, tf32=a.tf32, cudnn_benchmark=a.cudnn_benchmark, channels_last=a.channels_last,
+                  channels_last_default=CHANNELS_LAST)
     result |= {name: bench_dtype(vae, name, a, z_first) for name in a.dtypes.split(",")}
     print(json.dumps(result))
     return result

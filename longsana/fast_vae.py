@@ -1,15 +1,28 @@
-"""The VAE decoder's fast path: `accelerate(vae.decoder, compile)`, installed on that module tree only.
+"""The VAE decoder's fast path: `accelerate(vae.decoder, compile, channels_last)`, installed on that module tree only.
 
 vae.py is the plain reference; this file changes how the same maths runs, never what it computes:
-  - causal convs on CPU inputs run as one 2D conv per time tap, summed: PyTorch runs small 3D convs on CPUs in a
-    slow generic kernel (`slow_conv3d`), and this is about 3x faster there;
+  - causal convs (and the 1x1x1 shortcuts) on CPU inputs run as one 2D conv per time tap, summed: PyTorch runs
+    small 3D convs on CPUs in a slow generic kernel (`slow_conv3d`), and this is about 3x faster there;
   - every norm -> SiLU -> causal conv of the decoder (ResBlock's two, the output head) runs its prologue as one
     function, cat([past, silu(norm(x))]): the conv computes it from its input, and its norm and SiLU pass their
     input through. Compiled (compile=True), that is one fused pass over the activation instead of the eager
     form's ~8 (fp32 copy, norm, divide, cast, scale, SiLU, cat): the streaming decode at 480x832 in bf16 goes from
-    52 to 77 FPS on an H100. The other layers are convolutions and layout changes that compiling does not help.
+    52 to 77 FPS on an H100. The other layers are convolutions and layout changes that compiling does not help;
+  - channels_last=True keeps the decoder channels-last (NDHWC) from end to end: its conv weights are converted
+    once, its input once on entry (`Decoder.memory_format`), and a StreamingDecoder made after the install
+    allocates its causal cache channels-last, so every activation, every cat of cache frames and input, and every
+    conv input stays in that layout. cuDNN runs the decoder's 3x3x3 convs 1.3-1.5x faster so (H200), and the
+    per-frame ops (the upsamplers' 2D convs, the attention) read the frames as views instead of transposed
+    copies, which were ~93 ms of a chunk's decode on an H100. The uint8 frames (n, H, W, 3) are channels-last
+    anyway: to_uint8 writes them with a plain copy. Off by default until a GPU run (benchmarks/vae.py, which
+    times both) says it is faster: CHANNELS_LAST.
 In eager mode the accelerated decoder computes what the reference computes, to rounding (the per-tap sums, the
 norm written as a sum of squares).
+
+The causal padding stays a cat of the cache frames and the input (the issue's "read the cache in place" is not
+done): compiled, the cat is written by the prologue's one fused pass, which has to write the conv's padded input
+anyway; a per-conv preallocated [past | new] buffer would hold ~0.8 GB per full-resolution conv at 480p (2 latent
+frames a call, bf16), and for a batch of streams a time prefix of it is not a dense tensor, which cuDNN copies.
 
 It swaps `forward` on the module instances: modules, parameters and state-dict keys stay as they are, so a
 `CausalCache` keyed by the modules, made before or after, stays valid.
@@ -24,14 +37,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .engine import compiled
-from .vae import CausalCache, CausalConv3d, ChannelRMSNorm, Decoder, Encoder, ResBlock
+from .vae import CausalCache, CausalConv3d, ChannelRMSNorm, Decoder, Encoder, ResBlock, per_frame, per_video
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default, which ChannelRMSNorm uses
+CHANNELS_LAST = False  # accelerate's default layout: the GPU session that measures it decides
 
 
-def accelerate(decoder: nn.Module, compile: bool) -> None:
+def accelerate(decoder: nn.Module, compile: bool, channels_last: bool = CHANNELS_LAST) -> None:
     """Install the fast path on every causal conv, norm and SiLU inside `decoder` (vae.decoder; vae.encoder works
-    too), in place; differentiable. Idempotent; a second call installs its own `compile` choice over the first's."""
+    too, without channels_last), in place; differentiable. Idempotent; a second call installs its own choices over
+    the first's (a StreamingDecoder keeps the cache layout of its construction: correct either way, but make it
+    after this call)."""
+    set_layout(decoder, channels_last)
     prologue = compiled(norm_silu_pad) if compile else norm_silu_pad
     fused = {}
     for parent in decoder.modules():
@@ -41,6 +58,22 @@ def accelerate(decoder: nn.Module, compile: bool) -> None:
     for conv in decoder.modules():
         if isinstance(conv, CausalConv3d):
             conv.forward = partial(_causal_conv, conv, fused.get(conv))
+        elif isinstance(conv, ResBlock) and conv.conv_shortcut is not None:
+            conv.conv_shortcut.forward = partial(_conv, conv.conv_shortcut)
+
+
+def set_layout(decoder: nn.Module, channels_last: bool) -> None:
+    """The decoder's conv weights (5D: channels_last_3d, the resampling and attention 2D convs: channels_last) and
+    its activations (Decoder.memory_format) in one layout, or back in PyTorch's default."""
+    if channels_last and not isinstance(decoder, Decoder):
+        raise ValueError(f"channels_last is for the VAE's Decoder, got a {type(decoder).__name__}")
+    layouts = {4: torch.channels_last, 5: torch.channels_last_3d} if channels_last else {}
+    for conv in decoder.modules():
+        if isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+            w = conv.weight.data
+            conv.weight.data = w.contiguous(memory_format=layouts.get(w.dim(), torch.contiguous_format))
+    if isinstance(decoder, Decoder):
+        decoder.memory_format = layouts.get(5, torch.contiguous_format)
 
 
 def norm_silu_pad(norm: ChannelRMSNorm, x: Tensor, past: Tensor) -> Tensor:
@@ -71,17 +104,21 @@ def _causal_conv(conv: CausalConv3d, prologue, x: Tensor, cache: CausalCache) ->
     past = cache.left(conv, x, n)
     x = torch.cat([past, x], dim=2) if prologue is None else prologue(x, past)
     past.copy_(x[:, :, -n:])
+    return _conv(conv, x)
+
+
+def _conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """A stride-1 conv unpadded in time: cuDNN on a GPU, per tap on CPUs (also for the 1x1x1 shortcuts: a
+    single-threaded CPU conv3d returns them in the default layout whatever the input's)."""
     return F.conv3d(x, conv.weight, conv.bias, padding=conv.padding) if x.is_cuda else _per_tap(conv, x)
 
 
-def _per_tap(conv: CausalConv3d, x: Tensor) -> Tensor:
-    """The conv (stride 1, already padded in time) as one 2D conv per time tap, summed."""
-    B, C, T, H, W = x.shape
-    kt = conv.kernel_size[0]
-    T_out = T - kt + 1
+def _per_tap(conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """The conv (stride 1, unpadded or already padded in time) as one 2D conv per time tap, summed."""
+    T_out = x.shape[2] - conv.kernel_size[0] + 1
     out = None
-    for k in range(kt):
-        frames = x[:, :, k:k + T_out].transpose(1, 2).reshape(B * T_out, C, H, W)
-        y = F.conv2d(frames, conv.weight[:, :, k], conv.bias if k == 0 else None, padding=conv.padding[1:])
+    for k in range(conv.kernel_size[0]):
+        y = F.conv2d(per_frame(x[:, :, k:k + T_out]), conv.weight[:, :, k], conv.bias if k == 0 else None,
+                     padding=conv.padding[1:])
         out = y if out is None else out.add_(y)
-    return out.view(B, T_out, *out.shape[1:]).transpose(1, 2)
+    return per_video(out, x.shape[0])

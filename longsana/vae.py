@@ -17,7 +17,9 @@ length, e.g. the 11-latent first chunk LongSANA emits.
 Latents: the network's latent is z; the diffusion model sees z_norm = (z - mean) / std (per channel, from the VAE config).
 
 This file is the plain reference. The fast path of the same decoder (per-tap convs on CPUs, norm + SiLU + causal
-padding fused and compiled) is installed by `fast_vae.accelerate(vae.decoder, compile)`.
+padding fused and compiled, activations channels-last) is installed by `fast_vae.accelerate(vae.decoder, compile)`.
+The layout is not maths: the reference keeps whichever one it is given (`Decoder.memory_format`, `memory_format_of`),
+so that the fast path's channels-last activations run through the same code without a transpose.
 """
 
 from __future__ import annotations
@@ -30,6 +32,39 @@ from torch import Tensor, nn
 
 from .config import VAEConfig
 from .loading import CheckpointError, assign_load, read_json_object, read_state_dict
+
+# -- layout --------------------------------------------------------------------------------------------------------
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """x's layout: channels-last (each pixel's channels adjacent, NDHWC / NHWC: fast_vae's channels-last path) or
+    PyTorch's default. Read from the channel stride, so a slice (in time, say) of a channels-last tensor is one too."""
+    if x.dim() in (4, 5) and x.stride(1) == 1 and x.shape[1] > 1:
+        return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    return torch.contiguous_format
+
+
+def per_frame(x: Tensor) -> Tensor:
+    """(B, C, T, H, W) -> (B*T, C, H, W), frames for a 2D op, in x's layout: a view, or for a slice in time of a
+    batch a copy (which .reshape would make in PyTorch's default layout whatever x's)."""
+    if memory_format_of(x) == torch.channels_last_3d:
+        return x.movedim(1, -1).contiguous().flatten(0, 1).movedim(-1, 1)
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def per_video(x: Tensor, batch: int) -> Tensor:
+    """(B*T, C, H, W) -> (B, C, T, H, W), a view. By way of (B, T, H, W, C), so that a channels-last x gives a
+    channels-last video, a 1-frame T's stride included (a .view gives it one that PyTorch's layout rules, which
+    read the strides of size-1 dims too, take for another layout: cat and conv outputs then come out in the
+    default layout)."""
+    return x.movedim(1, -1).unflatten(0, (batch, -1)).movedim(-1, 1)
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
+          memory_format: torch.memory_format) -> Tensor:
+    """torch.zeros in a given layout (torch.zeros takes none)."""
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format).zero_()
+
 
 # -- causal state --------------------------------------------------------------------------------------------------
 
@@ -47,10 +82,12 @@ class CausalCache:
         return self.t > 0
 
     def left(self, layer: nn.Module, x: Tensor, n: int) -> Tensor:
-        """`layer`'s buffer of its last n input frames, (B, C, n, H, W) shaped like x; made (zeros) on first use."""
+        """`layer`'s buffer of its last n input frames, (B, C, n, H, W) shaped and laid out like x; made (zeros) on
+        first use."""
         buf = self.frames.get(layer)
         if buf is None:
-            buf = self.frames[layer] = x.new_zeros(*x.shape[:2], n, *x.shape[3:])
+            shape = (*x.shape[:2], n, *x.shape[3:])
+            buf = self.frames[layer] = zeros(shape, x.dtype, x.device, memory_format_of(x))
         return buf
 
     @property
@@ -175,9 +212,8 @@ class Resample(nn.Module):
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         if self.mode == "upsample3d":
             x = self._double_frames(x, cache)
-        B, T = x.shape[0], x.shape[2]
-        x = self.resample(x.transpose(1, 2).flatten(0, 1))  # per frame: (B*T, C, H, W)
-        x = x.unflatten(0, (B, T)).transpose(1, 2).contiguous()
+        layout = memory_format_of(x)
+        x = per_video(self.resample(per_frame(x)), x.shape[0]).contiguous(memory_format=layout)  # channels-last: a view
         if self.mode == "downsample3d":
             x = self._halve_frames(x, cache)
         return x
@@ -188,9 +224,14 @@ class Resample(nn.Module):
             first, x = x[:, :, :1], x[:, :, 1:]
         if x.shape[2]:
             B, C, T, H, W = x.shape
-            # channel halves are the two output frames of each input frame: (B, 2, C, T) -> (B, C, T, 2)
-            x = self.time_conv(x, cache).view(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)
-        return x if first is None else torch.cat([first, x], dim=2)
+            y = self.time_conv(x, cache).view(B, 2, C, T, H, W)
+            # channel halves are the two output frames of each input frame: (B, 2, C, T) -> (B, C, T, 2), copied
+            # into a video laid out as x is
+            x = torch.empty(B, C, 2 * T, H, W, dtype=y.dtype, device=y.device, memory_format=memory_format_of(x))
+            x.view(B, C, T, 2, H, W).copy_(y.permute(0, 2, 3, 1, 4, 5))
+        if first is None:
+            return x
+        return torch.cat([first, x], dim=2) if x.shape[2] else first  # (a cat with no frames loses the layout)
 
     def _halve_frames(self, x: Tensor, cache: CausalCache) -> Tensor:
         first = None
@@ -246,7 +287,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, z_dim, f, h, w) latents -> (B, 3, n, 8h, 8w) video, n = 4f, or 1 + 4(f - 1) at the stream start."""
+    """(B, z_dim, f, h, w) latents -> (B, 3, n, 8h, 8w) video, n = 4f, or 1 + 4(f - 1) at the stream start.
+
+    `memory_format` is the layout its activations and a StreamingDecoder's cache are kept in, the input converted
+    to it on entry: PyTorch's default here, channels-last on fast_vae's channels-last path."""
+
+    memory_format = torch.contiguous_format
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -265,7 +311,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor, cache: CausalCache) -> Tensor:
         t = z.shape[2]
-        x = self.mid_block(self.conv_in(z, cache), cache)
+        x = self.mid_block(self.conv_in(z.contiguous(memory_format=self.memory_format), cache), cache)
         for block in self.up_blocks:
             x = block(x, cache)
         x = self.conv_out(self.nonlinearity(self.norm_out(x)), cache)
@@ -332,7 +378,7 @@ class WanVAE(nn.Module):
     def decode(self, z_norm: Tensor) -> Tensor:
         """Normalized latents (B, z_dim, f, h, w) -> video (B, 3, 1 + 4(f - 1), 8h, 8w) in [-1, 1], in one pass."""
         z = self.post_quant_conv(self.denormalize(z_norm.to(self.device)).to(self.dtype))
-        return self.decoder(z, CausalCache()).clamp_(-1, 1)
+        return self.decoder(z, CausalCache()).clamp_(-1, 1).contiguous()
 
 
 def to_uint8(video: Tensor) -> Tensor:
@@ -354,8 +400,9 @@ class StreamingDecoder:
     memory. Output equals a whole-clip decode of the concatenated chunks for every chunking.
 
     The cache (each causal conv's last 2 input frames) is allocated once, at construction, in the VAE's dtype
-    (choose fp32 or bf16 with load_vae / vae.to); its buffers never change storage: reset() zeros them,
-    restore() copies into them.
+    (choose fp32 or bf16 with load_vae / vae.to) and the decoder's layout (`Decoder.memory_format`: install
+    fast_vae's path before making a StreamingDecoder); its buffers never change storage: reset() zeros them,
+    restore() copies into them (from a snapshot in any layout).
     """
 
     def __init__(self, vae: WanVAE, height: int, width: int, batch: int = 1, max_latent_frames_per_call: int = 2):
@@ -380,8 +427,8 @@ class StreamingDecoder:
         twin(torch.empty(B, C, 2, h, w, device="meta", dtype=self.vae.dtype), shapes)  # 2 frames: every layer runs
         name = {m: n for n, m in twin.named_modules()}
         ours = dict(self.vae.decoder.named_modules())
-        cache = CausalCache()
-        cache.frames = {ours[name[k]]: torch.zeros(b.shape, dtype=b.dtype, device=self.vae.device)
+        cache, layout = CausalCache(), self.vae.decoder.memory_format
+        cache.frames = {ours[name[k]]: zeros(b.shape, b.dtype, self.vae.device, layout)
                         for k, b in shapes.frames.items()}
         return cache
 
@@ -425,9 +472,10 @@ class StreamingDecoder:
 
     @torch.no_grad()
     def decode_float(self, z_norm: Tensor) -> Tensor:
-        """Like decode, but the video itself: (B, 3, n, H, W) in [-1, 1], in the VAE's dtype."""
+        """Like decode, but the video itself: (B, 3, n, H, W) in [-1, 1], in the VAE's dtype (PyTorch's default
+        layout: decode writes the uint8 frames straight from the decoder's)."""
         self._check(z_norm)
-        return torch.cat(list(self._pieces(z_norm)), dim=2)
+        return torch.cat(list(self._pieces(z_norm)), dim=2).contiguous()
 
     def _pieces(self, z_norm: Tensor):
         """Decoded video of successive pieces of the chunk, each clamped to [-1, 1]."""

@@ -1,5 +1,6 @@
 """The Wan 2.1 VAE: parity with diffusers' AutoencoderKLWan (decode, encode), streaming decode equal to the
-whole-clip decode for every chunking, constant cache memory, snapshot / restore, both checkpoint layouts.
+whole-clip decode for every chunking, constant cache memory, snapshot / restore, both checkpoint layouts; the
+decoder's fast path (fast_vae), channels-last included: the same decode, and no layout change inside the decoder.
 
 diffusers decodes one latent frame per call (its first-frame rule lives in a "Rep" cache marker); ours decodes
 any piece. Agreement for chunkings whose first chunk is 1, 3, 7 or 11 latent frames shows that the first-frame
@@ -13,12 +14,15 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from longsana.config import VAEConfig, get_config
 from longsana.fast_vae import accelerate
 from longsana.loading import CheckpointError
+from longsana.rewind import _host_buffers
 from longsana.testing import diffusers_vae, needs_cuda, rel_err
-from longsana.vae import ChannelRMSNorm, StreamingDecoder, WanVAE, load_vae, original_to_diffusers, to_uint8
+from longsana.vae import (CausalCache, ChannelRMSNorm, StreamingDecoder, WanVAE, load_vae, original_to_diffusers,
+                          to_uint8)
 
 CFG = get_config("tiny").vae  # base 8, dim_mult (1, 2, 2, 2), 1 res block: shortcuts in 2 decoder blocks
 B, H, W = 2, 16, 24  # batch 2 also exercises the batch dimension (and CPU convs are faster at B > 1)
@@ -31,6 +35,20 @@ def pair():
     ours = WanVAE(CFG).eval()
     ours.load_state_dict(ref.state_dict())  # strict: same names, same shapes
     return ref, ours
+
+
+@pytest.fixture(scope="module")
+def vaes(pair):
+    """Our VAE as vae.py writes it, and with the fast path channels-last (eager: per-tap convs on the CPU)."""
+    fast = copy.deepcopy(pair[1])
+    accelerate(fast.decoder, compile=False, channels_last=True)
+    return {"plain": pair[1], "channels-last": fast}
+
+
+def channels_last(t: torch.Tensor) -> bool:
+    """t is dense channels-last (NDHWC / NHWC) and not also in the default layout (which tiny dims allow)."""
+    layout = torch.channels_last_3d if t.dim() == 5 else torch.channels_last
+    return t.is_contiguous(memory_format=layout) and not t.is_contiguous()
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +82,15 @@ def test_whole_clip_decode(pair, clips):
     assert rel_err(pair[1].decode(z_norm), video) <= 1e-5  # all 7 latents in one pass
 
 
+@pytest.mark.parametrize("which", ["plain", "channels-last"])
 @pytest.mark.parametrize("frames,chunks,max_latent_frames_per_call", [
     (7, [1] * 7, 2), (7, [1, 3, 3], 2), (7, [1, 6], 2), (7, [1, 6], 6), (7, [7], 3), (7, [3, 4], 1),
     (21, [11, 10], 3), (21, [11, 10], 10),  # LongSANA: 11-latent first chunk, then 10
 ])
-def test_streaming_equals_whole_clip(pair, clips, frames, chunks, max_latent_frames_per_call):
+def test_streaming_equals_whole_clip(vaes, clips, frames, chunks, max_latent_frames_per_call, which):
     z_norm, video = clips[frames]
-    dec = StreamingDecoder(pair[1], H, W, batch=B, max_latent_frames_per_call=max_latent_frames_per_call)
+    dec = StreamingDecoder(vaes[which], H, W, batch=B, max_latent_frames_per_call=max_latent_frames_per_call)
+    assert all(channels_last(b) == (which == "channels-last") for b in dec.cache.frames.values())
     outs, s = [], 0
     for c in chunks:
         assert dec.frames_out(c) == (1 + 4 * (c - 1) if s == 0 else 4 * c)
@@ -127,23 +147,29 @@ def _causal_layers(decoder):
     return (m for m in decoder.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size[0] == 3)
 
 
-def test_snapshot_restore_and_reset(pair, clips):
+@pytest.mark.parametrize("which", ["plain", "channels-last"])
+def test_snapshot_restore_and_reset(vaes, clips, which):
+    """Snapshots keep the cache's layout; the rewind ring's host buffers (rewind._host_buffers) are in the default
+    layout whatever the cache's: restoring from them is right too (a transposing copy, for a channels-last cache)."""
     z_norm, _ = clips[7]
-    dec = StreamingDecoder(pair[1], H, W, batch=B, max_latent_frames_per_call=2)
+    dec = StreamingDecoder(vaes[which], H, W, batch=B, max_latent_frames_per_call=2)
     first = dec.decode(z_norm[:, :, :1])
     dec.decode(z_norm[:, :, 1:3])
     snap, snap_cpu = dec.snapshot(), dec.snapshot("cpu")
+    host = CausalCache()
+    host.frames = dict(zip(dec.cache.frames, _host_buffers(list(dec.cache.frames.values()))))
+    host.copy_(dec.cache)  # as HostCopy.take does
     assert snap.nbytes == dec.nbytes and snap.t == 3
+    assert all(a.stride() == b.stride() for a, b in zip(snap_cpu.frames.values(), dec.cache.frames.values()))
     nxt = dec.decode(z_norm[:, :, 3:6])
-    dec.decode(z_norm[:, :, 6:])
-    dec.restore(snap)
-    assert torch.equal(dec.decode(z_norm[:, :, 3:6]), nxt)
-    dec.restore(snap_cpu)
-    assert torch.equal(dec.decode(z_norm[:, :, 3:6]), nxt)
+    for restore_from in (snap, snap_cpu, host):
+        dec.decode(z_norm[:, :, 6:])
+        dec.restore(restore_from)
+        assert torch.equal(dec.decode(z_norm[:, :, 3:6]), nxt)
     dec.reset()
     assert dec.latent_frames == 0 and torch.equal(dec.decode(z_norm[:, :, :1]), first)
     with pytest.raises(ValueError, match="different decoder"):
-        dec.restore(StreamingDecoder(pair[1], 2 * H, W, batch=B).snapshot())
+        dec.restore(StreamingDecoder(vaes[which], 2 * H, W, batch=B).snapshot())
 
 
 def test_bad_inputs(pair):
@@ -284,10 +310,96 @@ def test_accelerated_decoder_equals_plain(pair):
     assert not torch.equal(got, plain)  # the per-tap sums: rounding differs, so the fast path did run
 
 
-def test_compiled_accelerated_decoder_decodes_as_eager(pair, clips, monkeypatch):
+class LayoutLog(TorchDispatchMode):
+    """What runs inside `decoder`'s forward: whether each conv's input, weight and output are channels-last, and
+    the shape of every copy that changes the order of the elements (a clone, copy_ or _to_copy whose source and
+    result order their dims differently by stride)."""
+
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.decoder, self.inside, self.calls = decoder, False, 0
+        self.convs: list[tuple[bool, bool, bool]] = []
+        self.conversions: list[tuple[int, ...]] = []
+
+    def __enter__(self):
+        self.hooks = [self.decoder.register_forward_pre_hook(lambda m, a: self._inside(True)),
+                      self.decoder.register_forward_hook(lambda m, a, out: self._inside(False))]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def _inside(self, inside: bool) -> None:
+        self.inside, self.calls = inside, self.calls + inside
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        aten = torch.ops.aten
+        if self.inside and func is aten.convolution.default:
+            # a weight's channels innermost: the CPU path's per-tap weights are time slices of a 3D one
+            self.convs.append((channels_last(args[0]), args[1].stride(1) == 1, channels_last(out)))
+        if self.inside and func in (aten.clone.default, aten._to_copy.default, aten.copy_.default):
+            src, dst = (args[1], args[0]) if func is aten.copy_.default else (args[0], out)
+            if _order(src) != _order(dst):
+                self.conversions.append(tuple(dst.shape))
+        return out
+
+
+def _order(t: torch.Tensor) -> list[int]:
+    """t's dims from the innermost out, size-1 dims left out: two dense tensors of one shape with the same order
+    hold their elements in the same sequence."""
+    return [d for d in sorted(range(t.dim()), key=t.stride) if t.shape[d] > 1]
+
+
+def test_channels_last_from_entry_to_exit(vaes, clips):
+    """With channels_last, every conv of a streaming decode (the stream's first frame alone, then pieces, a batch
+    of 2: slices in time are not views there) reads channels-last weights and input and writes channels-last
+    output, and the only copy inside the decoder that changes a video tensor's layout is the latents' on entry,
+    one per call (the 6D copies are upsample3d's interleaving of each time-conv output's two frames, a copy in
+    any layout). The reference, in PyTorch's default layout, transposes around every per-frame op."""
+    z_norm, _ = clips[7]
+    logs, frames = {}, {}
+    for which, vae in vaes.items():
+        dec = StreamingDecoder(vae, H, W, batch=B, max_latent_frames_per_call=2)
+        with LayoutLog(vae.decoder) as log:
+            frames[which] = torch.cat([dec.decode(z_norm[:, :, s:e]) for s, e in ((0, 3), (3, 7))], dim=1)
+        logs[which] = log
+    log = logs["channels-last"]
+    assert log.calls == 4 and len(log.convs) > 100 and all(all(c) for c in log.convs)  # pieces: 1, 2 | 2, 2
+    video = [s for s in log.conversions if len(s) != 6]
+    assert len(video) == log.calls and all(s[1] == CFG.z_dim for s in video)  # the latents, on entry
+    plain = logs["plain"]  # the upsamplers' 2D convs alone: a transpose in and one out, after the first frame
+    assert sum(len(s) == 5 for s in plain.conversions) >= 6 * (plain.calls - 1) and not all(map(all, plain.convs))
+    levels = (frames["channels-last"].int() - frames["plain"].int()).abs()
+    assert levels.max() <= 1 and (levels == 0).float().mean() > 0.99  # the same frames, to rounding
+
+
+def test_channels_last_is_an_option(pair, clips):
+    """accelerate's channels_last sets the weights' layout and the decoder's both ways; a StreamingDecoder whose
+    cache was made in the other layout still decodes right (its convs then read mixed layouts); the encoder has
+    no channels-last path."""
+    vae = copy.deepcopy(pair[1])
+    accelerate(vae.decoder, compile=False, channels_last=True)
+    convs = [m for m in vae.decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    assert all(c.weight.stride(1) == 1 for c in convs) and vae.decoder.memory_format == torch.channels_last_3d
+    assert sum(channels_last(c.weight) for c in convs) > len(convs) / 2  # 1x1 weights are the same in both layouts
+    dec = StreamingDecoder(vae, H, W, batch=B)
+    accelerate(vae.decoder, compile=False, channels_last=False)
+    assert all(c.weight.is_contiguous() for c in convs) and vae.decoder.memory_format == torch.contiguous_format
+    z_norm, video = clips[7]
+    assert rel_err(torch.cat([dec.decode_float(z_norm[:, :, :3]), dec.decode_float(z_norm[:, :, 3:])], 2),
+                   video) <= 1e-5
+    with pytest.raises(ValueError, match="channels_last is for the VAE's Decoder"):
+        accelerate(vae.encoder, compile=False, channels_last=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_accelerated_decoder_decodes_as_eager(pair, clips, monkeypatch, channels_last):
     """accelerate(compile=True) traces norm + SiLU + causal padding as one region (inductor on a GPU;
     aot_eager here, which runs the traced graph): a streaming decode through it equals diffusers' whole-clip
-    decode."""
+    decode, in either layout."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from longsana import engine
@@ -296,23 +408,24 @@ def test_compiled_accelerated_decoder_decodes_as_eager(pair, clips, monkeypatch)
     counter = CompileCounterWithBackend("aot_eager")
     monkeypatch.setitem(engine.COMPILE_OPTIONS, "backend", counter)
     vae = copy.deepcopy(pair[1])
-    accelerate(vae.decoder, compile=True)
+    accelerate(vae.decoder, compile=True, channels_last=channels_last)
     z_norm, video = clips[7]
     dec = StreamingDecoder(vae, H, W, batch=B, max_latent_frames_per_call=2)
     got = torch.cat([dec.decode_float(z_norm[:, :, :3]), dec.decode_float(z_norm[:, :, 3:])], dim=2)
     assert rel_err(got, video) <= 1e-5
     graphs = counter.frame_count  # one per activation shape, shared by the norms
     assert 0 < graphs < sum(1 for m in vae.decoder.modules() if isinstance(m, ChannelRMSNorm))
-    accelerate(vae.decoder, compile=True)  # idempotent: the same compiled function, no new graph
+    accelerate(vae.decoder, compile=True, channels_last=channels_last)  # idempotent: the same function, no new graph
     dec.reset()
     assert torch.equal(dec.decode_float(z_norm[:, :, :3]), got[:, :, :9]) and counter.frame_count == graphs
     torch._dynamo.reset()
 
 
 @needs_cuda
-def test_compiled_accelerated_decoder_on_cuda(monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_accelerated_decoder_on_cuda(monkeypatch, channels_last):
     """The fast path as a GPU stream runs it (cuDNN convs, inductor's fused norm + SiLU + padding): fp32 in pieces
-    equals the plain whole-clip decode; bf16 is as close to it as the plain bf16 decode is."""
+    equals the plain whole-clip decode; bf16 is as close to it as the plain bf16 decode is; in either layout."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convs, not TF32: a 1e-5 comparison
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -322,8 +435,35 @@ def test_compiled_accelerated_decoder_on_cuda(monkeypatch):
     bf16_err = rel_err(copy.deepcopy(plain).to(torch.bfloat16).decode(z_norm), want)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1.25 * bf16_err)):
         vae = copy.deepcopy(plain).to(dtype)
-        accelerate(vae.decoder, compile=True)
+        accelerate(vae.decoder, compile=True, channels_last=channels_last)
         dec = StreamingDecoder(vae, H, W, batch=B, max_latent_frames_per_call=2)
         got = torch.cat([dec.decode_float(z_norm[:, :, s:e]) for s, e in ((0, 3), (3, 4), (4, 7))], dim=2)
         assert got.dtype == dtype and rel_err(got, want) <= tol
+    torch._dynamo.reset()
+
+
+@needs_cuda
+def test_channels_last_bf16_decode_at_a_moderate_size(monkeypatch):
+    """The Wan 2.1 VAE (random weights) at 192x320, compiled and channels-last in bf16 as a stream would run it
+    (first latent frame, then pieces of 2): within bf16 tolerance of the fp32 reference (the plain decoder, whole
+    clip, TF32 off), i.e. as close to it as the plain decoder in bf16; every cache buffer channels-last."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    Hm, Wm = 192, 320
+    plain = WanVAE(VAEConfig()).eval().requires_grad_(False).cuda()
+    z_norm = torch.randn(1, plain.cfg.z_dim, 6, Hm // 8, Wm // 8, device="cuda")
+    want = plain.decode(z_norm)
+    vae = plain.to(torch.bfloat16)  # the fp32 weights are no longer needed
+    bf16_err = rel_err(vae.decode(z_norm), want)
+    accelerate(vae.decoder, compile=True, channels_last=True)
+    dec = StreamingDecoder(vae, Hm, Wm, max_latent_frames_per_call=2)
+    assert all(channels_last(b) for b in dec.cache.frames.values())
+    got = torch.cat([dec.decode_float(z_norm[:, :, s:e]) for s, e in ((0, 3), (3, 6))], dim=2)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous()
+    assert rel_err(got, want) <= min(1.25 * bf16_err, 3e-2)
+    dec.reset()
+    frames = torch.cat([dec.decode(z_norm[:, :, s:e]) for s, e in ((0, 3), (3, 6))], dim=0)
+    assert torch.equal(frames, to_uint8(got)[0])
     torch._dynamo.reset()
