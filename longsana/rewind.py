@@ -82,16 +82,19 @@ class HostCopy:
 
 
 def _host_buffers(like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Empty host tensors shaped like `like`. When some are on a GPU they are views of ONE pinned allocation: pinned
-    memory is what lets a device-to-host copy run asynchronously, and torch rounds each pinned allocation up to
-    a power of two, so one allocation wastes at most one rounding, not one per tensor."""
+    """Empty host tensors shaped and laid out like `like` (dense tensors: a channels-last VAE cache gets
+    channels-last buffers, so a copy either way is a plain copy, not a transpose). When some are on a GPU they are
+    views of ONE pinned allocation: pinned memory is what lets a device-to-host copy run asynchronously, and torch
+    rounds each pinned allocation up to a power of two, so one allocation wastes at most one rounding, not one per
+    tensor."""
     if not any(t.is_cuda for t in like):
-        return [torch.empty(t.shape, dtype=t.dtype) for t in like]
+        return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype) for t in like]
     align = 256  # every view starts aligned for any dtype
     sizes = [-(-t.numel() * t.element_size() // align) * align for t in like]
     flat = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
     offsets = np.cumsum([0, *sizes[:-1]])
-    return [flat[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for o, t in zip(offsets, like)]
+    return [flat[o:o + t.numel() * t.element_size()].view(t.dtype).as_strided(t.shape, t.stride())
+            for o, t in zip(offsets, like)]
 
 
 AHEAD_CHUNKS = 3  # chunks at and after the frame on screen: the one playing, one handed out, one being made
