@@ -24,8 +24,13 @@ go on. (With one GPU, or one pair, the server keeps its pipeline in process, as 
   it is alive; the server refuses a stream (busy, naming each GPU's reason) only when no worker admits it.
 - A worker that dies (killed, out of memory, a crash) ends every stream on it: their pending and later calls raise
   `WorkerDied`, whose message names the GPU and how its process ended, so each session's failure path tells its
-  viewer and frees the slot. The others are untouched; /health says `degraded` (503 `failed` only when every
-  worker is down). A dead worker is not restarted: the server stops placing streams on it.
+  viewer and frees the slot. The others are untouched; /health says `degraded` (503 `failed` only when no worker
+  can take a stream).
+- A `Supervisor` per GPU group keeps its worker running: when the worker dies, or its device reports a sticky
+  failure (a poisoned CUDA context: its streams cannot go on, so the process is stopped at once), a thread of the
+  supervisor's starts a fresh process after a backoff and waits for it to load its model, while the other workers
+  serve on; no stream is placed on it until it is ready. At most MAX_RESTARTS restarts within
+  RESTART_WINDOW_SECONDS: a worker that keeps dying then stays down, and /health says why.
 - The synthetic source (`--model synthetic`) needs no GPU, so `--model synthetic --gpus 0,1` starts two synthetic
   workers on any machine, without looking for CUDA: the tests' stand-in workers, and a way to try the pool.
 
@@ -35,6 +40,8 @@ This module imports no torch at the top: the worker sets CUDA_VISIBLE_DEVICES to
 from __future__ import annotations
 
 import atexit
+import collections
+import functools
 import itertools
 import multiprocessing
 import os
@@ -47,6 +54,16 @@ from concurrent.futures import Future
 STATUS_SECONDS = 0.5  # how often a worker reports its load, admission and health
 START_SECONDS = 600.0  # how long a worker may take to load its model
 STOP_SECONDS = 5.0  # how long a stopped worker may take to exit before it is killed
+# Restarting a worker that died. An OOM kill or a crash is usually a one-off, so the first restart comes at once
+# (after 1 s, which lets the driver free the dead process's memory); each further restart within the window waits
+# RESTART_BACKOFF times longer (1, 5, 25 s), time for a GPU in trouble to recover. A worker that dies at once every
+# time (a broken GPU, a model that no longer loads) would otherwise loop for ever, loading a model each time: after
+# MAX_RESTARTS within RESTART_WINDOW_SECONDS (10 minutes: several model loads) it stays down until the server is
+# restarted by hand, and /health says why.
+MAX_RESTARTS = 3
+RESTART_WINDOW_SECONDS = 600.0
+RESTART_DELAY_SECONDS = 1.0
+RESTART_BACKOFF = 5.0
 MAX_GROUP = 2  # GPUs one worker spans: the transformer's and the decoder's
 
 
@@ -217,16 +234,20 @@ def _portable(e: Exception) -> Exception:
 # -- the server's side -------------------------------------------------------------------------------------------------
 class GpuWorker:
     """One worker process, seen from the server: a pipeline whose streams run there (`stream`), its last reported
-    status (`load`, `admits`), and `failure` once it has died."""
+    status (`load`, `admits`), and `failure` once it has died. `on_lost(worker)` is called once, on the reply
+    reader's thread, when a ready worker can no longer run streams: its process died, or its device failed; not
+    when it is stopped."""
 
-    def __init__(self, group: tuple[int, ...], model: str, dtype: str | None, spec: str | None, context):
+    def __init__(self, group: tuple[int, ...], model: str, dtype: str | None, spec: str | None, context,
+                 on_lost=lambda worker: None):
         self.group, self.name = group, gpu_name(group)
         self.failure: str | None = None  # why the process is gone
         self._status = {"load": 0.0, "admits": (False, "starting"), "failure": None}
         self._lock = threading.Lock()  # guards _calls and failure
         self._calls: dict[int, Future] = {}
         self._ids = itertools.count(1)
-        self._stopping = False
+        self._stopping: str | None = None  # how the process ended, when the server stopped it
+        self._on_lost, self._lost = on_lost, False
         self._conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, model, group, dtype, spec),
                                        name=f"longsana-gpu{self.name}")
@@ -235,11 +256,11 @@ class GpuWorker:
 
     def wait_ready(self, timeout: float = START_SECONDS) -> dict:
         """What the worker says once its pipeline is loaded; WorkerStartError if it could not load it."""
-        if not self._conn.poll(timeout):
-            raise WorkerStartError(f"GPU worker {self.name} did not load its model within {timeout:g} s")
         try:
+            if not self._conn.poll(timeout):
+                raise WorkerStartError(f"GPU worker {self.name} did not load its model within {timeout:g} s")
             kind, info = self._conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # the process ended (OSError: stopped, its pipe closed, while we waited)
             raise WorkerStartError(f"GPU worker {self.name} {self._ended()} while loading its model") from None
         if kind == "failed":
             raise WorkerStartError(f"GPU worker {self.name}: {info}")
@@ -295,6 +316,8 @@ class GpuWorker:
                 message = self._conn.recv()
                 if message[0] == "status":
                     self._status = message[1]
+                    if self._status["failure"] is not None:  # sticky: the device runs nothing more
+                        self._report_lost()
                     continue
                 _, call_id, ok, value = message
                 with self._lock:
@@ -309,15 +332,25 @@ class GpuWorker:
 
     def _died(self) -> None:
         """The process is gone: fail every waiting call and every later one."""
-        self.process.join(STOP_SECONDS)
+        how = self._ended()
         with self._lock:
-            how = "was stopped" if self._stopping else self._ended()
             self.failure = f"the GPU {self.name} worker (pid {self.process.pid}) {how}"
             calls, self._calls = self._calls, {}
         for future in calls.values():
             future.set_exception(WorkerDied(self.failure))
+        if self._stopping is None:
+            self._report_lost()
+
+    def _report_lost(self) -> None:
+        if not self._lost:
+            self._lost = True
+            self._on_lost(self)
 
     def _ended(self) -> str:
+        """How the process ended, for messages: as stop() said, or by its exit code, once it has one."""
+        if self._stopping is not None:
+            return self._stopping  # stop() waits for the process: a second wait here could take its exit code
+        self.process.join(STOP_SECONDS)
         code = self.process.exitcode
         if code is None:
             return "stopped answering"
@@ -325,9 +358,9 @@ class GpuWorker:
             return f"died: killed by {signal.Signals(-code).name} (exit code {code})"
         return f"died: exit code {code}"
 
-    def stop(self) -> None:
-        """End the process (its streams end with it) and wait for it."""
-        self._stopping = True
+    def stop(self, how: str = "was stopped") -> None:
+        """End the process (its streams end with it, told that it `how`) and wait for it."""
+        self._stopping = how
         self.process.terminate()
         self.process.join(STOP_SECONDS)
         if self.process.is_alive():
@@ -363,15 +396,113 @@ class RemoteStream:
                 pass
 
 
+class Supervisor:
+    """Keeps one GPU group's worker running. When the worker is lost (GpuWorker's on_lost) a thread of its own
+    replaces it: it stops the old process (a failed device's still runs), waits out a backoff, starts a new one and
+    waits for it to load its model; at most MAX_RESTARTS times within RESTART_WINDOW_SECONDS, then the worker stays
+    down. `worker`: the current process (while restarting, the one starting); `state`: ok, restarting or down."""
+
+    def __init__(self, group: tuple[int, ...], start, start_timeout: float):
+        """`start(on_lost)`: a new GpuWorker for the group, its process started."""
+        self.name, self.restarts = gpu_name(group), 0  # restarts: processes started to replace a lost one
+        self.on_restart = lambda supervisor: None  # the server counts restarts in /metrics
+        self._start, self._start_timeout = start, start_timeout
+        self._lock = threading.Lock()  # guards worker, _state and stopping processes (close is another thread)
+        self._state: str | None = None  # None: the worker's own state; else restarting or down, and why
+        self._recent: collections.deque[float] = collections.deque()  # when the restarts in the window began
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.worker: GpuWorker = start(self._lost)
+
+    @property
+    def problem(self) -> str | None:
+        """Why no stream can be placed on this worker now (None: one can)."""
+        return self._state or self.worker.problem
+
+    @property
+    def state(self) -> str:
+        """For /health: ok, `restarting (attempt k): why`, or `down: why`."""
+        return self.problem or "ok"
+
+    def load(self) -> float:
+        return 0.0 if self.problem else self.worker.load()
+
+    def admits(self, streams: int, max_streams: int) -> tuple[bool, str]:
+        problem = self.problem
+        return (False, problem) if problem else self.worker.admits(streams, max_streams)
+
+    def _lost(self, worker: GpuWorker) -> None:
+        """The worker died or its device failed (called on its reply reader): replace it, on a thread."""
+        with self._lock:
+            if self._closing.is_set() or worker is not self.worker or self._state is not None:
+                return  # closing; or a restart is under way, which checks its new worker once it is ready
+            self._state = f"restarting: {worker.problem}"
+            self._thread = threading.Thread(target=self._restart, args=(worker.problem,),
+                                            name=f"gpu{self.name}-restart", daemon=True)
+            self._thread.start()
+
+    def _restart(self, cause: str) -> None:
+        """Replace the lost worker until a new one is ready, the bound is reached, or the pool closes."""
+        while True:
+            with self._lock:
+                self.worker.stop(f"was stopped: {cause}")  # ends a failed device's process; closes a dead one's pipe
+            delay = self._backoff(cause)
+            if delay is None or self._closing.wait(delay):
+                return
+            if (cause := self._relaunch()) is None:
+                return
+
+    def _backoff(self, cause: str) -> float | None:
+        """The wait before the next restart, the state saying which attempt it is; None, the state saying why, once
+        MAX_RESTARTS restarts within RESTART_WINDOW_SECONDS have not kept the worker up."""
+        now = time.monotonic()
+        while self._recent and now - self._recent[0] > RESTART_WINDOW_SECONDS:
+            self._recent.popleft()
+        if len(self._recent) >= MAX_RESTARTS:
+            self._state = (f"down: {len(self._recent)} restarts within {RESTART_WINDOW_SECONDS:g} s did not keep it "
+                           f"up (restart the server once it is fixed); the last ended: {cause}")
+            return None
+        self._recent.append(now)
+        self._state = f"restarting (attempt {len(self._recent)}): {cause}"
+        return RESTART_DELAY_SECONDS * RESTART_BACKOFF ** (len(self._recent) - 1)
+
+    def _relaunch(self) -> str | None:
+        """Start a new worker and wait for it: None once it is ready (or the pool is closing), else why not."""
+        with self._lock:  # close() stops whichever process is `worker`: none is left behind
+            if self._closing.is_set():
+                return None
+            self.worker = worker = self._start(self._lost)
+            self.restarts += 1
+        self.on_restart(self)
+        try:
+            worker.wait_ready(self._start_timeout)
+        except WorkerStartError as e:
+            return str(e)
+        with self._lock:  # a loss since it was ready is seen here: _lost ignored it, a restart being under way
+            if worker.problem is None:
+                self._state = None
+            return worker.problem
+
+    def close(self) -> None:
+        """Stop the worker and any restart under way (a process starting is stopped, its wait ends)."""
+        with self._lock:
+            self._closing.set()
+            self.worker.stop()
+        if self._thread is not None:
+            self._thread.join()
+
+
 class GpuPool:
-    """A worker process per GPU group, all loading at once; the server places each stream on one of them. `spec`
-    is the model's (the workers all load the same one). Close it (`close`, or `with`) to stop the workers."""
+    """A worker process per GPU group, all loading at once, each kept running by a Supervisor; the server places
+    each stream on one of them. `spec` is the model's (the workers all load the same one). Close it (`close`, or
+    `with`) to stop the workers."""
 
     def __init__(self, groups: list[tuple[int, ...]], model: str, dtype: str | None = None, spec: str | None = None,
                  max_streams: int = 2, start_timeout: float = START_SECONDS):
         self.model, self.max_streams = model, max_streams  # max_streams: per worker
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
-        self.workers = [GpuWorker(group, model, dtype, spec, context) for group in groups]
+        self.supervisors = [Supervisor(group, functools.partial(GpuWorker, group, model, dtype, spec, context),
+                                       start_timeout) for group in groups]
         atexit.register(self.close)  # before multiprocessing's own exit handler, which would wait for them
         try:
             ready = [w.wait_ready(start_timeout) for w in self.workers]  # they load at once: wait for them all
@@ -380,32 +511,38 @@ class GpuPool:
             self.close()
             raise
 
+    @property
+    def workers(self) -> list[GpuWorker]:
+        """Each group's current worker process."""
+        return [s.worker for s in self.supervisors]
+
     def place(self, streams_on) -> tuple[GpuWorker | None, str]:
         """The worker for a new stream and why; (None, every worker's reason) if none admits it.
         `streams_on(worker)`: the streams the server has placed on it and not yet freed."""
         admitting, reasons = [], []
-        for worker in self.workers:
-            ok, why = worker.admits(streams_on(worker), self.max_streams)
+        for s in self.supervisors:
+            ok, why = s.admits(streams_on(s.worker), self.max_streams)
             if ok:
-                admitting.append(worker)
+                admitting.append(s.worker)
             else:
-                reasons.append(f"GPU {worker.name}: {why}")
+                reasons.append(f"GPU {s.name}: {why}")
         if not admitting:
             return None, f"no GPU has room ({'; '.join(reasons)})"
         best = min(admitting, key=lambda w: (streams_on(w), w.load()))
         return best, f"placed on GPU {best.name}"
 
     def health(self) -> tuple[str, str | None]:
-        """ok; degraded (some workers down) or failed (all down), with the reasons."""
-        down = [w for w in self.workers if w.problem is not None]
+        """ok; degraded (some workers down or restarting) or failed (none can take a stream), with the reasons."""
+        down = [s for s in self.supervisors if s.problem is not None]
         if not down:
             return "ok", None
-        return "failed" if len(down) == len(self.workers) else "degraded", "; ".join(w.problem for w in down)
+        reason = "; ".join(f"GPU {s.name}: {s.problem}" for s in down)
+        return "failed" if len(down) == len(self.supervisors) else "degraded", reason
 
     def close(self) -> None:
         atexit.unregister(self.close)
-        for worker in self.workers:
-            worker.stop()
+        for supervisor in self.supervisors:
+            supervisor.close()
 
     def __enter__(self) -> GpuPool:
         return self

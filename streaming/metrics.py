@@ -38,6 +38,7 @@ SPECS = {
     "longsana_gpu_streams": ("gauge", "Streams placed on each GPU worker and not yet freed.", ("gpu",)),
     "longsana_gpu_load": ("gauge", "Share of the last 10 s each GPU worker's device spent in work.", ("gpu",)),
     "longsana_gpu_up": ("gauge", "1 while a GPU worker runs and its device works, else 0.", ("gpu",)),
+    "longsana_gpu_restarts_total": ("counter", "GPU worker processes started to replace a lost one.", ("gpu",)),
     "process_threads": ("gauge", "Threads of the server process.", ()),
     "python_allocated_blocks": ("gauge", "Blocks held by the Python allocator: grows when Python objects leak.", ()),
 }

@@ -347,10 +347,12 @@ class Server:
                                 "longsana_streams_limit": lambda: config.max_streams})
         self.sessions: dict[str, Session] = {}
         self.pool = pipe if isinstance(pipe, GpuPool) else None  # several GPUs: each stream goes on one worker
-        for worker in self.pool.workers if self.pool else ():
-            self.metrics.watch("longsana_gpu_streams", lambda w=worker: self._streams_on(w), gpu=worker.name)
-            self.metrics.watch("longsana_gpu_load", worker.load, gpu=worker.name)
-            self.metrics.watch("longsana_gpu_up", lambda w=worker: float(w.problem is None), gpu=worker.name)
+        for gpu in self.pool.supervisors if self.pool else ():  # a GPU's series follow its worker through restarts
+            self.metrics.watch("longsana_gpu_streams", lambda g=gpu: self._streams_on(g.worker), gpu=gpu.name)
+            self.metrics.watch("longsana_gpu_load", gpu.load, gpu=gpu.name)
+            self.metrics.watch("longsana_gpu_up", lambda g=gpu: float(g.problem is None), gpu=gpu.name)
+            self.metrics.inc("longsana_gpu_restarts_total", gpu.restarts, gpu=gpu.name)  # the series, from 0
+            gpu.on_restart = lambda g: self.metrics.inc("longsana_gpu_restarts_total", gpu=g.name)
         self._tokens: dict[str, str] = {}  # session id -> the secret that replaces it
         self._supervisors: dict[str, asyncio.Task] = {}
         self._downloads = 0
@@ -596,7 +598,8 @@ class Server:
 
     async def _health(self, request: web.Request) -> web.Response:
         """ok, or (503) failed with the reason when the device can no longer run work (worker.DeviceFailed). With
-        several GPUs, each worker's state, and degraded (still 200: it serves) while some of them are down."""
+        several GPUs, each worker's state (ok, restarting or down) and restarts, and degraded (still 200: it
+        serves) while some of them cannot take streams."""
         status, reason = self._condition()
         health = {"status": status, "model": self.config.model_name,
                   "streams": len(self.sessions), "max_streams": self.config.max_streams,
@@ -604,8 +607,9 @@ class Server:
         if reason is not None:
             health["reason"] = reason
         if self.pool is not None:
-            health["gpus"] = [{"gpu": w.name, "streams": self._streams_on(w), "load": round(w.load(), 3),
-                               "status": "ok" if w.problem is None else w.problem} for w in self.pool.workers]
+            health["gpus"] = [{"gpu": g.name, "streams": self._streams_on(g.worker), "load": round(g.load(), 3),
+                               "status": g.state, "restarts": g.restarts, "pid": g.worker.process.pid}
+                              for g in self.pool.supervisors]
         return web.json_response(health, status=503 if status == "failed" else 200)
 
     def _condition(self) -> tuple[str, str | None]:

@@ -1,12 +1,14 @@
 """The server with several GPU workers (streaming/gpus.py), through a real server and WebSocket clients. Stand-in
 workers: processes running the synthetic source (`GpuPool(..., "synthetic")`, as `longsana serve --model synthetic
 --gpus 0,1` starts), which need no GPU. Placement on the least loaded worker, admission across the workers, a
-worker's crash (SIGKILL) that ends only its own streams, and /metrics per GPU."""
+worker's crash (SIGKILL) that ends only its own streams, its restart and the bound on restarts, and /metrics per
+GPU."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import time
@@ -16,6 +18,7 @@ from contextlib import contextmanager
 import pytest
 
 from longsana.streaming.client import Refused, WsClient
+from longsana.streaming import gpus
 from longsana.streaming.gpus import GpuPool
 from longsana.streaming.server import ServerConfig, ServerThread
 
@@ -48,6 +51,22 @@ def gpu_of(server, client: WsClient) -> str:
 
 def streams_per_gpu(server) -> dict[str, int]:
     return {g["gpu"]: g["streams"] for g in health(server)["gpus"]}
+
+
+def gpu_health(server, name: str) -> dict:
+    return next(g for g in health(server)["gpus"] if g["gpu"] == name)
+
+
+def restarts_metric(server, name: str) -> float:
+    return series(get(server.url + "metrics"))[f'longsana_gpu_restarts_total{{gpu="{name}"}}']
+
+
+async def crash(pool, server, client: WsClient) -> str:
+    """SIGKILL the worker the client's stream runs on; once the client has its `end`, that worker's name."""
+    name = gpu_of(server, client)
+    os.kill(next(w for w in pool.workers if w.name == name).process.pid, signal.SIGKILL)
+    await client.wait_until(lambda: any(e["type"] == "end" for e in client.events))
+    return name
 
 
 async def wait_for(predicate, timeout: float = 20) -> None:
@@ -101,9 +120,12 @@ def test_admission_counts_every_worker():
         run(main(server))
 
 
-def test_a_worker_crash_ends_only_its_streams():
+def test_a_worker_crash_ends_only_its_streams(monkeypatch):
     """SIGKILL one worker: its viewer gets an error and an `end` naming the GPU and how its worker ended, its slot
-    frees, /health says degraded; the other worker's viewer keeps receiving frames, and new streams go there."""
+    frees, /health says degraded (the worker restarting); the other worker's viewer keeps receiving frames, and new
+    streams go there. Closing the pool while the worker waits to restart leaves no process behind."""
+    monkeypatch.setattr(gpus, "RESTART_DELAY_SECONDS", 60.0)  # restarting all through the test
+
     async def main(pool, server):
         a = await WsClient.connect(server.url, FOX, decode=False)
         b = await WsClient.connect(server.url, OWL, decode=False)
@@ -118,6 +140,7 @@ def test_a_worker_crash_ends_only_its_streams():
         await wait_for(lambda: health(server)["streams"] == 1)
         state = health(server)
         assert state["status"] == "degraded" and f"GPU {crashed.name} worker" in state["reason"], state
+        assert gpu_health(server, crashed.name)["status"].startswith("restarting (attempt 1): "), state
 
         before = len(b.frames)  # the other stream goes on
         await asyncio.sleep(1.5)
@@ -131,6 +154,112 @@ def test_a_worker_crash_ends_only_its_streams():
 
     with serving(per_worker=2) as (pool, server):
         run(main(pool, server))
+    assert multiprocessing.active_children() == []
+
+
+def test_a_dead_worker_comes_back(monkeypatch):
+    """SIGKILL one worker: its viewer ends as above, then a new process takes its place (ok again, restarts 1, a
+    new pid, counted in /metrics) and takes streams: with the other worker full, a new viewer goes to it."""
+    monkeypatch.setattr(gpus, "RESTART_DELAY_SECONDS", 0.1)
+
+    async def main(pool, server):
+        a = await WsClient.connect(server.url, FOX, decode=False)
+        b = await WsClient.connect(server.url, OWL, decode=False)
+        await a.wait_until(lambda: len(a.frames) >= 4)
+        pid = gpu_health(server, gpu_of(server, a))["pid"]
+        crashed = await crash(pool, server, a)
+        assert "killed by SIGKILL" in next(e for e in a.events if e["type"] == "end")["reason"]
+        await wait_for(lambda: gpu_health(server, crashed)["status"] == "ok")
+        back = gpu_health(server, crashed)
+        assert back["restarts"] == 1 and back["pid"] != pid, back
+        assert health(server)["status"] == "ok"
+        assert restarts_metric(server, crashed) == 1 and restarts_metric(server, gpu_of(server, b)) == 0
+        c = await WsClient.connect(server.url, FOX, decode=False)  # b fills the other worker: c must go here
+        assert gpu_of(server, c) == crashed
+        await c.wait_until(lambda: len(c.frames) >= 8)
+        assert not any(e["type"] == "end" for e in b.events)
+        for client in (b, c):
+            await client.close()
+
+    with serving(per_worker=1) as (pool, server):
+        run(main(pool, server))
+
+
+def test_a_worker_that_keeps_dying_stays_down(monkeypatch, tmp_path):
+    """Once started, every new worker process exits at once (a sitecustomize that Python runs at startup, through
+    PYTHONPATH, which spawned processes inherit): the restarts back off (0.1 s, then 1 s), after MAX_RESTARTS
+    the worker stays down, /health says why, and streams go to the other worker."""
+    monkeypatch.setattr(gpus, "MAX_RESTARTS", 2)
+    monkeypatch.setattr(gpus, "RESTART_DELAY_SECONDS", 0.1)
+    monkeypatch.setattr(gpus, "RESTART_BACKOFF", 10.0)
+
+    async def main(pool, server):
+        a = await WsClient.connect(server.url, FOX, decode=False)
+        (tmp_path / "sitecustomize.py").write_text("import os\nos._exit(3)\n")
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+        crashed = await crash(pool, server, a)
+        began = time.monotonic()
+        await wait_for(lambda: gpu_health(server, crashed)["status"].startswith("down: "))
+        assert time.monotonic() - began >= 1.1  # both waits
+        await asyncio.sleep(0.5)  # no further attempt
+        down = gpu_health(server, crashed)
+        assert down["restarts"] == 2 and restarts_metric(server, crashed) == 2, down
+        assert "2 restarts within 600 s" in down["status"] and "exit code 3" in down["status"], down
+        state = health(server)
+        assert state["status"] == "degraded" and f"GPU {crashed}: down: " in state["reason"], state
+        c = await WsClient.connect(server.url, FOX, decode=False)
+        assert gpu_of(server, c) != crashed
+        await c.close()
+
+    with serving(per_worker=1) as (pool, server):
+        run(main(pool, server))
+
+
+def test_closing_during_a_restart_leaves_no_process(monkeypatch):
+    """The pool closes while a new worker process loads its model: that process is stopped too."""
+    monkeypatch.setattr(gpus, "RESTART_DELAY_SECONDS", 0.01)
+    with GpuPool([(0,), (1,)], "synthetic") as pool:
+        old = pool.workers[0]
+        old.process.kill()
+        deadline = time.monotonic() + 10
+        while pool.workers[0] is old:
+            assert time.monotonic() < deadline, "no restart"
+            time.sleep(0.01)
+        new = pool.workers[0]
+        assert pool.supervisors[0].state.startswith("restarting (attempt 1): ")
+    assert new.process.exitcode is not None and multiprocessing.active_children() == []
+
+
+class FakeWorker:
+    """A GpuWorker without a process, for the supervisor alone: ready at once, stop() remembered."""
+
+    def __init__(self, on_lost):
+        self.on_lost, self.problem, self.stopped = on_lost, None, None
+
+    def wait_ready(self, timeout: float) -> dict:
+        return {}
+
+    def stop(self, how: str = "was stopped") -> None:
+        self.stopped = how
+
+
+def test_a_failed_device_is_replaced_at_once(monkeypatch):
+    """A worker whose device reports a sticky failure still runs: it is stopped at once (its streams told why, as
+    they cannot go on) and a new one takes its place."""
+    monkeypatch.setattr(gpus, "RESTART_DELAY_SECONDS", 0.01)
+    started = []
+    supervisor = gpus.Supervisor((0,), lambda on_lost: started.append(FakeWorker(on_lost)) or started[-1], 1.0)
+    failed = started[0]
+    failed.problem = "the device failed: DeviceFailed: CUDA error: an illegal memory access was encountered"
+    failed.on_lost(failed)
+    deadline = time.monotonic() + 5
+    while supervisor.state != "ok":
+        assert time.monotonic() < deadline, supervisor.state
+        time.sleep(0.01)
+    assert failed.stopped == f"was stopped: {failed.problem}"
+    assert supervisor.worker is started[1] and supervisor.restarts == 1 and started[1].stopped is None
+    supervisor.close()
+    assert started[1].stopped == "was stopped"
 
 
 def test_metrics_per_gpu():
