@@ -117,6 +117,34 @@ def save_pipeline(pipe, folder):
     return folder
 
 
+# -- streams through switches and rewinds --------------------------------------------------------------------------
+SWITCH_PROMPTS = ("a red circle moving left", "two yellow squares bouncing")
+
+
+def switch_schedule(pipe, compile: bool):
+    """9 chunks of a tiny-model stream through a switch inside a made chunk, a rewind inside a chunk, and a switch
+    known ahead that cuts a chunk as it is made (with a transition); the engine speculates the chunk after each one
+    that is not cut. Returns the stream and its chunks, for comparisons of two ways of running it."""
+    P, Q = SWITCH_PROMPTS
+    stream = pipe.stream(P, seed=5, compile=compile, early_first_frame=False, switch_lead=0)
+    it, out = iter(stream), []
+    for i in range(9):
+        out.append(next(it))
+        if i == 2:
+            stream.set_prompt(Q, at_frame=18)  # latent 6, inside chunk 2 = [5, 7)
+        if i == 4:
+            stream.rewind(0.3, at_frame=32)  # latent 7, inside chunk 3 = [6, 8)
+        if i == 6:
+            stream.set_prompt(P, at_frame=out[-1].start_frame + 10, transition_frames=12)  # inside the next chunk
+    return stream, out
+
+
+def uncompiled(monkeypatch) -> None:
+    """The fast engine's code path without torch.compile (compiling is a GPU run's, and slow on a CPU)."""
+    monkeypatch.setattr("longsana.engine.compile_block", lambda: None)
+    monkeypatch.setattr("longsana.stream.accelerate", lambda module, compile: None)
+
+
 # -- a second device on a machine with one CPU --------------------------------------------------------------------
 _ON_SECOND = "_longsana_on_second_cpu"  # the attribute that marks a tensor as one of the second CPU's
 

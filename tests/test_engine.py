@@ -23,9 +23,10 @@ from longsana.config import get_config
 from longsana.engine import ChunkEngine
 from longsana.model import LongSANATransformer
 from longsana.step import EagerStep
-from longsana.testing import needs_cuda, randomize_, rel_err, tiny_pipeline
+from longsana.testing import (SWITCH_PROMPTS, needs_cuda, randomize_, rel_err, switch_schedule, tiny_pipeline,
+                              uncompiled)
 
-P, Q = "a red circle moving left", "two yellow squares bouncing"
+P, Q = SWITCH_PROMPTS
 TIMESTEPS = (1000.0, 960.0, 889.0, 727.0)
 HW = (4, 4)  # latent size of the model tests
 
@@ -169,24 +170,8 @@ def schedule(pipe, compile):
     return stream, out
 
 
-def switch_schedule(pipe, compile):
-    """A switch inside a made chunk, a rewind inside a chunk, and a switch known ahead that cuts a chunk as it is
-    made; the engine speculates the chunk after each one that is not cut."""
-    stream = pipe.stream(P, seed=5, compile=compile, early_first_frame=False, switch_lead=0)
-    it, out = iter(stream), []
-    for i in range(9):
-        out.append(next(it))
-        if i == 2:
-            stream.set_prompt(Q, at_frame=18)  # latent 6, inside chunk 2 = [5, 7)
-        if i == 4:
-            stream.rewind(0.3, at_frame=32)  # latent 7, inside chunk 3 = [6, 8)
-        if i == 6:
-            stream.set_prompt(P, at_frame=out[-1].start_frame + 10, transition_frames=12)  # inside the next chunk
-    return stream, out
-
-
 def test_fast_stream_equals_the_eager_stream_through_splits(pipe, monkeypatch):
-    no_compile(monkeypatch)
+    uncompiled(monkeypatch)
     fast, got = switch_schedule(pipe, True)
     eager, want = switch_schedule(pipe, False)
     assert isinstance(fast.step, ChunkEngine) and isinstance(eager.step, EagerStep)
@@ -199,13 +184,8 @@ def test_fast_stream_equals_the_eager_stream_through_splits(pipe, monkeypatch):
     fast.close()
 
 
-def no_compile(monkeypatch):
-    monkeypatch.setattr(engine_mod, "compile_block", lambda: None)
-    monkeypatch.setattr("longsana.stream.accelerate", lambda module, compile: None)
-
-
 def test_fast_stream_equals_the_eager_stream(pipe, monkeypatch):
-    no_compile(monkeypatch)
+    uncompiled(monkeypatch)
     steps = []
     orig = ChunkEngine._launch
     monkeypatch.setattr(ChunkEngine, "_launch", lambda self, *a: steps.append(a[1:3]) or orig(self, *a))
@@ -232,7 +212,7 @@ def test_fast_stream_equals_the_eager_stream(pipe, monkeypatch):
 
 
 def test_fast_stream_memory_is_constant(pipe, monkeypatch):
-    no_compile(monkeypatch)
+    uncompiled(monkeypatch)
     stream = pipe.stream(P, seed=1, compile=True, chunk_frames=1, rewind_seconds=0)
     it = iter(stream)
     for _ in range(stream.ring.capacity + 2):  # the ring full, its oldest point's buffers reused

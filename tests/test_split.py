@@ -10,47 +10,25 @@ import numpy as np
 import pytest
 import torch
 
-import longsana.engine as engine_mod
 from longsana.engine import ChunkEngine
 from longsana.step import EagerStep, SideStream
-from longsana.testing import SecondCPU, needs_gpus, rel_err, second_cpu, tiny_pipeline
+from longsana.testing import SecondCPU, needs_gpus, rel_err, second_cpu, switch_schedule, tiny_pipeline, uncompiled
 from longsana.vae import StreamingDecoder
 
-P, Q = "a red circle moving left", "two yellow squares bouncing"
 SECOND = SecondCPU.device
-
-
-def schedule(pipe, compile: bool):
-    """A switch inside a made chunk, a rewind inside a chunk, a switch known ahead that cuts a chunk as it is made."""
-    stream = pipe.stream(P, seed=5, compile=compile, early_first_frame=False, switch_lead=0)
-    it, out = iter(stream), []
-    for i in range(8):
-        out.append(next(it))
-        if i == 2:
-            stream.set_prompt(Q, at_frame=18)  # latent 6, inside chunk 2 = [5, 7)
-        if i == 4:
-            stream.rewind(0.3, at_frame=32)  # latent 7, inside chunk 3 = [6, 8)
-        if i == 6:
-            stream.set_prompt(P, at_frame=out[-1].start_frame + 10)  # inside the next chunk
-    return stream, out
-
-
-def no_compile(monkeypatch):
-    monkeypatch.setattr(engine_mod, "compile_block", lambda: None)
-    monkeypatch.setattr("longsana.stream.accelerate", lambda module, compile: None)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "engine"])
 def test_split_stream_equals_one_device_bitwise(monkeypatch, compile):
-    no_compile(monkeypatch)
+    uncompiled(monkeypatch)
     one, two = tiny_pipeline(), tiny_pipeline()
-    _, want = schedule(one, compile)
+    _, want = switch_schedule(one, compile)
     seen = []  # the devices of the latents the decoder is given
     decode = StreamingDecoder.decode
     monkeypatch.setattr(StreamingDecoder, "decode", lambda self, z: seen.append(z.device) or decode(self, z))
     with second_cpu(two):
         assert (two.device, two.vae_device) == (torch.device("cpu"), SECOND)
-        stream, got = schedule(two, compile)
+        stream, got = switch_schedule(two, compile)
         assert isinstance(stream.step, ChunkEngine if compile else EagerStep)
         assert stream.step.side.device == SECOND
         assert {b.device for b in stream.decoder.cache.frames.values()} == {SECOND}  # its buffers never move
@@ -60,7 +38,7 @@ def test_split_stream_equals_one_device_bitwise(monkeypatch, compile):
         assert seen and set(seen) == {SECOND}  # handed over before the decode (the decoder would move them itself)
     assert [(c.index, c.start_frame, c.prompt, c.request) for c in got] == \
            [(c.index, c.start_frame, c.prompt, c.request) for c in want]
-    assert [c.start_frame for c in got] == [0, 9, 17, 21, 29, 25, 33, 41]  # the switch and the rewind cut chunks
+    assert [c.start_frame for c in got] == [0, 9, 17, 21, 29, 25, 33, 41, 45]  # the switch and the rewind cut chunks
     for a, b in zip(got, want):
         assert np.array_equal(a.frames, b.frames)
     stream.close()
@@ -100,10 +78,10 @@ def gpu_pipeline(vae_device: str):
 def test_split_over_two_gpus_matches_one_gpu():
     """The fast engine with the decoder on cuda:1: the latents cross over to its own CUDA stream there."""
     torch._dynamo.reset()
-    _, want = schedule(gpu_pipeline("cuda:0"), True)
+    _, want = switch_schedule(gpu_pipeline("cuda:0"), True)
     two = gpu_pipeline("cuda:1")
     assert two.vae_device == torch.device("cuda", 1)
-    stream, got = schedule(two, True)
+    stream, got = switch_schedule(two, True)
     assert stream.step.side.stream.device == torch.device("cuda", 1)
     assert {b.device for b in stream.decoder.cache.frames.values()} == {torch.device("cuda", 1)}
     assert [(c.index, c.start_frame, c.prompt) for c in got] == [(c.index, c.start_frame, c.prompt) for c in want]
