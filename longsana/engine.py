@@ -34,9 +34,10 @@ rounding, not bitwise.
 Overlap: the VAE decode of chunk c runs on a second, high-priority CUDA stream (`SideStream`), and the stream calls
 `ahead` with chunk c+1's arguments before it waits for c's frames, so c+1's transformer work fills the GPU while c
 decodes. With the VAE on a second GPU (`vae_device`) that stream is on the VAE's GPU and c's x0 crosses over to it
-first (`SideStream.take`), so c's decode and c+1's transformer work run on two GPUs at once. If the next `denoise` asks for something else (the prompt changed, or a rewind), the speculative work is
-taken back: the state is put back as it was before its clean-context pass and the chunk is redone. So the frames
-are exactly those of the eager schedule; a switch costs one chunk's transformer work.
+first (`SideStream.take`), so c's decode and c+1's transformer work run on two GPUs at once. If the next `denoise`
+asks for something else (the prompt changed, or a rewind), the speculative work is taken back: the state is put
+back as it was before its clean-context pass and the chunk is redone. So the frames are exactly those of the eager
+schedule; a switch costs one chunk's transformer work.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ of any sizes decodes to exactly the whole-clip result. Two layers are not plain 
 Both rules key on `cache.started` (has the stream seen its first frame), so they hold for a first piece of any
 length, e.g. the 11-latent first chunk LongSANA emits.
 
-Latents: the network's latent is z; the diffusion model sees z_norm = (z - mean) / std (per channel, from the VAE config).
+Latents: the network's latent is z; the diffusion model sees z_norm = (z - mean) / std (per channel, from the VAE
+config).
 
 This file is the plain reference. The fast path of the same decoder (per-tap convs on CPUs, norm + SiLU + causal
 padding fused and compiled, activations channels-last) is installed by `fast_vae.accelerate(vae.decoder, compile)`.

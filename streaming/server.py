@@ -127,7 +127,8 @@ class ServerConfig:
                 raise ConfigError(name, f"{name} must be {what}, got {getattr(self, name, None)!r}")
 
         need("max_streams", _is_int(self.max_streams) and self.max_streams >= 1, "an integer >= 1")
-        need("client_timeout", _is_seconds(self.client_timeout) and self.client_timeout >= 1, "a number of seconds >= 1")
+        need("client_timeout", _is_seconds(self.client_timeout) and self.client_timeout >= 1,
+             "a number of seconds >= 1")
         need("request_timeout", _is_seconds(self.request_timeout), "a finite number of seconds > 0")
         need("max_connections", _is_int(self.max_connections) and self.max_connections >= 1, "an integer >= 1")
         need("max_downloads", _is_int(self.max_downloads) and self.max_downloads >= 1, "an integer >= 1")
@@ -622,7 +623,8 @@ class Server:
         return "failed", f"the device failed: {type(failure).__name__}: {failure}"
 
     async def _model(self, request: web.Request) -> web.Response:
-        size = {side: self.config.stream_kwargs.get(side, getattr(self.pipe.spec, side)) for side in ("width", "height")}
+        size = {side: self.config.stream_kwargs.get(side, getattr(self.pipe.spec, side))
+                for side in ("width", "height")}
         return web.json_response({"model": self.config.model_name, **size, **self.guide,
                                   "recording_keep_seconds": self.config.recording_keep_seconds})
 

@@ -12,8 +12,9 @@ The generator lands the switch a lead after it (longsana/stream.py: the time to 
 back if it had made frames past that point; the producer is let go at once, so the generator starts on it now
 rather than when the chunk in hand starts playing. A chunk that starts before the end of what was handed over is
 such a cut: frames from its start on that are still queued, or not yet encoded, are dropped, so the video goes on
-from the frame on screen with no jump and no repeat. (Frames already encoded are never dropped: the H.264 stream's references stay whole. A
-cut that comes too late to meet that replaces none of them and re-sends their indices with the new frames.)
+from the frame on screen with no jump and no repeat. (Frames already encoded are never dropped: the H.264 stream's
+references stay whole. A cut that comes too late to meet that replaces none of them and re-sends their indices
+with the new frames.)
 
 Timestamps: frames are released every `step` seconds and their pts advance by exactly `step`, so the browser's
 jitter buffer sees a steady source. `step` is the video's 1/fps, or the measured generation time per frame when the
