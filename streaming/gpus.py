@@ -188,8 +188,8 @@ class _Host:
         self._deadlines[sid] = deadline
         return next(self._open(sid)[1], None)
 
-    def _set_prompt(self, sid: int, prompt: str, at_frame: int | None) -> int:
-        return self._open(sid)[0].set_prompt(prompt, at_frame=at_frame)
+    def _set_prompt(self, sid: int, prompt: str, at_frame: int | None, transition_frames: int | None) -> int:
+        return self._open(sid)[0].set_prompt(prompt, at_frame=at_frame, transition_frames=transition_frames)
 
     def _rewind(self, sid: int, seconds: float, at_frame: int | None) -> float:
         return self._open(sid)[0].rewind(seconds, at_frame=at_frame)
@@ -380,8 +380,8 @@ class RemoteStream:
         while (chunk := self._worker.call("next", self._sid, self.deadline and self.deadline())) is not None:
             yield chunk
 
-    def set_prompt(self, prompt: str, at_frame: int | None = None) -> int:
-        return self._worker.call("set_prompt", self._sid, prompt, at_frame)
+    def set_prompt(self, prompt: str, at_frame: int | None = None, transition_frames: int | None = None) -> int:
+        return self._worker.call("set_prompt", self._sid, prompt, at_frame, transition_frames)
 
     def rewind(self, seconds: float, at_frame: int | None = None) -> float:
         return self._worker.call("rewind", self._sid, seconds, at_frame)

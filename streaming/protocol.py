@@ -3,7 +3,8 @@
 Client -> server (each may carry an integer `seq`; the reply echoes it):
     start   {prompt, seed?, replace?}   WebSocket only, first message (WebRTC sends these fields with the offer);
                                         replace: the token of this client's earlier stream, which it ends
-    prompt  {prompt}                    switch the prompt; applies at the next chunk the generator starts
+    prompt  {prompt, transition?}       switch the prompt from the frame on screen; transition: seconds over which
+                                        the video moves from the old prompt to the new (0, the default: a cut)
     pause / resume
     stop                                end the stream now; the reply comes before the `end` event, and the
                                         recording stays downloadable (see ServerConfig.recording_keep_seconds)
@@ -37,12 +38,13 @@ from longsana.config import MAX_PROMPT_CHARS, check_text
 MAX_MESSAGE_BYTES = 16 * 1024
 MAX_OFFER_BYTES = 64 * 1024  # an SDP offer is a few KB
 MAX_REWIND_SECONDS = 3600.0
+MAX_TRANSITION_SECONDS = 10.0  # a longer blend reads as no switch at all
 SEED_RANGE = 2**32
 # the fields of each client message type beyond `type` and `seq`: name -> (kind, required)
 FIELDS = {
     "start": {"prompt": ("prompt", True), "seed": ("seed", False), "replace": ("text", False)},
     "offer": {"sdp": ("text", True), "prompt": ("prompt", True), "seed": ("seed", False), "replace": ("text", False)},
-    "prompt": {"prompt": ("prompt", True)},
+    "prompt": {"prompt": ("prompt", True), "transition": ("transition", False)},
     "pause": {}, "resume": {}, "stop": {}, "stats": {}, "ping": {},
     "rewind": {"seconds": ("seconds", True)},
 }
@@ -176,7 +178,14 @@ def _seconds(value, kind, name, seq) -> float:
     return float(value)
 
 
-CHECKS = {"text": _text, "prompt": _prompt, "seed": _seed, "seconds": _seconds}
+def _transition(value, kind, name, seq) -> float:
+    if not 0 <= _typed(value, (int, float), kind, name, seq) <= MAX_TRANSITION_SECONDS:
+        raise ProtocolError("bad_message", f"{kind}: transition must be in [0, {MAX_TRANSITION_SECONDS:g}] seconds, "
+                                           f"got {_show(value)}", seq)
+    return float(value)
+
+
+CHECKS = {"text": _text, "prompt": _prompt, "seed": _seed, "seconds": _seconds, "transition": _transition}
 
 
 def check_prompt(prompt: object) -> str:

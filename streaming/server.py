@@ -556,7 +556,7 @@ class Server:
         ack = {"type": "ack", "seq": seq, "of": kind}
         try:
             if kind == "prompt":
-                await session.set_prompt(msg["prompt"], self._control_threads)
+                await session.set_prompt(msg["prompt"], self._control_threads, msg.get("transition"))
             elif kind == "pause":
                 session.pause()
             elif kind == "resume":

@@ -321,12 +321,14 @@ class Session:
         self.emit(event)
 
     # -- control (event loop) -----------------------------------------------------------------------------------
-    async def set_prompt(self, prompt: str, executor: Executor) -> None:
-        """Switch the prompt from the frame on screen (see the module's doc); ValueError if the generator refuses
-        it. The generator encodes the prompt right away, so its set_prompt runs on `executor`, off the event loop
-        (the server's executor has a thread per stream: one stream's switch never waits for another's)."""
+    async def set_prompt(self, prompt: str, executor: Executor, transition: float | None = None) -> None:
+        """Switch the prompt from the frame on screen (see the module's doc), moving the conditioning from the old
+        prompt to the new over `transition` seconds of video (0: a cut; None: the generator's default); ValueError if
+        the generator refuses it.
+        The generator encodes the prompt right away, so its set_prompt runs on `executor`, off the event loop (the
+        server's executor has a thread per stream: one stream's switch never waits for another's)."""
         arrived = self._loop.time()
-        job = executor.submit(self._set_prompt, prompt)
+        job = executor.submit(self._set_prompt, prompt, transition)
         self._control_jobs.add(job)
         job.add_done_callback(self._control_jobs.discard)
         request = await asyncio.wrap_future(job)
@@ -335,14 +337,16 @@ class Session:
             while len(self._requests) > MAX_PROMPT_REQUESTS:
                 del self._requests[next(iter(self._requests))]
 
-    def _set_prompt(self, prompt: str) -> int | None:
-        """The generator's request id (None: the stream is still starting, and its first chunk will use it)."""
+    def _set_prompt(self, prompt: str, transition: float | None) -> int | None:
+        """The generator's request id (None: the stream is still starting, and its first chunk will use it, with
+        nothing to move from)."""
         with self._lock:
             if self._stream is None:
                 self._prompt = prompt
                 return None
             stream = self._stream
-        request = stream.set_prompt(prompt, at_frame=self._encoded)
+        frames = None if transition is None else round(transition * self.fps)
+        request = stream.set_prompt(prompt, at_frame=self._encoded, transition_frames=frames)
         self._handoff.hurry()
         return request
 

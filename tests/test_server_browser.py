@@ -128,9 +128,11 @@ def stats(page) -> dict:
     return page.evaluate("window.longsana")
 
 
-def stream_and_switch(page, url: str, transport: str, selector: str) -> dict:
-    """Start with FOX, switch to OWL from the prompt box; the overlay's numbers and the screen follow."""
+def stream_and_switch(page, url: str, transport: str, selector: str, blend: str = "0") -> dict:
+    """Start with FOX, switch to OWL from the prompt box (with the "Switch" menu's `blend` seconds); the overlay's
+    numbers and the screen follow."""
     page.goto(f"{url}?transport={transport}")
+    page.select_option("#transition", blend)
     max_length = "e => e.maxLength"
     assert page.eval_on_selector("#prompt", max_length) == -1  # no limit written in the page: it comes with hello
     page.fill("#prompt", FOX)
@@ -188,8 +190,12 @@ def test_webrtc(playwright, url, tmp_path):
 def test_websocket(playwright, url, tmp_path):
     browser = launch(playwright)
     page = browser.new_page(accept_downloads=True)
-    s = stream_and_switch(page, url, "websocket", "#canvas")
+    sent = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(payload)))
+    s = stream_and_switch(page, url, "websocket", "#canvas", blend="2")
     assert s["transport"] == "websocket" and s["codec"] == "JPEG" and not s["switchEstimated"]
+    switches = [m for m in map(json.loads, filter(lambda p: isinstance(p, str), sent)) if m["type"] == "prompt"]
+    assert [(m["prompt"], m["transition"]) for m in switches] == [(OWL, 2)]  # the menu's blend went with it
     check_download(page, tmp_path, s["framesShown"])
     assert not s["errors"]
     browser.close()

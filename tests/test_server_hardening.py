@@ -90,6 +90,10 @@ BAD_CONTROL = [  # (raw message, error code, seq echoed)
     ('{"type": "rewind", "seq": 6, "seconds": 1e999}', "bad_json", None),
     ('{"type": "stats", "seq": 7, "x": {"y": 1}}', "bad_message", 7),
     ('{"type": "prompt", "seq": 8, "prompt": "boom"}', "internal", 8),  # a handler failure
+    ('{"type": "prompt", "seq": 9, "prompt": "a", "transition": -1}', "bad_message", 9),
+    ('{"type": "prompt", "seq": 10, "prompt": "a", "transition": 11}', "bad_message", 10),  # over 10 s
+    ('{"type": "prompt", "seq": 11, "prompt": "a", "transition": "2"}', "bad_message", 11),
+    ('{"type": "prompt", "seq": 12, "prompt": "a", "transition": true}', "bad_message", 12),
 ]
 
 

@@ -246,3 +246,33 @@ def test_the_page_takes_its_limits_and_frame_rate_from_hello():
     html, js = (web / "index.html").read_text(), (web / "app.js").read_text()
     assert "maxlength" not in html.lower() and not re.search(r"\bfps\s*=\s*\d", js)
     assert "el.prompt.maxLength = m.max_prompt_chars" in js and "fps: m.fps" in js
+
+
+class RecordingPipeline(SyntheticPipeline):
+    """A synthetic source whose streams record the keyword arguments of each set_prompt."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls: list[dict] = []
+
+    def stream(self, *args, **kwargs):
+        stream = super().stream(*args, **kwargs)
+        set_prompt = stream.set_prompt
+        stream.set_prompt = lambda prompt, **kw: self.calls.append(kw) or set_prompt(prompt, **kw)
+        return stream
+
+
+def test_a_switch_can_blend_over_seconds():
+    """The page's "blend" choice: `transition` seconds reach the generator as video frames (0: a cut; left out: the
+    generator's default)."""
+    pipe = RecordingPipeline(height=64, width=96)
+
+    async def main(server):
+        async with await WsClient.connect(server.url, FOX, decode=False) as c:
+            await c.wait_until(lambda: len(c.frames) >= 4)
+            for fields in ({"transition": 2.5}, {"transition": 0}, {}):
+                assert (await c.request("prompt", prompt=OWL, **fields))["type"] == "ack"
+
+    with ServerThread(pipe, ServerConfig(port=0)) as server:
+        asyncio.run(asyncio.wait_for(main(server), 60))
+    assert [call["transition_frames"] for call in pipe.calls] == [round(2.5 * FPS), 0, None]

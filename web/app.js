@@ -10,7 +10,7 @@ const el = {
   screen: $("screen"), video: $("video"), canvas: $("canvas"), placeholder: $("placeholder"),
   overlay: $("overlay"), banner: $("banner"), status: $("status"), transport: $("transport"), model: $("model"),
   form: $("prompt-form"), prompt: $("prompt"), go: $("go"), stop: $("stop"), hint: $("prompt-hint"),
-  examples: $("examples"), vocab: $("vocab"), words: $("words"), seed: $("seed"),
+  examples: $("examples"), vocab: $("vocab"), words: $("words"), seed: $("seed"), transition: $("transition"),
   pause: $("pause"), rewind: $("rewind"), rewindSeconds: $("rewind-seconds"),
   download: $("download"), downloadNote: $("download-note"), statsToggle: $("stats-toggle"),
   fullscreen: $("fullscreen"), track: $("track"), prompts: $("prompts"),
@@ -450,7 +450,7 @@ async function submit() {
   if (!conn) return start(prompt);
   if (stats.state === "connecting") return start(prompt); // not started yet: start over with this prompt
   switching = { prompt, at: performance.now(), fromSeq: stats.promptSeq };
-  const reply = await send("prompt", { prompt });
+  const reply = await send("prompt", { prompt, transition: Number(el.transition.value) });
   if (reply.type === "error") {
     switching = null;
     showBanner(reply.message, "error");
