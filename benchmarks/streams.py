@@ -104,8 +104,8 @@ def serve_rounds(a) -> None:
 def machine(a, argv: list[str]) -> dict:
     """--gpus: the real-time streams all the GPUs hold at once (the module's doc)."""
     gpus = [g.strip() for g in a.gpus.split(",")]
-    passed = [x for x in argv if x not in ("--gpus", a.gpus)]
-    procs = [subprocess.Popen([sys.executable, "-m", "longsana.benchmarks.streams", "--rounds", *passed],
+    # the processes get the same options (--rounds goes before --gpus: they ignore it)
+    procs = [subprocess.Popen([sys.executable, "-m", "longsana.benchmarks.streams", "--rounds", *argv],
                               env={**os.environ, "CUDA_VISIBLE_DEVICES": g}, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True) for g in gpus]
     try:
