@@ -86,11 +86,11 @@ def supports(x: torch.Tensor) -> bool:
 
 def _tiling(x: torch.Tensor, block_n: int) -> tuple[int, int]:
     """(token tile, stages) for a launch on inputs like x: CONFIG's, capped by the tile that fits the device."""
-    fit = tile(x.dtype, _shared_memory(x.device))
-    if x.shape[-1] > MAX_HEAD_DIM or fit is None:
+    if not supports(x):
         raise ValueError(f"linear_attention: no Triton tiling fits head dim {x.shape[-1]} in {x.dtype} on {x.device} "
                          "(the entry point runs the reference there)")
-    return min(block_n, fit[0]), min(CONFIG.num_stages, fit[1])
+    fit_n, fit_stages = tile(x.dtype, _shared_memory(x.device))
+    return min(block_n, fit_n), min(CONFIG.num_stages, fit_stages)
 
 
 @triton.jit
