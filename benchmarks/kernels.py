@@ -6,6 +6,10 @@ up and flushes L2 between runs) against the eager PyTorch reference and the refe
 `--sweep` first tunes both kernels' tiling by coordinate descent and reports the best configs. The last
 line is one JSON object with every number.
 
+`--shared-memory` needs no GPU: it compiles both linear-attention kernels for sm_80, sm_89 and sm_90 with Triton's
+compiler and ptxas, at head dim 112, in bf16 and fp32, for each tiling, and prints the shared memory per block
+each needs beside each architecture's limit (what `triton_linear_attention.TILES` records).
+
 Shapes: one 10-latent-frame chunk of the 2B model at 480p: B = 1, N = 15,600 tokens, H = 20 heads of d = 112,
 bf16; ln_modulate on (1, 15600, 2240) with per-sample (B, 1, D) or per-token (B, N, D) shift and scale; glu_conv
 (the FFN's SiLU + depthwise 3x3 + gate) on (1, 15600, 11200): 10 frames of 30 x 52 tokens, 2C = 11200.
@@ -175,10 +179,56 @@ def print_times(times: dict, nbytes: int):
               f"x{times['reference_compiled'] / us:5.1f} vs compiled ref")
 
 
+# -- shared memory, compiled for GPUs on any machine -----------------------------------------------------------------
+SHARED_MEMORY = {80: 166912, 89: 101376, 90: 232448}  # bytes per block (opt-in): A100; RTX 40 / L4 / L40; H100 / H200
+TILINGS = ((128, 2), (64, 2), (64, 1), (32, 1))  # (tokens per tile, stages): the tuned one, then smaller
+
+
+def compile_for(kernel, signature: dict[str, str], consts: dict, arch: int, **options):
+    """`kernel` compiled for sm_<arch> by Triton's compiler and ptxas, which need no GPU. signature: each
+    non-constexpr argument's Triton type ("*bf16", "i32", ...)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(kernel, {**signature, **dict.fromkeys(consts, "constexpr")},
+                       {(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def la_shared_memory(kernel, dtype: str, block_n: int, stages: int, warps: int, arch: int) -> int:
+    """Bytes of shared memory per block a linear-attention kernel needs at head dim 112 (BLOCK_D 128)."""
+    exact = dtype == "fp32"
+    consts = dict(D=112, BLOCK_D=128, BLOCK_N=block_n, COS_ALIGN=8, PRECISION="ieee" if exact else None,
+                  HI_LO=not exact, UPCAST=False)
+    fp32 = ("S_ptr", "z_ptr", "cos_ptr", "sin_ptr")
+    signature = {name: ("*fp32" if name in fp32 else f"*{dtype}") if name.endswith("_ptr") else
+                 "fp32" if name == "eps" else "i32" for name in kernel.arg_names if name not in consts}
+    return compile_for(kernel, signature, consts, arch, num_warps=warps, num_stages=stages).metadata.shared
+
+
+def shared_memory_table() -> dict:
+    """The larger of the two kernels' shared memory (KB) per architecture, dtype and tiling, printed."""
+    tuned, out = tla.LinearAttentionConfig(), {}
+    kernels = ((tla._chunk_state_kernel, tuned.state_warps), (tla._chunk_output_kernel, tuned.out_warps))
+    for arch, limit in SHARED_MEMORY.items():
+        for dtype in ("bf16", "fp32"):
+            for block_n, stages in TILINGS:
+                kb = [la_shared_memory(k, dtype, block_n, stages, w, arch) // 1024 for k, w in kernels]
+                out[f"sm_{arch} {dtype} {block_n}x{stages}"] = kb
+                print(f"sm_{arch} {dtype}, {block_n} tokens, {stages} stage{'s' * (stages > 1)}: state {kb[0]} KB, output {kb[1]} KB"
+                      f" ({'fits' if max(kb) * 1024 <= limit else 'over'} the {limit // 1024} KB per block)")
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="tune the kernels' tiling first")
+    parser.add_argument("--shared-memory", action="store_true",
+                        help="only the linear-attention kernels' shared memory per GPU architecture (no GPU needed)")
     args = parser.parse_args()
+    if args.shared_memory:
+        print(json.dumps(dict(triton=triton.__version__, shared_memory_kb=shared_memory_table())))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("longsana.benchmarks.kernels needs a CUDA GPU")
     g = torch.Generator().manual_seed(0)

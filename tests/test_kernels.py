@@ -27,6 +27,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from longsana.benchmarks.kernels import SHARED_MEMORY, compile_for, la_shared_memory  # noqa: E402
 from longsana.kernels import triton_common, triton_glu_conv, triton_linear_attention  # noqa: E402
 from longsana.kernels.glu_conv import glu_conv, glu_conv_ref  # noqa: E402
 from longsana.kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref  # noqa: E402
@@ -315,9 +316,6 @@ def test_fake_tensors_give_shapes():
 
 # ---- tiles that fit a GPU's shared memory ----
 
-SHARED_MEMORY = {80: 166912, 89: 101376, 90: 232448}  # bytes per block (opt-in): A100; RTX 40 / L4 / L40; H100 / H200
-
-
 def test_tile_is_the_largest_that_fits():
     tile = triton_linear_attention.tile
     assert tile(torch.bfloat16, SHARED_MEMORY[90]) == (128, 2)  # the tuned default
@@ -342,37 +340,12 @@ def test_what_no_tile_fits_runs_the_reference():
 @pytest.mark.skipif(INTERPRETER, reason="compiles for a GPU; needs no interpreter")
 def test_glu_conv_compiles_for_hopper():
     """The FFN kernel, tuned tiling, through Triton's compiler and ptxas for sm_90 (no GPU needed)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    tuned, kernel = triton_glu_conv.GluConvConfig(), triton_glu_conv._glu_conv_kernel
-    consts = dict(BLOCK_P=tuned.block_p, BLOCK_C=tuned.block_c)
+    tuned = triton_glu_conv.GluConvConfig()
     signature = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "o_ptr": "*bf16", "H": "i32", "W": "i32",
-                 "C": "i32", **dict.fromkeys(consts, "constexpr")}
-    source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=tuned.num_warps))
+                 "C": "i32"}
+    compiled = compile_for(triton_glu_conv._glu_conv_kernel, signature,
+                           dict(BLOCK_P=tuned.block_p, BLOCK_C=tuned.block_c), 90, num_warps=tuned.num_warps)
     assert compiled.asm["cubin"]
-
-
-def _compiled_shared_memory(kernel, dtype: str, block_n: int, stages: int, warps: int, arch: int) -> int:
-    """Bytes of shared memory Triton gives `kernel` at head dim 112 (BLOCK_D 128) compiled for sm_<arch> (no GPU)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    exact = dtype == "fp32"
-    consts = dict(D=112, BLOCK_D=128, BLOCK_N=block_n, COS_ALIGN=8, PRECISION="ieee" if exact else None,
-                  HI_LO=not exact, UPCAST=False)
-    fp32 = ("S_ptr", "z_ptr", "cos_ptr", "sin_ptr")
-    signature = {name: "constexpr" if name in consts else (("*fp32" if name in fp32 else f"*{dtype}")
-                                                           if name.endswith("_ptr") else
-                                                           "fp32" if name == "eps" else "i32")
-                 for name in kernel.arg_names}
-    source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=warps, num_stages=stages))
-    return compiled.metadata.shared
 
 
 @pytest.mark.slow
@@ -386,7 +359,7 @@ def test_tiles_take_the_shared_memory_they_claim(arch):
         for block_n, stages, kb in tla.TILES[itemsize]:
             for kernel, warps in ((tla._chunk_state_kernel, tuned.state_warps), (tla._chunk_output_kernel,
                                                                                tuned.out_warps)):
-                shared = _compiled_shared_memory(kernel, dtype, block_n, stages, warps, arch)
+                shared = la_shared_memory(kernel, dtype, block_n, stages, warps, arch)
                 assert shared <= kb * 1024, (kernel.__name__, dtype, block_n, stages, shared)
 
 
