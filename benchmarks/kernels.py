@@ -215,8 +215,9 @@ def shared_memory_table() -> dict:
             for block_n, stages in TILINGS:
                 kb = [la_shared_memory(k, dtype, block_n, stages, w, arch) // 1024 for k, w in kernels]
                 out[f"sm_{arch} {dtype} {block_n}x{stages}"] = kb
-                print(f"sm_{arch} {dtype}, {block_n} tokens, {stages} stage{'s' * (stages > 1)}: state {kb[0]} KB, output {kb[1]} KB"
-                      f" ({'fits' if max(kb) * 1024 <= limit else 'over'} the {limit // 1024} KB per block)")
+                print(f"sm_{arch} {dtype}, {block_n} tokens, {stages} stage{'s' * (stages > 1)}: state {kb[0]} KB, "
+                      f"output {kb[1]} KB ({'fits' if max(kb) * 1024 <= limit else 'over'} the {limit // 1024} KB "
+                      "per block)")
     return out
 
 
