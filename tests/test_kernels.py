@@ -374,13 +374,16 @@ def tuned(monkeypatch):
     monkeypatch.setattr(triton_linear_attention, "CONFIG", triton_linear_attention.LinearAttentionConfig())
 
 
+def full_inputs(dtype: torch.dtype, seed: int):
+    """q, k, v, cos, sin, S0, z0 of one chunk at the FULL shape, a carried state of the same size."""
+    g = torch.Generator().manual_seed(seed)
+    B, N, H, d = FULL.values()
+    return *qkv(B, N, H, d, dtype, g), *rope_tables(N, d, g), *past_state(B, N, H, d, g)
+
+
 @needs_cuda
 def test_linear_attention_full_shape(tuned):
-    g = torch.Generator().manual_seed(0)
-    B, N, H, d = FULL.values()
-    q, k, v = qkv(B, N, H, d, torch.bfloat16, g)
-    cos, sin = rope_tables(N, d, g)
-    S0, z0 = past_state(B, N, H, d, g)
+    q, k, v, cos, sin, S0, z0 = full_inputs(torch.bfloat16, 0)
     o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True)
     o_ref, (S_ref, z_ref) = linear_attention_ref(q, k, v, cos, sin, S0, z0, return_state=True)
     assert torch.isfinite(o).all() and torch.isfinite(S_c).all()
@@ -394,11 +397,7 @@ def test_linear_attention_full_shape(tuned):
 @needs_cuda
 def test_linear_attention_full_shape_fp32(tuned):
     """fp32 on the GPU at full size: exact fp32 products, with the tile that fits (no OutOfResources)."""
-    g = torch.Generator().manual_seed(5)
-    B, N, H, d = FULL.values()
-    q, k, v = qkv(B, N, H, d, torch.float32, g)
-    cos, sin = rope_tables(N, d, g)
-    S0, z0 = past_state(B, N, H, d, g)
+    q, k, v, cos, sin, S0, z0 = full_inputs(torch.float32, 5)
     o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True)
     exact = linear_attention_ref(*(x.double() for x in (q, k, v, cos, sin, S0, z0)), return_state=True)
     for got, want in zip((o, S_c, z_c), (exact[0], *exact[1])):
