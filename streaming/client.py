@@ -283,6 +283,15 @@ def http(url: str, raw: bytes, timeout: float = 10) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
+def get(url: str, timeout: float = 20) -> tuple[int, str | None, bytes]:
+    """GET; (status, Content-Type, body) for error statuses too."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
 def post_json(url: str, body: dict, timeout: float = 30, headers: dict | None = None) -> tuple[int, dict]:
     """POST a JSON body; (status, JSON reply) for error statuses too."""
     request = urllib.request.Request(url, json.dumps(body).encode(),

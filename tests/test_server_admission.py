@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
-from longsana.streaming.client import Refused, WsClient
+from longsana.streaming.client import Refused, WsClient, get
 from longsana.streaming.server import ServerConfig, ServerThread
 from longsana.streaming.synthetic import SyntheticPipeline
 from longsana.worker import DeviceWorker
@@ -37,11 +35,8 @@ class GpuStandIn(SyntheticPipeline):
 
 
 def health(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url + "health", timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    status, _, body = get(url + "health")
+    return status, json.loads(body)
 
 
 def test_a_stream_is_refused_when_the_gpu_is_full():

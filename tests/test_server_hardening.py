@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 
 from longsana.cli import main as cli
 from longsana.streaming import server as server_module
-from longsana.streaming.client import Refused, RtcClient, WsClient, address, http, post_json, refusals
+from longsana.streaming.client import Refused, RtcClient, WsClient, address, get, http, post_json, refusals
 from longsana.streaming.server import ServerConfig, ServerThread, check_origin
 from longsana.streaming.synthetic import SyntheticPipeline
 
@@ -261,27 +261,16 @@ def test_only_the_holder_can_replace_a_stream():
         run(main(server))
 
 
-def download(url: str) -> tuple[int, bytes]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=20) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 @pytest.mark.slow
 def test_recordings_are_muxed_once_and_downloads_are_bounded(monkeypatch):
     async def main(server):
         c = await WsClient.connect(server.url, FOX, decode=False)
         await c.wait_until(lambda: len(c.frames) >= 16)
         url = f"{server.url}recording/{c.session}.mp4"
-        status, first = await asyncio.to_thread(download, url)
+        status, _, first = await asyncio.to_thread(get, url)
         assert status == 200
         await c.wait_until(lambda: len(c.frames) >= 32)
-        status, second = await asyncio.to_thread(download, url)
+        status, _, second = await asyncio.to_thread(get, url)
         # one MP4, written as the stream goes: an earlier download is the start of a later one
         assert status == 200 and len(second) > len(first) and second.startswith(first)
 
@@ -293,12 +282,12 @@ def test_recordings_are_muxed_once_and_downloads_are_bounded(monkeypatch):
             return read(f, size)
 
         monkeypatch.setattr(server_module, "read_piece", slow_read)
-        stalled = asyncio.create_task(asyncio.to_thread(download, url))
+        stalled = asyncio.create_task(asyncio.to_thread(get, url))
         await asyncio.sleep(0.5)
-        status, body = await asyncio.to_thread(download, url)
+        status, _, body = await asyncio.to_thread(get, url)
         assert status == 503 and json.loads(body)["code"] == "busy"
         held.set()
-        status, third = await stalled
+        status, _, third = await stalled
         assert status == 200 and third.startswith(second)
         await c.close()
 

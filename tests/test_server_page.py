@@ -6,8 +6,6 @@ is driven in tests/test_server_browser.py."""
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 
 import av
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 
 from longsana.demo.clips import caption_words, matches, parse_caption
 from longsana.streaming import server as server_module
-from longsana.streaming.client import WsClient
+from longsana.streaming.client import WsClient, get
 from longsana.streaming.guide import DEMO_EXAMPLES, GENERAL_EXAMPLES, prompt_guide
 from longsana.streaming.protocol import ProtocolError, parse_message
 from longsana.streaming.server import ConfigError, ServerConfig, ServerThread
@@ -32,14 +30,6 @@ def server():
                           stream_kwargs={"height": 64, "width": 48})
     with ServerThread(SyntheticPipeline(), config) as s:
         yield s
-
-
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def run(coro):
@@ -101,7 +91,7 @@ def test_hello_and_model_route_carry_the_guide(server):
             return c.hello
 
     hello = run(main())
-    status, body = get(server.url + "model")
+    status, _, body = get(server.url + "model")
     model = json.loads(body)
     guide = prompt_guide("demo")
     assert status == 200 and model == {"model": "demo", "width": 48, "height": 64, **guide,
@@ -113,7 +103,7 @@ def test_hello_and_model_route_carry_the_guide(server):
 @pytest.mark.slow
 def test_stop_frees_the_slot_and_the_recording_outlives_the_stream_for_a_while(server, tmp_path):
     async def streams() -> int:
-        return json.loads((await asyncio.to_thread(get, server.url + "health"))[1])["streams"]
+        return json.loads((await asyncio.to_thread(get, server.url + "health"))[2])["streams"]
 
     async def main():
         for _ in range(100):  # the module's server holds one stream at most: let an earlier test's be freed
@@ -141,10 +131,10 @@ def test_stop_frees_the_slot_and_the_recording_outlives_the_stream_for_a_while(s
         return shown, sid
 
     shown, sid = run(main())
-    status, mp4 = get(f"{server.url}recording/{sid}.mp4")
+    status, _, mp4 = get(f"{server.url}recording/{sid}.mp4")
     assert status == 200 and decoded_frames(mp4, tmp_path) >= shown  # the whole stream, its last frames included
     run(asyncio.sleep(KEEP_SECONDS + 0.5))
-    status, body = get(f"{server.url}recording/{sid}.mp4")
+    status, _, body = get(f"{server.url}recording/{sid}.mp4")
     assert status == 404
     message = json.loads(body)["message"]
     assert f"for {KEEP_SECONDS:g} s after it ends" in message and sid in message

@@ -7,15 +7,13 @@ import asyncio
 import dataclasses
 import json
 import re
-import urllib.error
-import urllib.request
 from importlib import resources
 
 import av
 import numpy as np
 import pytest
 
-from longsana.streaming.client import RtcClient, WsClient, frame_rate
+from longsana.streaming.client import RtcClient, WsClient, frame_rate, get
 from longsana.streaming.server import ServerConfig, ServerThread
 from longsana.streaming.session import CLOCK_RATE, STEP_MARGIN
 from longsana.streaming.synthetic import MappedPipeline, SyntheticPipeline, prompt_color
@@ -183,14 +181,6 @@ def test_websocket_stream(server):
             assert_paced(pts, STEP)
 
     run(main())
-
-
-def get(url: str) -> tuple[int, str, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.headers["Content-Type"], r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers["Content-Type"], e.read()
 
 
 @pytest.mark.slow
