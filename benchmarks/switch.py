@@ -48,6 +48,7 @@ class Viewer:
         self.frames: dict[int, tuple[int, object]] = {}  # video frame -> (the request its chunk answers, its RGB)
         self.shown_rgb: list = []  # every frame as it was shown
         self.shown_t: list[float] = []  # and when
+        self.shown_request: list[int] = []  # and the request its chunk answered
         self.screen = -1  # the frame on screen
         self.released = False
         self.handed: dict[int, float] = {}  # request -> when its first chunk was handed out
@@ -87,6 +88,7 @@ class Viewer:
                 self.shown.setdefault(request, time.perf_counter())
                 self.shown_rgb.append(rgb)
                 self.shown_t.append(time.perf_counter())
+                self.shown_request.append(request)
                 self.cond.notify_all()
             t_next += 1 / self.fps
             if k in switch_at:
@@ -98,16 +100,20 @@ class Viewer:
         return {"switches": switches, "late_s": late}
 
 
-def colours_hold(viewer: Viewer, switches: list[dict]) -> list[float | None]:
-    """Per switch, seconds from the call to the first frame from which the colours its prompt names hold on screen
-    (None: not before the next switch)."""
+def colours_hold(viewer: Viewer, switches: list[dict]) -> list[tuple[float, int] | None]:
+    """Per switch, when the colours its prompt names hold on screen: (seconds from the call, frames after the first
+    frame made for it), the model's own part of the wait; None: not before the next switch."""
     from longsana.demo.clips import colours_hold_from, parse_caption
 
     out = []
     for s, after in zip(switches, [*switches[1:], None]):
         first, end = s["frame"] + 1, after["frame"] + 1 if after else len(viewer.shown_rgb)
         j = colours_hold_from(np.stack(viewer.shown_rgb[first:end]), parse_caption(s["prompt"])[0])
-        out.append(None if j is None else viewer.shown_t[first + j] - s["t"])
+        new = next((k for k in range(first, end) if viewer.shown_request[k] == s["id"]), None)  # made for it
+        if j is None:
+            out.append(None)
+        else:
+            out.append((viewer.shown_t[first + j] - s["t"], None if new is None else first + j - new))
     return out
 
 
@@ -168,7 +174,7 @@ def main(argv=None) -> dict:
     for s, hold in zip(played["switches"], holds):
         handed, shown = viewer.handed.get(s["id"]), viewer.shown.get(s["id"])
         rows.append({"frame": s["frame"], "lead": s["lead"], "handed_s": None if handed is None else handed - s["t"],
-                     "screen_s": None if shown is None else shown - s["t"], "colours_s": hold})
+                     "screen_s": None if shown is None else shown - s["t"], "colours": hold})
     done = [r for r in rows if r["screen_s"] is not None]
     screen, handed = [r["screen_s"] for r in done], [r["handed_s"] for r in done]
     print(f"# switch latency: {name} on {device.type}, {stream.height}x{stream.width} at {fps} fps, chunks of {chunk} "
@@ -176,8 +182,9 @@ def main(argv=None) -> dict:
           f"{stream.ring.capacity}; lead {rows[-1]['lead'] if rows else '?'} frames (switch_lead "
           f"{a.lead if a.lead is not None else 'measured'})")
     for i, r in enumerate(rows):
-        colours = "" if name != "demo" else ", colours hold " + ("never" if r["colours_s"] is None else
-                                                               f"{r['colours_s']:.3f} s")
+        colours = "" if name != "demo" else ", colours hold " + ("never" if r["colours"] is None else
+                                                               f"{r['colours'][0]:.3f} s ({r['colours'][1]} frames "
+                                                               "after the first new one)")
         print(f"switch {i:2d} at frame {r['frame']:5d}: lead {r['lead']:3d} frames, handed out "
               f"{r['handed_s'] if r['handed_s'] is None else round(r['handed_s'], 3)} s, on screen "
               f"{r['screen_s'] if r['screen_s'] is None else round(r['screen_s'], 3)} s{colours}")
@@ -191,11 +198,13 @@ def main(argv=None) -> dict:
               f"{len(done)} within 1 s; handed out: median {res['handed_p50']:.3f} s, p95 {res['handed_p95']:.3f} s;"
               f" stalls {res['stalls_s']:.2f} s in all")
     if name == "demo":
-        held = sorted(h for h in holds if h is not None)
-        res |= {"colours_p50": round(statistics.median(held), 3) if held else None,
-                "colours_within_1s": sum(h <= 1.0 for h in held), "colours_never": len(holds) - len(held)}
+        held = [h for h in holds if h is not None]
+        res |= {"colours_p50": round(statistics.median(t for t, _ in held), 3) if held else None,
+                "colours_within_1s": sum(t <= 1.0 for t, _ in held), "colours_never": len(holds) - len(held),
+                "colours_frames_after_new": sorted(n for _, n in held if n is not None)}
         print(f"colours hold: median {res['colours_p50']} s, {res['colours_within_1s']}/{len(holds)} within 1 s, "
-              f"{res['colours_never']} not before the next switch")
+              f"{res['colours_never']} not before the next switch; frames after the first new one: "
+              f"{res['colours_frames_after_new']}")
     print(json.dumps(res))
     return res
 
