@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import gc
 import importlib.util
@@ -47,6 +48,7 @@ from longsana.cli import CUDA_ALLOC_CONF
 from longsana.config import get_config
 from longsana.engine import ChunkEngine
 from longsana.fast_vae import CHANNELS_LAST, accelerate
+from longsana.fp8 import to_fp8
 from longsana.model import LongSANATransformer
 from longsana.step import EagerStep
 from longsana.stream import Pipeline, StreamSettings
@@ -56,7 +58,9 @@ from longsana.vae import StreamingDecoder, WanVAE
 
 PROMPTS = ("a red circle moving left on a black background", "two yellow squares bouncing up and down",
            "one white star spinning slowly", "three blue triangles moving right")
-TARGETS = dict(e2e_fps=45.0, pass_ms=110.0, vae_fps=100.0, ttff_s=1.0, peak_gb=16.0)
+TARGETS = dict(e2e_fps=55.0, pass_ms=90.0, step_ms=460.0, tr_fps=87.0, fp8_pass_ms=70.0, vae_fps=100.0, ttff_s=1.0,
+               peak_gb=16.0)
+PRECISIONS = ("bf16", "fp8")  # --precision: the transformer's; the benchmark's own pipeline is bf16
 VARIANTS = (("no_rewind", dict(rewind_seconds=0)), ("no_rewind_serial", dict(rewind_seconds=0)),
             ("vae_1_per_call", dict(vae_frames_per_call=1)), ("vae_2_per_call", dict(vae_frames_per_call=2)))
 
@@ -102,6 +106,12 @@ def build(a, device, vae_device=None) -> Pipeline:
         model = LongSANATransformer(spec.transformer)
     randomize_(model.eval().requires_grad_(False), 0)
     return Pipeline(model, make_vae(spec.vae, vae_device or device, dtype), make_text_encoder(device, a.tiny), spec)
+
+
+def with_fp8(pipe: Pipeline) -> Pipeline:
+    """The same pipeline with an FP8 copy of its transformer (fp8.py; bf16 around the FP8 products, also where the
+    benchmark's own model is fp32, on a CPU); the VAE and the text encoder are shared."""
+    return Pipeline(to_fp8(copy.deepcopy(pipe.model).bfloat16()), pipe.vae, pipe.text, pipe.spec)
 
 
 def devices_of(pipe: Pipeline) -> list[torch.device]:
@@ -350,6 +360,34 @@ def bench_step(pipe: Pipeline, a, hw) -> dict:
     return r
 
 
+def bench_accuracy(pipes: dict[str, Pipeline], a, hw) -> dict:
+    """Each precision's fast step against an eager fp32 step of the same weights (the bf16 ones, in fp32): the
+    relative error of x0 per chunk, each chunk from the fast step's own state and pending x0 (copied into the
+    reference), so that errors do not compound across chunks."""
+    base = next(iter(pipes.values()))
+    timesteps = tuple(map(float, base.spec.denoise_timesteps))
+    m32 = copy.deepcopy(base.model).float()
+    entry = base.prompts.get(PROMPTS[0], base.spec.motion_score)
+    text32 = m32.prepare_text(entry.emb, entry.mask)
+    ref = EagerStep(m32, hw, timesteps)
+    seq = [(a.chunk + 1, 100)] + [(a.chunk, 101 + i) for i in range(5)]
+    r = {}
+    for name, pipe in pipes.items():
+        engine, text = ChunkEngine(pipe.model, hw, timesteps), pipe.prompts.get(PROMPTS[0], pipe.spec.motion_score).ctx
+        errs, pending, pos = [], None, 0
+        for n, seed in seq:
+            ref.state.copy_(engine.state)
+            x0 = engine.denoise(text, n, pos, seed, pending)
+            errs.append(_err(x0, ref.denoise(text32, n, pos, seed, pending)))
+            pending, pos = (x0, pos), pos + n
+        r[name] = errs
+    del m32, ref
+    print(f"## accuracy: x0 of the fast step against an fp32 eager step, same weights, per chunk ({len(seq)} chunks)")
+    for name, errs in r.items():
+        print(f"  {name:5s} " + " ".join(f"{e:.2e}" for e in errs) + f"   max {max(errs):.2e}")
+    return r
+
+
 # -- 4. the VAE ----------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def decoder_layout(vae: WanVAE, channels_last: bool | None):
@@ -465,6 +503,10 @@ def bench_diffusers(pipe: Pipeline, a, hw) -> dict:
 def targets(res: dict) -> dict:
     s, st, v = res.get("stream", {}), res.get("step", {}), res.get("vae", {})
     pass_ms = 1e3 * st["compiled_pass_s"] if "compiled_pass_s" in st else None
+    step_ms = 1e3 * st["step_median_s"] if "step_median_s" in st else None
+    fp8_step = res.get("fp8", {}).get("step", {})
+    fp8_pass_ms = 1e3 * fp8_step["compiled_pass_s"] if "compiled_pass_s" in fp8_step else None
+    fp8_err = max(res["accuracy"]["fp8"]) if "fp8" in res.get("accuracy", {}) else None
     vae_fps = max((x["steady_fps"] for x in v.get("variants", {}).values()), default=None)
     peak = s.get("peak_reserved")
     rows = [
@@ -472,6 +514,13 @@ def targets(res: dict) -> dict:
          lambda x: x >= TARGETS["e2e_fps"]),
         ("transformer pass, 10-frame chunk (ms, compiled)", pass_ms, f"<= {TARGETS['pass_ms']}",
          lambda x: x <= TARGETS["pass_ms"]),
+        ("graph-replayed chunk step (ms)", step_ms, f"<= {TARGETS['step_ms']}", lambda x: x <= TARGETS["step_ms"]),
+        ("transformer alone (FPS)", st.get("tr_fps"), f">= {TARGETS['tr_fps']}", lambda x: x >= TARGETS["tr_fps"]),
+        ("FP8 transformer pass (ms, compiled)", fp8_pass_ms, f"<= {TARGETS['fp8_pass_ms']}",
+         lambda x: x <= TARGETS["fp8_pass_ms"]),
+        ("FP8 end-to-end FPS", res.get("fp8", {}).get("stream", {}).get("e2e_fps"), f">= {TARGETS['e2e_fps']}",
+         lambda x: x >= TARGETS["e2e_fps"]),
+        ("FP8 x0 vs fp32, max rel. error (reported)", fp8_err, "-", lambda x: None),
         ("VAE streaming decode FPS (bf16, best variant)", vae_fps, f">= {TARGETS['vae_fps']}",
          lambda x: x >= TARGETS["vae_fps"]),
         ("VAE bf16 vs fp32 relative error", v.get("bf16_vs_fp32_err"), "<= 1e-2", lambda x: x <= 1e-2),
@@ -484,7 +533,7 @@ def targets(res: dict) -> dict:
     out = {}
     print("## targets")
     for name, value, want, ok in rows:
-        met = None if value is None else bool(ok(value))
+        met = None if value is None or ok(value) is None else bool(ok(value))
         out[name] = dict(value=value, target=want, met=met)
         shown = "n/a" if value is None else (f"{value:.3g}" if isinstance(value, float) else str(value))
         print(f"  {name:52s} {shown:>12s}  target {want:8s}  {'MET' if met else 'not met' if met is False else '-'}")
@@ -509,8 +558,15 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", type=int, default=0, help="print the top N GPU kernels of a pass and of a decode")
     p.add_argument("--devices", help="the transformer's device, then the VAE's: cuda:0,cuda:1 splits the stream over "
                                      "two GPUs, the decode on the second (default: the GPU, else the CPU)")
+    p.add_argument("--precision", default="bf16",
+                   help=f"the transformer's precisions, comma-separated, of {', '.join(PRECISIONS)}: bf16 runs every "
+                        "section; each other one runs the stream and the chunk step again with its own model, and "
+                        "x0 of each is compared with an fp32 step (bf16,fp8: side by side)")
     p.add_argument("--json", help="also write the result to this file")
     a = p.parse_args(argv)
+    a.precision = [x.strip() for x in a.precision.split(",")]
+    if not set(a.precision) <= set(PRECISIONS) or "bf16" not in a.precision:
+        p.error(f"--precision takes bf16 and optionally the others of {PRECISIONS}, got {','.join(a.precision)}")
     default = "cuda" if torch.cuda.is_available() else "cpu"
     devices = [torch.device(d.strip()) for d in (a.devices or default).split(",")]
     if not 1 <= len(devices) <= 2:
@@ -546,12 +602,9 @@ def main(argv=None) -> dict:
         if key == "diffusers" and importlib.util.find_spec("diffusers") is None:
             print("## diffusers: not importable, skipped")
             continue
-        try:
-            res[key] = sections[key]()
-        except Exception as e:  # report and go on: one broken section must not lose the others
-            res["errors"][key] = f"{type(e).__name__}: {e}"
-            print(f"## {key}: FAILED\n{traceback.format_exc()}")
-        gc.collect()
+        section(res, key, sections[key])
+    if len(a.precision) > 1:
+        run_precisions(pipe, a, hw, res)
     _ratios(res)
     res["targets"] = targets(res)
     line = json.dumps(res, default=float)
@@ -560,6 +613,30 @@ def main(argv=None) -> dict:
             f.write(line + "\n")
     print(line)
     return res
+
+
+def section(res: dict, key: str, fn) -> None:
+    """res[key] = fn(); a failure is reported (res["errors"]) and skipped: one broken section must not lose the
+    others."""
+    try:
+        res[key] = fn()
+    except Exception as e:
+        res["errors"][key] = f"{type(e).__name__}: {e}"
+        print(f"## {key}: FAILED\n{traceback.format_exc()}")
+    gc.collect()
+
+
+def run_precisions(pipe: Pipeline, a, hw, res: dict) -> None:
+    """The stream and the chunk step (those of --sections) again for each precision other than bf16
+    (res[precision]), then every precision's x0 against fp32 (res["accuracy"]; the benchmark's own model is fp32 on
+    a CPU, and named so)."""
+    pipes = {"bf16" if pipe.model.proj_out.weight.dtype == torch.bfloat16 else "fp32": pipe}
+    runs = {"stream": lambda q: bench_stream(q, a), "step": lambda q: bench_step(q, a, hw)}
+    for precision in a.precision[1:]:
+        print(f"# precision {precision}: the transformer's block GEMMs in FP8 (longsana/fp8.py), the rest as above")
+        pipes[precision] = q = with_fp8(pipe)
+        section(res, precision, lambda: {k: fn(q) for k, fn in runs.items() if k in a.sections.split(",")})
+    section(res, "accuracy", lambda: bench_accuracy(pipes, a, hw))
 
 
 def _ratios(res: dict) -> None:

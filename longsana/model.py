@@ -143,6 +143,16 @@ class CrossAttention(nn.Module):
         return self.to_out[0](o.transpose(1, 2).flatten(-2))
 
 
+class Pointwise(nn.Conv2d):
+    """A 1x1 convolution (diffusers' weight shape (out, in, 1, 1)) on channels-last tokens (..., in): the matmul it is."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
+        super().__init__(d_in, d_out, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.flatten(1), self.bias)
+
+
 class MixFFN(nn.Module):
     """GLU inverted-bottleneck conv FFN with a full temporal conv: 1x1 up, SiLU, depthwise 3x3, gate, 1x1 down,
     then out = z + TConv(z) along frames. Weights keep diffusers' conv shapes; 1x1 convs run as matmuls."""
@@ -150,9 +160,9 @@ class MixFFN(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         D, C = cfg.dim, cfg.ffn_dim
-        self.conv_inverted = nn.Conv2d(D, 2 * C, 1)
+        self.conv_inverted = Pointwise(D, 2 * C)
         self.conv_depth = nn.Conv2d(2 * C, 2 * C, 3, padding=1, groups=2 * C)
-        self.conv_point = nn.Conv2d(C, D, 1, bias=False)
+        self.conv_point = Pointwise(C, D, bias=False)
         self.conv_temp = nn.Conv2d(D, D, (3, 1), padding=(1, 0), bias=False)
 
     def forward(self, x, frames: int, height: int, width: int, tail=None, update_state=False, chunk_ends=None):
@@ -160,14 +170,13 @@ class MixFFN(nn.Module):
         (None: zeros, as at the start of a video or in a whole-clip pass); written in place when update_state.
         chunk_ends: (frames,) bool, True on the last frame of each chunk of a block-causal sequence, whose right
         neighbour (the next chunk, in the future) the temporal conv must not see."""
-        B, N, D = x.shape
-        h = F.linear(x, self.conv_inverted.weight.flatten(1), self.conv_inverted.bias)  # (B, N, 2C)
+        h = self.conv_inverted(x)  # (B, N, 2C)
         h = glu_conv(h, self.conv_depth.weight, self.conv_depth.bias, height, width)  # SiLU, 3x3, gate: (B, N, C)
-        z = F.linear(h, self.conv_point.weight.flatten(1)).view(B, frames, height * width, D)
+        z = self.conv_point(h).unflatten(1, (frames, height * width))  # (B, F, HW, D)
         out = z + self.temporal_conv(z, tail, chunk_ends)
         if update_state:
             tail.copy_(z[:, -1])
-        return out.view(B, N, D)
+        return out.flatten(1, 2)
 
     def temporal_conv(self, z, tail, chunk_ends=None):
         """out[f] = W0 z[f-1] + W1 z[f] + W2 z[f+1], with z[-1] = tail (or 0) and z[F] = 0, and z[f+1] = 0 where

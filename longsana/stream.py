@@ -53,6 +53,7 @@ from .chunk import Chunk
 from .config import DEFAULT_CONFIG, ModelSpec, VAEConfig, get_config
 from .engine import ChunkEngine
 from .fast_vae import accelerate
+from .fp8 import is_fp8, to_fp8
 from .model import LongSANATransformer, TextKV
 from .rewind import RewindPoint, RewindRing, points_for
 from .step import ChunkStep, EagerStep, Pending
@@ -116,15 +117,18 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path, device=None, dtype=None, spec: str | ModelSpec | None = None,
-                        vae_device=None):
+                        vae_device=None, fp8: bool = False):
         """A diffusers-layout model folder (transformer/, vae/, text_encoder/, tokenizer/) or a built-in name.
-        `vae_device`: where the VAE goes (default: `device`), e.g. "cuda:1" to decode on a second GPU."""
+        `vae_device`: where the VAE goes (default: `device`), e.g. "cuda:1" to decode on a second GPU.
+        `fp8`: the transformer blocks' matrix products in FP8 (fp8.py), everything else in bf16."""
         from .loading import default_device_dtype, load_transformer
         from .vae import load_vae
 
         folder, spec = resolve_model(path_or_name, spec)
-        device, dtype = default_device_dtype(device, dtype)
+        device, dtype = default_device_dtype(device, torch.bfloat16 if fp8 and dtype is None else dtype)
         model = load_transformer(folder, config=spec.transformer, device=device, dtype=dtype)
+        if fp8:
+            to_fp8(model)
         vae = load_vae(folder / "vae", device=vae_device or device, dtype=dtype)
         text = TextEncoder.from_pretrained(folder, device=device, dtype=dtype)
         return cls(model, vae, text, spec)
@@ -137,6 +141,8 @@ class Pipeline:
 
         from .loading import save_diffusers_transformer
 
+        if is_fp8(self.model):
+            raise ValueError("an FP8 model cannot be saved: its weights are quantized; save the bf16 or fp32 model")
         folder = Path(folder)
         save_diffusers_transformer(self.model.state_dict(), self.model.cfg, folder / "transformer")
         (folder / "vae").mkdir(parents=True, exist_ok=True)

@@ -91,7 +91,7 @@ SHUTDOWN_SECONDS = 5.0  # how long stopping waits for open connections
 REFUSAL_LINGER_SECONDS = 1.0
 M_ARENA_MAX = -8  # glibc's mallopt() parameter number
 log = logging.getLogger(__name__)
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}  # fp8: bf16, FP8 GEMMs
 
 
 class ConfigError(ValueError):
@@ -810,7 +810,7 @@ def make_pipeline(model: str, device: str | None = None, dtype: str | None = Non
     from longsana.stream import Pipeline
 
     return Pipeline.from_pretrained(model, device, dtype and getattr(torch, DTYPES[dtype]), spec=spec,
-                                    vae_device=vae_device)
+                                    vae_device=vae_device, fp8=dtype == "fp8")
 
 
 def check_video_size(pipe, stream_kwargs: dict) -> None:
@@ -937,7 +937,8 @@ def _use_preset(ctx: click.Context, param: click.Parameter, value: str | None) -
               f'Default: the built-in "{DEFAULT_MODEL}" model.')
 @click.option("--spec", default=None, help="Named config of a model folder (e.g. longsana-2b-480p).")
 @click.option("--device", default=None, help="Torch device (default: cuda when available, else cpu).")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Default: bf16 on GPU, fp32 on CPU.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Default: bf16 on GPU, fp32 on CPU. fp8: the transformer blocks' matrix products "
+              "in FP8, the rest bf16 (Ada/Hopper GPUs).")
 @click.option("--max-streams", default=ServerConfig.max_streams, show_default=True, help="Concurrent viewers.")
 @click.option("--height", type=int, default=None, help="Video height (default: the model's).")
 @click.option("--width", type=int, default=None, help="Video width (default: the model's).")

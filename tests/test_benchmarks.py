@@ -17,8 +17,11 @@ def bench(*args: str) -> dict:
 
 
 def test_fps():
-    res = bench("longsana.benchmarks.fps", "--tiny")
+    res = bench("longsana.benchmarks.fps", "--tiny", "--precision", "bf16,fp8")
     assert res["errors"] == {}, res["errors"]
+    assert res["fp8"]["step"]["max_x0_err"] < 1e-2  # the FP8 fast step against the FP8 eager step
+    fp32, fp8 = res["accuracy"]["fp32"], res["accuracy"]["fp8"]  # on the CPU the benchmark's own model is fp32
+    assert max(fp32) == 0 and 0 < max(fp8) < 0.1  # FP8's error against fp32 is reported, and it is FP8's size
 
 
 def test_switch():

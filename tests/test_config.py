@@ -26,7 +26,7 @@ EXPECTED = {
                                     motion_score=30, height=480, width=832, fps=16,
                                     weights="Efficient-Large-Model/SANA-Video_2B_480p_diffusers"),
     "tiny": ModelSpec(TransformerConfig(num_heads=2, head_dim=40, num_layers=2, cross_num_heads=2, cross_head_dim=40,
-                                        caption_channels=24, mlp_ratio=2.5),
+                                        caption_channels=24, mlp_ratio=2.4),
                       VAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1), causal=True, chunk_frames=2,
                       denoise_timesteps=(1000, 960, 889, 727), motion_score=10, height=32, width=32, fps=16),
     "demo": ModelSpec(TransformerConfig(num_heads=4, head_dim=32, num_layers=6, cross_num_heads=4, cross_head_dim=32,

@@ -21,6 +21,7 @@ from torch._dynamo.testing import CompileCounter
 from longsana import engine as engine_mod
 from longsana.config import get_config
 from longsana.engine import ChunkEngine
+from longsana.fp8 import to_fp8
 from longsana.model import LongSANATransformer
 from longsana.step import EagerStep
 from longsana.testing import (SWITCH_PROMPTS, needs_cuda, randomize_, rel_err, switch_schedule, tiny_pipeline,
@@ -31,9 +32,12 @@ TIMESTEPS = (1000.0, 960.0, 889.0, 727.0)
 HW = (4, 4)  # latent size of the model tests
 
 
-def model_and_text(device="cpu", dtype=torch.float32, layers=2, seed=0):
+def model_and_text(device="cpu", dtype=torch.float32, layers=2, seed=0, fp8=False):
+    """The tiny model; with `fp8` its block GEMMs in FP8, the rest bf16."""
     cfg = dataclasses.replace(get_config("tiny").transformer, num_layers=layers)
-    model = randomize_(LongSANATransformer(cfg).eval(), seed).to(device, dtype)
+    model = randomize_(LongSANATransformer(cfg).eval(), seed).to(device, torch.bfloat16 if fp8 else dtype)
+    if fp8:
+        to_fp8(model)
     g = torch.Generator().manual_seed(seed + 1)
     y, mask = torch.randn(1, 9, cfg.caption_channels, generator=g), torch.ones(1, 9)
     mask[:, 6:] = 0
@@ -142,6 +146,20 @@ def test_compiled_blocks_share_one_graph_and_match_eager(monkeypatch):
         assert rel_err(a, b) < 1e-5
 
 
+def test_fp8_blocks_compile_and_match_the_eager_step(monkeypatch):
+    """FP8 layers (row quantization, torch._scaled_mm) trace into the one shared block graph, functionalized: the
+    compiled engine equals the eager step on the same FP8 model."""
+    torch._dynamo.reset()
+    monkeypatch.setitem(engine_mod.COMPILE_OPTIONS, "backend", "aot_eager")
+    model, text = model_and_text(layers=2, fp8=True)
+    engine = ChunkEngine(model, HW, TIMESTEPS, compile=True)
+    got, want, ref_state = run_both(model, text, engine, CHUNKS[:3])
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-2
+    for a, b in zip(engine.state.tensors(), ref_state.tensors()):
+        assert rel_err(a, b) < 1e-2
+
+
 def test_bad_engine_use():
     model, text = model_and_text()
     with pytest.raises(ValueError, match="CUDA graphs"):
@@ -228,9 +246,10 @@ def test_fast_stream_memory_is_constant(pipe, monkeypatch):
 # -- on a GPU -----------------------------------------------------------------------------------------------------
 
 @needs_cuda
-def test_graph_replays_match_the_eager_step_on_the_gpu():
+@pytest.mark.parametrize("fp8", [False, True])
+def test_graph_replays_match_the_eager_step_on_the_gpu(fp8):
     torch._dynamo.reset()
-    model, text = model_and_text("cuda", torch.bfloat16, layers=3)
+    model, text = model_and_text("cuda", torch.bfloat16, layers=3, fp8=fp8)
     engine = ChunkEngine(model, HW, TIMESTEPS)
     assert engine.graphs and engine.block is not None
     chunks = CHUNKS + [(2, 15 + i) for i in range(4)]

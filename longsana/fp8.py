@@ -1,0 +1,105 @@
+"""FP8 as an option: the transformer blocks' per-step matrix products in W8A8 e4m3 with row-wise scales.
+
+A bf16 block spends about half its time in GEMMs (measured on the H200 at a chunk's shapes, 15,600 tokens x 2240:
+61 ms of a 126 ms pass); the same GEMMs in FP8 took 41 ms. `to_fp8(model)` swaps the layers that run on every
+chunk's tokens for `Fp8Linear`: self-attention q, k, v and out, cross-attention q and out, the FFN's 1x1 up and down
+projections (15 of the block's 18 D x D units of work per token; the temporal conv's three taps stay bf16).
+Embeddings, norms, modulation, the prompt's cross-attention K/V (once per prompt) and the final layer stay bf16.
+
+Each product is y = (x_q * s_x) (W_q * s_W)^T + b: W_q, s_W quantized once, one scale per output row; x quantized per
+token row as it comes (`quantize_rows`), one scale per row, so one outlier token does not cost the others their
+precision. The quantization is a few elementwise ops and a row max: under torch.compile (the engine's blocks) they
+fuse with the producer's epilogue or a copy that runs anyway, which matters: run as separate eager kernels they cost
+more than FP8 saves (measured on the H200: 86 ms for a pass's GEMMs against 61 ms in bf16). `torch._scaled_mm` runs
+the product (cuBLASLt on GPUs of compute capability 8.9 and up; a reference implementation on the CPU, which the
+tests use).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .model import LongSANATransformer
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448: a row's largest magnitude maps here
+AMAX_FLOOR = 1e-12  # an all-zero row gets a tiny scale instead of a division by zero
+MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
+ALIGN = 16  # cuBLASLt's FP8 products need both weight dimensions to be multiples of 16
+# The layers swapped, per block (a name path under the block); all run on every token of every pass.
+GEMMS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0",
+         "ff.conv_inverted", "ff.conv_point")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> x_q (..., K) e4m3 and s (..., 1) fp32 with x ~ x_q * s, each row's largest magnitude at FP8_MAX.
+    Rounding to nearest; a NaN stays NaN, an infinity makes its row NaN (not silently finite)."""
+    x = x.float()
+    s = x.abs().amax(-1, keepdim=True).clamp(min=AMAX_FLOOR) / FP8_MAX
+    return (x / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T + b with W and x in e4m3, row-wise scales, output in `out_dtype` (bf16: cuBLASLt's row-wise FP8
+    products write bf16). x: (..., in) in any float dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.out_dtype = out_dtype
+        w_q, w_s = quantize_rows(weight.detach().flatten(1))  # a 1x1 conv's (out, in, 1, 1) is (out, in)
+        self.register_buffer("weight", w_q)  # (out, in) e4m3
+        self.register_buffer("weight_scale", w_s.t().contiguous())  # (1, out): one scale per output channel
+        self.register_buffer("bias", None if bias is None else bias.detach().to(out_dtype))
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> Fp8Linear:
+        """The FP8 version of an nn.Linear or a 1x1 convolution (model.Pointwise), in the layer's dtype."""
+        return cls(layer.weight, layer.bias, layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_q, x_s = quantize_rows(x.reshape(-1, x.shape[-1]))
+        y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_s, scale_b=self.weight_scale, bias=self.bias,
+                             out_dtype=self.out_dtype)
+        return y.view(*x.shape[:-1], -1)
+
+    def dequantized(self) -> torch.Tensor:
+        """W as the product sees it, (out, in) fp32: for tests and error reports."""
+        return self.weight.float() * self.weight_scale.t()
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, bias={self.bias is not None}"
+
+
+def check_fp8(model: LongSANATransformer) -> None:
+    """ValueError unless the model can run its blocks in FP8 here: bf16 weights (the products write bf16), on the
+    CPU or a GPU with FP8 tensor cores, every swapped layer's dimensions multiples of ALIGN."""
+    weight = model.proj_out.weight
+    if weight.dtype != torch.bfloat16:
+        raise ValueError(f"FP8 needs the model in bf16 (its products write bf16), not {weight.dtype}")
+    if weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device) < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(weight.device)
+        raise ValueError(f"FP8 needs a GPU of compute capability {'.'.join(map(str, MIN_CAPABILITY))} or newer "
+                         f"(Ada, Hopper); {name} has {'.'.join(map(str, torch.cuda.get_device_capability(weight.device)))}")
+    cfg = model.cfg
+    if cfg.dim % ALIGN or cfg.ffn_dim % ALIGN:
+        raise ValueError(f"FP8 needs the hidden size ({cfg.dim}) and FFN width ({cfg.ffn_dim}) to be multiples of "
+                         f"{ALIGN}")
+
+
+def to_fp8(model: LongSANATransformer) -> LongSANATransformer:
+    """Swap every block's GEMMS for Fp8Linear, in place (the bf16 weights they replace are freed); returns model."""
+    check_fp8(model)
+    for blk in model.transformer_blocks:
+        for path in GEMMS:
+            parent_path, name = path.rsplit(".", 1)
+            parent = blk.get_submodule(parent_path)
+            layer = parent.get_submodule(name)
+            if not isinstance(layer, Fp8Linear):
+                setattr(parent, name, Fp8Linear.of(layer))
+    return model
+
+
+def is_fp8(model: nn.Module) -> bool:
+    return any(isinstance(m, Fp8Linear) for m in model.modules())
+
