@@ -1,18 +1,17 @@
 """FP8 as an option: the transformer blocks' per-step matrix products in W8A8 e4m3 with row-wise scales.
 
-A bf16 block spends about half its time in GEMMs (measured on the H200 at a chunk's shapes, 15,600 tokens x 2240:
-61 ms of a 126 ms pass); the same GEMMs in FP8 took 41 ms. `to_fp8(model)` swaps the layers that run on every
-chunk's tokens for `Fp8Linear`: self-attention q, k, v and out, cross-attention q and out, the FFN's 1x1 up and down
-projections (15 of the block's 18 D x D units of work per token; the temporal conv's three taps stay bf16).
-Embeddings, norms, modulation, the prompt's cross-attention K/V (once per prompt) and the final layer stay bf16.
+About half of a bf16 pass is GEMMs, and FP8 tensor cores (Ada, Hopper) run GEMMs at up to twice bf16's rate.
+`to_fp8(model)` swaps the layers that run on every chunk's tokens: self-attention q, k, v and out, cross-attention
+q and out, the FFN's 1x1 up and down projections (`Fp8Linear`), and the temporal conv's three taps, as one product
+(`Fp8TemporalConv`): all the block's per-token GEMMs. Embeddings, norms, modulation, the prompt's cross-attention
+K/V (once per prompt) and the final layer stay bf16.
 
 Each product is y = (x_q * s_x) (W_q * s_W)^T + b: W_q, s_W quantized once, one scale per output row; x quantized per
 token row as it comes (`quantize_rows`), one scale per row, so one outlier token does not cost the others their
 precision. The quantization is a few elementwise ops and a row max: under torch.compile (the engine's blocks) they
-fuse with the producer's epilogue or a copy that runs anyway, which matters: run as separate eager kernels they cost
-more than FP8 saves (measured on the H200: 86 ms for a pass's GEMMs against 61 ms in bf16). `torch._scaled_mm` runs
-the product (cuBLASLt on GPUs of compute capability 8.9 and up; a reference implementation on the CPU, which the
-tests use).
+fuse with the producer's epilogue or a copy that runs anyway, which matters: as separate eager kernels they read and
+write every activation once more and can cost more than FP8 saves. `torch._scaled_mm` runs the product (cuBLASLt on
+GPUs of compute capability 8.9 and up; a reference implementation on the CPU, which the tests use).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import LongSANATransformer
+from .model import LongSANATransformer, TemporalConv, frame_neighbours
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448: a row's largest magnitude maps here
@@ -29,7 +28,7 @@ MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
 ALIGN = 16  # cuBLASLt's FP8 products need both weight dimensions to be multiples of 16
 # The layers swapped, per block (a name path under the block); all run on every token of every pass.
 GEMMS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0",
-         "ff.conv_inverted", "ff.conv_point")
+         "ff.conv_inverted", "ff.conv_point", "ff.conv_temp")
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +70,19 @@ class Fp8Linear(nn.Module):
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, bias={self.bias is not None}"
 
 
+class Fp8TemporalConv(nn.Module):
+    """model.TemporalConv in FP8: its three taps as one product over the frame neighbours side by side,
+    [z[f-1], z[f], z[f+1]] (..., 3D) @ [W0 W1 W2]^T, each token's three neighbours quantized together."""
+
+    def __init__(self, conv: TemporalConv):
+        super().__init__()
+        W = conv.weight[..., 0]  # (D_out, D_in, 3)
+        self.taps = Fp8Linear(W.permute(0, 2, 1).flatten(1), None, W.dtype)  # (D_out, 3 D_in), tap-major
+
+    def forward(self, z, tail=None, chunk_ends=None):
+        return self.taps(torch.cat(frame_neighbours(z, tail, chunk_ends), dim=-1))
+
+
 def check_fp8(model: LongSANATransformer) -> None:
     """ValueError unless the model can run its blocks in FP8 here: bf16 weights (the products write bf16), on the
     CPU or a GPU with FP8 tensor cores, every swapped layer's dimensions multiples of ALIGN."""
@@ -78,9 +90,9 @@ def check_fp8(model: LongSANATransformer) -> None:
     if weight.dtype != torch.bfloat16:
         raise ValueError(f"FP8 needs the model in bf16 (its products write bf16), not {weight.dtype}")
     if weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device) < MIN_CAPABILITY:
-        name = torch.cuda.get_device_name(weight.device)
+        name, has = torch.cuda.get_device_name(weight.device), torch.cuda.get_device_capability(weight.device)
         raise ValueError(f"FP8 needs a GPU of compute capability {'.'.join(map(str, MIN_CAPABILITY))} or newer "
-                         f"(Ada, Hopper); {name} has {'.'.join(map(str, torch.cuda.get_device_capability(weight.device)))}")
+                         f"(Ada, Hopper); {name} has {'.'.join(map(str, has))}")
     cfg = model.cfg
     if cfg.dim % ALIGN or cfg.ffn_dim % ALIGN:
         raise ValueError(f"FP8 needs the hidden size ({cfg.dim}) and FFN width ({cfg.ffn_dim}) to be multiples of "
@@ -95,7 +107,9 @@ def to_fp8(model: LongSANATransformer) -> LongSANATransformer:
             parent_path, name = path.rsplit(".", 1)
             parent = blk.get_submodule(parent_path)
             layer = parent.get_submodule(name)
-            if not isinstance(layer, Fp8Linear):
+            if isinstance(layer, TemporalConv):
+                setattr(parent, name, Fp8TemporalConv(layer))
+            elif not isinstance(layer, (Fp8Linear, Fp8TemporalConv)):
                 setattr(parent, name, Fp8Linear.of(layer))
     return model
 

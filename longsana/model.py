@@ -144,13 +144,36 @@ class CrossAttention(nn.Module):
 
 
 class Pointwise(nn.Conv2d):
-    """A 1x1 convolution (diffusers' weight shape (out, in, 1, 1)) on channels-last tokens (..., in): the matmul it is."""
+    """A 1x1 convolution (diffusers' weight shape (out, in, 1, 1)) on channels-last tokens (..., in): a matmul."""
 
     def __init__(self, d_in: int, d_out: int, bias: bool = True):
         super().__init__(d_in, d_out, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.flatten(1), self.bias)
+
+
+def frame_neighbours(z: torch.Tensor, tail: torch.Tensor | None = None, chunk_ends: torch.Tensor | None = None):
+    """z (B, F, HW, D) -> (z[f-1], z[f], z[f+1]) for every frame f, each (B, F, HW, D): z[-1] = tail (None: zeros),
+    z[F] = 0, and z[f+1] = 0 where chunk_ends[f] (the next chunk is in the future)."""
+    left = torch.zeros_like(z[:, :1]) if tail is None else tail[:, None].to(z.dtype)
+    zp = torch.cat([left, z, torch.zeros_like(z[:, :1])], dim=1)  # (B, F+2, HW, D)
+    frames = z.shape[1]
+    right = zp[:, 2:] if chunk_ends is None else zp[:, 2:] * ~chunk_ends[None, :, None, None]
+    return zp[:, :frames], z, right
+
+
+class TemporalConv(nn.Conv2d):
+    """The FFN's convolution along frames (kernel 3, diffusers' weight shape (D, D, 3, 1)), on channels-last tokens
+    (B, F, HW, D): out[f] = W0 z[f-1] + W1 z[f] + W2 z[f+1], the neighbours as `frame_neighbours` gives them."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, dim, (3, 1), padding=(1, 0), bias=False)
+
+    def forward(self, z, tail=None, chunk_ends=None):
+        W = self.weight[..., 0]  # (D_out, D_in, 3)
+        before, now, after = frame_neighbours(z, tail, chunk_ends)
+        return F.linear(before, W[:, :, 0]) + F.linear(now, W[:, :, 1]) + F.linear(after, W[:, :, 2])
 
 
 class MixFFN(nn.Module):
@@ -163,7 +186,7 @@ class MixFFN(nn.Module):
         self.conv_inverted = Pointwise(D, 2 * C)
         self.conv_depth = nn.Conv2d(2 * C, 2 * C, 3, padding=1, groups=2 * C)
         self.conv_point = Pointwise(C, D, bias=False)
-        self.conv_temp = nn.Conv2d(D, D, (3, 1), padding=(1, 0), bias=False)
+        self.conv_temp = TemporalConv(D)
 
     def forward(self, x, frames: int, height: int, width: int, tail=None, update_state=False, chunk_ends=None):
         """x: (B, N, D) with N = frames * height * width. tail: (B, H*W, D), the previous chunk's last frame of z
@@ -173,20 +196,10 @@ class MixFFN(nn.Module):
         h = self.conv_inverted(x)  # (B, N, 2C)
         h = glu_conv(h, self.conv_depth.weight, self.conv_depth.bias, height, width)  # SiLU, 3x3, gate: (B, N, C)
         z = self.conv_point(h).unflatten(1, (frames, height * width))  # (B, F, HW, D)
-        out = z + self.temporal_conv(z, tail, chunk_ends)
+        out = z + self.conv_temp(z, tail, chunk_ends)
         if update_state:
             tail.copy_(z[:, -1])
         return out.flatten(1, 2)
-
-    def temporal_conv(self, z, tail, chunk_ends=None):
-        """out[f] = W0 z[f-1] + W1 z[f] + W2 z[f+1], with z[-1] = tail (or 0) and z[F] = 0, and z[f+1] = 0 where
-        chunk_ends[f]. z: (B, F, HW, D)."""
-        W = self.conv_temp.weight[..., 0]  # (D_out, D_in, 3)
-        left = torch.zeros_like(z[:, :1]) if tail is None else tail[:, None].to(z.dtype)
-        zp = torch.cat([left, z, torch.zeros_like(z[:, :1])], dim=1)  # (B, F+2, HW, D)
-        frames = z.shape[1]
-        right = zp[:, 2:] if chunk_ends is None else zp[:, 2:] * ~chunk_ends[None, :, None, None]
-        return F.linear(zp[:, :frames], W[:, :, 0]) + F.linear(z, W[:, :, 1]) + F.linear(right, W[:, :, 2])
 
 
 class Block(nn.Module):

@@ -937,8 +937,9 @@ def _use_preset(ctx: click.Context, param: click.Parameter, value: str | None) -
               f'Default: the built-in "{DEFAULT_MODEL}" model.')
 @click.option("--spec", default=None, help="Named config of a model folder (e.g. longsana-2b-480p).")
 @click.option("--device", default=None, help="Torch device (default: cuda when available, else cpu).")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Default: bf16 on GPU, fp32 on CPU. fp8: the transformer blocks' matrix products "
-              "in FP8, the rest bf16 (Ada/Hopper GPUs).")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
+              help="Default: bf16 on GPU, fp32 on CPU. fp8: the transformer blocks' matrix products in FP8, the rest "
+                   "bf16 (Ada/Hopper GPUs).")
 @click.option("--max-streams", default=ServerConfig.max_streams, show_default=True, help="Concurrent viewers.")
 @click.option("--height", type=int, default=None, help="Video height (default: the model's).")
 @click.option("--width", type=int, default=None, help="Video width (default: the model's).")

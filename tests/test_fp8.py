@@ -18,7 +18,7 @@ import torch
 
 from longsana import fp8
 from longsana.config import TransformerConfig, get_config
-from longsana.model import LongSANATransformer
+from longsana.model import LongSANATransformer, TemporalConv, frame_neighbours
 from longsana.stream import Pipeline
 from longsana.testing import needs_cuda, randomize_, rel_err
 
@@ -81,8 +81,9 @@ def test_fp8_linear_against_the_product_of_its_quantized_operands(lead, bias):
 
 def test_to_fp8_swaps_the_block_gemms_only():
     ref, model = fp8_model()
-    swapped = {name for name, m in model.named_modules() if isinstance(m, fp8.Fp8Linear)}
+    swapped = {name for name, m in model.named_modules() if isinstance(m, (fp8.Fp8Linear, fp8.Fp8TemporalConv))}
     want = {f"transformer_blocks.{i}.{path}" for i in range(TINY.num_layers) for path in fp8.GEMMS}
+    want |= {f"{name}.taps" for name in want if name.endswith("conv_temp")}  # Fp8TemporalConv's own Fp8Linear
     assert swapped == want
     assert model.proj_out.weight.dtype == torch.bfloat16 and model.transformer_blocks[0].attn2.to_k.weight.dtype \
         == torch.bfloat16  # the final layer and the prompt's K/V stay bf16
@@ -91,7 +92,29 @@ def test_to_fp8_swaps_the_block_gemms_only():
         w = ref.get_submodule(name).weight.flatten(1)
         assert rel_err(model.get_submodule(name).dequantized(), w) <= E4M3_STEP
     assert fp8.to_fp8(model) is model and {n for n, m in model.named_modules()
-                                           if isinstance(m, fp8.Fp8Linear)} == want  # idempotent
+                                           if isinstance(m, (fp8.Fp8Linear, fp8.Fp8TemporalConv))} == want
+
+
+@pytest.mark.parametrize("ends", [False, True])
+@torch.no_grad()
+def test_fp8_temporal_conv_against_its_quantized_operands(ends):
+    """The three taps as one product over the side-by-side neighbours: against an fp64 convolution of the
+    dequantized neighbours and taps, with a tail on the left and chunk ends cutting the right neighbour."""
+    torch.manual_seed(0)
+    conv = TemporalConv(32).bfloat16()
+    f = fp8.Fp8TemporalConv(conv)
+    z, tail = torch.randn(2, 5, 6, 32, dtype=torch.bfloat16), torch.randn(2, 6, 32, dtype=torch.bfloat16)
+    chunk_ends = torch.tensor([False, True, False, False, True]) if ends else None
+    got = f(z, tail, chunk_ends)
+    x_q, x_s = fp8.quantize_rows(torch.cat(frame_neighbours(z, tail, chunk_ends), dim=-1))
+    W = f.taps.dequantized().double().view(32, 3, 32)
+    x = (x_q.double() * x_s.double()).unflatten(-1, (3, 32))
+    assert rel_err(got, torch.einsum("bfntc,otc->bfno", x, W)) <= BF16_TOL
+    assert rel_err(got, conv.double()(z.double(), tail.double(), chunk_ends)) <= PRODUCT_TOL  # the exact conv
+    if ends:  # the right neighbour of a chunk's last frame is cut: changing it changes nothing there
+        z2 = z.clone()
+        z2[:, 2] += 1
+        assert torch.equal(f(z2, tail, chunk_ends)[:, 1], got[:, 1])
 
 
 def test_fp8_refuses_what_it_cannot_run():

@@ -127,7 +127,8 @@ def block_causal_reference(model: LongSANATransformer, x, y, t, chunks: list[int
         a = ln(h, mods[3], mods[4])
         # FFN, spatial part per frame, then the block-causal temporal conv
         ff = blk.ff
-        u = F.silu(F.conv2d(a.view(B * Fr, h_, w_, D).permute(0, 3, 1, 2), ff.conv_inverted.weight, ff.conv_inverted.bias))
+        a_nchw = a.view(B * Fr, h_, w_, D).permute(0, 3, 1, 2)
+        u = F.silu(F.conv2d(a_nchw, ff.conv_inverted.weight, ff.conv_inverted.bias))
         u1, u2 = ff.conv_depth(u).chunk(2, dim=1)
         zf = F.conv2d(u1 * F.silu(u2), ff.conv_point.weight).view(B, Fr, D, hw)  # (B, F, D, hw)
         out, f0 = [], 0
