@@ -10,8 +10,9 @@ Each product is y = (x_q * s_x) (W_q * s_W)^T + b: W_q, s_W quantized once, one 
 token row as it comes (`quantize_rows`), one scale per row, so one outlier token does not cost the others their
 precision. The quantization is a few elementwise ops and a row max: under torch.compile (the engine's blocks) they
 fuse with the producer's epilogue or a copy that runs anyway, which matters: as separate eager kernels they read and
-write every activation once more and can cost more than FP8 saves. `torch._scaled_mm` runs the product (cuBLASLt on
-GPUs of compute capability 8.9 and up; a reference implementation on the CPU, which the tests use).
+write every activation once more and can cost more than FP8 saves. `torch._scaled_mm` runs the product (PyTorch's
+row-wise FP8 GEMM on GPUs of compute capability 8.9 and up; a reference implementation on the CPU, which the tests
+use).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448: a row's largest magnitude maps here
 AMAX_FLOOR = 1e-12  # an all-zero row gets a tiny scale instead of a division by zero
 MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
-ALIGN = 16  # cuBLASLt's FP8 products need both weight dimensions to be multiples of 16
+ALIGN = 16  # the GPU's FP8 products need both weight dimensions to be multiples of 16
 # The layers swapped, per block (a name path under the block); all run on every token of every pass.
 GEMMS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0",
          "ff.conv_inverted", "ff.conv_point", "ff.conv_temp")
@@ -40,7 +41,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Fp8Linear(nn.Module):
-    """y = x W^T + b with W and x in e4m3, row-wise scales, output in `out_dtype` (bf16: cuBLASLt's row-wise FP8
+    """y = x W^T + b with W and x in e4m3, row-wise scales, output in `out_dtype` (bf16: the GPU's row-wise FP8
     products write bf16). x: (..., in) in any float dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16):

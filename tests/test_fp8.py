@@ -1,7 +1,7 @@
 """FP8 blocks (longsana/fp8.py): row-wise quantization, the scaled product against an fp64 product of the same
 quantized operands, the swapped model against the fp32 model, and streaming against the block-causal pass.
 
-On the CPU torch._scaled_mm runs PyTorch's reference implementation; the GPU test runs cuBLASLt's at full size.
+On the CPU torch._scaled_mm runs PyTorch's reference implementation; the GPU test runs the GPU's at full size.
 Tolerances: e4m3 keeps 3 mantissa bits, so one rounding is off by at most 2^-4 of the value and a product of two
 quantized operands by about 3-4% (RMS) of its norm; bf16 outputs add about 4e-3.
 """
@@ -161,7 +161,7 @@ def test_fp8_streaming_equals_the_block_causal_pass():
 @needs_cuda
 @torch.no_grad()
 def test_fp8_at_full_size_on_the_gpu():
-    """One block of the 2B model at a chunk's shape (10 latent frames at 480p: 15,600 tokens) in FP8 on cuBLASLt,
+    """One block of the 2B model at a chunk's shape (10 latent frames at 480p: 15,600 tokens) in FP8 on the GPU,
     against the fp32 block; every swapped layer against the fp64 product of its own quantized operands."""
     cfg = TransformerConfig(num_layers=1)
     ref, model = (m.cuda() for m in fp8_model(cfg))
