@@ -26,32 +26,23 @@ import time
 
 import click
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from longsana.benchmarks.fps import transformer_flops
+from longsana.benchmarks.vae import decoder_cost
 from longsana.stream import Pipeline
 
 PROMPT = "two yellow squares bouncing on a black background"
 
 
 def flops_per_frame(pipe: Pipeline) -> dict[str, float]:
-    """FLOPs of one steady chunk per video frame: all of it, and the VAE decode alone (the rest is the
-    transformer's 4 denoising passes and 1 clean-context pass)."""
-    from longsana.vae import StreamingDecoder
-
-    stream = pipe.stream(PROMPT, seed=0, rewind_seconds=0)
-    it = iter(stream)
-    next(it)
-    with FlopCounterMode(display=False) as total:
-        frames = len(next(it).frames)
-    stream.close()
-    dec = StreamingDecoder(pipe.vae, pipe.spec.height, pipe.spec.width)
-    z = torch.randn(1, pipe.vae.cfg.z_dim, pipe.spec.chunk_frames, *(s // pipe.vae.cfg.spatial_stride
-                                                                       for s in (pipe.spec.height, pipe.spec.width)))
-    dec.decode(z[:, :, :1])
-    with FlopCounterMode(display=False) as vae:
-        dec.decode(z)
-    vae_flops = vae.get_total_flops() / (4 * pipe.spec.chunk_frames)
-    return {"transformer": total.get_total_flops() / frames - vae_flops, "vae": vae_flops}
+    """FLOPs of one steady chunk per video frame: the transformer's denoising passes and clean-context pass, and
+    the VAE decode. Counted on meta, in this thread: the stream itself runs on its device worker's thread, which a
+    FlopCounterMode here would not see."""
+    spec, s = pipe.spec, pipe.vae.cfg.spatial_stride
+    flops = transformer_flops(pipe.model.cfg, (spec.height // s, spec.width // s), spec.chunk_frames)
+    frames = pipe.vae.cfg.temporal_stride * spec.chunk_frames
+    return {"transformer": (len(spec.denoise_timesteps) * flops["denoise"] + flops["clean"]) / frames,
+            "vae": decoder_cost(pipe.vae, spec.height, spec.width, spec.chunk_frames, pipe.vae.dtype)["flops_per_frame"]}
 
 
 def run(pipe: Pipeline, chunks: int) -> float:

@@ -137,18 +137,25 @@ def vae_peak(pipe: Pipeline) -> dict:
 
 
 # -- 1. cost card --------------------------------------------------------------------------------------------------
-def cost_card(pipe: Pipeline, a, hw) -> dict:
-    cfg, dev = pipe.model.cfg, pipe.device
+def transformer_flops(cfg, hw: tuple[int, int], chunk: int) -> dict:
+    """FLOPs of a denoising pass and of a clean-context pass over a chunk of `chunk` latent frames of size hw
+    (counted on meta, with a 300-token prompt)."""
     with torch.device("meta"):
         m = LongSANATransformer(cfg).to(torch.bfloat16)
         text = m.prepare_text(torch.empty(1, 300, cfg.caption_channels), torch.ones(1, 300))
         state = m.new_state(1, *hw)
-        x, t = torch.empty(1, cfg.in_channels, a.chunk, *hw), torch.zeros(1)
+        x, t = torch.empty(1, cfg.in_channels, chunk, *hw), torch.zeros(1)
     flops = {}
     for name, kw in (("denoise", {}), ("clean", dict(update_state=True, output=False))):
         with FlopCounterMode(display=False) as f:
             m.forward_chunk(x, t, text, state, 0, **kw)
         flops[name] = f.get_total_flops()
+    return flops
+
+
+def cost_card(pipe: Pipeline, a, hw) -> dict:
+    dev = pipe.device
+    flops = transformer_flops(pipe.model.cfg, hw, a.chunk)
     frames = pipe.vae.cfg.temporal_stride * a.chunk
     steps = len(pipe.spec.denoise_timesteps)
     c = dict(pass_flops=flops["denoise"], clean_flops=flops["clean"],
