@@ -280,6 +280,7 @@ def test_the_demo_holds_its_frame_rate_beside_a_busy_process():
     result = bench_cpu(busy=1)
     print(f"demo beside a busy process: {result['fps_median']:.1f} FPS, {result['threads']} thread(s)")
     assert result["busy"] == 1 and result["threads"] == cpu_threads()
+    assert all(v > 0 for v in result["gflop_per_frame"].values()), result  # the cost card counts both parts
     assert result["fps_median"] >= BUSY_FPS, result
 
 
