@@ -20,6 +20,8 @@ word-level tokenizer (the real one needs the hub). It prints, in order:
      plain decoder and 1 latent frame per call), and the bf16 vs fp32 decode error;
   5. diffusers 0.42.1 when importable: SanaVideoTransformer3DModel (eager, and with its blocks compiled) and
      AutoencoderKLWan, same weights, same shapes, same run, with our numbers as ratios;
+  6. with `--precision bf16,fp8`: the stream (without its variants) and the chunk step again with an FP8 copy of the
+     transformer (longsana/fp8.py), and each precision's x0 against an eager fp32 step, chunk by chunk;
 then the targets, met or not, and one JSON line. Each section that fails is reported and skipped.
 """
 
@@ -638,7 +640,8 @@ def run_precisions(pipe: Pipeline, a, hw, res: dict) -> None:
     (res[precision]), then every precision's x0 against fp32 (res["accuracy"]; the benchmark's own model is fp32 on
     a CPU, and named so)."""
     pipes = {"bf16" if pipe.model.proj_out.weight.dtype == torch.bfloat16 else "fp32": pipe}
-    runs = {"stream": lambda q: bench_stream(q, a), "step": lambda q: bench_step(q, a, hw)}
+    once = argparse.Namespace(**{**vars(a), "variant_chunks": 0})  # the stream's variants: bf16 only
+    runs = {"stream": lambda q: bench_stream(q, once), "step": lambda q: bench_step(q, a, hw)}
     for precision in a.precision[1:]:
         print(f"# precision {precision}: the transformer's block GEMMs in FP8 (longsana/fp8.py), the rest as above")
         pipes[precision] = q = with_fp8(pipe)
