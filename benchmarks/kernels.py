@@ -12,7 +12,7 @@ each needs beside each architecture's limit (what `triton_linear_attention.TILES
 
 Shapes: one 10-latent-frame chunk of the 2B model at 480p: B = 1, N = 15,600 tokens, H = 20 heads of d = 112,
 bf16; ln_modulate on (1, 15600, 2240) with per-sample (B, 1, D) or per-token (B, N, D) shift and scale; glu_conv
-(the FFN's SiLU + depthwise 3x3 + gate) on (1, 15600, 11200): 10 frames of 30 x 52 tokens, 2C = 11200.
+(the FFN's SiLU + depthwise 3x3 + gate) on (1, 15600, 13440): 10 frames of 30 x 52 tokens, 2C = 13440.
 """
 
 from __future__ import annotations
@@ -24,18 +24,21 @@ import json
 import torch
 import triton
 
+from longsana.config import TransformerConfig
 from longsana.kernels import triton_glu_conv as tglu
 from longsana.kernels import triton_linear_attention as tla
 from longsana.kernels import triton_ln_modulate as tln
 from longsana.kernels.glu_conv import glu_conv, glu_conv_ref
 from longsana.kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref
-from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_ref
+from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_fp8, ln_modulate_fp8_ref, ln_modulate_ref
+from longsana.kernels.quantize import quantize_rows
 from longsana.testing import rel_err
 
 PEAK_FLOPS, PEAK_BYTES = 781e12, 3.0e12  # H100: measured bf16 matmul ceiling, device copy bandwidth
-B, N, H, d = 1, 15600, 20, 112
-D = H * d
-FRAME_HW, C = (30, 52), 5600  # tokens of a latent frame at 480p; the FFN's hidden width (2.5 D)
+CFG = TransformerConfig()  # the 2B model
+B, N, H, d = 1, 15600, CFG.num_heads, CFG.head_dim
+D = CFG.dim
+FRAME_HW, C = (30, 52), CFG.ffn_dim  # tokens of a latent frame at 480p; the FFN's hidden width (3 D)
 
 
 def bench_us(fn) -> float:
@@ -159,15 +162,29 @@ def bench_ln_modulate(g, per_token: bool) -> dict:
     mods = torch.randn(B, N if per_token else 1, 6, D, generator=g).cuda().bfloat16()
     shift, scale = mods[:, :, 0], mods[:, :, 1]
     ref_compiled = torch.compile(ln_modulate_ref)
+    # FP8 output (the FP8 blocks' norms): the fused kernel against the two other ways to get it, the kernel's bf16
+    # output quantized by a compiled quantize_rows, and the whole reference compiled (inductor's own fusion)
+    quantize_compiled, fp8_ref_compiled = torch.compile(quantize_rows), torch.compile(ln_modulate_fp8_ref)
     nbytes = 2 * x.numel() * 2 + (2 * x.numel() * 2 if per_token else 0)
     exact = ln_modulate_ref(x.float(), shift.float(), scale.float())  # fp32 output: no bf16 rounding
+    q, s = ln_modulate_fp8_ref(x, shift, scale)
     return dict(
         bytes=nbytes, floor_us=nbytes / PEAK_BYTES * 1e6,
         errors=dict(reference=rel_err(ln_modulate_ref(x, shift, scale), exact),
-                    triton=rel_err(ln_modulate(x, shift, scale), exact)),
+                    triton=rel_err(ln_modulate(x, shift, scale), exact),
+                    fp8_fused_vs_fp8_reference=rel_err(dequantize(*ln_modulate_fp8(x, shift, scale)),
+                                                       dequantize(q, s)),
+                    fp8_reference=rel_err(dequantize(q, s), exact)),
         times_us=dict(reference=bench_us(lambda: ln_modulate_ref(x, shift, scale)),
                       reference_compiled=bench_us(lambda: ref_compiled(x, shift, scale)),
-                      triton=bench_us(lambda: ln_modulate(x, shift, scale))))
+                      triton=bench_us(lambda: ln_modulate(x, shift, scale)),
+                      fp8_fused=bench_us(lambda: ln_modulate_fp8(x, shift, scale)),
+                      fp8_triton_then_quantize=bench_us(lambda: quantize_compiled(ln_modulate(x, shift, scale))),
+                      fp8_reference_compiled=bench_us(lambda: fp8_ref_compiled(x, shift, scale))))
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return q.float() * s
 
 
 def print_times(times: dict, nbytes: int):

@@ -2,16 +2,18 @@
 self-attention and FFN branch. This file holds the plain PyTorch reference, which faster implementations must
 match, and the entry point `ln_modulate`, which runs the Triton kernel (triton_ln_modulate.py) on CUDA tensors and
 the reference elsewhere (kernels/backend.py); either way differentiable (the Triton op's backward is the
-reference's)."""
+reference's). `ln_modulate_fp8` is the same with its output quantized per row for an FP8 matrix product
+(kernels/quantize.py), computed from the fp32 result (no bf16 rounding in between); inference only."""
 
 from __future__ import annotations
 
 import torch
 
 from longsana.kernels.backend import HAS_TRITON, register_reference_backward, use_triton
+from longsana.kernels.quantize import QuantizedRows, quantize_rows
 
 if HAS_TRITON:
-    from longsana.kernels.triton_ln_modulate import ln_modulate_triton
+    from longsana.kernels.triton_ln_modulate import ln_modulate_fp8_triton, ln_modulate_triton
 
 
 def ln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -30,3 +32,17 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: 
     if not use_triton(x, backend):
         return ln_modulate_ref(x, shift, scale, eps)
     return ln_modulate_triton(x, shift, scale, eps)
+
+
+def ln_modulate_fp8_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                        eps: float = 1e-6) -> QuantizedRows:
+    """`ln_modulate_ref` in fp32, its rows quantized: what an FP8 product of the result reads."""
+    return quantize_rows(ln_modulate_ref(x.float(), shift, scale, eps))
+
+
+def ln_modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                    backend: str | None = None) -> QuantizedRows:
+    """`ln_modulate_fp8_ref`'s contract, run by the Triton kernel where `use_triton` says so."""
+    if not use_triton(x, backend):
+        return ln_modulate_fp8_ref(x, shift, scale, eps)
+    return QuantizedRows(*ln_modulate_fp8_triton(x, shift, scale, eps))

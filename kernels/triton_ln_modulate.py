@@ -1,9 +1,14 @@
-"""Triton LayerNorm-modulate, x_hat * (1 + scale) + shift; semantics: `ln_modulate_ref` in ln_modulate.py.
+"""Triton LayerNorm-modulate, x_hat * (1 + scale) + shift; semantics: `ln_modulate_ref` and `ln_modulate_fp8_ref`
+in ln_modulate.py.
 
 Each program takes a few token rows whole (D = 2240 for the 2B model, padded to the next power of 2 with a mask):
 each row is read once, its mean and variance taken in fp32 from registers, and the output written once. shift and
 scale are read through strides, so per-sample (B, 1, D), per-token (B, N, D) and strided views (rows of a
 (B, N, 6, D) tensor of modulations) all work without a copy.
+
+Because a program holds whole rows, the FP8 variant (QUANT) quantizes each row from registers too (its largest
+magnitude, kernels/quantize.py) and writes e4m3 and one scale per row: the next matrix product's input in half the
+bytes, without a bf16 round trip through memory.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from longsana.kernels import triton_common
+from longsana.kernels.quantize import AMAX_FLOOR, FP8, FP8_MAX
 
 
 @dataclass
@@ -30,10 +36,10 @@ CONFIG = LnModulateConfig()
 
 @triton.jit
 def _ln_modulate_kernel(
-    x_ptr, shift_ptr, scale_ptr, y_ptr,
+    x_ptr, shift_ptr, scale_ptr, y_ptr, s_ptr,  # s_ptr: the row scales (QUANT only)
     M, N, D, eps,  # M = B * N rows
     stride_xb, stride_xn, stride_sb, stride_sn, stride_sd, stride_cb, stride_cn, stride_cd,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, FP8_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
 ):
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # b * N + n; y is contiguous (B, N, D)
     b, n = row // N, row % N
@@ -48,21 +54,42 @@ def _ln_modulate_kernel(
     scale = tl.load(scale_ptr + (b * stride_cb + n * stride_cn)[:, None] + c[None, :] * stride_cd, mask=ok,
                     other=0.0)
     y = xc * rstd[:, None] * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
+    if QUANT:  # padding columns hold shift = 0, so they do not count in the row's largest magnitude
+        s = tl.maximum(tl.max(tl.abs(y), axis=1), AMAX_FLOOR) / FP8_MAX
+        y = tl.clamp(y / s[:, None], -FP8_MAX, FP8_MAX)
+        tl.store(s_ptr + row, s, mask=row < M)
     tl.store(y_ptr + row[:, None] * D + c[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-@triton_op("longsana::ln_modulate", mutates_args=())
-def ln_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: (B, N, D); shift, scale broadcastable to it (typically (B, 1, D) or (B, N, D)). Returns x's dtype."""
+def _launch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, y: torch.Tensor,
+            s: torch.Tensor | None) -> None:
+    """The kernel over x (B, N, D) into y, and into the row scales s (B, N, 1) when given (QUANT)."""
     if x.ndim != 3:
         raise ValueError(f"ln_modulate: x must be (B, N, D), got shape {tuple(x.shape)}")
     shift, scale = torch.broadcast_to(shift, x.shape), torch.broadcast_to(scale, x.shape)  # strides 0 where broadcast
     if x.stride(-1) != 1:
         x = x.contiguous()
     B, N, D = x.shape
-    y = triton_common.empty((B, N, D), x.dtype, x.device)
     wrap_triton(_ln_modulate_kernel)[(triton.cdiv(B * N, CONFIG.rows),)](
-        x, shift, scale, y, B * N, N, D, eps,
+        x, shift, scale, y, y if s is None else s, B * N, N, D, eps,
         x.stride(0), x.stride(1), *shift.stride(), *scale.stride(),
-        ROWS=CONFIG.rows, BLOCK_D=triton.next_power_of_2(D), num_warps=CONFIG.num_warps)
+        ROWS=CONFIG.rows, BLOCK_D=triton.next_power_of_2(D), QUANT=s is not None, FP8_MAX=FP8_MAX,
+        AMAX_FLOOR=AMAX_FLOOR, num_warps=CONFIG.num_warps)
+
+
+@triton_op("longsana::ln_modulate", mutates_args=())
+def ln_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (B, N, D); shift, scale broadcastable to it (typically (B, 1, D) or (B, N, D)). Returns x's dtype."""
+    y = triton_common.empty(x.shape, x.dtype, x.device)
+    _launch(x, shift, scale, eps, y, None)
     return y
+
+
+@triton_op("longsana::ln_modulate_fp8", mutates_args=())
+def ln_modulate_fp8_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ln_modulate_triton, the output quantized per row: (e4m3 (B, N, D), fp32 scales (B, N, 1))."""
+    y = triton_common.empty(x.shape, FP8, x.device)
+    s = triton_common.empty((*x.shape[:-1], 1), torch.float32, x.device)
+    _launch(x, shift, scale, eps, y, s)
+    return y, s

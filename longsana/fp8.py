@@ -7,10 +7,12 @@ q and out, the FFN's 1x1 up and down projections (`Fp8Linear`), and the temporal
 K/V (once per prompt) and the final layer stay bf16.
 
 Each product is y = (x_q * s_x) (W_q * s_W)^T + b: W_q, s_W quantized once, one scale per output row; x quantized per
-token row as it comes (`quantize_rows`), one scale per row, so one outlier token does not cost the others their
-precision. The quantization is a few elementwise ops and a row max: under torch.compile (the engine's blocks) they
-fuse with the producer's epilogue or a copy that runs anyway, which matters: as separate eager kernels they read and
-write every activation once more and can cost more than FP8 saves. `torch._scaled_mm` runs the product (PyTorch's
+token row (kernels/quantize.py), one scale per row, so one outlier token does not cost the others their precision.
+Where the input is made matters: quantized by separate eager kernels, every activation is read and written once
+more, which can cost more than FP8 saves. So the norms that feed q, k, v and the FFN's up-projection write FP8
+themselves (`Fp8LnModulate`: the LayerNorm-modulate kernel quantizes the rows it holds), and the other inputs are
+quantized by a few elementwise ops and a row max that torch.compile (the engine's blocks) fuses with the copy or
+residual add that makes them. `torch._scaled_mm` runs the product (PyTorch's
 row-wise FP8 GEMM on GPUs of compute capability 8.9 and up; a reference implementation on the CPU, which the tests
 use).
 """
@@ -20,24 +22,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import LongSANATransformer, TemporalConv, frame_neighbours
+from longsana.kernels.ln_modulate import ln_modulate_fp8
+from longsana.kernels.quantize import QuantizedRows, quantize_rows
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448: a row's largest magnitude maps here
-AMAX_FLOOR = 1e-12  # an all-zero row gets a tiny scale instead of a division by zero
+from .model import LnModulate, LongSANATransformer, TemporalConv, frame_neighbours
+
 MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
 ALIGN = 16  # the GPU's FP8 products need both weight dimensions to be multiples of 16
-# The layers swapped, per block (a name path under the block); all run on every token of every pass.
+# The layers swapped, per block (a name path under the block); all run on every token of every pass. The norms
+# feed only swapped layers (self-attention q, k, v; the FFN's up-projection): they write FP8.
 GEMMS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0",
          "ff.conv_inverted", "ff.conv_point", "ff.conv_temp")
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., K) -> x_q (..., K) e4m3 and s (..., 1) fp32 with x ~ x_q * s, each row's largest magnitude at FP8_MAX.
-    Rounding to nearest; a NaN stays NaN, an infinity makes its row NaN (not silently finite)."""
-    x = x.float()
-    s = x.abs().amax(-1, keepdim=True).clamp(min=AMAX_FLOOR) / FP8_MAX
-    return (x / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+NORMS = ("norm1", "norm2")
 
 
 class Fp8Linear(nn.Module):
@@ -57,11 +53,13 @@ class Fp8Linear(nn.Module):
         """The FP8 version of an nn.Linear or a 1x1 convolution (model.Pointwise), in the layer's dtype."""
         return cls(layer.weight, layer.bias, layer.weight.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q, x_s = quantize_rows(x.reshape(-1, x.shape[-1]))
-        y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_s, scale_b=self.weight_scale, bias=self.bias,
-                             out_dtype=self.out_dtype)
-        return y.view(*x.shape[:-1], -1)
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        """x: (..., in) in any float dtype, quantized here, or already quantized by the kernel that made it."""
+        x_q, x_s = x if isinstance(x, QuantizedRows) else quantize_rows(x)
+        lead = x_q.shape[:-1]
+        y = torch._scaled_mm(x_q.reshape(-1, x_q.shape[-1]), self.weight.t(), scale_a=x_s.reshape(-1, 1),
+                             scale_b=self.weight_scale, bias=self.bias, out_dtype=self.out_dtype)
+        return y.view(*lead, -1)
 
     def dequantized(self) -> torch.Tensor:
         """W as the product sees it, (out, in) fp32: for tests and error reports."""
@@ -69,6 +67,14 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, bias={self.bias is not None}"
+
+
+class Fp8LnModulate(LnModulate):
+    """LayerNorm-modulate whose output is the FP8 products' input, quantized by the kernel that computes it
+    (`ln_modulate_fp8`): every consumer of a block's norm1 and norm2 is an Fp8Linear."""
+
+    def forward(self, x, shift, scale) -> QuantizedRows:
+        return ln_modulate_fp8(x, shift, scale, self.eps)
 
 
 class Fp8TemporalConv(nn.Module):
@@ -101,9 +107,12 @@ def check_fp8(model: LongSANATransformer) -> None:
 
 
 def to_fp8(model: LongSANATransformer) -> LongSANATransformer:
-    """Swap every block's GEMMS for Fp8Linear, in place (the bf16 weights they replace are freed); returns model."""
+    """Swap every block's GEMMS for FP8 products and its NORMS for Fp8LnModulate, in place (the bf16 weights they
+    replace are freed); returns model. Idempotent."""
     check_fp8(model)
     for blk in model.transformer_blocks:
+        for name in NORMS:
+            setattr(blk, name, Fp8LnModulate(blk.get_submodule(name).eps))
         for path in GEMMS:
             parent_path, name = path.rsplit(".", 1)
             parent = blk.get_submodule(parent_path)

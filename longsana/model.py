@@ -202,10 +202,21 @@ class MixFFN(nn.Module):
         return out.flatten(1, 2)
 
 
+class LnModulate(nn.Module):
+    """LayerNorm without affine (no parameters, as diffusers' norm1/norm2), then x * (1 + scale) + shift."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x, shift, scale):
+        return ln_modulate(x, shift, scale, self.eps)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.norm_eps = cfg.norm_eps
+        self.norm1, self.norm2 = LnModulate(cfg.norm_eps), LnModulate(cfg.norm_eps)
         self.scale_shift_table = nn.Parameter(torch.zeros(6, cfg.dim))
         self.attn1 = SelfAttention(cfg)
         self.attn2 = CrossAttention(cfg)
@@ -219,10 +230,10 @@ class Block(nn.Module):
         chunk_ends = None if chunks is None else _chunk_ends(chunks, x.device)
         mods = self.scale_shift_table + t0.unflatten(-1, (6, -1))  # (B, 1 or N, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.unbind(2)
-        h = ln_modulate(x, shift_msa, scale_msa, self.norm_eps)
+        h = self.norm1(x, shift_msa, scale_msa)
         x = x + gate_msa * self.attn1(h, rope, S, z, update_state, chunk_tokens)
         x = x + self.attn2(x, k, v, bias)
-        h = ln_modulate(x, shift_mlp, scale_mlp, self.norm_eps)
+        h = self.norm2(x, shift_mlp, scale_mlp)
         return x + gate_mlp * self.ff(h, *grid, tail=tail, update_state=update_state, chunk_ends=chunk_ends)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from longsana import fp8
 from longsana.config import TransformerConfig, get_config
+from longsana.kernels.quantize import FP8, FP8_MAX, quantize_rows
 from longsana.model import LongSANATransformer, TemporalConv, frame_neighbours
 from longsana.stream import Pipeline
 from longsana.testing import needs_cuda, randomize_, rel_err
@@ -38,12 +39,12 @@ def fp8_model(cfg: TransformerConfig = TINY, seed: int = 0) -> tuple[LongSANATra
 def test_quantize_rows(shape):
     """x ~ x_q * s within half an e4m3 step per element; each row's largest magnitude lands on FP8_MAX exactly."""
     x = torch.randn(shape) * torch.logspace(-3, 3, shape[-1])  # a wide range inside every row
-    q, s = fp8.quantize_rows(x)
-    assert q.dtype == fp8.FP8 and q.shape == x.shape and s.shape == (*shape[:-1], 1) and s.dtype == torch.float32
+    q, s = quantize_rows(x)
+    assert q.dtype == FP8 and q.shape == x.shape and s.shape == (*shape[:-1], 1) and s.dtype == torch.float32
     back = q.float() * s
     tiny = s * 2.0 ** -9  # e4m3's subnormal step, in the row's units: small values are off by up to this much
     assert ((back - x).abs() <= E4M3_STEP * x.abs() + tiny).all()
-    assert (q.float().abs().amax(-1) == fp8.FP8_MAX).all()
+    assert (q.float().abs().amax(-1) == FP8_MAX).all()
 
 
 def test_quantize_rows_edge_rows():
@@ -52,7 +53,7 @@ def test_quantize_rows_edge_rows():
     x[0] = 0
     x[1, 3] = float("nan")
     x[2, 5] = float("inf")
-    q, s = fp8.quantize_rows(x)
+    q, s = quantize_rows(x)
     back = q.float() * s
     assert torch.equal(back[0], torch.zeros(32)) and torch.isfinite(s[0]).all()
     assert back[1].isnan().any() and back[2].isnan().any()
@@ -72,7 +73,7 @@ def test_fp8_linear_against_the_product_of_its_quantized_operands(lead, bias):
     x = torch.randn(*lead, 48, dtype=torch.bfloat16) * torch.rand(*lead, 1) * 10  # rows of different sizes
     y = f(x)
     assert y.dtype == torch.bfloat16 and y.shape == (*lead, 80)
-    x_q, x_s = fp8.quantize_rows(x)
+    x_q, x_s = quantize_rows(x)
     b = layer.bias.double() if bias else 0
     want = (x_q.double() * x_s.double()) @ f.dequantized().double().t() + b
     assert rel_err(y, want) <= BF16_TOL
@@ -88,6 +89,7 @@ def test_to_fp8_swaps_the_block_gemms_only():
     assert model.proj_out.weight.dtype == torch.bfloat16 and model.transformer_blocks[0].attn2.to_k.weight.dtype \
         == torch.bfloat16  # the final layer and the prompt's K/V stay bf16
     assert fp8.is_fp8(model) and not fp8.is_fp8(ref)
+    assert all(type(getattr(b, n)) is fp8.Fp8LnModulate for b in model.transformer_blocks for n in fp8.NORMS)
     for name in sorted(want)[:3]:
         w = ref.get_submodule(name).weight.flatten(1)
         assert rel_err(model.get_submodule(name).dequantized(), w) <= E4M3_STEP
@@ -106,7 +108,7 @@ def test_fp8_temporal_conv_against_its_quantized_operands(ends):
     z, tail = torch.randn(2, 5, 6, 32, dtype=torch.bfloat16), torch.randn(2, 6, 32, dtype=torch.bfloat16)
     chunk_ends = torch.tensor([False, True, False, False, True]) if ends else None
     got = f(z, tail, chunk_ends)
-    x_q, x_s = fp8.quantize_rows(torch.cat(frame_neighbours(z, tail, chunk_ends), dim=-1))
+    x_q, x_s = quantize_rows(torch.cat(frame_neighbours(z, tail, chunk_ends), dim=-1))
     W = f.taps.dequantized().double().view(32, 3, 32)
     x = (x_q.double() * x_s.double()).unflatten(-1, (3, 32))
     assert rel_err(got, torch.einsum("bfntc,otc->bfno", x, W)) <= BF16_TOL
@@ -175,7 +177,7 @@ def test_fp8_at_full_size_on_the_gpu():
     for name, layer in model.named_modules():
         if isinstance(layer, fp8.Fp8Linear):
             a = torch.randn(15600, layer.weight.shape[1], device="cuda", generator=g, dtype=torch.bfloat16)
-            a_q, a_s = fp8.quantize_rows(a)
+            a_q, a_s = quantize_rows(a)
             b = 0 if layer.bias is None else layer.bias.double()
             assert rel_err(layer(a), (a_q.double() * a_s) @ layer.dequantized().double().t() + b) <= BF16_TOL, name
 

@@ -12,7 +12,9 @@ The Triton ops' backward is their reference's: gradients through the entry point
 with the Triton kernels everywhere, must equal the reference's.
 
 Tolerances come from the dtype: fp32 1e-5, bf16 1e-2. Under the interpreter a bf16 result also carries the
-interpreter's truncating fp32 -> bf16 conversion (the GPU rounds to nearest), which still fits 1e-2.
+interpreter's truncating fp32 -> bf16 conversion (the GPU rounds to nearest), which still fits 1e-2. Its fp32 -> e4m3
+conversion is wrong outright (Triton 3.9: 127.2 becomes 64, ties round up, subnormals flush to zero), so under the
+interpreter that one conversion is done by PyTorch's, which rounds as the GPU does (`exact_fp8_casts`).
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from longsana.benchmarks.kernels import SHARED_MEMORY, compile_for, la_shared_memory  # noqa: E402
-from longsana.kernels import triton_common, triton_glu_conv, triton_linear_attention  # noqa: E402
+from longsana.config import TransformerConfig  # noqa: E402
+from longsana.kernels import triton_common, triton_glu_conv, triton_linear_attention, triton_ln_modulate  # noqa: E402,E501
 from longsana.kernels.glu_conv import glu_conv, glu_conv_ref  # noqa: E402
 from longsana.kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref  # noqa: E402
-from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_ref  # noqa: E402
+from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_fp8, ln_modulate_fp8_ref, ln_modulate_ref  # noqa: E402,E501
+from longsana.kernels.quantize import FP8, FP8_MAX  # noqa: E402
 from longsana.testing import needs_cuda, rel_err  # noqa: E402
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -65,6 +69,25 @@ def poisoned_small(monkeypatch):
                                                           out_tokens=64)
     monkeypatch.setattr(triton_linear_attention, "CONFIG", small)
     monkeypatch.setattr(triton_glu_conv, "CONFIG", triton_glu_conv.GluConvConfig(block_p=16, block_c=32))
+
+
+@pytest.fixture(autouse=True)
+def exact_fp8_casts(monkeypatch):
+    """Under the interpreter, its fp32 -> e4m3 conversion replaced by PyTorch's (round to nearest even, saturating
+    the kernel's clamp already did, subnormals kept), as the GPU converts; every other conversion is its own."""
+    if not INTERPRETER:
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    own = interpreter._convert_float
+
+    def convert(data, src, dst, rounding_mode):
+        if src == tl.float32 and dst == tl.float8e4nv:
+            return torch.from_numpy(data.astype("float32")).to(FP8).view(torch.uint8).numpy()
+        return own(data, src, dst, rounding_mode)
+
+    monkeypatch.setattr(interpreter, "_convert_float", convert)
 
 
 def rope_tables(N: int, d: int, g: torch.Generator):
@@ -200,6 +223,24 @@ def test_ln_modulate_matches_reference(B, N, D, dtype, per_token):
 
 
 @runs_triton
+@pytest.mark.parametrize("B,N,D,dtype,per_token", LN_CASES)
+def test_ln_modulate_fp8_matches_reference(B, N, D, dtype, per_token):
+    """The FP8 variant: the same row scales as quantizing the fp32 result, and the same e4m3 values but for the odd
+    one that an fp32 rounding difference in the row's statistics puts on the other side of a rounding boundary."""
+    g = torch.Generator().manual_seed(D + N + 1)
+    x = (3 * torch.randn(B, N, D, generator=g) + 1).to(DEVICE, dtype)
+    mods = torch.randn(B, N if per_token else 1, 6, D, generator=g).to(DEVICE, dtype)
+    q, s = ln_modulate_fp8(x, mods[:, :, 0], mods[:, :, 1], backend="triton")
+    q_ref, s_ref = ln_modulate_fp8_ref(x, mods[:, :, 0], mods[:, :, 1])
+    assert (q.dtype, q.shape, s.dtype, s.shape) == (FP8, x.shape, torch.float32, (B, N, 1))
+    assert torch.isfinite(q.float()).all() and torch.isfinite(s).all(), "an output element was left unwritten"
+    assert rel_err(s, s_ref) < 1e-5
+    assert (q.float().abs().amax(-1) == FP8_MAX).all()  # each row's largest magnitude on e4m3's largest number
+    assert (q.float() != q_ref.float()).float().mean() <= 0.01
+    assert rel_err(q.float() * s, q_ref.float() * s_ref) < 1e-2
+
+
+@runs_triton
 @pytest.mark.parametrize("with_state", [False, True])
 def test_gradients_are_the_reference_gradients(with_state):
     """Training runs the entry points: where inputs require grad, the Triton ops' gradients equal the reference's
@@ -286,12 +327,14 @@ def test_auto_backend_uses_reference_on_cpu(monkeypatch):
 
     monkeypatch.setattr("longsana.kernels.linear_attention.linear_attention_triton", refuse)
     monkeypatch.setattr("longsana.kernels.ln_modulate.ln_modulate_triton", refuse)
+    monkeypatch.setattr("longsana.kernels.ln_modulate.ln_modulate_fp8_triton", refuse)
     monkeypatch.setattr("longsana.kernels.glu_conv.glu_conv_triton", refuse)
     g = torch.Generator().manual_seed(0)
     q, k, v = qkv(1, 5, 1, 40, torch.float32, g)
     cos, sin = rope_tables(5, 40, g)
     linear_attention(q, k, v, cos, sin)
     ln_modulate(q[0], q[0, :1], q[0, :1])
+    ln_modulate_fp8(q[0], q[0, :1], q[0, :1])
     glu_conv(*glu_inputs(1, 1, 2, 3, 4, torch.float32, g), 2, 3)
 
 
@@ -306,12 +349,14 @@ def test_fake_tensors_give_shapes():
         S0, z0 = torch.empty(2, 3, 112, 112, device=DEVICE), torch.empty(2, 3, 112, device=DEVICE)
         o, S_c, z_c = torch.ops.longsana.linear_attention(q, q, q, cos, cos, S0, z0, 1e-8)
         y = torch.ops.longsana.ln_modulate(q[:, :, 0], q[:, :1, 0], q[:, :, 1], 1e-6)
+        y_q, y_s = torch.ops.longsana.ln_modulate_fp8(q[:, :, 0], q[:, :1, 0], q[:, :, 1], 1e-6)
         h = torch.empty(2, 35, 48, dtype=torch.bfloat16, device=DEVICE)
         u = torch.ops.longsana.glu_conv(h, h.new_empty(48, 1, 3, 3), h.new_empty(48), 5, 7)
     assert (u.shape, u.dtype) == ((2, 35, 24), torch.bfloat16)
     assert (o.shape, o.dtype) == (q.shape, q.dtype)
     assert (S_c.shape, S_c.dtype, z_c.shape) == (S0.shape, torch.float32, z0.shape)
     assert (y.shape, y.dtype) == ((2, 37, 112), torch.bfloat16)
+    assert (y_q.shape, y_q.dtype, y_s.shape, y_s.dtype) == ((2, 37, 112), FP8, (2, 37, 1), torch.float32)
 
 
 # ---- tiles that fit a GPU's shared memory ----
@@ -346,6 +391,21 @@ def test_glu_conv_compiles_for_hopper():
     compiled = compile_for(triton_glu_conv._glu_conv_kernel, signature,
                            dict(BLOCK_P=tuned.block_p, BLOCK_C=tuned.block_c), 90, num_warps=tuned.num_warps)
     assert compiled.asm["cubin"]
+
+
+@pytest.mark.skipif(INTERPRETER, reason="compiles for GPUs; needs no interpreter")
+@pytest.mark.parametrize("arch", [89, 90])
+def test_fp8_ln_modulate_compiles_for_gpus_with_fp8(arch):
+    """The LayerNorm-modulate kernel writing e4m3 (the FP8 blocks' norms), tuned config, full width, through Triton's
+    compiler and ptxas for Ada and Hopper (no GPU needed)."""
+    tuned, t = triton_ln_modulate.LnModulateConfig(), triton_ln_modulate
+    signature = {"x_ptr": "*bf16", "shift_ptr": "*bf16", "scale_ptr": "*bf16", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                 "M": "i32", "N": "i32", "D": "i32", "eps": "fp32",
+                 **dict.fromkeys(("stride_xb", "stride_xn", "stride_sb", "stride_sn", "stride_sd", "stride_cb",
+                                  "stride_cn", "stride_cd"), "i32")}
+    consts = dict(ROWS=tuned.rows, BLOCK_D=triton.next_power_of_2(TransformerConfig().dim), QUANT=True,
+                  FP8_MAX=FP8_MAX, AMAX_FLOOR=t.AMAX_FLOOR)
+    assert compile_for(t._ln_modulate_kernel, signature, consts, arch, num_warps=tuned.num_warps).asm["cubin"]
 
 
 @pytest.mark.slow
@@ -406,8 +466,9 @@ def test_linear_attention_full_shape_fp32(tuned):
 
 @needs_cuda
 def test_glu_conv_full_shape():
-    """The FFN's middle of a 10-latent-frame chunk at 480p: 10 frames of 30 x 52 tokens, 2C = 11200."""
-    h, weight, bias = glu_inputs(1, 10, 30, 52, 5600, torch.bfloat16, torch.Generator().manual_seed(6))
+    """The FFN's middle of a 10-latent-frame chunk at 480p: 10 frames of 30 x 52 tokens, 2C = 13440."""
+    h, weight, bias = glu_inputs(1, 10, 30, 52, TransformerConfig().ffn_dim, torch.bfloat16,
+                                 torch.Generator().manual_seed(6))
     o = glu_conv(h, weight, bias, 30, 52)
     assert torch.isfinite(o).all()
     assert rel_err(o, glu_conv_ref(h.float(), weight.float(), bias.float(), 30, 52)) < TOL[torch.bfloat16]
@@ -423,6 +484,9 @@ def test_ln_modulate_full_shape(per_token):
     y = ln_modulate(x, shift, scale)
     assert torch.isfinite(y).all()
     assert rel_err(y, ln_modulate_ref(x, shift, scale)) < TOL[torch.bfloat16]
+    (q, s), (q_ref, s_ref) = ln_modulate_fp8(x, shift, scale), ln_modulate_fp8_ref(x, shift, scale)
+    assert rel_err(s, s_ref) < 1e-5 and (q.float() != q_ref.float()).float().mean() <= 0.01
+    assert rel_err(q.float() * s, q_ref.float() * s_ref) < 1e-2
 
 
 @needs_cuda
