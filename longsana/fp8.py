@@ -3,8 +3,8 @@
 About half of a bf16 pass is GEMMs, and FP8 tensor cores (Ada, Hopper) run GEMMs at up to twice bf16's rate.
 `to_fp8(model)` swaps the layers that run on every chunk's tokens: self-attention q, k, v and out, cross-attention
 q and out, the FFN's 1x1 up and down projections (`Fp8Linear`), and the temporal conv's three taps, as one product
-(`Fp8TemporalConv`): all the block's per-token GEMMs. Embeddings, norms, modulation, the prompt's cross-attention
-K/V (once per prompt) and the final layer stay bf16.
+(`Fp8TemporalConv`): all the block's per-token GEMMs. Embeddings, modulation, the prompt's cross-attention K/V (once
+per prompt) and the final layer stay bf16; the norms compute in fp32, as before, and write e4m3.
 
 Each product is y = (x_q * s_x) (W_q * s_W)^T + b: W_q, s_W quantized once, one scale per output row; x quantized per
 token row (kernels/quantize.py), one scale per row, so one outlier token does not cost the others their precision.
@@ -12,9 +12,8 @@ Where the input is made matters: quantized by separate eager kernels, every acti
 more, which can cost more than FP8 saves. So the norms that feed q, k, v and the FFN's up-projection write FP8
 themselves (`Fp8LnModulate`: the LayerNorm-modulate kernel quantizes the rows it holds), and the other inputs are
 quantized by a few elementwise ops and a row max that torch.compile (the engine's blocks) fuses with the copy or
-residual add that makes them. `torch._scaled_mm` runs the product (PyTorch's
-row-wise FP8 GEMM on GPUs of compute capability 8.9 and up; a reference implementation on the CPU, which the tests
-use).
+residual add that makes them. `torch._scaled_mm` runs the product (PyTorch's row-wise FP8 GEMM on GPUs of compute
+capability 8.9 and up; a reference implementation on the CPU, which the tests use).
 """
 
 from __future__ import annotations
