@@ -10,6 +10,7 @@ word-level tokenizer (the real one needs the hub). It prints, in order:
      from prompt submit (a new prompt: text encoding included; the encoding alone too), then --chunks chunks of
      steady state: per-chunk latency median / p95, end-to-end FPS of the decoded uint8 frames handed out, peak
      GPU memory (weights and text encoder included) and torch.cuda.memory_allocated after every chunk (growth);
+     `--chunk-variants 3,5` adds streams of those chunk lengths (the lower-latency settings) to the variants;
      with `--devices cuda:0,cuda:1` the stream is split: the transformer and text encoder on the first GPU, the
      VAE on the second (its peak memory reported too), so the decode of a chunk overlaps the next chunk's work;
   3. the chunk step: the fast step against the eager reference step on the same inputs (relative error of x0 and
@@ -255,7 +256,8 @@ def bench_stream(pipe: Pipeline, a) -> dict:
           + (f"; on the VAE's {pipe.vae_device}: peak allocated {gb(r['peak_allocated_vae_device'])}"
              if "peak_allocated_vae_device" in r else ""))
 
-    for i, (key, settings) in enumerate(VARIANTS if a.variant_chunks else ()):  # rewind, overlap, VAE pieces
+    chunk_sizes = [(f"chunk_{n}", dict(chunk_frames=n)) for n in a.chunk_variants]  # the latency setting's FPS
+    for i, (key, settings) in enumerate([*VARIANTS, *chunk_sizes] if a.variant_chunks else ()):
         reset_peaks(pipe)
         t0 = time.perf_counter()
         stream = pipe.stream(f"{PROMPTS[i % 4]} ({key})", seed=2, **settings)  # a new prompt each
@@ -606,6 +608,9 @@ def main(argv=None) -> dict:
                    help="the main stream's StreamSettings.vae_frames_per_call")
     p.add_argument("--variant-chunks", type=int, default=12,
                    help="chunks of each variant stream (VARIANTS: no rewind points, serial, VAE pieces; 0: skip)")
+    p.add_argument("--chunk-variants", default="",
+                   help="comma-separated latent frames per chunk to run as variant streams too (e.g. 3,5: the "
+                        "lower-latency settings; each length compiles its own block graphs)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--sections", default="stream,step,stages,vae,diffusers")
     p.add_argument("--vae-variants", action=argparse.BooleanOptionalAction, default=True)
@@ -620,6 +625,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="also write the result to this file")
     a = p.parse_args(argv)
     a.precision = [x.strip() for x in a.precision.split(",")]
+    a.chunk_variants = [int(n) for n in a.chunk_variants.split(",") if n.strip()]
     if not set(a.precision) <= set(PRECISIONS) or "bf16" not in a.precision:
         p.error(f"--precision takes bf16 and optionally the others of {PRECISIONS}, got {','.join(a.precision)}")
     default = "cuda" if torch.cuda.is_available() else "cpu"
