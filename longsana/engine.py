@@ -8,7 +8,8 @@ the transformer), through the same `sample_chunk` loop, minus the work that does
     graph never sees a Python number that changes from chunk to chunk;
   - all 4 noises of a chunk (the initial one and 3 re-noisings) are drawn before the replay from the chunk's
     seeded generator, in the order the eager sampler draws them: both paths get the same noise;
-  - the clean-context pass skips the final projection (output=False), as the eager one does.
+  - the clean-context pass skips the final projection and, in its last block, all but what the state needs
+    (output=False: Block's state_only), as the eager one does.
 
 Static buffers, per chunk length n (a stream has two: the first chunk's and the others'): the noises, the RoPE
 tables of the chunk being denoised and of a pending chunk of that length (its clean pass), and two x0 slots, so that
@@ -24,8 +25,8 @@ of five. Its step variants ((m, 0), n, slot) are graphs like the others: run at 
 second, at most 2 per m, in the shared memory pool.
 
 Compilation is regional: one `torch.compile`d function runs every transformer block (they share one graph, since
-blocks differ only in their weights), static shapes, so a stream compiles 2 chunk lengths x (denoise, clean) block
-graphs once per process. The first use of each step variant (which pending slot, which output slot, n) runs for
+blocks differ only in their weights), static shapes, so a stream compiles 2 chunk lengths x (denoise, clean, the
+clean pass's last block, which runs state-only) block graphs once per process. The first use of each step variant (which pending slot, which output slot, n) runs for
 real, so the first chunk of a stream pays no capture; the second runs on the capture stream, which warms it up, and
 is then captured as a CUDA graph (a one-time host synchronisation); later uses replay it: one launch, no host
 synchronisation. Compiled blocks fuse elementwise work, so the results agree with the eager path within bf16

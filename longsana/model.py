@@ -222,16 +222,21 @@ class Block(nn.Module):
         self.attn2 = CrossAttention(cfg)
         self.ff = MixFFN(cfg)
 
-    def forward(self, x, t0, k, v, bias, rope, grid, S=None, z=None, tail=None, update_state=False, chunks=None):
+    def forward(self, x, t0, k, v, bias, rope, grid, S=None, z=None, tail=None, update_state=False, chunks=None,
+                state_only=False):
         """x: (B, N, D); t0: (B, 1 or N, 6D); grid: (frames, height, width) of the tokens; chunks: latent frames
-        per chunk for a block-causal pass over a whole sequence."""
+        per chunk for a block-causal pass over a whole sequence. state_only (with update_state): only the state's
+        update is wanted (the last block of a clean-context pass): after the self-attention, which adds every token
+        to (S, z), only the last frame goes on, far enough to give the FFN's tail; the output is not the block's."""
         hw = grid[1] * grid[2]
         chunk_tokens = None if chunks is None else [n * hw for n in chunks]
         chunk_ends = None if chunks is None else _chunk_ends(chunks, x.device)
         mods = self.scale_shift_table + t0.unflatten(-1, (6, -1))  # (B, 1 or N, 6, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.unbind(2)
-        h = self.norm1(x, shift_msa, scale_msa)
-        x = x + gate_msa * self.attn1(h, rope, S, z, update_state, chunk_tokens)
+        h = self.norm1(x, mods[:, :, 0], mods[:, :, 1])
+        x = x + mods[:, :, 2] * self.attn1(h, rope, S, z, update_state, chunk_tokens)
+        if state_only:  # the tail is the FFN's z at the last frame, which the FFN computes frame by frame
+            x, mods, grid = x[:, -hw:], mods[:, -hw:], (1, *grid[1:])  # mods: per sample, or per token
+        shift_mlp, scale_mlp, gate_mlp = mods[:, :, 3:].unbind(2)
         x = x + self.attn2(x, k, v, bias)
         h = self.norm2(x, shift_mlp, scale_mlp)
         return x + gate_mlp * self.ff(h, *grid, tail=tail, update_state=update_state, chunk_ends=chunk_ends)
@@ -368,15 +373,18 @@ class LongSANATransformer(nn.Module):
                      update_state=False, output=True, chunks: list[int] | None = None, block=None):
         """`run` with the timestep embedding (t0, temb) = `timestep(t)` and the RoPE table (cos, sin) = `rope(...)`
         given, so that a static-shape compiled graph of it (engine.py) sees no Python number that changes from
-        chunk to chunk. `block(blk, *args)` runs one transformer block (default: blk(*args); e.g. a compiled one)."""
+        chunk to chunk. `block(blk, *args)` runs one transformer block (default: blk(*args); e.g. a compiled one).
+        Without `output`, a pass that updates the state runs its last block `state_only` (Block.forward)."""
         B, _, frames, H, W = x.shape
         grid = self.token_grid(frames, H, W)
         t0, temb = temb
         block = block or Block.__call__
         h = self.patch_embedding(x.to(self.proj_out.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
+        last = len(self.transformer_blocks) - 1
         for i, blk in enumerate(self.transformer_blocks):
             S, z, tail = (None, None, None) if state is None else (state.S[i], state.z[i], state.tail[i])
-            h = block(blk, h, t0, *text.kv[i], text.bias, rope, grid, S, z, tail, update_state, chunks)
+            state_only = i == last and update_state and not output and chunks is None
+            h = block(blk, h, t0, *text.kv[i], text.bias, rope, grid, S, z, tail, update_state, chunks, state_only)
         if not output:
             return None
         pt, ph, pw = self.cfg.patch_size
