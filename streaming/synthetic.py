@@ -11,6 +11,7 @@ the real pipeline's) gives the frame rate, and the default video size is that mo
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,9 +45,13 @@ class SyntheticPipeline:
         self._lock = threading.Lock()
 
     def stream(self, prompt: str, seed: int = 0, height: int | None = None, width: int | None = None,
-               motion_score: int | None = None) -> SyntheticStream:
-        """A new endless stream; `motion_score` is accepted for interface parity and has no effect here."""
-        return SyntheticStream(self, check_prompt(prompt), seed, height or self.height, width or self.width)
+               motion_score: int | None = None, chunk_frames: int | tuple[int, ...] | None = None) -> SyntheticStream:
+        """A new endless stream; `motion_score` is accepted for interface parity and has no effect here.
+        `chunk_frames`: frames per chunk (default the pipeline's), or a tuple: the chunks' lengths in turn, repeated,
+        since the real stream's vary (its first chunk is longer, a switch inside a chunk cuts one short)."""
+        sizes = chunk_frames or self.chunk_frames
+        sizes = (sizes,) if isinstance(sizes, int) else sizes
+        return SyntheticStream(self, check_prompt(prompt), seed, height or self.height, width or self.width, sizes)
 
     def _count(self, delta: int) -> None:
         with self._lock:
@@ -54,9 +59,10 @@ class SyntheticPipeline:
 
 
 class SyntheticStream:
-    def __init__(self, pipe: SyntheticPipeline, prompt: str, seed: int, height: int, width: int):
+    def __init__(self, pipe: SyntheticPipeline, prompt: str, seed: int, height: int, width: int,
+                 sizes: tuple[int, ...]):
         self.height, self.width, self.fps = height, width, pipe.spec.fps
-        self._pipe, self._seed = pipe, seed
+        self._pipe, self._seed, self._sizes = pipe, seed, sizes  # sizes: each chunk's frames, in turn
         self._lock = threading.Lock()  # guards the fields set_prompt / rewind change from other threads
         self._prompt, self._prompt_seq, self._pending = prompt, 0, None
         self._next_frame = 0
@@ -66,9 +72,10 @@ class SyntheticStream:
         pipe._count(+1)
 
     def __iter__(self) -> Iterator[Chunk]:
-        n = self._pipe.chunk_frames
         index = 0
-        while not self._closed.is_set():
+        for n in itertools.cycle(self._sizes):
+            if self._closed.is_set():
+                return
             t0 = time.perf_counter()
             with self._lock:
                 if self._pending is not None:

@@ -1,8 +1,8 @@
 """The server with several GPU workers (streaming/gpus.py), through a real server and WebSocket clients. Stand-in
 workers: processes running the synthetic source (`GpuPool(..., "synthetic")`, as `longsana serve --model synthetic
 --gpus 0,1` starts), which need no GPU. Placement on the least loaded worker, admission across the workers, a
-worker's crash (SIGKILL) that ends only its own streams, its restart and the bound on restarts, and /metrics per
-GPU."""
+worker's crash (SIGKILL) that ends only its own streams, its restart and the bound on restarts, /metrics per GPU,
+and the frames' way across, in shared memory: equal to what the worker made, and no block left behind."""
 
 from __future__ import annotations
 
@@ -11,16 +11,21 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from longsana.streaming.client import Refused, WsClient
 from longsana.streaming import gpus
 from longsana.streaming.gpus import GpuPool
 from longsana.streaming.server import ServerConfig, ServerThread
+from longsana.streaming.synthetic import SyntheticPipeline
 
 FOX, OWL = "a red fox trotting through snow", "an owl in a pine tree"
 SMALL = {"height": 64, "width": 64}
@@ -78,6 +83,19 @@ async def wait_for(predicate, timeout: float = 20) -> None:
 
 def run(main) -> None:
     asyncio.run(asyncio.wait_for(main, 60))
+
+
+def blocks(pids) -> list[str]:
+    """The shared-memory blocks (their names) that the worker processes `pids` have in /dev/shm."""
+    stems = tuple(gpus.block_stem(pid) for pid in pids)
+    return sorted(name for name in os.listdir(gpus.SHM_DIR) if name.startswith(stems))
+
+
+def mapped() -> list[str]:
+    """The blocks of ours this process (the server) maps, by name."""
+    with open("/proc/self/maps") as f:
+        paths = [line.split()[5] for line in f if os.path.join(gpus.SHM_DIR, gpus.SHM_PREFIX) in line]
+    return sorted(set(map(os.path.basename, paths)))
 
 
 def test_streams_go_to_the_least_loaded_worker():
@@ -280,6 +298,89 @@ def test_metrics_per_gpu():
 
     with serving(per_worker=2) as (pool, server):
         run(main(pool, server))
+
+
+def test_frames_cross_in_shared_memory():
+    """A worker's chunks arrive as it made them (the synthetic source, made again here), through one block per
+    stream that the server keeps mapped: reused while the chunks fit, replaced by a larger one (and the server's
+    mapping moved to it) when one does not (8, then 24 frames), gone and unmapped once the stream closes."""
+    sizes, kwargs = (8, 24, 4), {"seed": 3, "height": 48, "width": 80}
+    with GpuPool([(0,)], "synthetic") as pool:
+        pid = pool.workers[0].process.pid
+        remote = pool.workers[0].stream(FOX, chunk_frames=sizes, **kwargs)
+        made = SyntheticPipeline(delay=0.0).stream(FOX, chunk_frames=sizes, **kwargs)
+        seen = []
+        for _, got, want in zip(range(7), remote, made):
+            assert np.array_equal(got.frames, want.frames), got.index
+            assert (got.index, got.start_frame, got.prompt) == (want.index, want.start_frame, want.prompt)
+            seen.append(blocks([pid]))
+            assert mapped() == seen[-1]
+        assert [len(got) for got in seen] == [1] * 7 and seen[0] != seen[1] and seen[1:] == [seen[1]] * 6, seen
+        assert os.path.getsize(os.path.join(gpus.SHM_DIR, seen[1][0])) == 24 * 48 * 80 * 3
+        remote.close()
+        made.close()
+        assert blocks([pid]) == [] and mapped() == []
+
+
+def test_no_block_left_behind(monkeypatch):
+    """Whichever way a stream ends, its block is gone from /dev/shm and the server maps it no more: its viewer
+    leaves, its viewer's connection drops, its worker is killed (SIGKILL: the server unlinks what it left) and
+    restarted."""
+    monkeypatch.setattr(gpus, "RESTART_DELAY_SECONDS", 0.1)
+
+    async def streaming(server, prompt: str, pids: list[int]) -> WsClient:
+        c = await WsClient.connect(server.url, prompt, decode=False)
+        await c.wait_until(lambda: len(c.frames) >= 4)
+        assert len(blocks(pids)) == 1 and mapped() == blocks(pids)  # the test looks where the blocks are
+        return c
+
+    async def nothing_left(pids: list[int]) -> None:
+        await wait_for(lambda: blocks(pids) == [] and mapped() == [])
+
+    async def main(pool, server):
+        pids = [w.process.pid for w in pool.workers]
+        await (await streaming(server, FOX, pids)).close()
+        await nothing_left(pids)
+        (await streaming(server, OWL, pids)).abort()
+        await nothing_left(pids)
+        c = await streaming(server, FOX, pids)
+        crashed = await crash(pool, server, c)
+        await wait_for(lambda: gpu_health(server, crashed)["status"] == "ok")
+        pids += [w.process.pid for w in pool.workers]
+        await nothing_left(pids)
+
+    with serving(per_worker=2) as (pool, server):
+        run(main(pool, server))
+
+
+SERVER_THAT_EXITS = """
+import os, signal, time
+from longsana.streaming.gpus import GpuPool
+
+with GpuPool([(0,)], "synthetic", start_timeout=60) as pool:
+    stream = pool.workers[0].stream("a fox", height=32, width=32)
+    next(iter(stream))
+    stream.close()
+    killed = pool.workers[0]
+    next(iter(pool.workers[0].stream("an owl", height=32, width=32)))
+    os.kill(killed.process.pid, signal.SIGKILL)
+    while pool.workers[0] is killed or pool.supervisors[0].state != "ok":  # restarting
+        time.sleep(0.05)
+    next(iter(pool.workers[0].stream("a fox", height=32, width=32)))  # open as the pool closes
+    print(killed.process.pid, pool.workers[0].process.pid, flush=True)
+"""
+
+
+def test_the_server_exits_with_no_block_and_no_warning():
+    """A server process whose streams closed, whose worker was killed mid-stream and restarted, and which exits
+    with a stream open: once it has exited, no block of its workers' is left, and the resource tracker (the
+    server's, which its workers share) had nothing to unlink or warn about."""
+    done = subprocess.run([sys.executable, "-c", SERVER_THAT_EXITS], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1])  # this checkout's longsana
+    assert done.returncode == 0, done.stderr
+    pids = list(map(int, done.stdout.split()))
+    assert len(pids) == 2 and blocks(pids) == [], (pids, blocks(pids))
+    assert "resource_tracker" not in done.stderr and "leaked" not in done.stderr, done.stderr
 
 
 def series(text: str) -> dict[str, float]:
