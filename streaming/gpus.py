@@ -19,11 +19,11 @@ go on. (With one GPU, or one pair, the server keeps its pipeline in process, as 
   block (/dev/shm/longsana-<worker pid>-<stream id>-<n>; one per stream, replaced by a larger one when a chunk does
   not fit) and sends the block's name, shape and dtype in the chunk's place of its frames; the server copies them
   out into an array of its own (one memcpy) before it yields the chunk, so nothing else in the server changes. A
-  40-frame 480x832 chunk (48 MB) took a median 8 ms here from the server's `next` to its array, where pickled
-  through the Connection it took 102 to 183 ms (the server's CPU: 5 ms, where it was 63 to 78). An array in memory
-  the server has not used before costs the first touch of its pages on top: about 100 ms for 48 MB on this machine,
-  where numpy asks for huge pages. A block is unlinked when its stream closes or when the worker exits; a worker
-  that is killed cannot, and the server unlinks its blocks once the process has ended (`unlink_blocks`).
+  40-frame 480x832 chunk (48 MB) takes a median 8 ms from the server's `next` to its array on the 2-core CPU machine
+  (5 ms of the server's CPU), where pickled through the Connection it took 127-178 ms (74-76 ms of CPU)
+  (`python -m longsana.benchmarks.frames [--keep]`). A block is unlinked when its stream closes or when the worker
+  exits; a worker that is killed cannot, and the server unlinks its blocks once the process has ended
+  (`unlink_blocks`).
 - The worker reports its device's load and admission (`DeviceWorker.load` / `admits`) and any device failure every
   STATUS_SECONDS, so placing a stream never waits for a worker.
 - `GpuPool` places a new stream on the least loaded worker that admits it: the one with the fewest streams (counted

@@ -39,3 +39,8 @@ def test_streams_on_a_machine_of_two_devices():
     assert [len(r) for r in res["rounds"]] == [2]  # one round, both devices at once
     assert all(len(r["streams"]) == 1 and "error" not in r["streams"][0] for r in res["rounds"][0])
     assert res["machine_streams"] == 2 * res["per_gpu"]
+
+
+def test_frames():
+    res = bench("longsana.benchmarks.frames", "--frames", "2", "--height", "16", "--width", "24", "--chunks", "2")
+    assert res["bytes"] == 2 * 16 * 24 * 3 and all(len(res[way]["wall_s"]) == 2 for way in ("pickled", "shared memory"))
