@@ -9,7 +9,9 @@ word-level tokenizer (the real one needs the hub). It prints, in order:
   2. the stream, the product path (`Pipeline.stream` with the fast engine, default settings): time to first frame
      from prompt submit (a new prompt: text encoding included; the encoding alone too), then --chunks chunks of
      steady state: per-chunk latency median / p95, end-to-end FPS of the decoded uint8 frames handed out, peak
-     GPU memory (weights and text encoder included) and torch.cuda.memory_allocated after every chunk (growth);
+     GPU memory (weights and text encoder included) and torch.cuda.memory_allocated after every chunk (growth),
+     and where the memory goes (weights, the engine's buffers, the VAE cache, the rest of what is allocated and
+     reserved on the GPU, the rewind points in pinned host memory);
      `--chunk-variants 3,5` adds streams of those chunk lengths (the lower-latency settings) to the variants;
      with `--devices cuda:0,cuda:1` the stream is split: the transformer and text encoder on the first GPU, the
      VAE on the second (its peak memory reported too), so the decode of a chunk overlaps the next chunk's work;
@@ -36,6 +38,7 @@ import copy
 import datetime
 import gc
 import importlib.util
+import itertools
 import json
 import os
 import statistics
@@ -245,6 +248,7 @@ def bench_stream(pipe: Pipeline, a) -> dict:
     if pipe.device.type == "cuda":
         r |= dict(peak_allocated=torch.cuda.max_memory_allocated(), peak_reserved=torch.cuda.max_memory_reserved(),
                   **vae_peak(pipe))
+    r["memory"] = memory_card(pipe, stream)
     stream.close()
     del stream, it
     print(f"  steady state over chunks {w + 1}..{a.chunks} ({r['video_s']:.0f} s of video in all): "
@@ -278,6 +282,28 @@ def bench_stream(pipe: Pipeline, a) -> dict:
         print(f"  {key} {settings}: time to first frame {r[f'ttff_s_{key}']:.3f} s, {r[f'e2e_fps_{key}']:.1f} FPS "
               f"end to end, peak allocated {gb(r.get(f'peak_allocated_{key}'))}")
     return r
+
+
+def memory_card(pipe: Pipeline, stream) -> dict:
+    """Where a streaming pipeline's memory goes (bytes): the weights, the stream's own tensors (the engine's state
+    and static buffers, the VAE's causal cache), and on the transformer's GPU what the allocator holds beyond those:
+    the rest of what is allocated (the CUDA graphs' pool: activations; cached prompts) and what it has reserved but
+    not allocated. The rewind points are in pinned host memory."""
+    def weights(m: torch.nn.Module) -> int:
+        return sum(t.nbytes for t in itertools.chain(m.parameters(), m.buffers()))
+
+    step = stream.step
+    card = dict(transformer=weights(pipe.model), text_encoder=weights(pipe.text.model), vae=weights(pipe.vae),
+                engine=getattr(step, "nbytes", step.state.nbytes), vae_cache=stream.decoder.nbytes,
+                rewind_host=stream.ring.nbytes)
+    where = {"vae": pipe.vae_device, "vae_cache": pipe.vae_device, "rewind_host": torch.device("cpu")}
+    here = sum(v for k, v in card.items() if where.get(k, pipe.device) == pipe.device)
+    if pipe.device.type == "cuda":
+        allocated = torch.cuda.memory_allocated(pipe.device)
+        card |= dict(other_allocated=allocated - here,
+                     reserved_unallocated=torch.cuda.memory_reserved(pipe.device) - allocated)
+    print("  memory: " + ", ".join(f"{k.replace('_', ' ')} {gb(v)}" for k, v in card.items()))
+    return card
 
 
 def _err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -26,11 +26,11 @@ second, at most 2 per m, in the shared memory pool.
 
 Compilation is regional: one `torch.compile`d function runs every transformer block (they share one graph, since
 blocks differ only in their weights), static shapes, so a stream compiles 2 chunk lengths x (denoise, clean, the
-clean pass's last block, which runs state-only) block graphs once per process. The first use of each step variant (which pending slot, which output slot, n) runs for
-real, so the first chunk of a stream pays no capture; the second runs on the capture stream, which warms it up, and
-is then captured as a CUDA graph (a one-time host synchronisation); later uses replay it: one launch, no host
-synchronisation. Compiled blocks fuse elementwise work, so the results agree with the eager path within bf16
-rounding, not bitwise.
+clean pass's last block, which runs state-only) block graphs once per process. The first use of each step variant
+(which pending slot, which output slot, n) runs for real, so the first chunk of a stream pays no capture; the second
+runs on the capture stream, which warms it up, and is then captured as a CUDA graph (a one-time host
+synchronisation); later uses replay it: one launch, no host synchronisation. Compiled blocks fuse elementwise work,
+so the results agree with the eager path within bf16 rounding, not bitwise.
 
 Overlap: the VAE decode of chunk c runs on a second, high-priority CUDA stream (`SideStream`), and the stream calls
 `ahead` with chunk c+1's arguments before it waits for c's frames, so c+1's transformer work fills the GPU while c
@@ -152,6 +152,14 @@ class ChunkEngine:
         if self._ahead is not None:
             self.state.copy_(self._before)
             self._ahead = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the engine's own device tensors: the state and its boundary copy, the static buffers of every
+        chunk length, the static prompt copy (not the graphs' memory pool: the allocator holds that)."""
+        buffers = [t for b in self._buffers.values() for t in (*b.x0, *b.rope_clean, b.noise, *(b.rope or ()))]
+        text = [] if self.text is None else [*itertools.chain.from_iterable(self.text.kv), self.text.bias]
+        return self.state.nbytes + self._before.nbytes + sum(t.nbytes for t in buffers + text if t is not None)
 
     def boundary_state(self) -> State:
         return self._before if self._ahead is not None else self.state

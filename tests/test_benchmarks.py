@@ -20,6 +20,7 @@ def test_fps():
     res = bench("longsana.benchmarks.fps", "--tiny", "--precision", "bf16,fp8", "--chunk-variants", "1")
     assert res["errors"] == {}, res["errors"]
     assert res["stream"]["e2e_fps_chunk_1"] > 0  # a stream of 1-latent-frame chunks ran as a variant
+    assert all(v > 0 for v in res["stream"]["memory"].values()), res["stream"]["memory"]  # where the memory goes
     st = res["stages"]  # where a chunk's time goes: every stage took time, and the serial time is their sum
     assert all(st[k] > 0 for k in ("transformer_s", "decode_s", "host_copy_s", "uint8_s"))
     assert st["serial_s"] == st["transformer_s"] + st["decode_s"] + st["host_copy_s"]
