@@ -65,6 +65,12 @@ def run_both(model, text, engine, chunks, texts=None, bf16_like=False, keep=None
     return got, want, ref.state
 
 
+def agree(got, want, state, ref_state, tol: float | None = None) -> None:
+    """Each x0 and the state, fast against eager: bitwise (tol None) or within a relative error of tol."""
+    for a, b in [*zip(got, want), *zip(state.tensors(), ref_state.tensors())]:
+        assert torch.equal(a, b) if tol is None else rel_err(a, b) < tol
+
+
 CHUNKS = [(3, 11), (2, 12), (2, 13), (2, 14)]  # a longer first chunk, then a steady length
 
 
@@ -72,10 +78,8 @@ def test_uncompiled_engine_equals_the_eager_step_bitwise():
     model, text = model_and_text()
     engine = ChunkEngine(model, HW, TIMESTEPS, compile=False)
     got, want, ref_state = run_both(model, text, engine, CHUNKS)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
-    for a, b in zip(engine.state.tensors(), ref_state.tensors()):
-        assert torch.equal(a, b) and b.abs().sum() > 0
+    agree(got, want, engine.state, ref_state)
+    assert all(b.abs().sum() > 0 for b in ref_state.tensors())
     # two x0 slots per length alternate, so the previous chunk's x0 survives the next step
     assert len({engine._slot_of(engine._buffers[2].x0[i]) for i in (0, 1)}) == 2
 
@@ -89,10 +93,7 @@ def test_cut_pending_chunks_of_every_length_equal_the_eager_step():
     chunks = [(3, 11), (2, 12), (2, 13), (2, 14), (2, 15)]
     keep = {0: 1, 2: 1, 3: 2}  # cut the first chunk to 1 frame, a steady one to 1, then keep a whole one
     got, want, ref_state = run_both(model, text, engine, chunks, texts=[text, text, other, other, other], keep=keep)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
-    for a, b in zip(engine.state.tensors(), ref_state.tensors()):
-        assert torch.equal(a, b)
+    agree(got, want, engine.state, ref_state)
     assert engine._buffers[1].noise is None and engine._buffers[2].noise is not None
 
 
@@ -140,10 +141,7 @@ def test_compiled_blocks_share_one_graph_and_match_eager(monkeypatch):
     monkeypatch.setitem(engine_mod.COMPILE_OPTIONS, "backend", "aot_eager")  # functionalized in-place updates
     engine = ChunkEngine(model, HW, TIMESTEPS, compile=True)
     got, want, ref_state = run_both(model, text, engine, CHUNKS[:2])
-    for a, b in zip(got, want):
-        assert rel_err(a, b) < 1e-5
-    for a, b in zip(engine.state.tensors(), ref_state.tensors()):
-        assert rel_err(a, b) < 1e-5
+    agree(got, want, engine.state, ref_state, 1e-5)
 
 
 def test_fp8_blocks_compile_and_match_the_eager_step(monkeypatch):
@@ -154,10 +152,7 @@ def test_fp8_blocks_compile_and_match_the_eager_step(monkeypatch):
     model, text = model_and_text(layers=2, fp8=True)
     engine = ChunkEngine(model, HW, TIMESTEPS, compile=True)
     got, want, ref_state = run_both(model, text, engine, CHUNKS[:3])
-    for a, b in zip(got, want):
-        assert rel_err(a, b) < 1e-2
-    for a, b in zip(engine.state.tensors(), ref_state.tensors()):
-        assert rel_err(a, b) < 1e-2
+    agree(got, want, engine.state, ref_state, 1e-2)
 
 
 def test_bad_engine_use():
@@ -258,10 +253,7 @@ def test_graph_replays_match_the_eager_step_on_the_gpu(fp8):
     got, want, ref_state = run_both(model, text, engine, chunks)
     # the steady variants (two slot orders) are run, then captured on their second use, then replayed
     assert len(engine._graphs) == 2 and sorted(engine._uses.values()) == [1, 1, 3, 3]
-    for a, b in zip(got, want):
-        assert rel_err(a, b) < 2e-2
-    for a, b in zip(engine.state.tensors(), ref_state.tensors()):
-        assert rel_err(a, b) < 2e-2
+    agree(got, want, engine.state, ref_state, 2e-2)
 
 
 def gpu_pipeline():
