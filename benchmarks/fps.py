@@ -648,7 +648,8 @@ def main(argv=None) -> dict:
                    help=f"the transformer's precisions, comma-separated, of {', '.join(PRECISIONS)}: bf16 runs every "
                         "section; each other one runs the stream and the chunk step again with its own model, and "
                         "x0 of each is compared with an fp32 step (bf16,fp8: side by side)")
-    p.add_argument("--json", help="also write the result to this file")
+    p.add_argument("--json", help="also write the result to this file (after each section: a run cut short keeps "
+                                  "what it measured)")
     a = p.parse_args(argv)
     a.precision = [x.strip() for x in a.precision.split(",")]
     a.chunk_variants = [int(n) for n in a.chunk_variants.split(",") if n.strip()]
@@ -690,28 +691,34 @@ def main(argv=None) -> dict:
         if key == "diffusers" and importlib.util.find_spec("diffusers") is None:
             print("## diffusers: not importable, skipped")
             continue
-        section(res, key, sections[key])
+        section(res, key, sections[key], a.json)
     if len(a.precision) > 1:
         run_precisions(pipe, a, hw, res)
     _ratios(res)
     res["targets"] = targets(res)
-    line = json.dumps(res, default=float)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    print(save(res, a.json))
     return res
 
 
-def section(res: dict, key: str, fn) -> None:
+def save(res: dict, path: str | None) -> str:
+    """The result as one JSON line, also written to `path` when given."""
+    line = json.dumps(res, default=float)
+    if path:
+        with open(path, "w") as f:
+            f.write(line + "\n")
+    return line
+
+
+def section(res: dict, key: str, fn, path: str | None) -> None:
     """res[key] = fn(); a failure is reported (res["errors"]) and skipped: one broken section must not lose the
-    others."""
+    others. The result so far is saved to `path` (--json) after each section, so a run cut short keeps it."""
     try:
         res[key] = fn()
     except Exception as e:
         res["errors"][key] = f"{type(e).__name__}: {e}"
         print(f"## {key}: FAILED\n{traceback.format_exc()}")
     gc.collect()
+    save(res, path)
 
 
 def run_precisions(pipe: Pipeline, a, hw, res: dict) -> None:
@@ -724,8 +731,8 @@ def run_precisions(pipe: Pipeline, a, hw, res: dict) -> None:
     for precision in a.precision[1:]:
         print(f"# precision {precision}: the transformer's block GEMMs in FP8 (longsana/fp8.py), the rest as above")
         pipes[precision] = q = with_fp8(pipe)
-        section(res, precision, lambda: {k: fn(q) for k, fn in runs.items() if k in a.sections.split(",")})
-    section(res, "accuracy", lambda: bench_accuracy(pipes, a, hw))
+        section(res, precision, lambda: {k: fn(q) for k, fn in runs.items() if k in a.sections.split(",")}, a.json)
+    section(res, "accuracy", lambda: bench_accuracy(pipes, a, hw), a.json)
 
 
 def _ratios(res: dict) -> None:

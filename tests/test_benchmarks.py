@@ -16,9 +16,12 @@ def bench(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_fps():
-    res = bench("longsana.benchmarks.fps", "--tiny", "--precision", "bf16,fp8", "--chunk-variants", "1")
+def test_fps(tmp_path):
+    out = tmp_path / "fps.json"
+    res = bench("longsana.benchmarks.fps", "--tiny", "--precision", "bf16,fp8", "--chunk-variants", "1", "--json",
+                str(out))
     assert res["errors"] == {}, res["errors"]
+    assert json.loads(out.read_text()) == res  # saved after each section, the last time whole
     assert res["stream"]["e2e_fps_chunk_1"] > 0  # a stream of 1-latent-frame chunks ran as a variant
     assert all(v > 0 for v in res["stream"]["memory"].values()), res["stream"]["memory"]  # where the memory goes
     st = res["stages"]  # where a chunk's time goes: every stage took time, and the serial time is their sum
