@@ -337,6 +337,18 @@ def profile(fn, title: str, rows: int) -> list:
 
 
 # -- 3. the chunk step ---------------------------------------------------------------------------------------------
+def against_reference(engine: ChunkEngine, ref: EagerStep, text, ref_text, seq):
+    """Chunks (n latent frames, seed) of `seq` through the fast step and the reference step, each chunk from the fast
+    step's own state and pending x0 (the reference's state is set to the fast step's first), so that differences do
+    not compound across chunks. Yields (n, pos, x0, the reference's x0) per chunk."""
+    pending, pos = None, 0
+    for n, seed in seq:
+        ref.state.copy_(engine.state)
+        x0 = engine.denoise(text, n, pos, seed, pending)
+        yield n, pos, x0, ref.denoise(ref_text, n, pos, seed, pending)
+        pending, pos = (x0, pos), pos + n
+
+
 def bench_step(pipe: Pipeline, a, hw) -> dict:
     m, dev = pipe.model, pipe.device
     timesteps = tuple(map(float, pipe.spec.denoise_timesteps))
@@ -345,15 +357,11 @@ def bench_step(pipe: Pipeline, a, hw) -> dict:
     ref_state = ref.state
     # accuracy: each fast step against the eager reference step from the same state and pending x0
     seq = [(a.chunk + 1, 100)] + [(a.chunk, 101 + i) for i in range(7)]  # steps 4, 5 capture; 6, 7 replay
-    errs, pending, pos = [], None, 0
-    for n, seed in seq:
-        ref_state.copy_(engine.state)
-        x0 = engine.denoise(text, n, pos, seed, pending)
-        want = ref.denoise(text, n, pos, seed, pending)
-        e = dict(n=n, x0=_err(x0, want), S=_err(engine.state.S, ref_state.S), z=_err(engine.state.z, ref_state.z),
-                 tail=_err(engine.state.tail, ref_state.tail))
-        errs.append(e)
-        pending, pos = (x0, pos), pos + n
+    errs = []
+    for n, pos, x0, want in against_reference(engine, ref, text, text, seq):
+        errs.append(dict(n=n, x0=_err(x0, want), S=_err(engine.state.S, ref_state.S),
+                         z=_err(engine.state.z, ref_state.z), tail=_err(engine.state.tail, ref_state.tail)))
+    pending, pos = (x0, pos), pos + n
     g = torch.Generator(dev).manual_seed(seq[-1][1])
     noise_equal = torch.equal(engine._buffers[a.chunk].noise[0],
                               torch.randn((1, m.cfg.in_channels, a.chunk, *hw), generator=g, device=dev))
@@ -401,8 +409,7 @@ def bench_step(pipe: Pipeline, a, hw) -> dict:
 
 def bench_accuracy(pipes: dict[str, Pipeline], a, hw) -> dict:
     """Each precision's fast step against an eager fp32 step of the same weights (the bf16 ones, in fp32): the
-    relative error of x0 per chunk, each chunk from the fast step's own state and pending x0 (copied into the
-    reference), so that errors do not compound across chunks."""
+    relative error of x0 per chunk (`against_reference`)."""
     base = next(iter(pipes.values()))
     timesteps = tuple(map(float, base.spec.denoise_timesteps))
     m32 = copy.deepcopy(base.model).float()
@@ -413,13 +420,7 @@ def bench_accuracy(pipes: dict[str, Pipeline], a, hw) -> dict:
     r = {}
     for name, pipe in pipes.items():
         engine, text = ChunkEngine(pipe.model, hw, timesteps), pipe.prompts.get(PROMPTS[0], pipe.spec.motion_score).ctx
-        errs, pending, pos = [], None, 0
-        for n, seed in seq:
-            ref.state.copy_(engine.state)
-            x0 = engine.denoise(text, n, pos, seed, pending)
-            errs.append(_err(x0, ref.denoise(text32, n, pos, seed, pending)))
-            pending, pos = (x0, pos), pos + n
-        r[name] = errs
+        r[name] = [_err(x0, want) for _, _, x0, want in against_reference(engine, ref, text, text32, seq)]
     del m32, ref
     print(f"## accuracy: x0 of the fast step against an fp32 eager step, same weights, per chunk ({len(seq)} chunks)")
     for name, errs in r.items():
