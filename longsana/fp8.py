@@ -111,7 +111,9 @@ def to_fp8(model: LongSANATransformer) -> LongSANATransformer:
     check_fp8(model)
     for blk in model.transformer_blocks:
         for name in NORMS:
-            setattr(blk, name, Fp8LnModulate(blk.get_submodule(name).eps))
+            norm = blk.get_submodule(name)
+            if not isinstance(norm, Fp8LnModulate):
+                setattr(blk, name, Fp8LnModulate(norm.eps))
         for path in GEMMS:
             parent_path, name = path.rsplit(".", 1)
             parent = blk.get_submodule(parent_path)

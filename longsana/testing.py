@@ -50,6 +50,21 @@ def needs_gpus(n: int):
     return mark
 
 
+def skip_without_fp8():
+    """A pytest skip mark for a GPU without FP8 tensor cores (compute capability below fp8.MIN_CAPABILITY)."""
+    import pytest
+
+    from .fp8 import MIN_CAPABILITY
+
+    old = torch.cuda.is_available() and torch.cuda.get_device_capability() < MIN_CAPABILITY
+    return pytest.mark.skipif(old, reason="needs a GPU with FP8 (compute capability 8.9+)")
+
+
+def needs_fp8_gpu(test):
+    """`needs_cuda`, and `skip_without_fp8`."""
+    return needs_cuda(skip_without_fp8()(test))
+
+
 @torch.no_grad()
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Fill every parameter, on its own device: weights ~ N(0, 1/fan_in), norm weights around 1, biases and

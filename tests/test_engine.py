@@ -21,11 +21,11 @@ from torch._dynamo.testing import CompileCounter
 from longsana import engine as engine_mod
 from longsana.config import get_config
 from longsana.engine import ChunkEngine
-from longsana.fp8 import MIN_CAPABILITY, to_fp8
+from longsana.fp8 import to_fp8
 from longsana.model import LongSANATransformer
 from longsana.step import EagerStep
-from longsana.testing import (SWITCH_PROMPTS, needs_cuda, randomize_, rel_err, switch_schedule, tiny_pipeline,
-                              uncompiled)
+from longsana.testing import (SWITCH_PROMPTS, needs_cuda, randomize_, rel_err, skip_without_fp8, switch_schedule,
+                              tiny_pipeline, uncompiled)
 
 P, Q = SWITCH_PROMPTS
 TIMESTEPS = (1000.0, 960.0, 889.0, 727.0)
@@ -241,10 +241,8 @@ def test_fast_stream_memory_is_constant(pipe, monkeypatch):
 # -- on a GPU -----------------------------------------------------------------------------------------------------
 
 @needs_cuda
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=skip_without_fp8())])
 def test_graph_replays_match_the_eager_step_on_the_gpu(fp8):
-    if fp8 and torch.cuda.get_device_capability() < MIN_CAPABILITY:
-        pytest.skip("needs a GPU with FP8 (compute capability 8.9+)")
     torch._dynamo.reset()
     model, text = model_and_text("cuda", torch.bfloat16, layers=3, fp8=fp8)
     engine = ChunkEngine(model, HW, TIMESTEPS)

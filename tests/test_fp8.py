@@ -21,7 +21,7 @@ from longsana.config import TransformerConfig, get_config
 from longsana.kernels.quantize import FP8, FP8_MAX, quantize_rows
 from longsana.model import LongSANATransformer, TemporalConv, frame_neighbours
 from longsana.stream import Pipeline
-from longsana.testing import needs_cuda, randomize_, rel_err
+from longsana.testing import needs_fp8_gpu, randomize_, rel_err
 
 TINY = get_config("tiny").transformer
 E4M3_STEP = 2.0 ** -4  # the largest relative rounding error of a normal e4m3 number (half of 2^-3)
@@ -161,9 +161,7 @@ def test_fp8_streaming_equals_the_block_causal_pass():
     assert rel_err(torch.cat(outs, dim=2), model(x, y, t_tok, chunks=chunks)) <= BF16_TOL
 
 
-@needs_cuda
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < fp8.MIN_CAPABILITY,
-                    reason="needs a GPU with FP8 (compute capability 8.9+)")
+@needs_fp8_gpu
 @torch.no_grad()
 def test_fp8_at_full_size_on_the_gpu():
     """One block of the 2B model at a chunk's shape (10 latent frames at 480p: 15,600 tokens) in FP8 on the GPU,
