@@ -12,8 +12,8 @@ Where the input is made matters: quantized by separate eager kernels, every acti
 more, which can cost more than FP8 saves. So the norms that feed q, k, v and the FFN's up-projection write FP8
 themselves (`Fp8LnModulate`: the LayerNorm-modulate kernel quantizes the rows it holds), and the other inputs are
 quantized by a few elementwise ops and a row max that torch.compile (the engine's blocks) fuses with the copy or
-residual add that makes them. `torch._scaled_mm` runs the product (PyTorch's row-wise FP8 GEMM on GPUs of compute
-capability 8.9 and up; a reference implementation on the CPU, which the tests use).
+residual add that makes them. On a GPU `torch._scaled_mm` runs the product (PyTorch's row-wise FP8 GEMM, compute
+capability 8.9 and up); on the CPU, which has no FP8 units, the same product runs in fp32 on the quantized operands.
 """
 
 from __future__ import annotations
@@ -56,8 +56,13 @@ class Fp8Linear(nn.Module):
         """x: (..., in) in any float dtype, quantized here, or already quantized by the kernel that made it."""
         x_q, x_s = x if isinstance(x, QuantizedRows) else quantize_rows(x)
         lead = x_q.shape[:-1]
-        y = torch._scaled_mm(x_q.reshape(-1, x_q.shape[-1]), self.weight.t(), scale_a=x_s.reshape(-1, 1),
-                             scale_b=self.weight_scale, bias=self.bias, out_dtype=self.out_dtype)
+        x_q, x_s = x_q.reshape(-1, x_q.shape[-1]), x_s.reshape(-1, 1)
+        if x_q.is_cuda:
+            y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_s, scale_b=self.weight_scale, bias=self.bias,
+                                 out_dtype=self.out_dtype)
+        else:  # no FP8 units: the same product in fp32 (torch's CPU _scaled_mm takes row-wise scales only from 2.13)
+            y = (x_q.float() @ self.weight.float().t()) * x_s * self.weight_scale
+            y = (y if self.bias is None else y + self.bias).to(self.out_dtype)
         return y.view(*lead, -1)
 
     def dequantized(self) -> torch.Tensor:

@@ -145,7 +145,7 @@ def test_compiled_blocks_share_one_graph_and_match_eager(monkeypatch):
 
 
 def test_fp8_blocks_compile_and_match_the_eager_step(monkeypatch):
-    """FP8 layers (row quantization, torch._scaled_mm) trace into the one shared block graph, functionalized: the
+    """FP8 layers (row quantization, the scaled product) trace into the one shared block graph, functionalized: the
     compiled engine equals the eager step on the same FP8 model."""
     torch._dynamo.reset()
     monkeypatch.setitem(engine_mod.COMPILE_OPTIONS, "backend", "aot_eager")

@@ -1,7 +1,7 @@
 """FP8 blocks (longsana/fp8.py): row-wise quantization, the scaled product against an fp64 product of the same
 quantized operands, the swapped model against the fp32 model, and streaming against the block-causal pass.
 
-On the CPU torch._scaled_mm runs PyTorch's reference implementation; the GPU test runs the GPU's at full size.
+On the CPU the product runs in fp32 on the quantized operands; the GPU tests run torch._scaled_mm at full size.
 Tolerances: e4m3 keeps 3 mantissa bits, so one rounding is off by at most 2^-4 of the value and a product of two
 quantized operands by about 3-4% (RMS) of its norm; bf16 outputs add about 4e-3.
 """

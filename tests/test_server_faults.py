@@ -149,7 +149,10 @@ def test_websocket_refusals():
         c = await WsClient.connect(server.url, FOX, decode=False)
         await c.ws.send_str("x" * (2 << 20))
         await c.wait_until(lambda: c.ws.close_code is not None, 10)
-        assert c.ws.close_code == 1009
+        # 1009; or 1006: the server closes without reading the rest of the message, so its kernel resets the
+        # connection, and a reset that reaches the client while it is still behind on the video frames queued before
+        # the close frame discards them and the close frame (seen once, in a full run of the suite)
+        assert c.ws.close_code in (1009, 1006)
         await still_streaming(other)
         await other.close()
         await freed(server)
