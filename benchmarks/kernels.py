@@ -230,10 +230,11 @@ def shared_memory_table() -> dict:
     for arch, limit in SHARED_MEMORY.items():
         for dtype in ("bf16", "fp32"):
             for block_n, stages in TILINGS:
-                kb = [la_shared_memory(k, dtype, block_n, stages, w, arch) // 1024 for k, w in kernels]
+                nbytes = [la_shared_memory(k, dtype, block_n, stages, w, arch) for k, w in kernels]
+                kb = [n / 1024 for n in nbytes]
                 out[f"sm_{arch} {dtype} {block_n}x{stages}"] = kb
-                print(f"sm_{arch} {dtype}, {block_n} tokens, {stages} stage{'s' * (stages > 1)}: state {kb[0]} KB, "
-                      f"output {kb[1]} KB ({'fits' if max(kb) * 1024 <= limit else 'over'} the {limit // 1024} KB "
+                print(f"sm_{arch} {dtype}, {block_n} tokens, {stages} stage{'s' * (stages > 1)}: state {kb[0]:g} KB, "
+                      f"output {kb[1]:g} KB ({'fits' if max(nbytes) <= limit else 'over'} the {limit // 1024} KB "
                       "per block)")
     return out
 
