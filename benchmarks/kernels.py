@@ -167,24 +167,19 @@ def bench_ln_modulate(g, per_token: bool) -> dict:
     quantize_compiled, fp8_ref_compiled = torch.compile(quantize_rows), torch.compile(ln_modulate_fp8_ref)
     nbytes = 2 * x.numel() * 2 + (2 * x.numel() * 2 if per_token else 0)
     exact = ln_modulate_ref(x.float(), shift.float(), scale.float())  # fp32 output: no bf16 rounding
-    q, s = ln_modulate_fp8_ref(x, shift, scale)
+    fp8_ref = ln_modulate_fp8_ref(x, shift, scale).dequantized()
     return dict(
         bytes=nbytes, floor_us=nbytes / PEAK_BYTES * 1e6,
         errors=dict(reference=rel_err(ln_modulate_ref(x, shift, scale), exact),
                     triton=rel_err(ln_modulate(x, shift, scale), exact),
-                    fp8_fused_vs_fp8_reference=rel_err(dequantize(*ln_modulate_fp8(x, shift, scale)),
-                                                       dequantize(q, s)),
-                    fp8_reference=rel_err(dequantize(q, s), exact)),
+                    fp8_fused_vs_fp8_reference=rel_err(ln_modulate_fp8(x, shift, scale).dequantized(), fp8_ref),
+                    fp8_reference=rel_err(fp8_ref, exact)),
         times_us=dict(reference=bench_us(lambda: ln_modulate_ref(x, shift, scale)),
                       reference_compiled=bench_us(lambda: ref_compiled(x, shift, scale)),
                       triton=bench_us(lambda: ln_modulate(x, shift, scale)),
                       fp8_fused=bench_us(lambda: ln_modulate_fp8(x, shift, scale)),
                       fp8_triton_then_quantize=bench_us(lambda: quantize_compiled(ln_modulate(x, shift, scale))),
                       fp8_reference_compiled=bench_us(lambda: fp8_ref_compiled(x, shift, scale))))
-
-
-def dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return q.float() * s
 
 
 def print_times(times: dict, nbytes: int):

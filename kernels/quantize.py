@@ -22,6 +22,10 @@ class QuantizedRows(NamedTuple):
     q: torch.Tensor
     scale: torch.Tensor
 
+    def dequantized(self) -> torch.Tensor:
+        """q * scale in fp32: the values a product of these rows sees."""
+        return self.q.float() * self.scale
+
 
 def quantize_rows(x: torch.Tensor) -> QuantizedRows:
     """x (..., K) in any float dtype -> its rows quantized, computed in fp32. Rounding to nearest; a NaN stays NaN,

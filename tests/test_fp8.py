@@ -39,9 +39,10 @@ def fp8_model(cfg: TransformerConfig = TINY, seed: int = 0) -> tuple[LongSANATra
 def test_quantize_rows(shape):
     """x ~ x_q * s within half an e4m3 step per element; each row's largest magnitude lands on FP8_MAX exactly."""
     x = torch.randn(shape) * torch.logspace(-3, 3, shape[-1])  # a wide range inside every row
-    q, s = quantize_rows(x)
+    rows = quantize_rows(x)
+    q, s = rows
     assert q.dtype == FP8 and q.shape == x.shape and s.shape == (*shape[:-1], 1) and s.dtype == torch.float32
-    back = q.float() * s
+    back = rows.dequantized()
     tiny = s * 2.0 ** -9  # e4m3's subnormal step, in the row's units: small values are off by up to this much
     assert ((back - x).abs() <= E4M3_STEP * x.abs() + tiny).all()
     assert (q.float().abs().amax(-1) == FP8_MAX).all()
@@ -53,8 +54,8 @@ def test_quantize_rows_edge_rows():
     x[0] = 0
     x[1, 3] = float("nan")
     x[2, 5] = float("inf")
-    q, s = quantize_rows(x)
-    back = q.float() * s
+    rows = quantize_rows(x)
+    s, back = rows.scale, rows.dequantized()
     assert torch.equal(back[0], torch.zeros(32)) and torch.isfinite(s[0]).all()
     assert back[1].isnan().any() and back[2].isnan().any()
     assert torch.isfinite(back[3]).all() and rel_err(back[3], x[3]) < E4M3_STEP
