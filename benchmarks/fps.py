@@ -624,6 +624,14 @@ def targets(res: dict) -> dict:
     return out
 
 
+def tune_kernels() -> dict:
+    """The kernels' tilings swept in this process (each module's CONFIG left at its best), before anything compiles."""
+    from longsana.benchmarks.kernels import sweep_all  # imports Triton; needs a GPU
+
+    print("## tuning the Triton kernels' tilings (benchmarks/kernels.py's sweep)")
+    return sweep_all(torch.Generator().manual_seed(0))
+
+
 def main(argv=None) -> dict:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # as `longsana bench` runs it
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -649,6 +657,9 @@ def main(argv=None) -> dict:
                    help=f"the transformer's precisions, comma-separated, of {', '.join(PRECISIONS)}: bf16 runs every "
                         "section; each other one runs the stream and the chunk step again with its own model, and "
                         "x0 of each is compared with an fp32 step (bf16,fp8: side by side)")
+    p.add_argument("--tune", action="store_true",
+                   help="first sweep the Triton kernels' tilings at full shapes (benchmarks/kernels.py's sweep, a GPU) "
+                        "and run everything after with the best")
     p.add_argument("--json", help="also write the result to this file (after each section: a run cut short keeps "
                                   "what it measured)")
     a = p.parse_args(argv)
@@ -687,8 +698,8 @@ def main(argv=None) -> dict:
     sections = dict(cost=lambda: cost_card(pipe, a, hw), stream=lambda: bench_stream(pipe, a),
                     step=lambda: bench_step(pipe, a, hw), stages=lambda: bench_stages(pipe, a, hw),
                     vae=lambda: bench_vae(pipe, a, hw),
-                    diffusers=lambda: bench_diffusers(pipe, a, hw))
-    for key in ["cost", *a.sections.split(",")]:
+                    diffusers=lambda: bench_diffusers(pipe, a, hw), tune=tune_kernels)
+    for key in ["tune"] * a.tune + ["cost", *a.sections.split(",")]:
         if key == "diffusers" and importlib.util.find_spec("diffusers") is None:
             print("## diffusers: not importable, skipped")
             continue

@@ -56,7 +56,8 @@ class Fp8Linear(nn.Module):
         """x: (..., in) in any float dtype, quantized here, or already quantized by the kernel that made it."""
         x_q, x_s = x if isinstance(x, QuantizedRows) else quantize_rows(x)
         lead = x_q.shape[:-1]
-        x_q, x_s = x_q.reshape(-1, x_q.shape[-1]), x_s.reshape(-1, 1)
+        # row-major: cuBLASLt's FP8 product takes no transposed left operand (a (B, N, D) view of (B, D, N) memory)
+        x_q, x_s = x_q.reshape(-1, x_q.shape[-1]).contiguous(), x_s.reshape(-1, 1)
         if x_q.is_cuda:
             y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_s, scale_b=self.weight_scale, bias=self.bias,
                                  out_dtype=self.out_dtype)

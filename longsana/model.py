@@ -379,7 +379,9 @@ class LongSANATransformer(nn.Module):
         grid = self.token_grid(frames, H, W)
         t0, temb = temb
         block = block or Block.__call__
-        h = self.patch_embedding(x.to(self.proj_out.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
+        # (B, N, D) made row-major: elementwise ops keep their input's layout, so a transposed view would make every
+        # block's residual stream channel-major (strided norms, and FP8 products that refuse it)
+        h = self.patch_embedding(x.to(self.proj_out.weight.dtype)).flatten(2).transpose(1, 2).contiguous()
         last = len(self.transformer_blocks) - 1
         for i, blk in enumerate(self.transformer_blocks):
             S, z, tail = (None, None, None) if state is None else (state.S[i], state.z[i], state.tail[i])
