@@ -137,7 +137,7 @@ def sweep_all(g) -> dict:
     ln = sweep(tln, dict(rows=[1, 2, 4], num_warps=[4, 8, 16]), lambda: ln_modulate(x, mods[:, :, 0], mods[:, :, 1]))
     h, weight, bias = glu_inputs(g)
     glu = sweep(tglu, dict(block_p=[16, 32, 64, 128], block_c=[32, 64, 128, 256], num_warps=[2, 4, 8]),
-                lambda: glu_conv(h, weight, bias, *FRAME_HW))
+                lambda: glu_conv(h, weight, bias, *FRAME_HW, backend="triton"))
     return dict(linear_attention=la, ln_modulate=ln, glu_conv=glu)
 
 
@@ -155,10 +155,10 @@ def bench_glu_conv(g) -> dict:
     return dict(
         bytes=h.numel() * 2 + h.numel(), floor_us=(h.numel() * 3) / PEAK_BYTES * 1e6,
         errors=dict(reference=rel_err(glu_conv_ref(h, weight, bias, *FRAME_HW), exact),
-                    triton=rel_err(glu_conv(h, weight, bias, *FRAME_HW), exact)),
+                    triton=rel_err(glu_conv(h, weight, bias, *FRAME_HW, backend="triton"), exact)),
         times_us=dict(reference=bench_us(lambda: glu_conv_ref(h, weight, bias, *FRAME_HW)),
                       reference_compiled=bench_us(lambda: ref_compiled(h, weight, bias, *FRAME_HW)),
-                      triton=bench_us(lambda: glu_conv(h, weight, bias, *FRAME_HW))))
+                      triton=bench_us(lambda: glu_conv(h, weight, bias, *FRAME_HW, backend="triton"))))
 
 
 def bench_ln_modulate(g, per_token: bool) -> dict:

@@ -23,15 +23,16 @@ BACKEND = os.environ.get("LONGSANA_KERNELS", "auto")
 BACKENDS = ("auto", "triton", "torch")
 
 
-def use_triton(x: torch.Tensor, backend: str | None = None) -> bool:
-    """True when a call on `x` should run the Triton kernel."""
+def use_triton(x: torch.Tensor, backend: str | None = None, auto: bool = True) -> bool:
+    """True when a call on `x` should run the Triton kernel. auto=False: a kernel that "auto" leaves out (one
+    measured slower than the compiled reference), run only when asked for by name."""
     backend = backend or BACKEND
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend (argument or LONGSANA_KERNELS) must be one of {BACKENDS}, not {backend!r}")
     if backend == "torch":
         return False
     if backend == "auto":
-        return HAS_TRITON and x.is_cuda
+        return auto and HAS_TRITON and x.is_cuda
     if not HAS_TRITON:
         raise RuntimeError("backend='triton' asked for, but triton (or torch.library.triton_op) is not available")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":

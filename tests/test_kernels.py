@@ -487,7 +487,7 @@ def test_glu_conv_full_shape():
     """The FFN's middle of a 10-latent-frame chunk at 480p: 10 frames of 30 x 52 tokens, 2C = 13440."""
     h, weight, bias = glu_inputs(1, 10, 30, 52, TransformerConfig().ffn_dim, torch.bfloat16,
                                  torch.Generator().manual_seed(6))
-    o = glu_conv(h, weight, bias, 30, 52)
+    o = glu_conv(h, weight, bias, 30, 52, backend="triton")
     assert torch.isfinite(o).all()
     assert rel_err(o, glu_conv_ref(h.float(), weight.float(), bias.float(), 30, 52)) < TOL[torch.bfloat16]
 
@@ -523,7 +523,7 @@ def test_compile_and_cuda_graph(tuned):
     def block(x, q, k, v):
         h = ln_modulate(x, mod[:, :, 0], mod[:, :, 1])
         o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True)
-        u = glu_conv(torch.cat([x, h], dim=-1), weight, bias, 30, 52)
+        u = glu_conv(torch.cat([x, h], dim=-1), weight, bias, 30, 52, backend="triton")
         return h, o, S_c, u
 
     eager = block(x, q, k, v)
