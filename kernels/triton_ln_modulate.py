@@ -48,7 +48,9 @@ def _ln_modulate_kernel(
     x = tl.load(x_ptr + (b * stride_xb + n * stride_xn)[:, None] + c[None, :], mask=ok, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(ok, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    # eps to fp32 first: inductor passes a Python float as fp64, which would turn the rest of the row's arithmetic
+    # into fp64 (slow, and Triton 3.6 cannot convert fp64 to e4m3)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + tl.cast(eps, tl.float32))
     shift = tl.load(shift_ptr + (b * stride_sb + n * stride_sn)[:, None] + c[None, :] * stride_sd, mask=ok,
                     other=0.0)
     scale = tl.load(scale_ptr + (b * stride_cb + n * stride_cn)[:, None] + c[None, :] * stride_cd, mask=ok,

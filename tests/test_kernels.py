@@ -20,6 +20,7 @@ interpreter that one conversion is done by PyTorch's, which rounds as the GPU do
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -411,19 +412,42 @@ def test_glu_conv_compiles_for_hopper_without_spills():
     assert stack_bytes(compiled) == 0
 
 
+FP64_MATH = re.compile(r"\b(?:add|sub|mul|div|fma|sqrt|rcp)\.[a-z.]*f64\b")  # fp64 arithmetic in PTX
+
+
+def ln_modulate_signature(y: str) -> dict:
+    """The LayerNorm-modulate kernel's argument types, eps as fp64: inductor types a Python float so."""
+    strides = ("stride_xb", "stride_xn", "stride_sb", "stride_sn", "stride_sd", "stride_cb", "stride_cn", "stride_cd")
+    return {"x_ptr": "*bf16", "shift_ptr": "*bf16", "scale_ptr": "*bf16", "y_ptr": y, "s_ptr": "*fp32",
+            "M": "i32", "N": "i32", "D": "i32", "eps": "fp64", **dict.fromkeys(strides, "i32")}
+
+
 @pytest.mark.skipif(INTERPRETER, reason="compiles for GPUs; needs no interpreter")
 @pytest.mark.parametrize("arch", [89, 90])
-def test_fp8_ln_modulate_compiles_for_gpus_with_fp8(arch):
-    """The LayerNorm-modulate kernel writing e4m3 (the FP8 blocks' norms), tuned config, full width, through Triton's
-    compiler and ptxas for Ada and Hopper (no GPU needed)."""
+@pytest.mark.parametrize("quant", [False, True])
+def test_ln_modulate_compiles_for_gpus_in_fp32(arch, quant):
+    """The LayerNorm-modulate kernel, bf16 out or e4m3 out (the FP8 blocks' norms), tuned config, full width, through
+    Triton's compiler and ptxas for Ada and Hopper (no GPU needed), with eps typed fp64 as inductor passes it: no fp64
+    arithmetic (on the H200 Triton 3.6 could not lower the e4m3 store from fp64 under inductor)."""
     tuned, t = triton_ln_modulate.LnModulateConfig(), triton_ln_modulate
-    signature = {"x_ptr": "*bf16", "shift_ptr": "*bf16", "scale_ptr": "*bf16", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32",
-                 "M": "i32", "N": "i32", "D": "i32", "eps": "fp32",
-                 **dict.fromkeys(("stride_xb", "stride_xn", "stride_sb", "stride_sn", "stride_sd", "stride_cb",
-                                  "stride_cn", "stride_cd"), "i32")}
-    consts = dict(ROWS=tuned.rows, BLOCK_D=triton.next_power_of_2(TransformerConfig().dim), QUANT=True,
+    consts = dict(ROWS=tuned.rows, BLOCK_D=triton.next_power_of_2(TransformerConfig().dim), QUANT=quant,
                   FP8_MAX=FP8_MAX, AMAX_FLOOR=t.AMAX_FLOOR)
-    assert compile_for(t._ln_modulate_kernel, signature, consts, arch, num_warps=tuned.num_warps).asm["cubin"]
+    compiled = compile_for(t._ln_modulate_kernel, ln_modulate_signature("*fp8e4nv" if quant else "*bf16"), consts,
+                           arch, num_warps=tuned.num_warps)
+    assert not FP64_MATH.findall(compiled.asm["ptx"])
+
+
+@pytest.mark.skipif(INTERPRETER, reason="compiles for a GPU; needs no interpreter")
+def test_linear_attention_output_in_fp32_under_inductor():
+    """The output pass with eps typed fp64, as inductor passes a Python float: no fp64 arithmetic (its division was
+    fp64 once, and the kernel 3x slower inside the compiled pass than alone)."""
+    kernel = triton_linear_attention._chunk_output_kernel
+    consts = dict(D=112, BLOCK_D=128, BLOCK_N=128, COS_ALIGN=8, PRECISION=None, HI_LO=True, UPCAST=False)
+    fp32 = ("S_ptr", "z_ptr", "cos_ptr", "sin_ptr")
+    signature = {name: ("*fp32" if name in fp32 else "*bf16") if name.endswith("_ptr") else
+                 "fp64" if name == "eps" else "i32" for name in kernel.arg_names if name not in consts}
+    compiled = compile_for(kernel, signature, consts, 90, num_warps=8, num_stages=2)
+    assert not FP64_MATH.findall(compiled.asm["ptx"])
 
 
 @pytest.mark.slow
