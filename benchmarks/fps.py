@@ -21,7 +21,7 @@ word-level tokenizer (the real one needs the hub). It prints, in order:
      stage by stage (transformer, decode to uint8 and its uint8 conversion, copy to the host), and their serial
      sum (the stream's variants above run with and without the decode overlapped);
   4. the VAE: streaming decode of a steady chunk in bf16 (as the stream runs it: norms compiled; and variants:
-     the other layout of `fast_vae.CHANNELS_LAST`, side by side with the stream's, on any device; on a GPU the
+     the other layout than `fast_vae.default_layout`'s, side by side with the stream's, on any device; on a GPU the
      plain decoder and 1 latent frame per call), and the bf16 vs fp32 decode error;
   5. diffusers 0.42.1 when importable: SanaVideoTransformer3DModel (eager, and with its blocks compiled) and
      AutoencoderKLWan, same weights, same shapes, same run, with our numbers as ratios;
@@ -55,7 +55,7 @@ from longsana.benchmarks.vae import ceilings, decoder_cost, gb, sync, timed
 from longsana.cli import CUDA_ALLOC_CONF
 from longsana.config import get_config
 from longsana.engine import ChunkEngine
-from longsana.fast_vae import CHANNELS_LAST, accelerate
+from longsana.fast_vae import accelerate, default_layout
 from longsana.fp8 import to_fp8
 from longsana.model import LongSANATransformer
 from longsana.step import EagerStep
@@ -491,11 +491,12 @@ def bench_vae(pipe: Pipeline, a, hw) -> dict:
     vae, dev = pipe.vae, pipe.vae_device
     z_first = torch.randn(1, vae.cfg.z_dim, 1 + a.chunk, *hw, device=dev)
     accelerate(vae.decoder, compile=dev.type == "cuda")  # as make_step does (it has, if the stream section ran)
-    flipped = f"channels-last {'off' if CHANNELS_LAST else 'on'}"  # the other layout, side by side
-    layouts = {CHANNELS_LAST: "as the stream runs it", not CHANNELS_LAST: flipped}
-    variants = {layouts[CHANNELS_LAST]: (vae, 2, None)}  # (vae, max_latent_frames_per_call, channels_last)
+    ours = default_layout(vae.decoder)  # the stream's layout
+    flipped = f"channels-last {'off' if ours else 'on'}"  # the other layout, side by side
+    layouts = {ours: "as the stream runs it", not ours: flipped}
+    variants = {layouts[ours]: (vae, 2, None)}  # (vae, max_latent_frames_per_call, channels_last)
     if a.vae_variants:
-        variants[layouts[not CHANNELS_LAST]] = (vae, 2, not CHANNELS_LAST)
+        variants[layouts[not ours]] = (vae, 2, not ours)
     if a.vae_variants and dev.type == "cuda":
         variants["plain (no fast_vae)"] = (make_vae(vae.cfg, dev, vae.dtype), 2, None)
         variants["1 latent frame per call"] = (vae, 1, None)

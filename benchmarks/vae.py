@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
     p.add_argument("--plain", action="store_true", help="our decoder as vae.py writes it, without fast_vae")
     p.add_argument("--channels-last", choices=sorted(LAYOUTS), default="both",
                    help=f"the fast path's layouts to time (default: both; fast_vae's default: "
-                        f"{'on' if CHANNELS_LAST else 'off'})")
+                        f"{'on' if CHANNELS_LAST else 'off'} on GPUs, off on CPUs)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 for fp32 convs and matmuls (PyTorch's default for convs: on)")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True)

@@ -14,8 +14,9 @@ vae.py is the plain reference; this file changes how the same maths runs, never 
     conv input stays in that layout. cuDNN runs the decoder's 3x3x3 convs 1.3-1.5x faster so (H200), and the
     per-frame ops (the upsamplers' 2D convs, the attention) read the frames as views instead of transposed
     copies, which were ~93 ms of a chunk's decode on an H100. The uint8 frames (n, H, W, 3) are channels-last
-    anyway: to_uint8 writes them with a plain copy. On by default (CHANNELS_LAST): on the H200 a steady 10-latent
-    chunk decoded at 99.8 FPS so against 83.0 in the default layout (benchmarks/RESULTS.md, 2026-12-05).
+    anyway: to_uint8 writes them with a plain copy. On by default on GPUs (CHANNELS_LAST): on the H200 a steady
+    10-latent chunk decoded at 99.8 FPS so against 83.0 in the default layout (benchmarks/RESULTS.md, 2026-12-05);
+    CPUs keep the default layout, which is what the CPU figures were measured with.
 In eager mode the accelerated decoder computes what the reference computes, to rounding (the per-tap sums, the
 norm written as a sum of squares).
 
@@ -40,15 +41,16 @@ from .engine import compiled
 from .vae import CausalCache, CausalConv3d, ChannelRMSNorm, Decoder, Encoder, ResBlock, per_frame, per_video
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default, which ChannelRMSNorm uses
-CHANNELS_LAST = True  # accelerate's default layout, the faster of the two on the H200 (benchmarks/fps.py)
+CHANNELS_LAST = True  # accelerate's default layout on GPUs, the faster of the two on the H200 (benchmarks/fps.py)
 
 
-def accelerate(decoder: nn.Module, compile: bool, channels_last: bool = CHANNELS_LAST) -> None:
+def accelerate(decoder: nn.Module, compile: bool, channels_last: bool | None = None) -> None:
     """Install the fast path on every causal conv, norm and SiLU inside `decoder` (vae.decoder; vae.encoder works
-    too, without channels_last), in place; differentiable. Idempotent; a second call installs its own choices over
-    the first's (a StreamingDecoder keeps the cache layout of its construction: correct either way, but make it
-    after this call)."""
-    set_layout(decoder, channels_last)
+    too, without channels_last), in place; differentiable. channels_last=None: CHANNELS_LAST for a Decoder on a GPU,
+    where it was measured, else the default layout. Idempotent; a second call installs its own choices over the
+    first's (a StreamingDecoder keeps the cache layout of its construction: correct either way, but make it after
+    this call)."""
+    set_layout(decoder, default_layout(decoder) if channels_last is None else channels_last)
     prologue = compiled(norm_silu_pad) if compile else norm_silu_pad
     fused = {}
     for parent in decoder.modules():
@@ -60,6 +62,11 @@ def accelerate(decoder: nn.Module, compile: bool, channels_last: bool = CHANNELS
             conv.forward = partial(_causal_conv, conv, fused.get(conv))
         elif isinstance(conv, ResBlock) and conv.conv_shortcut is not None:
             conv.conv_shortcut.forward = partial(_conv, conv.conv_shortcut)
+
+
+def default_layout(decoder: nn.Module) -> bool:
+    """Whether `accelerate` makes `decoder` channels-last unless told: CHANNELS_LAST for a Decoder on a GPU."""
+    return CHANNELS_LAST and isinstance(decoder, Decoder) and any(p.is_cuda for p in decoder.parameters())
 
 
 def set_layout(decoder: nn.Module, channels_last: bool) -> None:

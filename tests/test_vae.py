@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from longsana.config import VAEConfig, get_config
-from longsana.fast_vae import accelerate
+from longsana.fast_vae import accelerate, default_layout
 from longsana.loading import CheckpointError
 from longsana.rewind import _host_buffers
 from longsana.testing import diffusers_vae, needs_cuda, rel_err
@@ -394,6 +394,9 @@ def test_channels_last_is_an_option(pair, clips):
                    video) <= 1e-5
     with pytest.raises(ValueError, match="channels_last is for the VAE's Decoder"):
         accelerate(vae.encoder, compile=False, channels_last=True)
+    accelerate(vae.encoder, compile=False)  # unless told: the default layout (channels-last is a GPU decoder's)
+    accelerate(vae.decoder, compile=False)
+    assert vae.decoder.memory_format == torch.contiguous_format and not default_layout(vae.decoder)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
