@@ -226,15 +226,21 @@ def stack_bytes(compiled) -> int:
     return max(int(n) for n in re.findall(r"STACK:(\d+)", usage))
 
 
-def la_shared_memory(kernel, dtype: str, block_n: int, stages: int, warps: int, arch: int) -> int:
-    """Bytes of shared memory per block a linear-attention kernel needs at head dim 112 (BLOCK_D 128)."""
+def la_compile(kernel, dtype: str, block_n: int, stages: int, warps: int, arch: int, eps: str = "fp32"):
+    """A linear-attention kernel at head dim 112 (BLOCK_D 128) compiled for sm_<arch>; eps: the type its eps
+    argument is given (a launch passes fp32, inductor fp64)."""
     exact = dtype == "fp32"
     consts = dict(D=112, BLOCK_D=128, BLOCK_N=block_n, COS_ALIGN=8, PRECISION="ieee" if exact else None,
                   HI_LO=not exact, UPCAST=False)
     fp32 = ("S_ptr", "z_ptr", "cos_ptr", "sin_ptr")
     signature = {name: ("*fp32" if name in fp32 else f"*{dtype}") if name.endswith("_ptr") else
-                 "fp32" if name == "eps" else "i32" for name in kernel.arg_names if name not in consts}
-    return compile_for(kernel, signature, consts, arch, num_warps=warps, num_stages=stages).metadata.shared
+                 eps if name == "eps" else "i32" for name in kernel.arg_names if name not in consts}
+    return compile_for(kernel, signature, consts, arch, num_warps=warps, num_stages=stages)
+
+
+def la_shared_memory(kernel, dtype: str, block_n: int, stages: int, warps: int, arch: int) -> int:
+    """Bytes of shared memory per block a linear-attention kernel needs at head dim 112 (BLOCK_D 128)."""
+    return la_compile(kernel, dtype, block_n, stages, warps, arch).metadata.shared
 
 
 def shared_memory_table() -> dict:

@@ -30,7 +30,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from longsana.benchmarks.kernels import SHARED_MEMORY, compile_for, la_shared_memory, stack_bytes  # noqa: E402
+from longsana.benchmarks.kernels import SHARED_MEMORY, compile_for, la_compile, la_shared_memory, stack_bytes  # noqa: E402,E501
 from longsana.config import TransformerConfig  # noqa: E402
 from longsana.kernels import triton_common, triton_glu_conv, triton_linear_attention, triton_ln_modulate  # noqa: E402,E501
 from longsana.kernels.glu_conv import glu_conv, glu_conv_ref  # noqa: E402
@@ -441,12 +441,7 @@ def test_ln_modulate_compiles_for_gpus_in_fp32(arch, quant):
 def test_linear_attention_output_in_fp32_under_inductor():
     """The output pass with eps typed fp64, as inductor passes a Python float: no fp64 arithmetic (its division was
     fp64 once, and the kernel 3x slower inside the compiled pass than alone)."""
-    kernel = triton_linear_attention._chunk_output_kernel
-    consts = dict(D=112, BLOCK_D=128, BLOCK_N=128, COS_ALIGN=8, PRECISION=None, HI_LO=True, UPCAST=False)
-    fp32 = ("S_ptr", "z_ptr", "cos_ptr", "sin_ptr")
-    signature = {name: ("*fp32" if name in fp32 else "*bf16") if name.endswith("_ptr") else
-                 "fp64" if name == "eps" else "i32" for name in kernel.arg_names if name not in consts}
-    compiled = compile_for(kernel, signature, consts, 90, num_warps=8, num_stages=2)
+    compiled = la_compile(triton_linear_attention._chunk_output_kernel, "bf16", 128, 2, 8, 90, eps="fp64")
     assert not FP64_MATH.findall(compiled.asm["ptx"])
 
 
