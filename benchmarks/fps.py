@@ -660,7 +660,8 @@ def main(argv=None) -> dict:
                         "x0 of each is compared with an fp32 step (bf16,fp8: side by side)")
     p.add_argument("--tune", action="store_true",
                    help="first sweep the Triton kernels' tilings at full shapes (benchmarks/kernels.py's sweep, a GPU) "
-                        "and run everything after with the best")
+                        "and run everything after with the best, and with the FFN kernel or its compiled reference, "
+                        "whichever was faster")
     p.add_argument("--json", help="also write the result to this file (after each section: a run cut short keeps "
                                   "what it measured)")
     a = p.parse_args(argv)

@@ -32,6 +32,7 @@ from longsana.config import TransformerConfig
 from longsana.kernels import triton_glu_conv as tglu
 from longsana.kernels import triton_linear_attention as tla
 from longsana.kernels import triton_ln_modulate as tln
+from longsana.kernels import glu_conv as glu_conv_module
 from longsana.kernels.glu_conv import glu_conv, glu_conv_ref
 from longsana.kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref
 from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_fp8, ln_modulate_fp8_ref, ln_modulate_ref
@@ -136,8 +137,14 @@ def sweep_all(g) -> dict:
     mods = torch.randn(B, 1, 6, D, generator=g).cuda().bfloat16()
     ln = sweep(tln, dict(rows=[1, 2, 4], num_warps=[4, 8, 16]), lambda: ln_modulate(x, mods[:, :, 0], mods[:, :, 1]))
     h, weight, bias = glu_inputs(g)
-    glu = sweep(tglu, dict(block_p=[16, 32, 64, 128], block_c=[32, 64, 128, 256], num_warps=[2, 4, 8]),
+    glu = sweep(tglu, dict(tanh_silu=[True], block_c=[16, 32, 64], num_warps=[4, 8, 16], rows=[8, 16], block_x=[32]),
                 lambda: glu_conv(h, weight, bias, *FRAME_HW, backend="triton"))
+    # the kernel or the reference compiled by inductor, whichever is faster, for "auto" in this process
+    ref_compiled = torch.compile(glu_conv_ref)
+    glu["reference_compiled_us"] = bench_us(lambda: ref_compiled(h, weight, bias, *FRAME_HW))
+    glu_conv_module.TRITON_AUTO = glu["triton_auto"] = glu["best_us"] < glu["reference_compiled_us"]
+    print(f"  inductor's reference: {glu['reference_compiled_us']:.1f} us: \"auto\" runs the "
+          f"{'kernel' if glu['triton_auto'] else 'reference'}")
     return dict(linear_attention=la, ln_modulate=ln, glu_conv=glu)
 
 
@@ -147,18 +154,23 @@ def glu_inputs(g):
 
 
 def bench_glu_conv(g) -> dict:
-    """Fused against the reference, eager and compiled (Inductor around cuDNN's depthwise conv, as the model ran
-    before the kernel); minimal bytes: h read once, the output written once."""
+    """Fused against the reference, eager and compiled (Inductor around cuDNN's depthwise conv), and with the other
+    SiLU; minimal bytes: h read once, the output written once."""
     h, weight, bias = glu_inputs(g)
     exact = glu_conv_ref(h.float(), weight.float(), bias.float(), *FRAME_HW)
     ref_compiled = torch.compile(glu_conv_ref)
+    errors, times = {}, {}
+    for name, tanh in (("triton", tglu.CONFIG.tanh_silu), ("triton_other_silu", not tglu.CONFIG.tanh_silu)):
+        tuned, tglu.CONFIG = tglu.CONFIG, dataclasses.replace(tglu.CONFIG, tanh_silu=tanh)
+        errors[name] = rel_err(glu_conv(h, weight, bias, *FRAME_HW, backend="triton"), exact)
+        times[name] = bench_us(lambda: glu_conv(h, weight, bias, *FRAME_HW, backend="triton"))
+        tglu.CONFIG = tuned
     return dict(
         bytes=h.numel() * 2 + h.numel(), floor_us=(h.numel() * 3) / PEAK_BYTES * 1e6,
-        errors=dict(reference=rel_err(glu_conv_ref(h, weight, bias, *FRAME_HW), exact),
-                    triton=rel_err(glu_conv(h, weight, bias, *FRAME_HW, backend="triton"), exact)),
+        config=dataclasses.asdict(tglu.CONFIG),
+        errors=dict(reference=rel_err(glu_conv_ref(h, weight, bias, *FRAME_HW), exact), **errors),
         times_us=dict(reference=bench_us(lambda: glu_conv_ref(h, weight, bias, *FRAME_HW)),
-                      reference_compiled=bench_us(lambda: ref_compiled(h, weight, bias, *FRAME_HW)),
-                      triton=bench_us(lambda: glu_conv(h, weight, bias, *FRAME_HW, backend="triton"))))
+                      reference_compiled=bench_us(lambda: ref_compiled(h, weight, bias, *FRAME_HW)), **times))
 
 
 def bench_ln_modulate(g, per_token: bool) -> dict:

@@ -8,11 +8,11 @@ For the up-projection's output h (B, N, 2C), tokens ordered (frame, row, column)
 
 This file holds the plain PyTorch reference, which faster implementations must match, and the entry point
 `glu_conv`, which runs the reference unless the Triton kernel (triton_glu_conv.py) is asked for by name
-(backend="triton" or LONGSANA_KERNELS=triton): on the H200 the kernel takes 1.37 ms for a block's 15,600 x 13,440
-input against 0.75 ms for the reference compiled by inductor (cuDNN's depthwise conv between fused SiLU and gate
-kernels), so inside the compiled pass the reference is the faster path (TRITON_AUTO). Its floor is 0.21 ms: the
-kernel reads each input tile once per tap (9 times, from cache), where a faster version has to reuse a halo tile.
-Either way differentiable (the Triton op's backward is the reference's).
+(backend="triton" or LONGSANA_KERNELS=triton) or TRITON_AUTO is set. The kernel reads the input once and writes the
+output once; its floor is 0.21 ms for a block's 15,600 x 13,440 input on the H200, where inductor's best around
+cuDNN's depthwise conv takes 0.75 ms. It is not yet timed on a GPU, so "auto" keeps the reference until it is
+(`benchmarks.fps --tune` times both and sets TRITON_AUTO in its own process). Either way differentiable (the Triton
+op's backward is the reference's).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from longsana.kernels.backend import HAS_TRITON, register_reference_backward, us
 if HAS_TRITON:
     from longsana.kernels.triton_glu_conv import glu_conv_triton
 
-TRITON_AUTO = False  # the Triton kernel is slower than the compiled reference on the H200 (above)
+TRITON_AUTO = False  # whether "auto" runs the kernel on GPUs: once it is measured faster than the reference
 
 
 def glu_conv_ref(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -44,7 +44,7 @@ if HAS_TRITON:
 
 def glu_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, height: int, width: int,
              backend: str | None = None) -> torch.Tensor:
-    """`glu_conv_ref`'s contract, run by the Triton kernel where `use_triton` says so (by name only, TRITON_AUTO)."""
+    """`glu_conv_ref`'s contract, run by the Triton kernel where `use_triton` says so."""
     if not use_triton(h, backend, auto=TRITON_AUTO):
         return glu_conv_ref(h, weight, bias, height, width)
     return glu_conv_triton(h, weight, bias, height, width)

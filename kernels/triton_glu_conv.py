@@ -1,10 +1,13 @@
 """Triton SiLU + depthwise 3x3 + GLU gate in one pass; the semantics are `glu_conv_ref` in glu_conv.py.
 
 Unfused, the FFN's middle reads and writes its (N, 2C) activation several times (SiLU, the convolution, and the
-layout copies around it, then the gate), about 1.9 GB a block for a 10-latent-frame chunk at 480p. Here each
-program takes a tile of pixels of one frame x a block of C output channels, reads the 9 neighbours of each pixel in
-the a and the g channels (the rows above and below come from cache: other programs read them too), keeps SiLU, the
-convolution and the gate in fp32 registers, and writes the (N, C) output once: about 0.5 GB a block.
+layout copies around it, then the gate), about 2.3 GB a block for a 10-latent-frame chunk at 480p. Here a program
+owns a strip of one frame (BLOCK_X columns x ROWS rows) for a block of C output channels (and their C gate channels)
+and sweeps it top to bottom: each input row is read once from memory (its left and right neighbours again, from L1),
+SiLU'd, and weighed by the three kernel rows at once, into the three output rows it touches; the row above it is
+then complete, gated and written. The two rolling accumulators stay in fp32 registers, so the input is read once
+and the output written once: about 0.63 GB a block. An earlier version read each pixel's 9 neighbours per output
+tile, 9 reads of every input row from cache, and was slower than the unfused code (1.37 against 0.75 ms, H200).
 """
 
 from __future__ import annotations
@@ -21,45 +24,74 @@ from longsana.kernels import triton_common
 
 @dataclass
 class GluConvConfig:
-    """Tiling, the best of benchmarks/kernels.py --sweep on the H200 (1.37 ms; 32 x 128: 1.84 ms)."""
-    block_p: int = 16  # pixels of one frame per program
-    block_c: int = 128  # output channels per program
-    num_warps: int = 4
+    """Tiling (benchmarks/kernels.py --sweep tunes it on a GPU)."""
+    block_x: int = 64  # columns per strip: a whole 52-pixel row at 480p, so no column is read by two programs
+    block_c: int = 32  # output channels per program
+    rows: int = 32  # output rows per strip: a whole 30-row frame at 480p; fewer give more, shorter programs
+    num_warps: int = 8  # 8 elements of a tile per thread: at 16 (4 warps) the accumulators spill on sm_90
+    tanh_silu: bool = False  # SiLU through the GPU's tanh.approx: one special-function op instead of exp and a
+    # reciprocal (each input element goes through SiLU 3 times, once per column shift); not under the interpreter
 
 
 CONFIG = GluConvConfig()
 
 
 @triton.jit
-def _silu(x):
+def _silu(x, TANH: tl.constexpr = False):
+    if TANH:  # x * sigmoid(x), sigmoid(x) = (1 + tanh(x / 2)) / 2
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [0.5 * x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        return 0.5 * x * (1.0 + t)
     return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _sweep_row(above, level, bias, row_ptr, xs, W, C2, c, c_ok, in_frame, w_ptr, TANH: tl.constexpr):
+    """Input row r (columns xs - 1, xs, xs + 1; zero outside the frame), SiLU'd, into the accumulators of output rows
+    r - 1 (`above`: complete after it) and r, and a new one for row r + 1. w_ptr: the (C2, 9) taps, row-major."""
+    below = bias
+    for dx in tl.static_range(3):
+        x = xs + dx - 1
+        ok = (in_frame & (x >= 0) & (x < W))[:, None] & c_ok[None, :]
+        s = _silu(tl.load(row_ptr + x[:, None] * C2 + c[None, :], mask=ok, other=0.0).to(tl.float32), TANH)
+        below += s * tl.load(w_ptr + c * 9 + dx, mask=c_ok, other=0.0).to(tl.float32)[None, :]  # kernel row 0
+        level += s * tl.load(w_ptr + c * 9 + 3 + dx, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        above += s * tl.load(w_ptr + c * 9 + 6 + dx, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    return above, level, below
 
 
 @triton.jit
 def _glu_conv_kernel(
     h_ptr, w_ptr, b_ptr, o_ptr,  # h: (frames, H*W, 2C) contiguous; w: (2C, 9); b: (2C,); o: (frames, H*W, C)
     H, W, C,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, TANH: tl.constexpr,
 ):
-    frame, tile, cblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)  # pixels of the frame, row-major
-    c = cblock * BLOCK_C + tl.arange(0, BLOCK_C)  # output channels: a is channel c of h, g is channel C + c
-    y, x = p // W, p % W
-    p_ok, c_ok = p < H * W, c < C
+    frame, strip, cblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    strips_x = tl.cdiv(W, BLOCK_X)
+    y0 = (strip // strips_x) * ROWS
+    xs = (strip % strips_x) * BLOCK_X + tl.arange(0, BLOCK_X)
+    c = cblock * BLOCK_C + tl.arange(0, BLOCK_C)  # a is channel c of h, its gate g channel C + c
+    c_ok = c < C
     h_frame = h_ptr + frame.to(tl.int64) * H * W * 2 * C  # 64-bit: a batch of chunks may pass 2^31 elements
-    a = tl.zeros((BLOCK_P, BLOCK_C), tl.float32) + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    g = tl.zeros((BLOCK_P, BLOCK_C), tl.float32) + tl.load(b_ptr + C + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    for t in range(9):  # a loop, not unrolled: unrolled, all 18 tile loads are kept in flight and spill
-        yy, xx = y + t // 3 - 1, x + t % 3 - 1
-        inside = p_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)  # outside: the zero padding
-        ok = inside[:, None] & c_ok[None, :]
-        at = h_frame + (yy * W + xx)[:, None] * 2 * C + c[None, :]
-        wa = tl.load(w_ptr + c * 9 + t, mask=c_ok, other=0.0).to(tl.float32)
-        wg = tl.load(w_ptr + (C + c) * 9 + t, mask=c_ok, other=0.0).to(tl.float32)
-        a += _silu(tl.load(at, mask=ok, other=0.0).to(tl.float32)) * wa[None, :]
-        g += _silu(tl.load(at + C, mask=ok, other=0.0).to(tl.float32)) * wg[None, :]
-    out = o_ptr + (frame.to(tl.int64) * H * W + p)[:, None] * C + c[None, :]
-    tl.store(out, (a * _silu(g)).to(o_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+    o_frame = o_ptr + frame.to(tl.int64) * H * W * C
+    zero = tl.zeros((BLOCK_X, BLOCK_C), tl.float32)
+    bias_a = zero + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    bias_g = zero + tl.load(b_ptr + C + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    # step r reads input row r; before it, (above, level) accumulate output rows r - 1 and r
+    above_a, level_a, above_g, level_g = zero, bias_a, zero, bias_g
+    for r in range(y0 - 1, y0 + ROWS + 1):
+        rr = xs * 0 + r  # (a vector: the interpreter's masks take no scalar comparisons)
+        in_frame = (rr >= 0) & (rr < H)
+        row = h_frame + r * W * 2 * C
+        a, level_a, below_a = _sweep_row(above_a, level_a, bias_a, row, xs, W, 2 * C, c, c_ok, in_frame, w_ptr,
+                                         TANH)
+        g, level_g, below_g = _sweep_row(above_g, level_g, bias_g, row, xs, W, 2 * C, C + c, c_ok, in_frame,
+                                         w_ptr, TANH)
+        y = rr - 1  # complete: store it if it is one of this strip's rows
+        ok = ((y >= y0) & (y < H) & (y < y0 + ROWS) & (xs < W))[:, None] & c_ok[None, :]
+        tl.store(o_frame + (y * W + xs)[:, None] * C + c[None, :], (a * _silu(g)).to(o_ptr.dtype.element_ty),
+                 mask=ok)
+        above_a, level_a, above_g, level_g = level_a, below_a, level_g, below_g
 
 
 @triton_op("longsana::glu_conv", mutates_args=())
@@ -73,8 +105,9 @@ def glu_conv_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, h
     h = h.contiguous()
     frames, C = B * N // (height * width), C2 // 2
     o = triton_common.empty((B, N, C), h.dtype, h.device)
-    grid = (frames, triton.cdiv(height * width, CONFIG.block_p), triton.cdiv(C, CONFIG.block_c))
+    strips = triton.cdiv(height, CONFIG.rows) * triton.cdiv(width, CONFIG.block_x)
+    grid = (frames, strips, triton.cdiv(C, CONFIG.block_c))
     wrap_triton(_glu_conv_kernel)[grid](h, weight.reshape(C2, 9).contiguous(), bias.contiguous(), o,
-                                        height, width, C, BLOCK_P=CONFIG.block_p, BLOCK_C=CONFIG.block_c,
-                                        num_warps=CONFIG.num_warps)
+                                        height, width, C, BLOCK_X=CONFIG.block_x, BLOCK_C=CONFIG.block_c,
+                                        ROWS=CONFIG.rows, TANH=CONFIG.tanh_silu, num_warps=CONFIG.num_warps)
     return o

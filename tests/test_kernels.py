@@ -81,7 +81,7 @@ def poisoned_small(monkeypatch):
     small = triton_linear_attention.LinearAttentionConfig(state_block_n=32, state_programs=4, out_block_n=32,
                                                           out_tokens=64)
     monkeypatch.setattr(triton_linear_attention, "CONFIG", small)
-    monkeypatch.setattr(triton_glu_conv, "CONFIG", triton_glu_conv.GluConvConfig(block_p=16, block_c=32))
+    monkeypatch.setattr(triton_glu_conv, "CONFIG", triton_glu_conv.GluConvConfig(block_x=4, block_c=32, rows=3))
 
 
 @pytest.fixture(autouse=True)
@@ -399,15 +399,16 @@ def test_what_no_tile_fits_runs_the_reference():
 
 
 @pytest.mark.skipif(INTERPRETER, reason="compiles for a GPU; needs no interpreter")
-def test_glu_conv_compiles_for_hopper_without_spills():
-    """The FFN kernel, tuned tiling, through Triton's compiler and ptxas for sm_90 (no GPU needed), with the
-    alignment Triton sees at the full model's launch: no register spills (stack 0), which made an earlier, unrolled
-    version 12x slower than unfused code on the H200."""
+@pytest.mark.parametrize("tanh", [False, True])
+def test_glu_conv_compiles_for_hopper_without_spills(tanh):
+    """The FFN kernel, default tiling, either SiLU, through Triton's compiler and ptxas for sm_90 (no GPU needed),
+    with the alignment Triton sees at the full model's launch: no register spills (stack 0), which made an earlier
+    kernel 12x slower than unfused code on the H200."""
     tuned = triton_glu_conv.GluConvConfig()
     signature = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "o_ptr": "*bf16", "H": "i32", "W": "i32",
                  "C": "i32"}
     compiled = compile_for(triton_glu_conv._glu_conv_kernel, signature,
-                           dict(BLOCK_P=tuned.block_p, BLOCK_C=tuned.block_c), 90,
+                           dict(BLOCK_X=tuned.block_x, BLOCK_C=tuned.block_c, ROWS=tuned.rows, TANH=tanh), 90,
                            divisible=("h_ptr", "w_ptr", "b_ptr", "o_ptr", "C"), num_warps=tuned.num_warps)
     assert stack_bytes(compiled) == 0
 
@@ -502,8 +503,10 @@ def test_linear_attention_full_shape_fp32(tuned):
 
 
 @needs_cuda
-def test_glu_conv_full_shape():
-    """The FFN's middle of a 10-latent-frame chunk at 480p: 10 frames of 30 x 52 tokens, 2C = 13440."""
+@pytest.mark.parametrize("tanh", [False, True])
+def test_glu_conv_full_shape(tanh, monkeypatch):
+    """The FFN's middle of a 10-latent-frame chunk at 480p: 10 frames of 30 x 52 tokens, 2C = 13440; either SiLU."""
+    monkeypatch.setattr(triton_glu_conv, "CONFIG", triton_glu_conv.GluConvConfig(tanh_silu=tanh))
     h, weight, bias = glu_inputs(1, 10, 30, 52, TransformerConfig().ffn_dim, torch.bfloat16,
                                  torch.Generator().manual_seed(6))
     o = glu_conv(h, weight, bias, 30, 52, backend="triton")
