@@ -16,9 +16,23 @@ vae.py is the plain reference; this file changes how the same maths runs, never 
     copies, which were ~93 ms of a chunk's decode on an H100. The uint8 frames (n, H, W, 3) are channels-last
     anyway: to_uint8 writes them with a plain copy. On by default on GPUs (CHANNELS_LAST): on the H200 a steady
     10-latent chunk decoded at 99.8 FPS so against 83.0 in the default layout (benchmarks/RESULTS.md, 2026-12-05);
-    CPUs keep the default layout, which is what the CPU figures were measured with.
+    CPUs keep the default layout, which is what the CPU figures were measured with;
+  - an upsampler's nearest 2x upsampling and 3x3 conv run as one transposed conv of the small frames
+    (`_upsample_conv`): 4 taps per output pixel instead of 9, and no upsampled copy, whose kernel alone took 32.6
+    ms of a steady chunk's 386 ms decode on the H200.
 In eager mode the accelerated decoder computes what the reference computes, to rounding (the per-tap sums, the
 norm written as a sum of squares).
+
+Biases: cuDNN convolves without one, and ATen then adds it in a pass of its own, a broadcast add, which
+TensorIterator runs as a generic (non-vectorized) elementwise kernel: one per conv, 39 per 2-frame decode call. By
+their count (195 in 5 calls) and bytes, traced on a CPU, these are the 52.9 ms of generic elementwise kernels in a
+steady 10-latent chunk's 386 ms at 480p on the H200 (bf16, compiled; not yet timed without them). So a ResBlock's
+two convs (28 of the 39, 83% of those bytes) run without theirs: conv1's is added by conv2's prologue, which reads
+conv1's output anyway, and conv2's by the residual add, with the shortcut (`bias_residual`, compiled like the
+prologues: one pass). On a GPU in eager mode these are the same bf16 additions in the same order (on CPUs the
+per-tap sums add the bias last instead of first); compiled, the sums stay in fp32 inside the fused pass, as the
+norm's do. The other convs keep theirs: no single fused pass reads their outputs (an upsampler's output is both a
+prologue's input and a residual).
 
 The causal padding stays a cat of the cache frames and the input (the issue's "read the cache in place" is not
 done): compiled, the cat is written by the prologue's one fused pass, which has to write the conv's padded input
@@ -38,30 +52,36 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .engine import compiled
-from .vae import CausalCache, CausalConv3d, ChannelRMSNorm, Decoder, Encoder, ResBlock, per_frame, per_video
+from .vae import (CausalCache, CausalConv3d, ChannelRMSNorm, Decoder, Encoder, Resample, ResBlock, memory_format_of,
+                  per_frame, per_video)
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default, which ChannelRMSNorm uses
 CHANNELS_LAST = True  # accelerate's default layout on GPUs, the faster of the two on the H200 (benchmarks/fps.py)
 
 
 def accelerate(decoder: nn.Module, compile: bool, channels_last: bool | None = None) -> None:
-    """Install the fast path on every causal conv, norm and SiLU inside `decoder` (vae.decoder; vae.encoder works
-    too, without channels_last), in place; differentiable. channels_last=None: CHANNELS_LAST for a Decoder on a GPU,
-    where it was measured, else the default layout. Idempotent; a second call installs its own choices over the
-    first's (a StreamingDecoder keeps the cache layout of its construction: correct either way, but make it after
-    this call)."""
+    """Install the fast path on every causal conv, norm, SiLU and ResBlock inside `decoder` (vae.decoder;
+    vae.encoder works too, without channels_last), in place; differentiable. channels_last=None: CHANNELS_LAST for a
+    Decoder on a GPU, where it was measured, else the default layout. Idempotent; a second call installs its own
+    choices over the first's (a StreamingDecoder keeps the cache layout of its construction: correct either way, but
+    make it after this call)."""
     set_layout(decoder, default_layout(decoder) if channels_last is None else channels_last)
-    prologue = compiled(norm_silu_pad) if compile else norm_silu_pad
+    prologue, residual = (compiled(f) if compile else f for f in (norm_silu_pad, bias_residual))
     fused = {}
     for parent in decoder.modules():
-        for norm, act, conv in _prologues(parent):
-            fused[conv] = partial(prologue, norm)
+        for norm, act, conv, bias_of in _prologues(parent):
+            fused[conv] = partial(prologue, norm, bias_of)
             norm.forward = act.forward = _pass_through
-    for conv in decoder.modules():
-        if isinstance(conv, CausalConv3d):
-            conv.forward = partial(_causal_conv, conv, fused.get(conv))
-        elif isinstance(conv, ResBlock) and conv.conv_shortcut is not None:
-            conv.conv_shortcut.forward = partial(_conv, conv.conv_shortcut)
+    unbiased = {c for b in decoder.modules() if isinstance(b, ResBlock) for c in (b.conv1, b.conv2)}
+    for m in decoder.modules():
+        if isinstance(m, CausalConv3d):
+            m.forward = partial(_causal_conv, m, fused.get(m), m not in unbiased)
+        elif isinstance(m, ResBlock):
+            m.forward = partial(_res_block, m, residual)
+            if m.conv_shortcut is not None:
+                m.conv_shortcut.forward = partial(_conv, m.conv_shortcut)
+        elif isinstance(m, Resample) and m.mode.startswith("up"):
+            m.resample.forward = partial(_upsample_conv, m.resample[1])
 
 
 def default_layout(decoder: nn.Module) -> bool:
@@ -83,21 +103,36 @@ def set_layout(decoder: nn.Module, channels_last: bool) -> None:
         decoder.memory_format = layouts.get(5, torch.contiguous_format)
 
 
-def norm_silu_pad(norm: ChannelRMSNorm, x: Tensor, past: Tensor) -> Tensor:
-    """cat([past, silu(norm(x))]) along time: what a causal conv behind a norm and a SiLU convolves. The norm is
-    ChannelRMSNorm's, F.normalize's x / max(||x||, eps) written as x * rsqrt(max(sum x^2, eps^2)): the same to
-    rounding, and a plain sum over channels, which CPUs run ~10x faster than the vector norm."""
+def norm_silu_pad(norm: ChannelRMSNorm, bias_of: nn.Conv3d | None, x: Tensor, past: Tensor) -> Tensor:
+    """cat([past, silu(norm(x))]) along time: what a causal conv behind a norm and a SiLU convolves; x is first
+    completed by the bias of `bias_of`, the conv that computed it without. The norm is ChannelRMSNorm's, F.normalize's
+    x / max(||x||, eps) written as x * rsqrt(max(sum x^2, eps^2)): the same to rounding, and a plain sum over
+    channels, which CPUs run ~10x faster than the vector norm."""
+    if bias_of is not None:
+        x = x + _per_channel(bias_of.bias, x)
     xf = x.float()
     y = (xf * xf.square().sum(1, keepdim=True).clamp_min_(NORMALIZE_EPS**2).rsqrt_()).to(x.dtype)
     return torch.cat([past, F.silu(y * (norm.gamma * norm.scale), inplace=True)], dim=2)
 
 
-def _prologues(module: nn.Module) -> list[tuple[ChannelRMSNorm, nn.SiLU, CausalConv3d]]:
-    """The (norm, SiLU, conv) chains of one module of the VAE, as its forward runs them."""
+def bias_residual(x: Tensor, bias: Tensor, h: Tensor) -> Tensor:
+    """x + bias + h in place: a conv's output without its bias, completed by it and the shortcut h."""
+    return x.add_(_per_channel(bias, x)).add_(h)
+
+
+def _per_channel(bias: Tensor, x: Tensor) -> Tensor:
+    """A conv's (C,) bias shaped to broadcast over x's channels (dim 1)."""
+    return bias.view(-1, *(1,) * (x.dim() - 2))
+
+
+def _prologues(module: nn.Module) -> list[tuple[ChannelRMSNorm, nn.SiLU, CausalConv3d, CausalConv3d | None]]:
+    """The (norm, SiLU, conv, conv whose bias the prologue adds) chains of one module of the VAE, as its forward
+    runs them."""
     if isinstance(module, ResBlock):
-        return [(module.norm1, module.nonlinearity, module.conv1), (module.norm2, module.nonlinearity, module.conv2)]
+        return [(module.norm1, module.nonlinearity, module.conv1, None),
+                (module.norm2, module.nonlinearity, module.conv2, module.conv1)]
     if isinstance(module, (Encoder, Decoder)):
-        return [(module.norm_out, module.nonlinearity, module.conv_out)]
+        return [(module.norm_out, module.nonlinearity, module.conv_out, None)]
     return []
 
 
@@ -105,27 +140,55 @@ def _pass_through(x: Tensor) -> Tensor:
     return x
 
 
-def _causal_conv(conv: CausalConv3d, prologue, x: Tensor, cache: CausalCache) -> Tensor:
-    """CausalConv3d.forward, the padding done by `prologue(x, past)` when given, per tap on CPU inputs."""
+def _res_block(block: ResBlock, residual, x: Tensor, cache: CausalCache) -> Tensor:
+    """ResBlock.forward, its convs without their biases: conv2's prologue adds conv1's, `residual` conv2's."""
+    h = x if block.conv_shortcut is None else block.conv_shortcut(x)
+    x = block.conv2(block.conv1(x, cache), cache)  # the norms and the SiLU: the convs' prologues
+    return residual(x, block.conv2.bias, h)
+
+
+def _causal_conv(conv: CausalConv3d, prologue, biased: bool, x: Tensor, cache: CausalCache) -> Tensor:
+    """CausalConv3d.forward, the padding done by `prologue(x, past)` when given, per tap on CPU inputs; without the
+    bias unless `biased` (the reader of the output adds it)."""
     n = conv.kernel_size[0] - 1
     past = cache.left(conv, x, n)
     x = torch.cat([past, x], dim=2) if prologue is None else prologue(x, past)
     past.copy_(x[:, :, -n:])
-    return _conv(conv, x)
+    return _conv(conv, x, biased)
 
 
-def _conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
+def _conv(conv: nn.Conv3d, x: Tensor, biased: bool = True) -> Tensor:
     """A stride-1 conv unpadded in time: cuDNN on a GPU, per tap on CPUs (also for the 1x1x1 shortcuts: a
     single-threaded CPU conv3d returns them in the default layout whatever the input's)."""
-    return F.conv3d(x, conv.weight, conv.bias, padding=conv.padding) if x.is_cuda else _per_tap(conv, x)
+    bias = conv.bias if biased else None
+    return F.conv3d(x, conv.weight, bias, padding=conv.padding) if x.is_cuda else _per_tap(conv, x, bias)
 
 
-def _per_tap(conv: nn.Conv3d, x: Tensor) -> Tensor:
+def _upsample_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """Resample's nearest 2x upsampling of frames x (N, C, H, W), then `conv` (3x3, padding 1), as one transposed
+    conv of the small frames, 4x4 at stride 2: output row 2a + p sees input rows a - 1 + p and a + p only, with the
+    3x3 kernel's rows 0 | 1 + 2 (p = 0) or 0 + 1 | 2 (p = 1) summed onto them, and columns alike. 4 taps per output
+    pixel instead of 9, and no upsampled copy of x; the same up to rounding (the summed taps, rounded once to the
+    weight's dtype). The kernel is made from the conv's weight at each call: stays differentiable and current."""
+    w = conv.weight.to(torch.promote_types(conv.weight.dtype, torch.float32))  # the sums in fp32 at least
+    w = _transposed_taps(_transposed_taps(w, 2), 3).transpose(0, 1).to(conv.weight.dtype)
+    return F.conv_transpose2d(x, w.contiguous(memory_format=memory_format_of(x)), conv.bias, stride=2, padding=1)
+
+
+def _transposed_taps(w: Tensor, dim: int) -> Tensor:
+    """A 3x3 kernel's 3 taps along `dim` -> the 4 of `_upsample_conv`'s transposed kernel: conv_transpose2d (stride 2,
+    padding 1) takes tap k of input row i to output row 2i - 1 + k, so row 2a reads row a through tap 1 and row a - 1
+    through tap 3, and row 2a + 1 row a through tap 2 and row a + 1 through tap 0."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+
+def _per_tap(conv: nn.Conv3d, x: Tensor, bias: Tensor | None) -> Tensor:
     """The conv (stride 1, unpadded or already padded in time) as one 2D conv per time tap, summed."""
     T_out = x.shape[2] - conv.kernel_size[0] + 1
     out = None
     for k in range(conv.kernel_size[0]):
-        y = F.conv2d(per_frame(x[:, :, k:k + T_out]), conv.weight[:, :, k], conv.bias if k == 0 else None,
+        y = F.conv2d(per_frame(x[:, :, k:k + T_out]), conv.weight[:, :, k], bias if k == 0 else None,
                      padding=conv.padding[1:])
         out = y if out is None else out.add_(y)
     return per_video(out, x.shape[0])

@@ -14,14 +14,15 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from longsana.config import VAEConfig, get_config
-from longsana.fast_vae import accelerate, default_layout
+from longsana.fast_vae import _upsample_conv, accelerate, default_layout
 from longsana.loading import CheckpointError
 from longsana.rewind import _host_buffers
 from longsana.testing import diffusers_vae, needs_cuda, rel_err
-from longsana.vae import (CausalCache, ChannelRMSNorm, StreamingDecoder, WanVAE, load_vae, original_to_diffusers,
+from longsana.vae import (CausalCache, ResBlock, StreamingDecoder, WanVAE, load_vae, original_to_diffusers,
                           to_uint8)
 
 CFG = get_config("tiny").vae  # base 8, dim_mult (1, 2, 2, 2), 1 res block: shortcuts in 2 decoder blocks
@@ -160,8 +161,8 @@ def test_snapshot_restore_and_reset(vaes, clips, which):
     host.frames = dict(zip(dec.cache.frames, _host_buffers(list(dec.cache.frames.values()))))
     host.copy_(dec.cache)  # as HostCopy.take does
     assert snap.nbytes == dec.nbytes and snap.t == 3
-    for copy in (snap_cpu, host):
-        assert all(a.stride() == b.stride() for a, b in zip(copy.frames.values(), dec.cache.frames.values()))
+    for snapshot in (snap_cpu, host):
+        assert all(a.stride() == b.stride() for a, b in zip(snapshot.frames.values(), dec.cache.frames.values()))
     nxt = dec.decode(z_norm[:, :, 3:6])
     for restore_from in (snap, snap_cpu, host):
         dec.decode(z_norm[:, :, 6:])
@@ -311,6 +312,47 @@ def test_accelerated_decoder_equals_plain(pair):
     assert not torch.equal(got, plain)  # the per-tap sums: rounding differs, so the fast path did run
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsampling_conv_is_one_transposed_conv(layout):
+    """The upsamplers' nearest 2x + 3x3 conv as fast_vae runs it, one 4x4 transposed conv at stride 2, against the
+    two steps in fp64, on frames as small as 1 x 1 (the zero padding at every edge), in either layout."""
+    g = torch.Generator().manual_seed(3)
+    conv = torch.nn.Conv2d(6, 3, 3, padding=1).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        conv.bias.copy_(torch.randn(3, generator=g))
+    conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+    for h, w in ((1, 1), (5, 7), (2, 9)):
+        x = torch.randn(2, 6, h, w, generator=g, dtype=torch.float64).contiguous(memory_format=layout)
+        want = conv(F.interpolate(x, scale_factor=2.0, mode="nearest-exact"))
+        got = _upsample_conv(conv, x)
+        assert got.shape == want.shape and rel_err(got, want) < 1e-12
+        assert got.is_contiguous(memory_format=layout) or h * w == 1  # (1 x 1 frames are in both layouts at once)
+
+
+def test_resblock_convs_leave_their_bias_to_their_readers(vaes, clips):
+    """On the fast path a ResBlock's convs run without bias (cuDNN has none: ATen adds it in a generic elementwise
+    pass of its own), conv2's prologue adding conv1's and the residual add conv2's; every other conv keeps its own.
+    The decode is the same (test_streaming_equals_whole_clip)."""
+    vae = vaes["channels-last"]
+    blocks = [m for m in vae.decoder.modules() if isinstance(m, ResBlock)]
+    deferred = {c.bias.data_ptr() for b in blocks for c in (b.conv1, b.conv2)}
+    others = {m.bias.data_ptr() for m in vae.decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))}
+    others -= deferred
+    used = []
+
+    class BiasLog(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default and args[2] is not None:
+                used.append(args[2].data_ptr())
+            return func(*args, **(kwargs or {}))
+
+    dec = StreamingDecoder(vae, H, W, batch=B)
+    with BiasLog():
+        dec.decode(clips[7][0][:, :, :3])
+    assert not deferred & set(used) and others <= set(used)
+
+
 class LayoutLog(TorchDispatchMode):
     """What runs inside `decoder`'s forward: whether each conv's input, weight and output are channels-last, and
     the shape of every copy that changes the order of the elements (a clone, copy_ or _to_copy whose source and
@@ -359,7 +401,8 @@ def test_channels_last_from_entry_to_exit(vaes, clips):
     of 2: slices in time are not views there) reads channels-last weights and input and writes channels-last
     output, and the only copy inside the decoder that changes a video tensor's layout is the latents' on entry,
     one per call (the 6D copies are upsample3d's interleaving of each time-conv output's two frames, a copy in
-    any layout). The reference, in PyTorch's default layout, transposes around every per-frame op."""
+    any layout; the 4D ones of 4 x 4, the upsamplers' transposed kernels made from their weights). The reference,
+    in PyTorch's default layout, transposes around every per-frame op."""
     z_norm, _ = clips[7]
     logs, frames = {}, {}
     for which, vae in vaes.items():
@@ -369,7 +412,8 @@ def test_channels_last_from_entry_to_exit(vaes, clips):
         logs[which] = log
     log = logs["channels-last"]
     assert log.calls == 4 and len(log.convs) > 100 and all(all(c) for c in log.convs)  # pieces: 1, 2 | 2, 2
-    video = [s for s in log.conversions if len(s) != 6]
+    # not video: upsample3d's 6D interleave, and the upsamplers' transposed 4x4 kernels, made from their weights
+    video = [s for s in log.conversions if len(s) != 6 and s[-2:] != (4, 4)]
     assert len(video) == log.calls and all(s[1] == CFG.z_dim for s in video)  # the latents, on entry
     plain = logs["plain"]  # the upsamplers' 2D convs alone: a transpose in and one out, after the first frame
     assert sum(len(s) == 5 for s in plain.conversions) >= 6 * (plain.calls - 1) and not all(map(all, plain.convs))
@@ -401,24 +445,27 @@ def test_channels_last_is_an_option(pair, clips):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compiled_accelerated_decoder_decodes_as_eager(pair, clips, monkeypatch, channels_last):
-    """accelerate(compile=True) traces norm + SiLU + causal padding as one region (inductor on a GPU;
-    aot_eager here, which runs the traced graph): a streaming decode through it equals diffusers' whole-clip
-    decode, in either layout."""
+    """accelerate(compile=True) traces norm + SiLU + causal padding as one region, and a ResBlock's bias + residual
+    add as another (inductor on a GPU; aot_eager here, which runs the traced graph): a streaming decode through it
+    equals diffusers' whole-clip decode, in either layout; the modules share the graphs."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from longsana import engine
+    from longsana import engine, fast_vae
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     monkeypatch.setitem(engine.COMPILE_OPTIONS, "backend", counter)
+    calls = []  # one per call of a compiled function
+    compile_ = fast_vae.compiled
+    monkeypatch.setattr(fast_vae, "compiled", lambda fn: lambda *a: calls.append(fn) or compile_(fn)(*a))
     vae = copy.deepcopy(pair[1])
     accelerate(vae.decoder, compile=True, channels_last=channels_last)
     z_norm, video = clips[7]
     dec = StreamingDecoder(vae, H, W, batch=B, max_latent_frames_per_call=2)
     got = torch.cat([dec.decode_float(z_norm[:, :, :3]), dec.decode_float(z_norm[:, :, 3:])], dim=2)
     assert rel_err(got, video) <= 1e-5
-    graphs = counter.frame_count  # one per activation shape, shared by the norms
-    assert 0 < graphs < sum(1 for m in vae.decoder.modules() if isinstance(m, ChannelRMSNorm))
+    graphs = counter.frame_count  # one per input shape (and bias or none), not per module
+    assert 0 < graphs < 2 * len(calls) / 4  # 4 decoder calls: pieces of 1, then 2 frames
     accelerate(vae.decoder, compile=True, channels_last=channels_last)  # idempotent: the same function, no new graph
     dec.reset()
     assert torch.equal(dec.decode_float(z_norm[:, :, :3]), got[:, :, :9]) and counter.frame_count == graphs
