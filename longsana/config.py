@@ -170,7 +170,8 @@ class ModelSpec:
     fps: int = 16  # video frames per second the model was trained for
     height: int = 480  # default video size in pixels
     width: int = 832
-    fps: int = 16  # video frames per second the model was trained for
+    forget_on_switch: bool = False  # a prompt switch drops the attention's memory of the frames before the ones
+    # it re-caches (StreamSettings.forget_on_switch)
     weights: str | None = None  # official release name, for messages
 
 

@@ -280,6 +280,12 @@ class State:
         for a in self.tensors():
             a.zero_()
 
+    def forget(self) -> None:
+        """Drop the attention's memory of every frame so far (S, z); the temporal conv's last frame (tail), which
+        the next frames continue from, stays."""
+        self.S.zero_()
+        self.z.zero_()
+
     def snapshot(self, device=None) -> State:
         """A copy (optionally on another device)."""
         return State(*(a.to(device=device, copy=True) for a in self.tensors()))

@@ -15,7 +15,8 @@ The previous chunk's clean-context pass runs at the start of the NEXT chunk rath
 frames go out one pass earlier, and the LongLive prompt "re-cache" is free: a prompt switched before chunk c is in
 force when chunk c-1's clean-context pass runs, which is exactly "rebuild the state before c-1 and re-run c-1's
 clean-context pass with the new prompt". Older chunks keep their old-prompt contribution (a sum cannot be
-un-mixed).
+un-mixed), unless `forget_on_switch` drops them where the switch lands (the state then holds the re-cached frames
+only, as a re-cached window would).
 
 Switches and rewinds land on any latent frame L, not only on chunk boundaries. A switch names the video frame on
 screen; it lands at the first latent boundary a lead after it (the time to make the new frames), so the video goes
@@ -66,11 +67,14 @@ SEED_STRIDE = 1_000_003  # chunk c of a stream seeded s draws its noise from see
 
 @dataclass
 class StreamSettings:
-    """How a stream runs. The first three come from the model (`from_spec`); the rest are choices of speed."""
+    """How a stream runs. The first four come from the model (`from_spec`); the rest are choices of speed."""
 
     chunk_frames: int  # latent frames per chunk; the first chunk has one more (1 + 4k video frames)
     timesteps: tuple[float, ...]  # the causal sampler's levels
     motion_score: int
+    forget_on_switch: bool = False  # a prompt switch drops the state's memory of the frames before the ones it
+    # re-caches with the new prompt (as a sliding-window cache re-cached at a switch, LongLive's, holds only recent
+    # frames): the new prompt takes over sooner, from the frames on screen; off, the old frames stay in the state
     bf16_timesteps: bool = False  # feed the bf16-rounded t the official sampler feeds (1000, 960, 888, 728)
     rewind_seconds: float = 10.0  # how far back from the screen a rewind reaches (rewind.points_for: at 480p with
     # 2.5 s chunks 8 points of about 2 GB host memory each; 3 s or 0 still let a switch split any chunk ahead)
@@ -84,7 +88,8 @@ class StreamSettings:
     @classmethod
     def from_spec(cls, spec: ModelSpec, **overrides) -> StreamSettings:
         """The model's settings, then `overrides` (a None keeps the default)."""
-        s = cls(spec.chunk_frames, tuple(map(float, spec.denoise_timesteps)), spec.motion_score)
+        s = cls(spec.chunk_frames, tuple(map(float, spec.denoise_timesteps)), spec.motion_score,
+                spec.forget_on_switch)
         known = {f.name for f in fields(cls)}
         if unknown := set(overrides) - known:
             raise TypeError(f"unknown stream settings: {', '.join(sorted(unknown))}")
@@ -400,6 +405,9 @@ class Stream:
             self._go_to(at)
         if r.prompt is not None and r.prompt != self.cue.prompt:
             self.cue = Cue(r.prompt, self.cue.seq + 1, self.cue.prompt, self.video_frame(at), r.transition_frames)
+            if self.settings.forget_on_switch:
+                self.step.cancel()  # (work started ahead holds the old state: put it back first)
+                self.step.state.forget()
         self.request = r.id
 
     def _go_to(self, at: int) -> None:

@@ -136,12 +136,13 @@ def save_pipeline(pipe, folder):
 SWITCH_PROMPTS = ("a red circle moving left", "two yellow squares bouncing")
 
 
-def switch_schedule(pipe, compile: bool):
+def switch_schedule(pipe, compile: bool, **settings):
     """9 chunks of a tiny-model stream through a switch inside a made chunk, a rewind inside a chunk, and a switch
     known ahead that cuts a chunk as it is made (with a transition); the engine speculates the chunk after each one
-    that is not cut. Returns the stream and its chunks, for comparisons of two ways of running it."""
+    that is not cut. Returns the stream and its chunks, for comparisons of two ways of running it. settings: more
+    StreamSettings."""
     P, Q = SWITCH_PROMPTS
-    stream = pipe.stream(P, seed=5, compile=compile, early_first_frame=False, switch_lead=0)
+    stream = pipe.stream(P, seed=5, compile=compile, early_first_frame=False, switch_lead=0, **settings)
     it, out = iter(stream), []
     for i in range(9):
         out.append(next(it))

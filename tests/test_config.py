@@ -34,7 +34,7 @@ EXPECTED = {
                       VAEConfig(base_dim=8, dim_mult=(1, 2, 4, 4), num_res_blocks=1, latents_mean=(0.0,) * 16,
                                 latents_std=(1.0,) * 16),
                       causal=True, chunk_frames=3, denoise_timesteps=(1000, 960, 889, 727), motion_score=10,
-                      height=64, width=64, fps=16),
+                      height=64, width=64, fps=16, forget_on_switch=True),
 }
 MODELS = resources.files("longsana.configs") / "models"
 

@@ -170,9 +170,9 @@ def pipe():
     return tiny_pipeline()
 
 
-def schedule(pipe, compile):
+def schedule(pipe, compile, **settings):
     """Chunks of one stream with a prompt switch after chunk 1 and a rewind after chunk 3, then 2 more."""
-    stream = pipe.stream(P, seed=3, compile=compile, early_first_frame=False)
+    stream = pipe.stream(P, seed=3, compile=compile, early_first_frame=False, **settings)
     it, out = iter(stream), []
     for i in range(6):
         out.append(next(it))
@@ -183,10 +183,11 @@ def schedule(pipe, compile):
     return stream, out
 
 
-def test_fast_stream_equals_the_eager_stream_through_splits(pipe, monkeypatch):
+@pytest.mark.parametrize("forget", [False, True])
+def test_fast_stream_equals_the_eager_stream_through_splits(pipe, monkeypatch, forget):
     uncompiled(monkeypatch)
-    fast, got = switch_schedule(pipe, True)
-    eager, want = switch_schedule(pipe, False)
+    fast, got = switch_schedule(pipe, True, forget_on_switch=forget)
+    eager, want = switch_schedule(pipe, False, forget_on_switch=forget)
     assert isinstance(fast.step, ChunkEngine) and isinstance(eager.step, EagerStep)
     assert [(c.index, c.start_frame, len(c.frames), c.prompt, c.request) for c in got] == \
            [(c.index, c.start_frame, len(c.frames), c.prompt, c.request) for c in want]
@@ -197,13 +198,15 @@ def test_fast_stream_equals_the_eager_stream_through_splits(pipe, monkeypatch):
     fast.close()
 
 
-def test_fast_stream_equals_the_eager_stream(pipe, monkeypatch):
+@pytest.mark.parametrize("forget", [False, True])
+def test_fast_stream_equals_the_eager_stream(pipe, monkeypatch, forget):
+    """Also with forget_on_switch: the switch lands on the boundary the engine had worked ahead of."""
     uncompiled(monkeypatch)
     steps = []
     orig = ChunkEngine._launch
     monkeypatch.setattr(ChunkEngine, "_launch", lambda self, *a: steps.append(a[1:3]) or orig(self, *a))
-    fast, got = schedule(pipe, True)
-    eager, want = schedule(pipe, False)
+    fast, got = schedule(pipe, True, forget_on_switch=forget)
+    eager, want = schedule(pipe, False, forget_on_switch=forget)
     assert isinstance(fast.step, ChunkEngine) and isinstance(eager.step, EagerStep)
     assert [(c.index, c.start_frame, c.prompt, c.prompt_seq) for c in got] == \
            [(c.index, c.start_frame, c.prompt, c.prompt_seq) for c in want]

@@ -25,11 +25,12 @@ def pipe():
 
 
 @torch.no_grad()
-def reference(pipe, plan, seed=SEED, vae_frames_per_call=1):
+def reference(pipe, plan, seed=SEED, vae_frames_per_call=1, forget=False):
     """The block-causal stream by hand. plan: [(n, prompt, keep)], one entry per chunk: chunk i is denoised with n
     latent frames at the latent frame where the previous one's kept part ends, with noise seeded (seed, i), after
     the previous chunk's clean-context pass with this chunk's prompt; only its first `keep` latent frames are kept (a
-    split: they are the pending chunk and the only ones the VAE decodes). Returns the video."""
+    split: they are the pending chunk and the only ones the VAE decodes). forget: where the prompt changes, the
+    attention state (S, z) is zeroed before that clean-context pass. Returns the video."""
     m = pipe.model
     text = {p: pipe.prompts.get(p, pipe.spec.motion_score).ctx for p in (P, Q, R)}
     h = w = 32 // 8
@@ -37,6 +38,9 @@ def reference(pipe, plan, seed=SEED, vae_frames_per_call=1):
     decoder = StreamingDecoder(pipe.vae, 32, 32, max_latent_frames_per_call=vae_frames_per_call)
     frame0, pending, video = 0, None, []
     for i, (n, prompt, keep) in enumerate(plan):
+        if forget and i and prompt != plan[i - 1][1]:
+            state.S.zero_()
+            state.z.zero_()
         if pending is not None:
             m.forward_chunk(pending[0], torch.zeros(1), text[prompt], state, pending[1], update_state=True)
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
@@ -98,6 +102,17 @@ def test_switch_inside_a_made_chunk_is_the_split_reference(pipe):
     assert np.array_equal(video, want)
     base = watch(run(pipe.stream(P, seed=SEED), 3, {}))
     assert np.array_equal(video[:21], base[:21]) and not np.array_equal(video[21:25], base[21:25])
+
+
+def test_a_switch_that_forgets_keeps_only_the_recached_frames(pipe):
+    """forget_on_switch: the switch above, the state's memory of the frames before the re-cached ones (latents 5 to
+    6) dropped where it lands: the by-hand reference doing the same; the frames before it unchanged, those after it
+    not those of the switch that remembers."""
+    stream = pipe.stream(P, seed=SEED, switch_lead=0, forget_on_switch=True)
+    video = watch(run(stream, 5, {3: lambda s, out: s.set_prompt(Q, at_frame=18)}))
+    assert np.array_equal(video, reference(pipe, SWITCHED, forget=True))
+    kept = reference(pipe, SWITCHED)
+    assert np.array_equal(video[:21], kept[:21]) and not np.array_equal(video[21:], kept[21:])
 
 
 def test_a_switch_known_ahead_cuts_the_chunk_as_it_is_made(pipe):
