@@ -5,9 +5,11 @@ layout copies around it, then the gate), about 2.3 GB a block for a 10-latent-fr
 owns a strip of one frame (BLOCK_X columns x ROWS rows) for a block of C output channels (and their C gate channels)
 and sweeps it top to bottom: each input row is read once from memory (its left and right neighbours again, from L1),
 SiLU'd, and weighed by the three kernel rows at once, into the three output rows it touches; the row above it is
-then complete, gated and written. The two rolling accumulators stay in fp32 registers, so the input is read once
-and the output written once: about 0.63 GB a block. An earlier version read each pixel's 9 neighbours per output
-tile, 9 reads of every input row from cache, and was slower than the unfused code (1.37 against 0.75 ms, H200).
+then complete, gated and written. The two rolling accumulators stay in fp32 registers, so the input is read once and
+the output written once: about 0.63 GB a block. A program's rows follow one another, so the loop is
+software-pipelined: the next row's loads are in flight while one is weighed. An earlier version read each pixel's 9
+neighbours per output tile, 9 reads of every input row from cache, and was slower than the unfused code (1.37
+against 0.75 ms, H200).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class GluConvConfig:
     block_c: int = 32  # output channels per program
     rows: int = 32  # output rows per strip: a whole 30-row frame at 480p; fewer give more, shorter programs
     num_warps: int = 8  # 8 elements of a tile per thread: at 16 (4 warps) the accumulators spill on sm_90
+    num_stages: int = 2  # the row loop software-pipelined (the next row's loads in flight while one is weighed)
     tanh_silu: bool = False  # SiLU through the GPU's tanh.approx: one special-function op instead of exp and a
     # reciprocal (each input element goes through SiLU 3 times, once per column shift); not under the interpreter
 
@@ -64,7 +67,7 @@ def _sweep_row(above, level, bias, row_ptr, xs, W, C2, c, c_ok, in_frame, w_ptr,
 def _glu_conv_kernel(
     h_ptr, w_ptr, b_ptr, o_ptr,  # h: (frames, H*W, 2C) contiguous; w: (2C, 9); b: (2C,); o: (frames, H*W, C)
     H, W, C,
-    BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, TANH: tl.constexpr,
+    BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, TANH: tl.constexpr, STAGES: tl.constexpr,
 ):
     frame, strip, cblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     strips_x = tl.cdiv(W, BLOCK_X)
@@ -79,7 +82,7 @@ def _glu_conv_kernel(
     bias_g = zero + tl.load(b_ptr + C + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     # step r reads input row r; before it, (above, level) accumulate output rows r - 1 and r
     above_a, level_a, above_g, level_g = zero, bias_a, zero, bias_g
-    for r in range(y0 - 1, y0 + ROWS + 1):
+    for r in tl.range(y0 - 1, y0 + ROWS + 1, num_stages=STAGES):
         rr = xs * 0 + r  # (a vector: the interpreter's masks take no scalar comparisons)
         in_frame = (rr >= 0) & (rr < H)
         row = h_frame + r * W * 2 * C
@@ -109,5 +112,6 @@ def glu_conv_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, h
     grid = (frames, strips, triton.cdiv(C, CONFIG.block_c))
     wrap_triton(_glu_conv_kernel)[grid](h, weight.reshape(C2, 9).contiguous(), bias.contiguous(), o,
                                         height, width, C, BLOCK_X=CONFIG.block_x, BLOCK_C=CONFIG.block_c,
-                                        ROWS=CONFIG.rows, TANH=CONFIG.tanh_silu, num_warps=CONFIG.num_warps)
+                                        ROWS=CONFIG.rows, TANH=CONFIG.tanh_silu, STAGES=CONFIG.num_stages,
+                                        num_warps=CONFIG.num_warps)
     return o
