@@ -153,6 +153,9 @@ class ChunkEngine:
             self.state.copy_(self._before)
             self._ahead = None
 
+    def working_ahead(self) -> bool:
+        return self._ahead is not None
+
     @property
     def nbytes(self) -> int:
         """Bytes of the engine's own device tensors: the state and its boundary copy, the static buffers of every

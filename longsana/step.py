@@ -103,6 +103,9 @@ class ChunkStep(Protocol):
     def cancel(self) -> None:
         """Forget work started ahead, putting the state back to the last boundary (before a rewind)."""
 
+    def working_ahead(self) -> bool:
+        """Whether work started ahead is still there to be taken (or cancelled): the device may be busy with it."""
+
     def boundary_state(self) -> State:
         """The state at the current boundary, as `denoise` will find it (before work started ahead)."""
 
@@ -154,6 +157,9 @@ class EagerStep:
 
     def cancel(self) -> None:
         pass
+
+    def working_ahead(self) -> bool:
+        return False
 
     def boundary_state(self) -> State:
         return self.state

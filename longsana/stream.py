@@ -63,6 +63,7 @@ from .vae import StreamingDecoder
 from .worker import DeviceWorker, cuda_healthy
 
 SEED_STRIDE = 1_000_003  # chunk c of a stream seeded s draws its noise from seed s * SEED_STRIDE + c
+LEAD_MARGIN = 1.25  # a switch's lead allows this many chunks' median making time for the new one
 
 
 @dataclass
@@ -79,7 +80,7 @@ class StreamSettings:
     rewind_seconds: float = 10.0  # how far back from the screen a rewind reaches (rewind.points_for: at 480p with
     # 2.5 s chunks 8 points of about 2 GB host memory each; 3 s or 0 still let a switch split any chunk ahead)
     switch_lead: float | None = None  # seconds from the frame on screen to where a switch lands; None: measured,
-    # twice the median time to make a chunk (the chunk under way when the switch comes, then the new one)
+    # what is left of the work under way when the switch comes, then the new chunk's (Stream.lead_frames)
     transition_frames: int = 0  # video frames over which a switch moves the conditioning to the new prompt
     vae_frames_per_call: int = 1  # latent frames the VAE decodes at once: 2 is ~4% faster on an H100, +2.6 GB peak
     early_first_frame: bool | None = None  # hand out the stream's first frame before the rest; None: on a GPU
@@ -250,6 +251,7 @@ class Stream:
         self.request = 0  # the last request applied
         self._blend: tuple[tuple, TextKV] | None = None  # the last transition's mixed prompt, by (prev, prompt, w)
         self._chunk_seconds: deque[float] = deque(maxlen=5)  # time to make the last chunks (the switch lead)
+        self._busy_since: float | None = None  # when the device work under way for this stream began (None: idle)
         self.index = 0  # next chunk
         self.frame0 = 0  # its first latent frame (absolute)
         self.decoded = 0  # latent frames the VAE's cache has seen
@@ -298,12 +300,15 @@ class Stream:
         return max(now - self.video_frame(at), 0) / self.fps
 
     def lead_frames(self) -> int:
-        """Video frames from the frame on screen to the earliest a switch can land on: `switch_lead`, or twice the
-        median of the last chunks' making times (the chunk under way, then the new one; a median, as one slow chunk
-        on a busy machine would hold back every switch after it)."""
+        """Video frames from the frame on screen to the earliest a switch can land on: `switch_lead`, or the time
+        to make the new frames: what is left of the work under way, then a chunk, LEAD_MARGIN times the median of the
+        last chunks' making times (a median, as one slow chunk on a busy machine would hold back every switch after
+        it; the margin, for the split chunk's re-decode and the spread)."""
         lead = self.settings.switch_lead
         if lead is None:
-            lead = 2 * statistics.median(self._chunk_seconds) if self._chunk_seconds else 0.0
+            made = statistics.median(self._chunk_seconds) if self._chunk_seconds else 0.0
+            busy = 0.0 if self._busy_since is None else max(made - (time.perf_counter() - self._busy_since), 0.0)
+            lead = busy + LEAD_MARGIN * made
         return math.ceil(lead * self.fps)
 
     def close(self) -> None:
@@ -326,16 +331,18 @@ class Stream:
         """The chunks, each computed by a job on the pipeline's device worker (worker.py). A chunk's gen_seconds is
         what its consumer waited: from asking to having the frames (generation, decode, and any wait for the device
         behind other streams); a chunk handed out in pieces carries its whole time on the last piece."""
-        asked = time.perf_counter()
+        asked = self._busy_since = time.perf_counter()
         deadline = lambda: self.deadline and self.deadline()  # noqa: E731 (set by the consumer at any time)
         for chunk, last in self.pipe.worker.iterate(self._chunks(), owner=self, deadline=deadline):
             self.step.finish()  # the frames' copy to the host, waited for here: the worker serves others meanwhile
             if last:
                 chunk.gen_seconds = time.perf_counter() - asked
                 self._chunk_seconds.append(chunk.gen_seconds)
+                # idle until asked again, unless the step started the next chunk's work ahead (on the device still)
+                self._busy_since = time.perf_counter() if self.step.working_ahead() else None
             yield chunk
             if last:
-                asked = time.perf_counter()
+                asked = self._busy_since = time.perf_counter()
 
     def _chunks(self):
         """The generate loop: (chunk, is the last piece of its chunk). The step's device work runs in its context;
