@@ -129,6 +129,8 @@ def main(argv=None) -> dict:
     p.add_argument("--switches", type=int, default=20)
     p.add_argument("--chunk-frames", type=int, default=None, help="latent frames per chunk (default: the model's)")
     p.add_argument("--lead", type=float, default=None, help="StreamSettings.switch_lead (default: measured)")
+    p.add_argument("--switch-chunk-frames", type=int, default=None,
+                   help="StreamSettings.switch_chunk_frames: latent frames of a switch's first chunk")
     p.add_argument("--forget-on-switch", action=argparse.BooleanOptionalAction, default=None,
                    help="StreamSettings.forget_on_switch (default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -143,7 +145,7 @@ def main(argv=None) -> dict:
         pipe, name = Pipeline.from_pretrained("demo"), "demo"
     examples = DEMO_EXAMPLES if name == "demo" else PROMPTS
     stream = pipe.stream(examples[0], seed=a.seed, chunk_frames=a.chunk_frames, switch_lead=a.lead,
-                         forget_on_switch=a.forget_on_switch)
+                         forget_on_switch=a.forget_on_switch, switch_chunk_frames=a.switch_chunk_frames)
     fps, chunk = stream.fps, stream.settings.chunk_frames
     rng = random.Random(a.seed)
     chunk_video = stream.stride * chunk
@@ -183,7 +185,8 @@ def main(argv=None) -> dict:
     print(f"# switch latency: {name} on {device.type}, {stream.height}x{stream.width} at {fps} fps, chunks of {chunk} "
           f"latent frames ({chunk_video} video frames, {chunk_video / fps:.2f} s); rewind points "
           f"{stream.ring.capacity}; lead {rows[-1]['lead'] if rows else '?'} frames (switch_lead "
-          f"{a.lead if a.lead is not None else 'measured'}); forget_on_switch {stream.settings.forget_on_switch}")
+          f"{a.lead if a.lead is not None else 'measured'}); forget_on_switch {stream.settings.forget_on_switch}; "
+          f"switch_chunk_frames {stream.settings.switch_chunk_frames}")
     for i, r in enumerate(rows):
         colours = "" if name != "demo" else ", colours hold " + ("never" if r["colours"] is None else
                                                                f"{r['colours'][0]:.3f} s ({r['colours'][1]} frames "
@@ -193,6 +196,7 @@ def main(argv=None) -> dict:
               f"{r['screen_s'] if r['screen_s'] is None else round(r['screen_s'], 3)} s{colours}")
     res = {"bench": "switch", "model": name, "device": device.type, "chunk_frames": chunk, "fps": fps,
            "forget_on_switch": stream.settings.forget_on_switch,
+           "switch_chunk_frames": stream.settings.switch_chunk_frames,
            "switches": len(rows), "answered": len(done), "stalls_s": round(played["late_s"], 3)}
     if done:
         res |= {"screen_p50": statistics.median(screen), "screen_p95": p95(screen),

@@ -82,6 +82,8 @@ class StreamSettings:
     switch_lead: float | None = None  # seconds from the frame on screen to where a switch lands; None: measured,
     # what is left of the work under way when the switch comes, then the new chunk's (Stream.lead_frames)
     transition_frames: int = 0  # video frames over which a switch moves the conditioning to the new prompt
+    switch_chunk_frames: int | None = None  # latent frames of the chunk a switch starts (None: chunk_frames): a
+    # shorter one is made sooner, so the lead, and the wait for the new prompt, shrink with it
     vae_frames_per_call: int = 1  # latent frames the VAE decodes at once: 2 is ~4% faster on an H100, +2.6 GB peak
     early_first_frame: bool | None = None  # hand out the stream's first frame before the rest; None: on a GPU
     compile: bool | None = None  # the fast chunk step (engine.py) and the overlapped decode; None: on a GPU only
@@ -251,6 +253,7 @@ class Stream:
         self.request = 0  # the last request applied
         self._blend: tuple[tuple, TextKV] | None = None  # the last transition's mixed prompt, by (prev, prompt, w)
         self._chunk_seconds: deque[float] = deque(maxlen=5)  # time to make the last chunks (the switch lead)
+        self._switch_seconds: deque[float] = deque(maxlen=5)  # and the last chunks that started a switch
         self._busy_since: float | None = None  # when the device work under way for this stream began (None: idle)
         self.index = 0  # next chunk
         self.frame0 = 0  # its first latent frame (absolute)
@@ -301,14 +304,15 @@ class Stream:
 
     def lead_frames(self) -> int:
         """Video frames from the frame on screen to the earliest a switch can land on: `switch_lead`, or the time
-        to make the new frames: what is left of the work under way, then a chunk, LEAD_MARGIN times the median of the
-        last chunks' making times (a median, as one slow chunk on a busy machine would hold back every switch after
-        it; the margin, for the split chunk's re-decode and the spread)."""
+        to make the new frames: what is left of the work under way, then LEAD_MARGIN times the median making time of
+        the last chunks that started a switch (the split's re-decode included; of the last chunks until one has): a
+        median, as one slow chunk on a busy machine would hold back every switch after it; a margin, for the spread."""
         lead = self.settings.switch_lead
         if lead is None:
             made = statistics.median(self._chunk_seconds) if self._chunk_seconds else 0.0
+            new = statistics.median(self._switch_seconds) if self._switch_seconds else made
             busy = 0.0 if self._busy_since is None else max(made - (time.perf_counter() - self._busy_since), 0.0)
-            lead = busy + LEAD_MARGIN * made
+            lead = busy + LEAD_MARGIN * new
         return math.ceil(lead * self.fps)
 
     def close(self) -> None:
@@ -332,12 +336,15 @@ class Stream:
         what its consumer waited: from asking to having the frames (generation, decode, and any wait for the device
         behind other streams); a chunk handed out in pieces carries its whole time on the last piece."""
         asked = self._busy_since = time.perf_counter()
+        seq = self.cue.seq
         deadline = lambda: self.deadline and self.deadline()  # noqa: E731 (set by the consumer at any time)
         for chunk, last in self.pipe.worker.iterate(self._chunks(), owner=self, deadline=deadline):
             self.step.finish()  # the frames' copy to the host, waited for here: the worker serves others meanwhile
             if last:
                 chunk.gen_seconds = time.perf_counter() - asked
-                self._chunk_seconds.append(chunk.gen_seconds)
+                times = self._switch_seconds if chunk.prompt_seq != seq else self._chunk_seconds  # a switch's first
+                times.append(chunk.gen_seconds)
+                seq = chunk.prompt_seq
                 # idle until asked again, unless the step started the next chunk's work ahead (on the device still)
                 self._busy_since = time.perf_counter() if self.step.working_ahead() else None
             yield chunk
@@ -459,11 +466,17 @@ class Stream:
             return [(x0[:, :, :1], False), (x0[:, :, 1:], True)]
         return [(x0, True)]
 
+    def _switch_starts_here(self) -> bool:
+        """Whether the next chunk is the first of a switch (a replay after a rewind to it too)."""
+        return self.cue.prev is not None and self.cue.start == self.video_frame(self.frame0)
+
     def _finished(self) -> bool:
         return self.total_latents is not None and self.frame0 >= self.total_latents
 
     def _chunk_len(self) -> int:
         n = self.settings.chunk_frames + (1 if self.index == 0 else 0)
+        if self._switch_starts_here() and self.settings.switch_chunk_frames:
+            n = min(n, self.settings.switch_chunk_frames)
         if self.total_latents is not None:
             n = min(n, self.total_latents - self.frame0)
         return n

@@ -117,6 +117,19 @@ def test_a_switch_that_forgets_keeps_only_the_recached_frames(pipe):
     assert np.array_equal(video[:21], kept[:21]) and not np.array_equal(video[21:], kept[21:])
 
 
+def test_a_short_chunk_starts_a_switch(pipe):
+    """switch_chunk_frames=1: the switch above is made as a 1-latent chunk (latent 6, frames 21..24), then chunks of
+    the usual length: the by-hand reference with those lengths; a rewind to the switch makes it short again."""
+    stream = pipe.stream(P, seed=SEED, switch_lead=0, switch_chunk_frames=1)
+    got = run(stream, 6, {3: lambda s, out: s.set_prompt(Q, at_frame=18),
+                          5: lambda s, out: s.rewind((out[-1].start_frame - 21) / s.fps, at_frame=out[-1].start_frame)})
+    assert [(c.index, c.start_frame, len(c.frames), c.prompt) for c in got] == \
+           [(0, 0, 9, P), (1, 9, 8, P), (2, 17, 8, P), (3, 21, 4, Q), (4, 25, 8, Q), (3, 21, 4, Q)]
+    plan = [(CF + 1, P, CF + 1), (CF, P, CF), (CF, P, 1), (1, Q, 1), (CF, Q, CF)]
+    assert np.array_equal(watch(got[:5]), reference(pipe, plan))
+    assert np.array_equal(got[5].frames, got[3].frames)
+
+
 def test_a_switch_known_ahead_cuts_the_chunk_as_it_is_made(pipe):
     """The same switch asked before chunk 2 is made: chunk 2 is handed out up to the switch only, and the video is
     the same as when the switch came after it (the frames depend on where a switch lands, not on when it came)."""
