@@ -336,15 +336,13 @@ class Stream:
         what its consumer waited: from asking to having the frames (generation, decode, and any wait for the device
         behind other streams); a chunk handed out in pieces carries its whole time on the last piece."""
         asked = self._busy_since = time.perf_counter()
-        seq = self.cue.seq
         deadline = lambda: self.deadline and self.deadline()  # noqa: E731 (set by the consumer at any time)
         for chunk, last in self.pipe.worker.iterate(self._chunks(), owner=self, deadline=deadline):
             self.step.finish()  # the frames' copy to the host, waited for here: the worker serves others meanwhile
             if last:
                 chunk.gen_seconds = time.perf_counter() - asked
-                times = self._switch_seconds if chunk.prompt_seq != seq else self._chunk_seconds  # a switch's first
+                times = self._switch_seconds if self._starts_switch(chunk.start_frame) else self._chunk_seconds
                 times.append(chunk.gen_seconds)
-                seq = chunk.prompt_seq
                 # idle until asked again, unless the step started the next chunk's work ahead (on the device still)
                 self._busy_since = time.perf_counter() if self.step.working_ahead() else None
             yield chunk
@@ -466,16 +464,17 @@ class Stream:
             return [(x0[:, :, :1], False), (x0[:, :, 1:], True)]
         return [(x0, True)]
 
-    def _switch_starts_here(self) -> bool:
-        """Whether the next chunk is the first of a switch (a replay after a rewind to it too)."""
-        return self.cue.prev is not None and self.cue.start == self.video_frame(self.frame0)
+    def _starts_switch(self, frame: int) -> bool:
+        """Whether a chunk from video frame `frame` is the first of the switch in force (a replay after a rewind to
+        it too)."""
+        return self.cue.prev is not None and self.cue.start == frame
 
     def _finished(self) -> bool:
         return self.total_latents is not None and self.frame0 >= self.total_latents
 
     def _chunk_len(self) -> int:
         n = self.settings.chunk_frames + (1 if self.index == 0 else 0)
-        if self._switch_starts_here() and self.settings.switch_chunk_frames:
+        if self._starts_switch(self.video_frame(self.frame0)) and self.settings.switch_chunk_frames:
             n = min(n, self.settings.switch_chunk_frames)
         if self.total_latents is not None:
             n = min(n, self.total_latents - self.frame0)

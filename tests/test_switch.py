@@ -128,6 +128,7 @@ def test_a_short_chunk_starts_a_switch(pipe):
     plan = [(CF + 1, P, CF + 1), (CF, P, CF), (CF, P, 1), (1, Q, 1), (CF, Q, CF)]
     assert np.array_equal(watch(got[:5]), reference(pipe, plan))
     assert np.array_equal(got[5].frames, got[3].frames)
+    assert (len(stream._chunk_seconds), len(stream._switch_seconds)) == (4, 2)  # the lead times switch chunks apart
 
 
 def test_a_switch_known_ahead_cuts_the_chunk_as_it_is_made(pipe):
