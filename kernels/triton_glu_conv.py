@@ -92,7 +92,7 @@ def _glu_conv_kernel(
                                          w_ptr, TANH)
         y = rr - 1  # complete: store it if it is one of this strip's rows
         ok = ((y >= y0) & (y < H) & (y < y0 + ROWS) & (xs < W))[:, None] & c_ok[None, :]
-        tl.store(o_frame + (y * W + xs)[:, None] * C + c[None, :], (a * _silu(g)).to(o_ptr.dtype.element_ty),
+        tl.store(o_frame + (y * W + xs)[:, None] * C + c[None, :], (a * _silu(g, TANH)).to(o_ptr.dtype.element_ty),
                  mask=ok)
         above_a, level_a, above_g, level_g = level_a, below_a, level_g, below_g
 
