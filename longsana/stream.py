@@ -64,6 +64,7 @@ from .worker import DeviceWorker, cuda_healthy
 
 SEED_STRIDE = 1_000_003  # chunk c of a stream seeded s draws its noise from seed s * SEED_STRIDE + c
 LEAD_MARGIN = 1.25  # a switch's lead allows this many chunks' median making time for the new one
+LANDINGS = 64  # requests whose landing frame a stream remembers (Stream.landing)
 
 
 @dataclass
@@ -247,6 +248,7 @@ class Stream:
         self._lock = threading.Lock()
         self._requests: list[Request] = []  # by latent frame, the next-boundary ones last
         self._last_request = 0
+        self._landings: dict[int, int | None] = {}  # the last LANDINGS requests' latent frames (Request.at)
         self._closed = False
         self._encode(prompt)
         self.cue = Cue(prompt)
@@ -281,11 +283,12 @@ class Stream:
         conditioning moves from the old prompt to the new (default `StreamSettings.transition_frames`).
         Returns the request's id, which the chunks made after it carry (`Chunk.request`). Raises ValueError for a
         bad prompt. Encodes it now (a job on the device worker), so the switch itself costs the producer nothing."""
+        asked = time.perf_counter()
         self.pipe.worker.run(self._encode, prompt)
         n = self.settings.transition_frames if transition_frames is None else transition_frames
         if n < 0:
             raise ValueError(f"transition_frames must be >= 0, got {n}")
-        at = None if at_frame is None else latent_at_or_after(at_frame + self.lead_frames(), self.stride)
+        at = None if at_frame is None else latent_at_or_after(at_frame + self.lead_frames(asked), self.stride)
         return self._ask(at, prompt, n)
 
     def rewind(self, seconds: float, at_frame: int | None = None) -> float:
@@ -302,17 +305,27 @@ class Stream:
         self._ask(at, None, 0)
         return max(now - self.video_frame(at), 0) / self.fps
 
-    def lead_frames(self) -> int:
+    def landing(self, request: int) -> int | None:
+        """The video frame where request `request` (an id set_prompt returned) lands; None for one that lands at the
+        next chunk boundary, or one too old to be remembered."""
+        with self._lock:
+            at = self._landings.get(request)
+        return None if at is None else self.video_frame(at)
+
+    def lead_frames(self, since: float | None = None) -> int:
         """Video frames from the frame on screen to the earliest a switch can land on: `switch_lead`, or the time
         to make the new frames: what is left of the work under way, then LEAD_MARGIN times the median making time of
         the last chunks that started a switch (the split's re-decode included; of the last chunks until one has): a
-        median, as one slow chunk on a busy machine would hold back every switch after it; a margin, for the spread."""
+        median, as one slow chunk on a busy machine would hold back every switch after it; a margin, for the spread.
+        since: when (time.perf_counter()) that frame was on screen; the screen has moved on from it since (the
+        prompt's encoding may wait for the device), which a measured lead adds."""
         lead = self.settings.switch_lead
         if lead is None:
+            now = time.perf_counter()
             made = statistics.median(self._chunk_seconds) if self._chunk_seconds else 0.0
             new = statistics.median(self._switch_seconds) if self._switch_seconds else made
-            busy = 0.0 if self._busy_since is None else max(made - (time.perf_counter() - self._busy_since), 0.0)
-            lead = busy + LEAD_MARGIN * new
+            busy = 0.0 if self._busy_since is None else max(made - (now - self._busy_since), 0.0)
+            lead = (0.0 if since is None else now - since) + busy + LEAD_MARGIN * new
         return math.ceil(lead * self.fps)
 
     def close(self) -> None:
@@ -328,6 +341,9 @@ class Stream:
             self._last_request += 1
             keep = [r for r in self._requests if (r.at is None) != (at is None) or (at is not None and r.at < at)]
             self._requests = keep + [Request(self._last_request, at, prompt, transition_frames)]
+            self._landings[self._last_request] = at
+            if len(self._landings) > LANDINGS:
+                del self._landings[next(iter(self._landings))]
             return self._last_request
 
     # -- generation -------------------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ go on. (With one GPU, or one pair, the server keeps its pipeline in process, as 
                                           <-- replies (chunks), status every STATUS_SECONDS --
 
 - A `GpuWorker` stands in for a pipeline in the server process: `stream(...)` returns a `RemoteStream` with the
-  Stream interface (fps, deadline, set_prompt, rewind, iteration, close). Every call is a message with an id on the
-  worker's one Connection, answered by a reply with that id; the worker runs each call on a thread of its own, so a
-  stream's `next` (a chunk) never holds up another's switch. Chunks are pulled one `next` at a time, as in process,
-  so the generator stays one chunk ahead of the screen. Deadlines cross as time.monotonic() values, one clock for
-  every process on Linux.
+  Stream interface (fps, deadline, set_prompt, landing, rewind, iteration, close). Every call is a message with an
+  id on the worker's one Connection, answered by a reply with that id; the worker runs each call on a thread of its
+  own, so a stream's `next` (a chunk) never holds up another's switch. Chunks are pulled one `next` at a time, as in
+  process, so the generator stays one chunk ahead of the screen. Deadlines cross as time.monotonic() values, one
+  clock for every process on Linux.
 - A chunk's frames cross in shared memory, not through the Connection: the worker writes them into its stream's
   block (/dev/shm/longsana-<worker pid>-<stream id>-<n>; one per stream, replaced by a larger one when a chunk does
   not fit) and sends the block's name, shape and dtype in the chunk's place of its frames; the server copies them
@@ -213,8 +213,11 @@ class _Host:
         chunk = next(chunks, None)
         return None if chunk is None else dataclasses.replace(chunk, frames=block.put(chunk.frames))
 
-    def _set_prompt(self, sid: int, prompt: str, at_frame: int | None, transition_frames: int | None) -> int:
-        return self._open(sid)[0].set_prompt(prompt, at_frame=at_frame, transition_frames=transition_frames)
+    def _set_prompt(self, sid: int, prompt: str, at_frame: int | None, transition_frames: int | None) -> tuple:
+        """(the request's id, where it lands): the session asks for both, so they come in one reply."""
+        stream = self._open(sid)[0]
+        request = stream.set_prompt(prompt, at_frame=at_frame, transition_frames=transition_frames)
+        return request, stream.landing(request)
 
     def _rewind(self, sid: int, seconds: float, at_frame: int | None) -> float:
         return self._open(sid)[0].rewind(seconds, at_frame=at_frame)
@@ -498,6 +501,7 @@ class RemoteStream:
         self.fps, self.deadline = fps, None  # deadline: set by the session, sent with each `next`
         self._worker, self._sid, self._closed = worker, sid, False
         self._frames = _FrameReader()
+        self._landing: tuple[int, int | None] | None = None  # (request, where it lands): the last set_prompt's
 
     def __iter__(self):
         """Chunks as in process: each one's frames copied out of the worker's block before it is yielded, so the
@@ -517,7 +521,12 @@ class RemoteStream:
             raise WorkerDied(self._worker.failure) from None
 
     def set_prompt(self, prompt: str, at_frame: int | None = None, transition_frames: int | None = None) -> int:
-        return self._worker.call("set_prompt", self._sid, prompt, at_frame, transition_frames)
+        self._landing = self._worker.call("set_prompt", self._sid, prompt, at_frame, transition_frames)
+        return self._landing[0]
+
+    def landing(self, request: int) -> int | None:
+        """Known for the last request set_prompt made (the session asks right after it)."""
+        return self._landing[1] if self._landing is not None and self._landing[0] == request else None
 
     def rewind(self, seconds: float, at_frame: int | None = None) -> float:
         return self._worker.call("rewind", self._sid, seconds, at_frame)

@@ -8,13 +8,14 @@ the producer asks the generator for chunk c+1 only once chunk c has started play
 one chunk ahead of the screen at most.
 
 A new prompt names the frame it starts from: the next frame the encoder will take (a rewind: the frame on screen).
-The generator lands the switch a lead after it (longsana/stream.py: the time to make about two chunks) and goes
-back if it had made frames past that point; the producer is let go at once, so the generator starts on it now
-rather than when the chunk in hand starts playing. A chunk that starts before the end of what was handed over is
-such a cut: frames from its start on that are still queued, or not yet encoded, are dropped, so the video goes on
-from the frame on screen with no jump and no repeat. (Frames already encoded are never dropped: the H.264 stream's
-references stay whole. A cut that comes too late to meet that replaces none of them and re-sends their indices
-with the new frames.)
+The generator lands the switch a lead after it (longsana/stream.py: the time to make the new frames) and goes back
+if it had made frames past that point; the producer is let go at once, so the generator starts on it now rather
+than when the chunk in hand starts playing. A chunk that starts before the end of what was handed over is such a
+cut: frames from its start on that are still queued, or not yet encoded, are dropped, so the video goes on from
+the frame on screen with no jump and no repeat. Frames already encoded are never dropped (the H.264 stream's
+references stay whole), so the encoder holds at a switch's landing frame until the new frames come: where the
+lead was too short, the viewer waits there (a stall) rather than seeing old frames that the new ones would then
+replace under the same indices. (A rewind goes back on purpose: the few frames encoded past its point play first.)
 
 Timestamps: frames are released every `step` seconds and their pts advance by exactly `step`, so the browser's
 jitter buffer sees a steady source. `step` is the video's 1/fps, or the measured generation time per frame when the
@@ -159,8 +160,11 @@ class Session:
         self._spf = 0.0  # their median (written by the encoder thread)
         self._frontier = 0  # video frame index after the last generated chunk (written by the producer)
         self._encoded = 0  # the next video frame index the encoder takes (written by the encoder)
+        self._cut = threading.Condition()  # guards the cuts and the holds; the encoder waits on it at a hold
         self._gen = 0  # cuts so far (written by the producer); a chunk is handed over with the count at the time
         self._cuts: deque[tuple[int, int]] = deque(maxlen=MAX_CUTS)  # (gen after the cut, its first frame)
+        self._holds: list[tuple[int, int]] = []  # (switch request, its landing frame), until a chunk answers it
+        self._producing = True  # False once the producer has stopped: no cut will come any more
         self._due, self._pts = None, 0  # pacer clock: loop time the last frame was due, and its pts
         self._shown, self._prompt_seq = 0, 0  # after the last released frame: next frame index, its prompt_seq
         self._requests: dict[int, float] = {}  # the generator's request id -> loop time it came, until on screen
@@ -197,10 +201,13 @@ class Session:
             if self.closing:  # the viewer left while the stream was being created
                 return
             for chunk in stream:
-                if chunk.start_frame < self._frontier:  # the generator went back: drop what it replaces
-                    self._gen += 1
-                    self._cuts.append((self._gen, chunk.start_frame))
-                    self._handoff.cut(chunk.start_frame)
+                with self._cut:
+                    if chunk.start_frame < self._frontier:  # the generator went back: drop what it replaces
+                        self._gen += 1
+                        self._cuts.append((self._gen, chunk.start_frame))
+                        self._handoff.cut(chunk.start_frame)
+                    self._holds = [h for h in self._holds if h[0] > chunk.request]  # answered: let the encoder go
+                    self._cut.notify_all()
                 self._frontier = chunk.start_frame + len(chunk.frames)
                 if self.closing or not self._handoff.put((self._gen, chunk)):
                     return
@@ -212,6 +219,9 @@ class Session:
                 stream.deadline = None  # it refers to this session: no reference cycle outlives the stream
                 stream.close()  # frees its GPU memory, from the thread that used it
             self._handoff.close()
+            with self._cut:
+                self._producing = False
+                self._cut.notify_all()
 
     def _encode(self) -> None:
         h264 = jpeg = None
@@ -231,7 +241,7 @@ class Session:
                             "frames": len(chunk.frames), "prompt": chunk.prompt, "prompt_seq": chunk.prompt_seq,
                             "gen_seconds": round(chunk.gen_seconds, 4)}
                 for i, rgb in enumerate(chunk.frames):
-                    if chunk.start_frame + i >= self._cut_after(gen):  # replaced by a later cut: drop the rest
+                    if self._replaced(gen, chunk.request, chunk.start_frame + i):  # by a later cut: drop the rest
                         if i == 0:
                             self._handoff.shown()  # never shown: let the producer go on
                         break
@@ -252,9 +262,20 @@ class Session:
         finally:
             self._call(self._frames.put_nowait, None)
 
+    def _replaced(self, gen: int, request: int, frame: int) -> bool:
+        """Whether video `frame` of a chunk handed over at `gen`, made after `request`, is replaced by a later cut.
+        Waits while a switch asked after the chunk was made lands at or before the frame and no chunk has answered
+        it yet: its cut is coming (unless the producer stops). StreamEnded if the stream closes meanwhile."""
+        with self._cut:
+            self._cut.wait_for(lambda: self.closing or not self._producing or frame >= self._cut_after(gen)
+                               or not any(r > request and at <= frame for r, at in self._holds))
+            if self.closing:
+                raise StreamEnded
+            return frame >= self._cut_after(gen)
+
     def _cut_after(self, gen: int) -> float:
         """The first video frame replaced by a cut made after a chunk handed over at `gen` (inf: none)."""
-        return min((start for g, start in list(self._cuts) if g > gen), default=float("inf"))
+        return min((start for g, start in self._cuts if g > gen), default=float("inf"))
 
     def _generated(self, chunk) -> None:
         n = len(chunk.frames)
@@ -347,6 +368,9 @@ class Session:
             stream = self._stream
         frames = None if transition is None else round(transition * self.fps)
         request = stream.set_prompt(prompt, at_frame=self._encoded, transition_frames=frames)
+        if (landing := stream.landing(request)) is not None:
+            with self._cut:
+                self._holds.append((request, landing))
         self._handoff.hurry()
         return request
 
@@ -386,6 +410,8 @@ class Session:
             return
         self.closing, self.end_reason = True, reason
         self._handoff.close()
+        with self._cut:
+            self._cut.notify_all()  # wakes an encoder held at a switch
         self._credits.release()  # wakes an encoder waiting for a credit
         self._playing.set()
         self._frames.put_nowait(None)

@@ -39,6 +39,9 @@ class SyntheticPipeline:
     width: int = ModelSpec.width
     spec: ModelSpec = field(default_factory=lambda: get_config("longsana-2b-480p"))  # what the server reads
     state_bytes: int = 4 << 20  # memory each open stream holds, standing in for the generator's GPU state
+    # frames from the frame a switch names to where it lands, going back over frames made past it as the real
+    # generator does (a cut); None: a switch applies at the next chunk
+    switch_lead: int | None = None
     open_streams: int = field(default=0, init=False)  # streams not closed yet (tests check that all get freed)
 
     def __post_init__(self):
@@ -64,7 +67,9 @@ class SyntheticStream:
         self.height, self.width, self.fps = height, width, pipe.spec.fps
         self._pipe, self._seed, self._sizes = pipe, seed, sizes  # sizes: each chunk's frames, in turn
         self._lock = threading.Lock()  # guards the fields set_prompt / rewind change from other threads
-        self._prompt, self._prompt_seq, self._pending = prompt, 0, None
+        self._prompt, self._prompt_seq = prompt, 0
+        self._pending: tuple[str, int | None] | None = None  # a switch to apply: (prompt, the frame it lands on)
+        self._landing: tuple[int, int | None] | None = None  # (the last switch's id, the frame it lands on)
         self._next_frame = 0
         self._requests = self._request = 0  # requests asked (set_prompt, rewind); the last one applied
         self._closed = threading.Event()
@@ -79,8 +84,10 @@ class SyntheticStream:
             t0 = time.perf_counter()
             with self._lock:
                 if self._pending is not None:
-                    self._prompt, self._pending = self._pending, None
+                    (self._prompt, at), self._pending = self._pending, None
                     self._prompt_seq += 1
+                    if at is not None:  # (one that lands past what was made applies now: a stand-in's liberty)
+                        self._next_frame = min(self._next_frame, at)
                 self._request = self._requests
                 prompt, prompt_seq, start, request = self._prompt, self._prompt_seq, self._next_frame, self._request
                 self._next_frame += n
@@ -101,13 +108,20 @@ class SyntheticStream:
         return frames
 
     def set_prompt(self, prompt: str, at_frame: int | None = None, transition_frames: int | None = None) -> int:
-        """The generator's contract (longsana/stream.py); a synthetic switch lands at the next chunk, wherever
-        `at_frame` is. Returns the request's id, which the chunks made after it carry."""
+        """The generator's contract (longsana/stream.py): the switch lands `switch_lead` frames after `at_frame`
+        (without a lead, or without at_frame: at the next chunk). Returns the request's id, which the chunks made
+        after it carry."""
         check_prompt(prompt)
+        lead = self._pipe.switch_lead
         with self._lock:
-            self._pending = prompt
             self._requests += 1
+            self._pending = prompt, None if lead is None or at_frame is None else at_frame + lead
+            self._landing = self._requests, self._pending[1]
             return self._requests
+
+    def landing(self, request: int) -> int | None:
+        with self._lock:
+            return self._landing[1] if self._landing is not None and self._landing[0] == request else None
 
     def rewind(self, seconds: float, at_frame: int | None = None) -> float:
         """Go back `seconds` from `at_frame` (None: the end of what was made), at the next chunk."""

@@ -322,6 +322,20 @@ def test_frames_cross_in_shared_memory():
         assert blocks([pid]) == [] and mapped() == []
 
 
+def test_a_switch_in_a_worker():
+    """set_prompt crosses to the worker and back with the request's id and where it lands (the synthetic source's
+    switches land at its next chunk: nowhere named), in one call; the next chunk answers it."""
+    with GpuPool([(0,)], "synthetic") as pool:
+        remote = pool.workers[0].stream(FOX, **SMALL)
+        chunks = iter(remote)
+        next(chunks)
+        request = remote.set_prompt(OWL, at_frame=0)
+        assert isinstance(request, int) and remote.landing(request) is None and remote.landing(request + 1) is None
+        chunk = next(chunks)
+        assert (chunk.prompt, chunk.request) == (OWL, request)
+        remote.close()
+
+
 def test_no_block_left_behind(monkeypatch):
     """Whichever way a stream ends, its block is gone from /dev/shm and the server maps it no more: its viewer
     leaves, its viewer's connection drops, its worker is killed (SIGKILL: the server unlinks what it left) and

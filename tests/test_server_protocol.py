@@ -266,3 +266,26 @@ def test_a_switch_can_blend_over_seconds():
     with ServerThread(pipe, ServerConfig(port=0)) as server:
         asyncio.run(asyncio.wait_for(main(server), 60))
     assert [call["transition_frames"] for call in pipe.calls] == [round(2.5 * FPS), 0, None]
+
+
+def test_a_late_switch_waits_at_its_landing_rather_than_repeat_frames():
+    """A switch whose new frames come after the encoder could have passed its landing frame (here a lead of one frame
+    against a chunk's 0.25 s): the viewer's frame index still goes on by one, no repeat, and from the first new frame
+    on every frame is the new prompt's. The stream waits at the landing; it never shows old frames past it that the
+    new ones would replace under the same indices."""
+    pipe = SyntheticPipeline(height=64, width=96, switch_lead=1)
+    is_owl = lambda f: np.abs(background(f.thumb) - prompt_color(OWL)).max() <= 24  # noqa: E731
+
+    async def main(server):
+        async with await WsClient.connect(server.url, FOX) as c:
+            await c.wait_until(lambda: len(c.frames) >= 12)
+            assert (await c.request("prompt", prompt=OWL))["type"] == "ack"
+            n = len(c.frames)
+            await c.wait_until(lambda: sum(map(is_owl, c.frames[n:])) >= 8)
+            return [f.index for f in c.frames], [is_owl(f) for f in c.frames]
+
+    with ServerThread(pipe, ServerConfig(port=0)) as server:
+        indices, owl = asyncio.run(asyncio.wait_for(main(server), 60))
+    assert np.array_equal(np.diff(indices), np.ones(len(indices) - 1)), f"indices repeated or jumped: {indices}"
+    first = owl.index(True)
+    assert all(owl[first:]), f"old frames after new ones: {owl}"

@@ -99,6 +99,7 @@ def test_switch_inside_a_made_chunk_is_the_split_reference(pipe):
     got = run(stream, 5, {3: lambda s, out: ids.append(s.set_prompt(Q, at_frame=18))})
     assert [(c.index, c.start_frame, c.prompt, c.request) for c in got] == \
            [(0, 0, P, 0), (1, 9, P, 0), (2, 17, P, 0), (3, 21, Q, ids[0]), (4, 29, Q, ids[0])]
+    assert stream.landing(ids[0]) == 21 and stream.landing(ids[0] + 1) is None  # as told to the server's encoder
     want = reference(pipe, SWITCHED)
     video = watch(got)
     assert np.array_equal(video, want)
@@ -153,6 +154,8 @@ def test_the_lead_moves_the_switch_later(pipe):
     assert auto.lead_frames() == int(np.ceil(LEAD_MARGIN * made)) > 0  # idle between chunks: the new one alone
     auto._busy_since = time.perf_counter()  # as if a chunk were under way from now: it comes first
     assert auto.lead_frames() >= int(np.ceil((1 + LEAD_MARGIN) * made)) - 1
+    auto._busy_since = None  # the frame named was on screen 1 s ago (the prompt's encoding waited): 16 frames on
+    assert auto.lead_frames(since=time.perf_counter() - 1.0) >= int(np.ceil(LEAD_MARGIN * made)) + auto.fps - 1
 
 
 def test_a_rewind_after_a_switch_splits_again_and_is_deterministic(pipe):
