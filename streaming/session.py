@@ -45,7 +45,9 @@ from longsana.streaming.metrics import Metrics
 
 CLOCK_RATE = 90_000  # RTP video clock
 TIME_BASE = Fraction(1, CLOCK_RATE)
-ENCODE_AHEAD = 4  # frames the encoder may have ready before the pacer asks for them
+# Frames the encoder may have ready before the pacer asks for them: enough to ride out the encoder thread's hiccups
+# on a busy CPU, and no more, since a switch lands past the frames already encoded (each one delays it a frame).
+ENCODE_AHEAD = 2
 STEP_MARGIN = 1.05  # pace slightly slower than a slow generator so that its bursts never run dry
 # The generation rate is the median seconds per frame of the last SPF_CHUNKS chunks: one slow chunk (a busy
 # machine's hiccup) must not slow the pace of the chunks after it; a stall has its own cure (the pacer's restart).
