@@ -243,7 +243,11 @@ class Session:
                             "frames": len(chunk.frames), "prompt": chunk.prompt, "prompt_seq": chunk.prompt_seq,
                             "gen_seconds": round(chunk.gen_seconds, 4)}
                 for i, rgb in enumerate(chunk.frames):
+                    self._credits.acquire()  # a place in the pacer's queue first: what is encoded is committed
+                    if self.closing:
+                        return
                     if self._replaced(gen, chunk.request, chunk.start_frame + i):  # by a later cut: drop the rest
+                        self._credits.release()
                         if i == 0:
                             self._handoff.shown()  # never shown: let the producer go on
                         break
@@ -253,9 +257,6 @@ class Session:
                     frame = Frame(image, packet, jpeg.encode(image) if jpeg else None, chunk.start_frame + i,
                                   chunk.index, chunk.prompt_seq, chunk.request, announce if i == 0 else None)
                     self._encoded = frame.index + 1
-                    self._credits.acquire()
-                    if self.closing:
-                        return
                     self._call(self._frames.put_nowait, frame)
         except StreamEnded:
             pass
