@@ -585,7 +585,8 @@ def bench_diffusers(pipe: Pipeline, a, hw) -> dict:
 
 
 # -- summary -------------------------------------------------------------------------------------------------------
-def targets(res: dict) -> dict:
+def targets(res: dict, full_size: bool = True) -> dict:
+    """The issues' targets, each marked met or not; none is judged off the full model's shapes (--tiny)."""
     s, st, v = res.get("stream", {}), res.get("step", {}), res.get("vae", {})
     pass_ms = 1e3 * st["compiled_pass_s"] if "compiled_pass_s" in st else None
     step_ms = 1e3 * st["step_median_s"] if "step_median_s" in st else None
@@ -612,13 +613,13 @@ def targets(res: dict) -> dict:
         ("time to first frame (s)", s.get("ttff_s"), f"<= {TARGETS['ttff_s']}", lambda x: x <= TARGETS["ttff_s"]),
         ("peak GPU memory, one stream (GB reserved)", None if peak is None else peak / 1e9,
          f"<= {TARGETS['peak_gb']}", lambda x: x <= TARGETS["peak_gb"]),
-        ("memory growth after warm-up (bytes)", s.get("mem_growth"), "== 0", lambda x: x == 0),
+        ("memory growth after warm-up (bytes)", s.get("mem_growth"), "<= 0", lambda x: x <= 0),
         ("fast step vs eager, max rel. error of x0", st.get("max_x0_err"), "<= 2e-2", lambda x: x <= 2e-2),
     ]
     out = {}
-    print("## targets")
+    print("## targets" + ("" if full_size else " (not judged: they are for the full model's shapes, not --tiny)"))
     for name, value, want, ok in rows:
-        met = None if value is None or ok(value) is None else bool(ok(value))
+        met = None if value is None or not full_size or ok(value) is None else bool(ok(value))
         out[name] = dict(value=value, target=want, met=met)
         shown = "n/a" if value is None else (f"{value:.3g}" if isinstance(value, float) else str(value))
         print(f"  {name:52s} {shown:>12s}  target {want:8s}  {'MET' if met else 'not met' if met is False else '-'}")
@@ -709,7 +710,7 @@ def main(argv=None) -> dict:
     if len(a.precision) > 1:
         run_precisions(pipe, a, hw, res)
     _ratios(res)
-    res["targets"] = targets(res)
+    res["targets"] = targets(res, full_size=not a.tiny)
     print(save(res, a.json))
     return res
 

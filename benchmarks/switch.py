@@ -9,7 +9,8 @@ chunk's first frame being on screen; and the frames shown late (stalls) and any 
 With the demo model the switches go through the page's example prompts, and it also records when the new
 prompt's colours hold on screen: the first frame from which the object and background colours the prompt names
 (read back by `clips.measure`) are on screen in at least 90% of the frames until the next switch
-(`clips.colours_hold_from`).
+(`clips.colours_hold_from`). Each switch's prompt is encoded when it is asked for, as a new prompt typed by a user
+is (the text encoder's time is in the figures), unless --prompt-cache keeps the prompts encoded before.
 
     python -m longsana.benchmarks.switch                 # demo model, CPU
     python -m longsana.benchmarks.switch --tiny          # tiny random model: a smoke test
@@ -71,8 +72,9 @@ class Viewer:
             self.released = True
             self.cond.notify_all()
 
-    def play(self, stream, frames: int, switch_at: set[int], prompts) -> dict:
-        """Show `frames` frames; at each frame count in `switch_at`, switch. Returns the switches and the stalls."""
+    def play(self, stream, frames: int, switch_at: set[int], prompts, prompt_cache: bool) -> dict:
+        """Show `frames` frames; at each frame count in `switch_at`, switch (without `prompt_cache`, the prompt is
+        encoded anew). Returns the switches and the stalls."""
         switches, late, t_next = [], 0.0, None
         for k in range(frames):
             with self.cond:
@@ -94,6 +96,8 @@ class Viewer:
             if k in switch_at:
                 t = time.perf_counter()
                 prompt = next(prompts)
+                if not prompt_cache:
+                    stream.pipe.prompts.clear()  # the stream keeps the entry in force; the new one is encoded
                 rid = stream.set_prompt(prompt, at_frame=k)
                 switches.append({"id": rid, "t": t, "frame": k, "lead": stream.lead_frames(), "prompt": prompt})
                 self.release()
@@ -133,6 +137,8 @@ def main(argv=None) -> dict:
                    help="StreamSettings.switch_chunk_frames: latent frames of a switch's first chunk")
     p.add_argument("--forget-on-switch", action=argparse.BooleanOptionalAction, default=None,
                    help="StreamSettings.forget_on_switch (default: the model's)")
+    p.add_argument("--prompt-cache", action="store_true",
+                   help="encode the prompts once before (a warm server's cache) instead of at each switch")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -156,7 +162,7 @@ def main(argv=None) -> dict:
     frames = k + 2 * chunk_video
     viewer = Viewer(fps)
     prompts = itertools.cycle(examples[1:] + examples[:1])
-    for q in examples:
+    for q in examples if a.prompt_cache else ():
         pipe.prompts.get(q, stream.settings.motion_score)  # encoded once: a warm server's prompt cache
 
     def produce():
@@ -167,7 +173,7 @@ def main(argv=None) -> dict:
 
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
-    played = viewer.play(stream, frames, switch_at, prompts)
+    played = viewer.play(stream, frames, switch_at, prompts, a.prompt_cache)
     with viewer.cond:
         viewer.done = True
         viewer.cond.notify_all()
@@ -186,7 +192,8 @@ def main(argv=None) -> dict:
           f"latent frames ({chunk_video} video frames, {chunk_video / fps:.2f} s); rewind points "
           f"{stream.ring.capacity}; lead {rows[-1]['lead'] if rows else '?'} frames (switch_lead "
           f"{a.lead if a.lead is not None else 'measured'}); forget_on_switch {stream.settings.forget_on_switch}; "
-          f"switch_chunk_frames {stream.settings.switch_chunk_frames}")
+          f"switch_chunk_frames {stream.settings.switch_chunk_frames}; prompts "
+          f"{'encoded before' if a.prompt_cache else 'encoded at each switch'}")
     for i, r in enumerate(rows):
         colours = "" if name != "demo" else ", colours hold " + ("never" if r["colours"] is None else
                                                                f"{r['colours'][0]:.3f} s ({r['colours'][1]} frames "
@@ -195,6 +202,7 @@ def main(argv=None) -> dict:
               f"{r['handed_s'] if r['handed_s'] is None else round(r['handed_s'], 3)} s, on screen "
               f"{r['screen_s'] if r['screen_s'] is None else round(r['screen_s'], 3)} s{colours}")
     res = {"bench": "switch", "model": name, "device": device.type, "chunk_frames": chunk, "fps": fps,
+           "prompt_cache": a.prompt_cache,
            "forget_on_switch": stream.settings.forget_on_switch,
            "switch_chunk_frames": stream.settings.switch_chunk_frames,
            "switches": len(rows), "answered": len(done), "stalls_s": round(played["late_s"], 3)}

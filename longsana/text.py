@@ -227,6 +227,11 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        """Forget every entry (those handed out stay valid: their holders keep them)."""
+        with self._lock:
+            self._entries.clear()
+
     def get(self, prompt: str, motion_score: int | None = None, use_chi: bool = True) -> PromptEntry:
         key = (prompt, motion_score, use_chi)
         with self._lock:

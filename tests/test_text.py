@@ -163,13 +163,17 @@ def test_cache_hit_and_eviction(folder):
 
     count = Counting()
     cache = PromptCache(count, derive=lambda emb, mask: object(), capacity=2)
-    a, b = cache.get("a"), cache.get("b")
+    a = cache.get("a")
+    cache.get("b")
     assert cache.get("a", motion_score=None) is a and count.calls == 2
     assert cache.get("a", motion_score=10) is not a and cache.get("a", use_chi=False) is not a  # distinct keys
     assert count.calls == 4 and len(cache) == 2
     c, a2 = cache.get("c"), cache.get("a")  # "a" (no score) was evicted by the two newer keys
     assert count.calls == 6 and a2 is not a and a2.ctx is not a.ctx
     assert cache.get("c") is c and count.calls == 6  # "c" recently used: kept
+    cache.clear()
+    assert len(cache) == 0 and cache.get("c") is not c and count.calls == 7  # encoded again; c itself unchanged
+    assert c.emb.shape == (1, 300, 8)
     with pytest.raises(ValueError, match="capacity"):
         PromptCache(count, capacity=0)
 
