@@ -155,3 +155,8 @@ def test_colours_hold_from_reads_a_switch_off_rendered_frames():
     assert colours_hold_from(frames, a) is None  # a's colours leave at the switch
     assert colours_hold_from(frames, b) in (20, 21)  # a frame of slack at the cut
     assert colours_hold_from(frames[:20], b) is None
+    # an object that travels out of the frame and back: no object color to read meanwhile, and no cause to fail
+    s = parse_caption("a red circle moving left on a blue background")[0]
+    frames = render(s, 40, 64, 64, seed=0)[10:]
+    assert None in measure(frames).fg_color  # out of the frame for a few frames
+    assert colours_hold_from(frames, s) == 0

@@ -662,11 +662,17 @@ HOLD = 0.9  # colours hold from a frame on when they are on screen in this share
 
 def colours_hold_from(frames: np.ndarray, scene: Scene) -> int | None:
     """The first frame from which `scene`'s object and background colours hold (None: they never do): after a
-    prompt switch, when the new prompt's colours are on screen. A frame now and then may read otherwise."""
+    prompt switch, when the new prompt's colours are on screen. That frame shows both; of the frames from it on,
+    HOLD show the background and, where any object is in view, its color. A frame with no object has no object color
+    to read: the renderer's own clips of an object moving left or up, out of the frame and back, would otherwise
+    fail a fifth to a quarter of 1.5 s windows."""
     m = measure(frames)
-    ok = np.array([f == scene.color and b == scene.background for f, b in zip(m.fg_color, m.bg_color)])
+    background = np.array([b == scene.background for b in m.bg_color])
+    color = np.array([f == scene.color for f in m.fg_color])
+    seen = np.array([f is not None for f in m.fg_color])
+    both, ok = background & color, background & (color | ~seen)
     share = np.cumsum(ok[::-1])[::-1] / np.arange(len(ok), 0, -1)  # share of the frames from each one on
-    return next((j for j in range(len(ok)) if ok[j] and share[j] >= HOLD), None)
+    return next((j for j in range(len(ok)) if both[j] and share[j] >= HOLD), None)
 
 
 def _steps(b: Blobs, S: int, lag: int) -> tuple[np.ndarray, np.ndarray]:
