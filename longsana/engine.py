@@ -26,7 +26,9 @@ second, at most 2 per m, in the shared memory pool.
 
 Compilation is regional: one `torch.compile`d function runs every transformer block (they share one graph, since
 blocks differ only in their weights), static shapes, so a stream compiles 2 chunk lengths x (denoise, clean, the
-clean pass's last block, which runs state-only) block graphs once per process. The first use of each step variant
+clean pass's last block, which runs state-only) block graphs once per process, 3 with a switch's shorter chunk. An
+endless stream has them compiled before its first frame (`prepare`), so that no later frame waits for a compilation
+(tens of seconds at full size: a stall in the video, or a frozen first switch). The first use of each step variant
 (which pending slot, which output slot, n) runs for real, so the first chunk of a stream pays no capture; the second
 runs on the capture stream, which warms it up, and is then captured as a CUDA graph (a one-time host
 synchronisation); later uses replay it: one launch, no host synchronisation. Compiled blocks fuse elementwise work,
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +72,9 @@ def compiled(fn):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         _COMPILED[key] = torch.compile(fn, **COMPILE_OPTIONS)
     return _COMPILED[key]
+
+
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(n, latent_hw, batch)} compiled
 
 
 def _call_block(blk: Block, *args):
@@ -166,6 +172,26 @@ class ChunkEngine:
 
     def boundary_state(self) -> State:
         return self._before if self._ahead is not None else self.state
+
+    def prepare(self, text: TextKV, n: int) -> None:
+        """Compile the block graphs of chunks of n latent frames now (once per process and model), not at the first
+        such chunk, whose frames would wait for the compilation (tens of seconds at full size): a denoising and a
+        clean-context pass of zeros against a scratch state, with `text` as the static prompt copy."""
+        done = _PREPARED.setdefault(self.model, set())
+        key = (n, self.latent_hw, self.batch)
+        if self.block is None or key in done:
+            return
+        m = self.model
+        with torch.inference_mode(self.state.S.is_inference()):  # made as our state was: the graphs guard on it
+            scratch = m.new_state(self.batch, *self.latent_hw, device=self.device)
+        with torch.inference_mode():
+            self._set_text(text)
+            x = torch.zeros(self.batch, m.cfg.in_channels, n, *self.latent_hw, device=self.device)
+            rope = self._rope(0, n)
+            m.run_prepared(x, self.temb[self.t_net[0]], self.text, rope, scratch, block=self.block)
+            m.run_prepared(x, self.temb_clean, self.text, rope, scratch, update_state=True, output=False,
+                           block=self.block)
+        done.add(key)
 
     def context(self):
         """Run on this step's own CUDA stream, after the work queued so far on the current one (where the device

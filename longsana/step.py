@@ -106,6 +106,9 @@ class ChunkStep(Protocol):
     def working_ahead(self) -> bool:
         """Whether work started ahead is still there to be taken (or cancelled): the device may be busy with it."""
 
+    def prepare(self, text: TextKV, n: int) -> None:
+        """A hint: chunks of n latent frames will come (a step may get ready for them now, e.g. compile)."""
+
     def boundary_state(self) -> State:
         """The state at the current boundary, as `denoise` will find it (before work started ahead)."""
 
@@ -160,6 +163,9 @@ class EagerStep:
 
     def working_ahead(self) -> bool:
         return False
+
+    def prepare(self, text: TextKV, n: int) -> None:
+        pass  # nothing to compile
 
     def boundary_state(self) -> State:
         return self.state

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.testing import CompileCounter
 
 from longsana import engine as engine_mod
@@ -142,6 +143,47 @@ def test_compiled_blocks_share_one_graph_and_match_eager(monkeypatch):
     engine = ChunkEngine(model, HW, TIMESTEPS, compile=True)
     got, want, ref_state = run_both(model, text, engine, CHUNKS[:2])
     agree(got, want, engine.state, ref_state, 1e-5)
+
+
+def test_prepare_compiles_what_a_chunk_length_needs_ahead_of_it(monkeypatch):
+    """After prepare(text, n) a chunk of n latent frames, and its clean-context pass in the next chunk, compile
+    nothing more; a second prepare does no work; the engine's state is untouched."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setitem(engine_mod.COMPILE_OPTIONS, "backend", counter)
+    model, text = model_and_text(layers=2)
+    engine = ChunkEngine(model, HW, TIMESTEPS, compile=True)
+    engine.state.S.normal_()
+    before = engine.state.snapshot()
+    engine.prepare(text, 1)
+    assert counter.frame_count == 3  # the denoising blocks, the clean pass's blocks, its last block (state only)
+    assert all(torch.equal(a, b) for a, b in zip(engine.state.tensors(), before.tensors()))
+    calls = []
+    monkeypatch.setattr(model, "run_prepared", lambda *a, **k: calls.append(a))
+    engine.prepare(text, 1)
+    assert not calls  # once per process and model
+    monkeypatch.undo()
+    monkeypatch.setitem(engine_mod.COMPILE_OPTIONS, "backend", counter)
+    x0 = engine.denoise(text, 1, 0, 5)
+    engine.denoise(text, 1, 1, 6, (x0, 0))
+    assert counter.frame_count == 3
+
+
+def test_an_endless_stream_compiles_before_its_first_frame(pipe, monkeypatch):
+    """Every chunk length of the stream (the first, the steady one, a switch's shorter one), each with its
+    clean-context pass, compiled before the first frame: none between two frames later, through a switch."""
+    torch._dynamo.reset()
+    monkeypatch.setitem(engine_mod.COMPILE_OPTIONS, "backend", "eager")  # (the VAE's prologues compile too)
+    block_graphs = lambda: len(_debug_get_cache_entry_list(engine_mod._call_block.__code__))  # noqa: E731
+    stream = pipe.stream(P, seed=0, compile=True, switch_chunk_frames=1)
+    it = iter(stream)
+    next(it)
+    assert block_graphs() == 9  # 3 lengths x (denoising blocks, clean pass's blocks, its last block)
+    stream.set_prompt(Q)
+    for _ in range(4):
+        next(it)
+    assert block_graphs() == 9
+    stream.close()
 
 
 def test_fp8_blocks_compile_and_match_the_eager_step(monkeypatch):
