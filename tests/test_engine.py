@@ -159,11 +159,10 @@ def test_prepare_compiles_what_a_chunk_length_needs_ahead_of_it(monkeypatch):
     assert counter.frame_count == 3  # the denoising blocks, the clean pass's blocks, its last block (state only)
     assert all(torch.equal(a, b) for a, b in zip(engine.state.tensors(), before.tensors()))
     calls = []
-    monkeypatch.setattr(model, "run_prepared", lambda *a, **k: calls.append(a))
-    engine.prepare(text, 1)
+    with monkeypatch.context() as patched:
+        patched.setattr(model, "run_prepared", lambda *a, **k: calls.append(a))
+        engine.prepare(text, 1)
     assert not calls  # once per process and model
-    monkeypatch.undo()
-    monkeypatch.setitem(engine_mod.COMPILE_OPTIONS, "backend", counter)
     x0 = engine.denoise(text, 1, 0, 5)
     engine.denoise(text, 1, 1, 6, (x0, 0))
     assert counter.frame_count == 3
