@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow  # three processes that build a model each, about 40 s in all
+pytestmark = pytest.mark.slow  # processes that build a model each, about 50 s in all
 
 
 def bench(*args: str) -> dict:
@@ -48,3 +48,12 @@ def test_streams_on_a_machine_of_two_devices():
 def test_frames():
     res = bench("longsana.benchmarks.frames", "--frames", "2", "--height", "16", "--width", "24", "--chunks", "2")
     assert res["bytes"] == 2 * 16 * 24 * 3 and all(len(res[way]["wall_s"]) == 2 for way in ("pickled", "shared memory"))
+
+
+def test_cuts():
+    """The scene-cut measure of the demo's VAE: the rendered cut reads as a cut at once (what makes the VAE's
+    figures mean something), and each way gives a frame count or none for each pair."""
+    res = bench("longsana.benchmarks.cuts", "--pairs", "2")
+    assert res["pairs"] == 2 and res["rendered"] == [0, 0]
+    assert all(len(res[way]) == 2 and all(n is None or 0 <= n <= 16 for n in res[way])
+               for way in ("round_trip", "spliced"))

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from longsana.config import bundled_folder, get_config
 from longsana.demo.clips import (caption, caption_variant, colours_hold_from, matches, measure, parse_caption, render,
                                  render_timeline, sample_scene)
-from longsana.demo.train import TrainConfig, check, generate, noise_levels, switch_scene, train_cmd, train_vae
+from longsana.demo.train import (TrainConfig, check, cut_latent, generate, noise_levels, render_vae_clip, switch_scene,
+                                 train_cmd, train_vae)
 from longsana.stream import Pipeline
 from longsana.vae import WanVAE
 
@@ -101,6 +102,28 @@ def test_decoder_only_training_keeps_the_latents(tmp_path):
     trained = [k for k in before if k not in frozen]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert sum(not torch.equal(before[k], after[k]) for k in trained) >= len(trained) // 2
+
+
+def test_vae_cut_clips_cut_where_the_loss_reaches():
+    """--vae-cut-prob: a cut at a latent boundary inside a stretch with gradients (prefix p, then `latents` latent
+    frames), every stretch and place in it drawn; without it the clips are those of earlier runs (the old draws)."""
+    prefixes, latents = (0, 4, 8, 16), 4
+    rng = np.random.default_rng(0)
+    cuts = {cut_latent(rng, prefixes, latents) for _ in range(500)}
+    assert cuts == {p + k for p in prefixes for k in range(1, latents)}
+
+    def old_clip(seed, i, frames, size):  # render_vae_clip before the option, verbatim in its draws
+        rng = np.random.default_rng((seed, 1, i))
+        a = sample_scene(rng)
+        segments = [(0, a)]
+        if rng.random() < 0.2:
+            segments.append((int(rng.integers(1, 400)), switch_scene(a, rng)))
+        return render_timeline(segments, frames, size, size, seed=(seed, 2, i), start_frame=int(rng.integers(0, 400)))
+
+    for i in range(12):  # 7 of them switch scene
+        assert np.array_equal(render_vae_clip((0, i, 9, 32, 0.0, prefixes, latents)), old_clip(0, i, 9, 32))
+    clip = render_vae_clip((0, 0, 77, 32, 1.0, prefixes, latents))
+    assert clip.shape == (77, 32, 32, 3) and not np.array_equal(clip, old_clip(0, 0, 77, 32))
 
 
 @pytest.mark.parametrize("focus", [0.0, 0.6])

@@ -114,6 +114,7 @@ class TrainConfig:
     kl_weight: float = 1e-4  # per latent element, against per-pixel L1 + MSE
     vae_eval_clips: int = 48  # clips whose reconstructions are scored after training (vae_accuracy)
     vae_decoder_only: bool = False  # train the decoder alone: the latents, and so the transformer, stay valid
+    vae_cut_prob: float = 0.0  # clips that cut to a new scene where gradients reach (render_vae_clip)
     # transformer
     clips: int = 10240
     chunks: int = 8  # streaming chunks per training clip
@@ -158,15 +159,29 @@ def switch_scene(a, rng: np.random.Generator):
             return b
 
 
+def cut_latent(rng: np.random.Generator, prefixes: tuple[int, ...], latents: int) -> int:
+    """A latent boundary inside one of vae_loss's stretches with gradients: p + 1 .. p + latents - 1."""
+    return int(rng.choice(prefixes)) + int(rng.integers(1, latents))
+
+
 def render_vae_clip(args) -> np.ndarray:
-    """A clip for the VAE, from a random point in time; a fifth of them switch scene somewhere."""
-    seed, i, frames, size = args
+    """A clip for the VAE, from a random point in time; a fifth of them switch scene somewhere. With probability
+    cut_prob instead, the clip cuts to a new scene at a latent boundary inside one of the stretches that get
+    gradients (latent p + 1 .. p + latents - 1 for a prefix p; a batch draws its p, so a cut clip is cut inside its
+    batch's stretch once in len(prefixes)): a prompt switch as the stream makes it, which the VAE must decode
+    as a cut, not a fade (benchmarks/cuts.py)."""
+    seed, i, frames, size, cut_prob, prefixes, latents = args
     rng = np.random.default_rng((seed, 1, i))
     a = sample_scene(rng)
     segments = [(0, a)]
-    if rng.random() < 0.2:
-        segments.append((int(rng.integers(1, 400)), switch_scene(a, rng)))
-    return render_timeline(segments, frames, size, size, seed=(seed, 2, i), start_frame=int(rng.integers(0, 400)))
+    if cut_prob and rng.random() < cut_prob:
+        start = int(rng.integers(0, 400))
+        segments.append((start + video_frame(cut_latent(rng, prefixes, latents)), switch_scene(a, rng)))
+    else:  # (the draws of runs before cut_prob, in their order: their clips stay the same)
+        if rng.random() < 0.2:
+            segments.append((int(rng.integers(1, 400)), switch_scene(a, rng)))
+        start = int(rng.integers(0, 400))
+    return render_timeline(segments, frames, size, size, seed=(seed, 2, i), start_frame=start)
 
 
 def render_train_clip(args) -> tuple[np.ndarray, str, int]:
@@ -528,7 +543,9 @@ def train(cfg: TrainConfig) -> Path:
     ctx = multiprocessing.get_context("fork")  # before CUDA starts in this process
     with ctx.Pool(cfg.workers) as pool:
         vae_frames = video_frame(max(cfg.vae_prefixes) + cfg.vae_latents)
-        vae_pending = pool.map_async(render_vae_clip, [(cfg.seed, i, vae_frames, size) for i in range(cfg.vae_clips)],
+        vae_pending = pool.map_async(render_vae_clip, [(cfg.seed, i, vae_frames, size, cfg.vae_cut_prob,
+                                                        cfg.vae_prefixes, cfg.vae_latents)
+                                                       for i in range(cfg.vae_clips)],
                                      chunksize=16) if train_vae_now else None
         pending = pool.map_async(render_train_clip, [(cfg.seed, i, sizes, size, cfg.switch_prob)
                                                      for i in range(cfg.clips)], chunksize=16)
@@ -603,6 +620,8 @@ C = TrainConfig
 @click.option("--vae-lr", type=float, default=C.vae_lr, show_default=True)
 @click.option("--vae-decoder-only", is_flag=True, default=C.vae_decoder_only,
               help="Train only the VAE's decoder (the latents stay valid).")
+@click.option("--vae-cut-prob", type=click.FloatRange(0, 1), default=C.vae_cut_prob, show_default=True,
+              help="Fraction of VAE clips that cut to a new scene at a latent boundary where the loss reaches.")
 @click.option("--steps", type=int, default=C.steps, show_default=True, help="Transformer steps; 0: fit --seconds.")
 @click.option("--seconds", type=float, default=C.seconds, show_default=True)
 @click.option("--clips", type=int, default=C.clips, show_default=True, help="Training clips for the transformer.")
