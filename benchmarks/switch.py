@@ -16,7 +16,8 @@ is (the text encoder's time is in the figures), unless --prompt-cache keeps the 
     python -m longsana.benchmarks.switch --tiny          # tiny random model: a smoke test
     python -m longsana.benchmarks.switch --full          # LongSANA 2B / 480p, random weights (benchmarks/fps.py's)
 
-Prints the cost card (model, chunk, lead, rewind points), one line per switch, medians / p95, and one JSON line.
+Prints its progress as it plays (at full size the first frame waits for the compilation), the cost card (model,
+chunk, lead, rewind points), one line per switch, medians / p95, and one JSON line.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Viewer:
     def play(self, stream, frames: int, switch_at: set[int], prompts, prompt_cache: bool) -> dict:
         """Show `frames` frames; at each frame count in `switch_at`, switch (without `prompt_cache`, the prompt is
         encoded anew). Returns the switches and the stalls."""
-        switches, late, t_next = [], 0.0, None
+        switches, late, t_next, t0 = [], 0.0, None, time.perf_counter()
         for k in range(frames):
             with self.cond:
                 self.cond.wait_for(lambda k=k: k in self.frames)
@@ -92,6 +93,8 @@ class Viewer:
                 self.shown_t.append(time.perf_counter())
                 self.shown_request.append(request)
                 self.cond.notify_all()
+            if k == 0:  # progress: at full size the first frame waits for the stream's compilation
+                print(f"  first frame on screen {time.perf_counter() - t0:.1f} s after the start", flush=True)
             t_next += 1 / self.fps
             if k in switch_at:
                 t = time.perf_counter()
@@ -101,6 +104,7 @@ class Viewer:
                 rid = stream.set_prompt(prompt, at_frame=k)
                 switches.append({"id": rid, "t": t, "frame": k, "lead": stream.lead_frames(), "prompt": prompt})
                 self.release()
+                print(f"  switched at frame {k} ({len(switches)} of {len(switch_at)})", flush=True)
         return {"switches": switches, "late_s": late}
 
 
@@ -142,6 +146,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    t_start = time.perf_counter()
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -160,6 +165,8 @@ def main(argv=None) -> dict:
         switch_at.add(k + rng.randrange(2 * chunk_video))
         k += 2 * chunk_video
     frames = k + 2 * chunk_video
+    print(f"# {name} built in {time.perf_counter() - t_start:.1f} s; playing {frames} frames ({frames / fps:.0f} s of "
+          f"video) with {len(switch_at)} switches", flush=True)
     viewer = Viewer(fps)
     prompts = itertools.cycle(examples[1:] + examples[:1])
     for q in examples if a.prompt_cache else ():
