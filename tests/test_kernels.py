@@ -557,9 +557,9 @@ def test_compile_and_cuda_graph(tuned):
     # Inductor recompiles the same kernels (its own fp contraction, its own order for the sum of the pass-1
     # partials): a few 1-ulp bf16 differences; in the e4m3 values, those differences a step apart. Every comparison
     # is reported, so that one GPU run names each output that is off and by how much.
-    errors = {n: rel_err(b, a) for n, a, b in zip(names[:5], eager, compiled)}
-    errors["x_q differ"] = (eager[5] != compiled[5]).float().mean().item()
-    assert all(e < 1e-4 for n, e in errors.items() if n in names) and errors["x_q differ"] <= 0.01, errors
+    rel = {n: rel_err(b, a) for n, a, b in zip(names[:5], eager, compiled)}
+    x_q_differ = (eager[5] != compiled[5]).float().mean().item()
+    assert max(rel.values()) < 1e-4 and x_q_differ <= 0.01, (rel, x_q_differ)
 
     static = [t.clone() for t in (x, q, k, v)]
     block(*static)  # warm up (compiles the kernels) outside the capture
