@@ -60,9 +60,16 @@ GPU. Scores are tests/test_demo.py's measurements.
      --eval-captions 0 --workers 5                                 2319 steps; reconstructions color 0.88 (V: 0.83)
      beside it: as 10 with --out T6 --resume T5 --seed 6 --seconds 440 --lr 2e-4 --workers 9   1381 steps
  12. --out demo --resume T6 --vae-from V2 --vae-seconds 0 --seconds 0 --device cpu --clips 8 --eval-captions 0
-                                                                   shipped: color 19/20, background 20/20; switch:
-                                                                   old color held 7/8, new color two chunks after
-                                                                   6/8, three chunks after 7/8
+                                                                   color 19/20, background 20/20; switch: old color
+                                                                   held 7/8, new color two chunks after 6/8, three
+                                                                   chunks after 7/8
+ 13. (2026-12-05, the 2-core CPU, no LONGSANA_KERNELS) --out VC --resume base --vae-decoder-only --vae-seconds 1500
+     --vae-cut-prob 0.6 --vae-prefixes 2 --vae-prefixes 6 --vae-batch 8 --vae-clips 2048 --vae-lr 2e-4 --seconds 0
+     --clips 8 --device cpu --workers 1 --eval-captions 0, base being 12's folder as base/demo and its transformer
+     saved as base/resume.pt                                       897 steps; shipped: 12 with VC's decoder. A cut
+                                                                   through the VAE holds its new colours after 4
+                                                                   frames (median; 12's: 10), the stream's after a
+                                                                   switch within 1 s 13/20 and 12/20 (12's: 8, 9)
 """
 
 from __future__ import annotations
@@ -620,6 +627,9 @@ C = TrainConfig
 @click.option("--vae-lr", type=float, default=C.vae_lr, show_default=True)
 @click.option("--vae-decoder-only", is_flag=True, default=C.vae_decoder_only,
               help="Train only the VAE's decoder (the latents stay valid).")
+@click.option("--vae-prefixes", type=int, multiple=True, default=C.vae_prefixes, show_default=True,
+              help="Latent frames that warm the causal caches before the ones with gradients, one drawn per batch "
+                   "(repeat the option for each).")
 @click.option("--vae-cut-prob", type=click.FloatRange(0, 1), default=C.vae_cut_prob, show_default=True,
               help="Fraction of VAE clips that cut to a new scene at a latent boundary where the loss reaches.")
 @click.option("--steps", type=int, default=C.steps, show_default=True, help="Transformer steps; 0: fit --seconds.")
