@@ -28,16 +28,17 @@ from longsana.demo.train import LAYOUT_SEED, encoder_mean
 from longsana.stream import Pipeline, video_frame
 from longsana.streaming.guide import DEMO_EXAMPLES
 
-CUT, LATENTS = 6, 10  # the cut after 6 latent frames of a 10-latent-frame clip (16 video frames after it)
+CUT, LATENTS = 6, 10  # the cut after 6 latent frames of a 10-latent-frame clip
+AFTER = video_frame(LATENTS) - video_frame(CUT)  # video frames from the cut on (16): a cut that never holds counts so
 WAYS = ("rendered", "round_trip", "spliced")
 
 
 @torch.no_grad()
-def cut_frames(vae, old: str, new: str) -> dict[str, int | None]:
-    """Frames from the cut until `new`'s colours hold, each way (None: not within the clip)."""
+def cut_frames(vae, old: str, new: str, size: int) -> dict[str, int | None]:
+    """Frames from the cut until `new`'s colours hold, each way (None: not within the clip), size x size clips."""
     a, b = parse_caption(old)[0], parse_caption(new)[0]
     cut, T = video_frame(CUT), video_frame(LATENTS)
-    clip = render_timeline([(0, a), (cut, b)], T, 64, 64, seed=LAYOUT_SEED)
+    clip = render_timeline([(0, a), (cut, b)], T, size, size, seed=LAYOUT_SEED)
 
     def encode(frames):
         return encoder_mean(vae, to_video(frames)[None].to(vae.device, vae.dtype))
@@ -45,8 +46,8 @@ def cut_frames(vae, old: str, new: str) -> dict[str, int | None]:
     def decode(z):
         return to_frames(vae.decode(z)[0])
 
-    spliced = torch.cat([encode(render(a, T, 64, 64, seed=LAYOUT_SEED))[:, :, :CUT],
-                         encode(render(b, T, 64, 64, seed=LAYOUT_SEED))[:, :, CUT:]], dim=2)
+    spliced = torch.cat([encode(render(a, T, size, size, seed=LAYOUT_SEED))[:, :, :CUT],
+                         encode(render(b, T, size, size, seed=LAYOUT_SEED))[:, :, CUT:]], dim=2)
     frames = dict(rendered=clip, round_trip=decode(encode(clip)), spliced=decode(spliced))
     return {way: colours_hold_from(frames[way][cut:], b) for way in WAYS}
 
@@ -55,19 +56,20 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=None, help="only the first N ordered pairs of the page's examples")
     a = p.parse_args(argv)
-    vae = Pipeline.from_pretrained("demo").vae
+    pipe = Pipeline.from_pretrained("demo")
+    size = pipe.spec.height  # the demo's clips are square
     pairs = list(itertools.permutations(DEMO_EXAMPLES, 2))[:a.pairs]
-    print(f"# a scene cut through the demo's VAE: {len(pairs)} pairs of the page's examples, 64x64, the cut after "
-          f"{CUT} of {LATENTS} latent frames; frames from the cut until the new colours hold (-: not in "
-          f"{video_frame(LATENTS) - video_frame(CUT)} frames)")
+    print(f"# a scene cut through the demo's VAE: {len(pairs)} pairs of the page's examples, {size}x{size}, the cut "
+          f"after {CUT} of {LATENTS} latent frames; frames from the cut until the new colours hold (-: not in "
+          f"{AFTER} frames)")
     rows = []
     for old, new in pairs:
-        rows.append(cut_frames(vae, old, new))
+        rows.append(cut_frames(pipe.vae, old, new, size))
         print(f"{old[:30]:30s} -> {new[:30]:30s} " + "  ".join(
             f"{way} {'-' if rows[-1][way] is None else rows[-1][way]:>2}" for way in WAYS))
     res = {"bench": "cuts", "pairs": len(rows), **{way: [r[way] for r in rows] for way in WAYS}}
-    for way in WAYS:  # a cut that never holds counts as the clip's length, for the median
-        held = [video_frame(LATENTS) - video_frame(CUT) if n is None else n for n in res[way]]
+    for way in WAYS:
+        held = [AFTER if n is None else n for n in res[way]]
         res[f"{way}_median"] = statistics.median(held)
         res[f"{way}_within_4"] = sum(n <= 4 for n in held)
     print("medians: " + ", ".join(f"{way} {res[f'{way}_median']} frames ({res[f'{way}_within_4']}/{len(rows)} "
