@@ -137,8 +137,8 @@ def sweep_all(g) -> dict:
     mods = torch.randn(B, 1, 6, D, generator=g).cuda().bfloat16()
     ln = sweep(tln, dict(rows=[1, 2, 4], num_warps=[4, 8, 16]), lambda: ln_modulate(x, mods[:, :, 0], mods[:, :, 1]))
     h, weight, bias = glu_inputs(g)
-    glu = sweep(tglu, dict(tanh_silu=[True], num_stages=[1, 3], block_c=[16, 32, 64], num_warps=[4, 8, 16],
-                            rows=[8, 16], block_x=[32]),
+    glu = sweep(tglu, dict(tanh_silu=[True], gather=[True], num_stages=[1, 3], block_c=[16, 32, 64],
+                           num_warps=[4, 8, 16], rows=[8, 16], block_x=[32]),
                 lambda: glu_conv(h, weight, bias, *FRAME_HW, backend="triton"))
     # the kernel or the reference compiled by inductor, whichever is faster, for "auto" in this process
     ref_compiled = torch.compile(glu_conv_ref)

@@ -10,6 +10,12 @@ the output written once: about 0.63 GB a block. A program's rows follow one anot
 software-pipelined: the next row's loads are in flight while one is weighed. An earlier version read each pixel's 9
 neighbours per output tile, 9 reads of every input row from cache, and was slower than the unfused code (1.37
 against 0.75 ms, H200).
+
+Each input element is weighed by three column taps. By default the row is loaded three times, shifted by a column
+each way (from L1), and SiLU'd each time; `gather` loads and SiLUs it once and takes the shifted copies from the
+registers of neighbouring lanes (tl.gather along the columns, warp shuffles on sm_90: ptxas shows no shared memory),
+a third of the special-function work. A tile's edge columns then lack a neighbour, so gathering strips overlap by
+two columns and write only their inner ones.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class GluConvConfig:
     num_stages: int = 2  # the row loop software-pipelined (the next row's loads in flight while one is weighed)
     tanh_silu: bool = False  # SiLU through the GPU's tanh.approx: one special-function op instead of exp and a
     # reciprocal (each input element goes through SiLU 3 times, once per column shift); not under the interpreter
+    gather: bool = False  # SiLU each input element once and take its left and right neighbours from registers
+    # (tl.gather along the columns) instead of loading and SiLU-ing them again; strips then overlap by 2 columns
 
 
 CONFIG = GluConvConfig()
@@ -49,14 +57,23 @@ def _silu(x, TANH: tl.constexpr = False):
 
 
 @triton.jit
-def _sweep_row(above, level, bias, row_ptr, xs, W, C2, c, c_ok, in_frame, w_ptr, TANH: tl.constexpr):
+def _sweep_row(above, level, bias, row_ptr, xs, W, C2, c, c_ok, in_frame, w_ptr, TANH: tl.constexpr,
+               GATHER: tl.constexpr):
     """Input row r (columns xs - 1, xs, xs + 1; zero outside the frame), SiLU'd, into the accumulators of output rows
-    r - 1 (`above`: complete after it) and r, and a new one for row r + 1. w_ptr: the (C2, 9) taps, row-major."""
+    r - 1 (`above`: complete after it) and r, and a new one for row r + 1. w_ptr: the (C2, 9) taps, row-major.
+    GATHER: row r is loaded at xs only, and a tile's first and last columns get wrong neighbours (not stored)."""
     below = bias
+    if GATHER:
+        ok = (in_frame & (xs >= 0) & (xs < W))[:, None] & c_ok[None, :]
+        s_mid = _silu(tl.load(row_ptr + xs[:, None] * C2 + c[None, :], mask=ok, other=0.0).to(tl.float32), TANH)
+        i = tl.broadcast_to(tl.arange(0, xs.shape[0])[:, None], s_mid.shape)
     for dx in tl.static_range(3):
-        x = xs + dx - 1
-        ok = (in_frame & (x >= 0) & (x < W))[:, None] & c_ok[None, :]
-        s = _silu(tl.load(row_ptr + x[:, None] * C2 + c[None, :], mask=ok, other=0.0).to(tl.float32), TANH)
+        if GATHER:
+            s = s_mid if dx == 1 else tl.gather(s_mid, tl.minimum(tl.maximum(i + dx - 1, 0), xs.shape[0] - 1), 0)
+        else:
+            x = xs + dx - 1
+            ok = (in_frame & (x >= 0) & (x < W))[:, None] & c_ok[None, :]
+            s = _silu(tl.load(row_ptr + x[:, None] * C2 + c[None, :], mask=ok, other=0.0).to(tl.float32), TANH)
         below += s * tl.load(w_ptr + c * 9 + dx, mask=c_ok, other=0.0).to(tl.float32)[None, :]  # kernel row 0
         level += s * tl.load(w_ptr + c * 9 + 3 + dx, mask=c_ok, other=0.0).to(tl.float32)[None, :]
         above += s * tl.load(w_ptr + c * 9 + 6 + dx, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -68,11 +85,15 @@ def _glu_conv_kernel(
     h_ptr, w_ptr, b_ptr, o_ptr,  # h: (frames, H*W, 2C) contiguous; w: (2C, 9); b: (2C,); o: (frames, H*W, C)
     H, W, C,
     BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, TANH: tl.constexpr, STAGES: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     frame, strip, cblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    strips_x = tl.cdiv(W, BLOCK_X)
+    HALO: tl.constexpr = 1 if GATHER else 0  # a gathering tile's edge columns only feed their neighbours
+    strips_x = tl.cdiv(W, BLOCK_X - 2 * HALO)
     y0 = (strip // strips_x) * ROWS
-    xs = (strip % strips_x) * BLOCK_X + tl.arange(0, BLOCK_X)
+    i = tl.arange(0, BLOCK_X)
+    xs = (strip % strips_x) * (BLOCK_X - 2 * HALO) - HALO + i
+    mine = (i >= HALO) & (i < BLOCK_X - HALO) & (xs < W)  # the columns this strip writes
     c = cblock * BLOCK_C + tl.arange(0, BLOCK_C)  # a is channel c of h, its gate g channel C + c
     c_ok = c < C
     h_frame = h_ptr + frame.to(tl.int64) * H * W * 2 * C  # 64-bit: a batch of chunks may pass 2^31 elements
@@ -87,11 +108,11 @@ def _glu_conv_kernel(
         in_frame = (rr >= 0) & (rr < H)
         row = h_frame + r * W * 2 * C
         a, level_a, below_a = _sweep_row(above_a, level_a, bias_a, row, xs, W, 2 * C, c, c_ok, in_frame, w_ptr,
-                                         TANH)
+                                         TANH, GATHER)
         g, level_g, below_g = _sweep_row(above_g, level_g, bias_g, row, xs, W, 2 * C, C + c, c_ok, in_frame,
-                                         w_ptr, TANH)
+                                         w_ptr, TANH, GATHER)
         y = rr - 1  # complete: store it if it is one of this strip's rows
-        ok = ((y >= y0) & (y < H) & (y < y0 + ROWS) & (xs < W))[:, None] & c_ok[None, :]
+        ok = ((y >= y0) & (y < H) & (y < y0 + ROWS) & mine)[:, None] & c_ok[None, :]
         tl.store(o_frame + (y * W + xs)[:, None] * C + c[None, :], (a * _silu(g, TANH)).to(o_ptr.dtype.element_ty),
                  mask=ok)
         above_a, level_a, above_g, level_g = level_a, below_a, level_g, below_g
@@ -108,10 +129,10 @@ def glu_conv_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, h
     h = h.contiguous()
     frames, C = B * N // (height * width), C2 // 2
     o = triton_common.empty((B, N, C), h.dtype, h.device)
-    strips = triton.cdiv(height, CONFIG.rows) * triton.cdiv(width, CONFIG.block_x)
+    strips = triton.cdiv(height, CONFIG.rows) * triton.cdiv(width, CONFIG.block_x - 2 * CONFIG.gather)
     grid = (frames, strips, triton.cdiv(C, CONFIG.block_c))
     wrap_triton(_glu_conv_kernel)[grid](h, weight.reshape(C2, 9).contiguous(), bias.contiguous(), o,
                                         height, width, C, BLOCK_X=CONFIG.block_x, BLOCK_C=CONFIG.block_c,
                                         ROWS=CONFIG.rows, TANH=CONFIG.tanh_silu, STAGES=CONFIG.num_stages,
-                                        num_warps=CONFIG.num_warps)
+                                        GATHER=CONFIG.gather, num_warps=CONFIG.num_warps)
     return o

@@ -19,6 +19,7 @@ interpreter that one conversion is done by PyTorch's, which rounds as the GPU do
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -172,9 +173,12 @@ def glu_inputs(B, frames, height, width, C, dtype, g):
 
 
 @runs_triton
+@pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("B,frames,height,width,C,dtype", GLU_CASES)
-def test_glu_conv_matches_reference(B, frames, height, width, C, dtype):
-    """Against the reference in fp64 (the kernel keeps fp32 throughout, the reference rounds each op to its dtype)."""
+def test_glu_conv_matches_reference(B, frames, height, width, C, dtype, gather, monkeypatch):
+    """Against the reference in fp64 (the kernel keeps fp32 throughout, the reference rounds each op to its dtype);
+    either way of reaching a pixel's neighbours, with strips narrower than the frame."""
+    monkeypatch.setattr(triton_glu_conv, "CONFIG", dataclasses.replace(triton_glu_conv.CONFIG, gather=gather))
     h, weight, bias = glu_inputs(B, frames, height, width, C, dtype, torch.Generator().manual_seed(C + width))
     o = glu_conv(h, weight, bias, height, width, backend="triton")
     assert (o.shape, o.dtype) == ((B, h.shape[1], C), dtype)
@@ -400,19 +404,22 @@ def test_what_no_tile_fits_runs_the_reference():
 
 @pytest.mark.skipif(INTERPRETER, reason="compiles for a GPU; needs no interpreter")
 @pytest.mark.parametrize("tanh", [False, True])
-def test_glu_conv_compiles_for_hopper_without_spills(tanh):
-    """The FFN kernel, default tiling, either SiLU, through Triton's compiler and ptxas for sm_90 (no GPU needed),
-    with the alignment Triton sees at the full model's launch: no register spills (stack 0), which made an earlier
-    kernel 12x slower than unfused code on the H200, and its row loop software-pipelined."""
+@pytest.mark.parametrize("gather", [False, True])
+def test_glu_conv_compiles_for_hopper_without_spills(tanh, gather):
+    """The FFN kernel, default tiling, either SiLU, either way to the neighbours, through Triton's compiler and ptxas
+    for sm_90 (no GPU needed), with the alignment Triton sees at the full model's launch: no register spills (stack
+    0), which made an earlier kernel 12x slower than unfused code on the H200, and its row loop software-pipelined."""
     tuned = triton_glu_conv.GluConvConfig()
     signature = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "o_ptr": "*bf16", "H": "i32", "W": "i32",
                  "C": "i32"}
     compiled = compile_for(triton_glu_conv._glu_conv_kernel, signature,
                            dict(BLOCK_X=tuned.block_x, BLOCK_C=tuned.block_c, ROWS=tuned.rows, TANH=tanh,
-                                STAGES=tuned.num_stages), 90,
+                                STAGES=tuned.num_stages, GATHER=gather), 90,
                            divisible=("h_ptr", "w_ptr", "b_ptr", "o_ptr", "C"), num_warps=tuned.num_warps)
     assert stack_bytes(compiled) == 0
     assert "cp.async" in compiled.asm["ptx"]  # the row loop pipelined: the next rows' loads in flight
+    if gather:  # the neighbours come from other lanes of the same warp, not through shared memory
+        assert "shfl.sync" in compiled.asm["ptx"] and "st.shared" not in compiled.asm["ptx"]
 
 
 FP64_MATH = re.compile(r"\b(?:add|sub|mul|div|fma|sqrt|rcp)\.[a-z.]*f64\b")  # fp64 arithmetic in PTX
@@ -505,10 +512,11 @@ def test_linear_attention_full_shape_fp32(tuned):
 
 
 @needs_cuda
-@pytest.mark.parametrize("tanh", [False, True])
-def test_glu_conv_full_shape(tanh, monkeypatch):
-    """The FFN's middle of a 10-latent-frame chunk at 480p: 10 frames of 30 x 52 tokens, 2C = 13440; either SiLU."""
-    monkeypatch.setattr(triton_glu_conv, "CONFIG", triton_glu_conv.GluConvConfig(tanh_silu=tanh))
+@pytest.mark.parametrize("tanh,gather", [(False, False), (True, False), (True, True)])
+def test_glu_conv_full_shape(tanh, gather, monkeypatch):
+    """The FFN's middle of a 10-latent-frame chunk at 480p: 10 frames of 30 x 52 tokens, 2C = 13440; either SiLU,
+    either way to the neighbours."""
+    monkeypatch.setattr(triton_glu_conv, "CONFIG", triton_glu_conv.GluConvConfig(tanh_silu=tanh, gather=gather))
     h, weight, bias = glu_inputs(1, 10, 30, 52, TransformerConfig().ffn_dim, torch.bfloat16,
                                  torch.Generator().manual_seed(6))
     o = glu_conv(h, weight, bias, 30, 52, backend="triton")
