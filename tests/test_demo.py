@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from longsana.config import bundled_folder, get_config
 from longsana.demo.clips import (caption, caption_variant, colours_hold_from, matches, measure, parse_caption, render,
                                  render_timeline, sample_scene)
-from longsana.demo.train import (TrainConfig, check, cut_latent, generate, noise_levels, render_vae_clip, switch_scene,
-                                 train_cmd, train_vae)
-from longsana.stream import Pipeline
+from longsana.demo.train import (TrainConfig, check, cut_latent, generate, noise_levels, render_vae_clip, splice_clips,
+                                 switch_scene, train_cmd, train_vae)
+from longsana.stream import Pipeline, video_frame
 from longsana.vae import WanVAE
 
 CAPTIONS, SWITCHES = 20, 8
@@ -124,6 +124,24 @@ def test_vae_cut_clips_cut_where_the_loss_reaches():
         assert np.array_equal(render_vae_clip((0, i, 9, 32, 0.0, prefixes, latents)), old_clip(0, i, 9, 32))
     clip = render_vae_clip((0, 0, 77, 32, 1.0, prefixes, latents))
     assert clip.shape == (77, 32, 32, 3) and not np.array_equal(clip, old_clip(0, 0, 77, 32))
+
+
+@pytest.mark.parametrize("prefix", [0, 2])
+def test_spliced_latents_and_frames_cut_at_the_same_place(prefix):
+    """--vae-splice-prob: from latent frame `cut` of the stretch on, both the latents and the video frames they
+    decode to (the first latent of a clip is 1 frame, the others 4) are the partner's, and before it the clip's own."""
+    B, latents = 3, 4
+    partner = torch.tensor([2, 0, 1])
+    # each latent frame and each video frame labelled with (clip, latent frame of the stretch)
+    z = (10 * torch.arange(B)[:, None] + torch.arange(latents)).float()[:, None, :, None, None].expand(B, 2, -1, 1, 1)
+    frame_latent = [j for j in range(latents) for _ in range(video_frame(prefix + j + 1) - video_frame(prefix + j))]
+    x = (10 * torch.arange(B)[:, None] + torch.tensor(frame_latent)).float()[:, None, :, None, None]
+    for cut in range(1, latents):
+        zs, xs = splice_clips(z, x, partner, cut, prefix)
+        for b in range(B):
+            want = [10 * (partner[b] if j >= cut else b) + j for j in range(latents)]
+            assert zs[b, 0, :, 0, 0].tolist() == want
+            assert xs[b, 0, :, 0, 0].tolist() == [want[j] for j in frame_latent]
 
 
 @pytest.mark.parametrize("focus", [0.0, 0.6])

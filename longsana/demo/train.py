@@ -122,6 +122,7 @@ class TrainConfig:
     vae_eval_clips: int = 48  # clips whose reconstructions are scored after training (vae_accuracy)
     vae_decoder_only: bool = False  # train the decoder alone: the latents, and so the transformer, stay valid
     vae_cut_prob: float = 0.0  # clips that cut to a new scene where gradients reach (render_vae_clip)
+    vae_splice_prob: float = 0.0  # batches whose latents cut to other clips' where gradients reach (vae_loss)
     # transformer
     clips: int = 10240
     chunks: int = 8  # streaming chunks per training clip
@@ -299,10 +300,14 @@ def train_loop(name: str, params, loss_fn, steps: int, seconds: float, lr: float
 
 # -- VAE -----------------------------------------------------------------------------------------------------------
 
-def vae_loss(vae: WanVAE, x: torch.Tensor, kl_weight: float, prefix: int = 0) -> torch.Tensor:
+def vae_loss(vae: WanVAE, x: torch.Tensor, kl_weight: float, prefix: int = 0,
+             splice: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """x (B, 3, T, H, W): reconstruct a posterior sample. The first `prefix` latent frames (1 + 4 (prefix - 1)
     video frames) only fill the causal caches, without gradients: the causal convs look back about 20 latent
-    frames, so a stream's steady state is only seen after a long start, which this makes cheap."""
+    frames, so a stream's steady state is only seen after a long start, which this makes cheap.
+    splice (partner, cut): from latent frame `cut` of the stretch with gradients on, sample b takes the latents of
+    clip partner[b], each encoded in its own clip, and must decode partner[b]'s frames: a hard cut between clean
+    latents, which is what a stream's switch hands the decoder (benchmarks/cuts.py's "spliced")."""
     enc, dec = CausalCache(), CausalCache()
     if prefix:
         n = video_frame(prefix)
@@ -313,6 +318,8 @@ def vae_loss(vae: WanVAE, x: torch.Tensor, kl_weight: float, prefix: int = 0) ->
     mu, logvar = vae.quant_conv(vae.encoder(x, enc)).float().chunk(2, dim=1)
     logvar = logvar.clamp(-30, 20)
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+    if splice is not None:
+        z, x = splice_clips(z, x, *splice, prefix)
     rec = vae.decoder(vae.post_quant_conv(z.to(x.dtype)), dec).float()
     kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).mean()
     # Objects cover a few percent of a frame: weight pixels by their distance from the frame's median color
@@ -321,6 +328,15 @@ def vae_loss(vae: WanVAE, x: torch.Tensor, kl_weight: float, prefix: int = 0) ->
     w = 1 + 4 * (x - bg).abs().sum(1, keepdim=True)
     e = rec - x
     return (w * (e.abs() + e.square())).mean() / w.mean() + kl_weight * kl
+
+
+def splice_clips(z: torch.Tensor, x: torch.Tensor, partner: torch.Tensor, cut: int,
+                 prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents z (B, z, f, h, w) and the video x (B, 3, T, H, W) they decode to, both starting after `prefix`
+    latent frames: from latent frame `cut` (and its first video frame) on, sample b is partner[b]'s."""
+    n = video_frame(prefix + cut) - video_frame(prefix)
+    return (torch.cat([z[:, :, :cut], z[partner, :, cut:]], dim=2),
+            torch.cat([x[:, :, :n], x[partner, :, n:]], dim=2))
 
 
 @torch.no_grad()
@@ -378,12 +394,17 @@ def train_vae(cfg: TrainConfig, spec, clips: torch.Tensor, device, vae: WanVAE |
     g = torch.Generator().manual_seed(cfg.seed)
 
     def loss_fn(i):
-        """A random warm-up prefix (the same for the batch), then vae_latents latent frames with gradients."""
+        """A random warm-up prefix (the same for the batch), then vae_latents latent frames with gradients; with
+        probability vae_splice_prob a batch is spliced: each clip cuts to another's latents inside that stretch."""
         prefix = cfg.vae_prefixes[int(torch.randint(len(cfg.vae_prefixes), (), generator=g))]
         x = video_batch(clips[torch.randint(len(clips), (cfg.vae_batch,), generator=g)], device)
         x = x[:, :, :video_frame(prefix + cfg.vae_latents)]
+        splice = None
+        if cfg.vae_splice_prob and torch.rand((), generator=g) < cfg.vae_splice_prob:  # (no draw at 0: old runs)
+            splice = (torch.randperm(len(x), generator=g).to(device),
+                      int(torch.randint(1, cfg.vae_latents, (), generator=g)))
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):  # CPU bf16 convs: slow
-            return vae_loss(vae, x, cfg.kl_weight, prefix)
+            return vae_loss(vae, x, cfg.kl_weight, prefix, splice)
 
     train_loop("vae", params, loss_fn, cfg.vae_steps, cfg.vae_seconds, cfg.vae_lr, 100, device)
     vae.eval().requires_grad_(False)
@@ -632,6 +653,8 @@ C = TrainConfig
                    "(repeat the option for each).")
 @click.option("--vae-cut-prob", type=click.FloatRange(0, 1), default=C.vae_cut_prob, show_default=True,
               help="Fraction of VAE clips that cut to a new scene at a latent boundary where the loss reaches.")
+@click.option("--vae-splice-prob", type=click.FloatRange(0, 1), default=C.vae_splice_prob, show_default=True,
+              help="Fraction of VAE batches whose latents cut to other clips' latents where the loss reaches.")
 @click.option("--steps", type=int, default=C.steps, show_default=True, help="Transformer steps; 0: fit --seconds.")
 @click.option("--seconds", type=float, default=C.seconds, show_default=True)
 @click.option("--clips", type=int, default=C.clips, show_default=True, help="Training clips for the transformer.")
