@@ -130,14 +130,13 @@ def test_vae_cut_clips_cut_where_the_loss_reaches():
 def test_spliced_latents_and_frames_cut_at_the_same_place(prefix):
     """--vae-splice-prob: from latent frame `cut` of the stretch on, both the latents and the video frames they
     decode to (the first latent of a clip is 1 frame, the others 4) are the partner's, and before it the clip's own."""
-    B, latents = 3, 4
-    partner = torch.tensor([2, 0, 1])
+    B, latents, partner = 3, 4, [2, 0, 1]
     # each latent frame and each video frame labelled with (clip, latent frame of the stretch)
     z = (10 * torch.arange(B)[:, None] + torch.arange(latents)).float()[:, None, :, None, None].expand(B, 2, -1, 1, 1)
     frame_latent = [j for j in range(latents) for _ in range(video_frame(prefix + j + 1) - video_frame(prefix + j))]
     x = (10 * torch.arange(B)[:, None] + torch.tensor(frame_latent)).float()[:, None, :, None, None]
     for cut in range(1, latents):
-        zs, xs = splice_clips(z, x, partner, cut, prefix)
+        zs, xs = splice_clips(z, x, torch.tensor(partner), cut, prefix)
         for b in range(B):
             want = [10 * (partner[b] if j >= cut else b) + j for j in range(latents)]
             assert zs[b, 0, :, 0, 0].tolist() == want
