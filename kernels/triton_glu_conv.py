@@ -129,7 +129,8 @@ def glu_conv_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, h
     h = h.contiguous()
     frames, C = B * N // (height * width), C2 // 2
     o = triton_common.empty((B, N, C), h.dtype, h.device)
-    strips = triton.cdiv(height, CONFIG.rows) * triton.cdiv(width, CONFIG.block_x - 2 * CONFIG.gather)
+    written = CONFIG.block_x - 2 if CONFIG.gather else CONFIG.block_x  # columns a strip writes (the kernel's HALO)
+    strips = triton.cdiv(height, CONFIG.rows) * triton.cdiv(width, written)
     grid = (frames, strips, triton.cdiv(C, CONFIG.block_c))
     wrap_triton(_glu_conv_kernel)[grid](h, weight.reshape(C2, 9).contiguous(), bias.contiguous(), o,
                                         height, width, C, BLOCK_X=CONFIG.block_x, BLOCK_C=CONFIG.block_c,
