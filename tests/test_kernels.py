@@ -71,6 +71,9 @@ def test_kernels_under_interpreter():
     assert " passed" in run.stdout and " failed" not in run.stdout
 
 
+UNPOISONED = triton_common.empty
+
+
 @pytest.fixture(autouse=True)
 def poisoned_small(monkeypatch):
     """NaN-filled output buffers; a small linear-attention tiling (several splits and tiles on small shapes)."""
@@ -541,8 +544,12 @@ def test_ln_modulate_full_shape(per_token):
 
 
 @needs_cuda
-def test_compile_and_cuda_graph(tuned):
-    """The ops (the FP8 norm too) inside torch.compile(fullgraph=True) (no graph break) and a captured CUDA graph."""
+def test_compile_and_cuda_graph(tuned, monkeypatch):
+    """The ops (the FP8 norm too) inside torch.compile(fullgraph=True) (no graph break) and a captured CUDA graph.
+    Unpoisoned buffers: inductor traces the FP8 norm's allocation, and cannot compile a NaN fill of an e4m3 buffer
+    (Triton has no e4m3 scalar constant: the failure seen on the H100); the other tests check every element is
+    written."""
+    monkeypatch.setattr(triton_common, "empty", UNPOISONED)
     g = torch.Generator().manual_seed(2)
     B, N, H, d = 1, 1560, 20, 112
     q, k, v = qkv(B, N, H, d, torch.bfloat16, g)
