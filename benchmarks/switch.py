@@ -3,8 +3,9 @@
 A simulated viewer plays the stream at the model's frame rate with the server's back-pressure: the producer hands
 a chunk over and waits until its first frame is on screen (so it works at most one chunk ahead), and a chunk that
 starts before the end of what the viewer holds replaces it from there on. At random moments the viewer switches
-the prompt with `Stream.set_prompt(prompt, at_frame=<frame on screen>)` and wakes the producer. Per switch it
-records the time from the call to the first chunk answering it being handed out (`Chunk.request`), and to that
+the prompt with `Stream.set_prompt(prompt, at_frame=<frame on screen>)` on a control thread, as the server does (the
+screen plays on while the call encodes the prompt), then wakes the producer. Per switch it records how long the call
+took, the time from the call to the first chunk answering it being handed out (`Chunk.request`), and to that
 chunk's first frame being on screen; and the frames shown late (stalls) and any frame shown twice or skipped.
 With the demo model the switches go through the page's example prompts, and it also records when the new
 prompt's colours hold on screen: the first frame from which the object and background colours the prompt names
@@ -29,6 +30,7 @@ import itertools
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -58,11 +60,12 @@ class Viewer:
         self.done = False
 
     def put(self, chunk) -> None:
-        with self.cond:
-            for f in [f for f in self.frames if f >= chunk.start_frame]:
+        with self.cond:  # frames shown stay as they were (as the server's): a chunk replaces what follows them
+            first = max(chunk.start_frame, self.screen + 1)
+            for f in [f for f in self.frames if f >= first]:
                 del self.frames[f]
-            for i, rgb in enumerate(chunk.frames):
-                self.frames[chunk.start_frame + i] = chunk.request, rgb
+            for f in range(first, chunk.start_frame + len(chunk.frames)):
+                self.frames[f] = chunk.request, chunk.frames[f - chunk.start_frame]
             self.handed.setdefault(chunk.request, time.perf_counter())
             self.cond.notify_all()
             self.cond.wait_for(lambda: self.screen >= chunk.start_frame or self.released or self.done)
@@ -77,6 +80,7 @@ class Viewer:
         """Show `frames` frames; at each frame count in `switch_at`, switch (without `prompt_cache`, the prompt is
         encoded anew). Returns the switches and the stalls."""
         switches, late, t_next, t0 = [], 0.0, None, time.perf_counter()
+        control, calls = ThreadPoolExecutor(1, thread_name_prefix="control"), []
         for k in range(frames):
             with self.cond:
                 self.cond.wait_for(lambda k=k: k in self.frames)
@@ -86,6 +90,7 @@ class Viewer:
                     t_next = now
             time.sleep(max(0.0, t_next - time.perf_counter()))
             with self.cond:
+                self.cond.wait_for(lambda k=k: k in self.frames)  # (a chunk replacing it may have come meanwhile)
                 self.screen = k
                 request, rgb = self.frames[k]
                 self.shown.setdefault(request, time.perf_counter())
@@ -97,15 +102,24 @@ class Viewer:
                 print(f"  first frame on screen {time.perf_counter() - t0:.1f} s after the start", flush=True)
             t_next += 1 / self.fps
             if k in switch_at:
-                t = time.perf_counter()
-                prompt = next(prompts)
-                if not prompt_cache:
-                    stream.pipe.prompts.clear()  # the stream keeps the entry in force; the new one is encoded
-                rid = stream.set_prompt(prompt, at_frame=k)
-                switches.append({"id": rid, "t": t, "frame": k, "lead": stream.lead_frames(), "prompt": prompt})
-                self.release()
-                print(f"  switched at frame {k} ({len(switches)} of {len(switch_at)})", flush=True)
+                calls.append(control.submit(self.switch, stream, k, next(prompts), prompt_cache, switches,
+                                            len(switch_at)))
+        control.shutdown(wait=True)
+        for c in calls:
+            c.result()  # (raises what a call raised)
         return {"switches": switches, "late_s": late}
+
+    def switch(self, stream, k: int, prompt: str, prompt_cache: bool, switches: list[dict], total: int) -> None:
+        """On the control thread, as the server's: the screen plays on while set_prompt encodes the prompt (a job
+        on the device worker, which may first finish the chunk work under way)."""
+        t = time.perf_counter()
+        if not prompt_cache:
+            stream.pipe.prompts.clear()  # the stream keeps the entry in force; the new one is encoded
+        rid = stream.set_prompt(prompt, at_frame=k)
+        switches.append({"id": rid, "t": t, "frame": k, "lead": stream.lead_frames(), "prompt": prompt,
+                         "call_s": time.perf_counter() - t})
+        self.release()
+        print(f"  switched at frame {k} ({len(switches)} of {total})", flush=True)
 
 
 def colours_hold(viewer: Viewer, switches: list[dict]) -> list[tuple[float, int] | None]:
@@ -191,7 +205,8 @@ def main(argv=None) -> dict:
     holds = colours_hold(viewer, played["switches"]) if name == "demo" else [None] * len(played["switches"])
     for s, hold in zip(played["switches"], holds):
         handed, shown = viewer.handed.get(s["id"]), viewer.shown.get(s["id"])
-        rows.append({"frame": s["frame"], "lead": s["lead"], "handed_s": None if handed is None else handed - s["t"],
+        rows.append({"frame": s["frame"], "lead": s["lead"], "call_s": s["call_s"],
+                     "handed_s": None if handed is None else handed - s["t"],
                      "screen_s": None if shown is None else shown - s["t"], "colours": hold})
     done = [r for r in rows if r["screen_s"] is not None]
     screen, handed = [r["screen_s"] for r in done], [r["handed_s"] for r in done]
@@ -205,14 +220,15 @@ def main(argv=None) -> dict:
         colours = "" if name != "demo" else ", colours hold " + ("never" if r["colours"] is None else
                                                                f"{r['colours'][0]:.3f} s ({r['colours'][1]} frames "
                                                                "after the first new one)")
-        print(f"switch {i:2d} at frame {r['frame']:5d}: lead {r['lead']:3d} frames, handed out "
-              f"{r['handed_s'] if r['handed_s'] is None else round(r['handed_s'], 3)} s, on screen "
+        print(f"switch {i:2d} at frame {r['frame']:5d}: lead {r['lead']:3d} frames, set_prompt {r['call_s']:.3f} s, "
+              f"handed out {r['handed_s'] if r['handed_s'] is None else round(r['handed_s'], 3)} s, on screen "
               f"{r['screen_s'] if r['screen_s'] is None else round(r['screen_s'], 3)} s{colours}")
     res = {"bench": "switch", "model": name, "device": device.type, "chunk_frames": chunk, "fps": fps,
            "prompt_cache": a.prompt_cache,
            "forget_on_switch": stream.settings.forget_on_switch,
            "switch_chunk_frames": stream.settings.switch_chunk_frames,
-           "switches": len(rows), "answered": len(done), "stalls_s": round(played["late_s"], 3)}
+           "switches": len(rows), "answered": len(done), "stalls_s": round(played["late_s"], 3),
+           "set_prompt_p50": statistics.median(r["call_s"] for r in rows) if rows else None}
     if done:
         res |= {"screen_p50": statistics.median(screen), "screen_p95": p95(screen),
                 "handed_p50": statistics.median(handed), "handed_p95": p95(handed),
