@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from longsana.config import bundled_folder, get_config
 from longsana.demo.clips import (caption, caption_variant, colours_hold_from, matches, measure, parse_caption, render,
                                  render_timeline, sample_scene)
-from longsana.demo.train import (TrainConfig, check, cut_latent, generate, noise_levels, render_vae_clip, splice_clips,
-                                 switch_scene, train_cmd, train_vae)
+from longsana.demo.train import (TrainConfig, check, chunk_sizes, cut_latent, encoder_mean, generate, noise_levels,
+                                 render_train_clip, render_vae_clip, splice_clips, switch_scene, train_cmd,
+                                 train_latents, train_vae, video_batch)
 from longsana.stream import Pipeline, video_frame
 from longsana.vae import WanVAE
 
@@ -141,6 +142,29 @@ def test_spliced_latents_and_frames_cut_at_the_same_place(prefix):
             want = [10 * (partner[b] if j >= cut else b) + j for j in range(latents)]
             assert zs[b, 0, :, 0, 0].tolist() == want
             assert xs[b, 0, :, 0, 0].tolist() == [want[j] for j in frame_latent]
+
+
+def test_switch_splice_latents_cut_at_the_switch():
+    """--switch-splice: a switching clip's latents are its own up to the switch, then those of the clip with every
+    frame before the switch replaced by the first new one (so they carry nothing of the old scene: without the
+    option they do); clips without a switch keep their own."""
+    spec = get_config("demo")
+    sizes = chunk_sizes(spec, 4)
+    torch.manual_seed(0)
+    vae = WanVAE(spec.vae).eval()
+    frames, _, switch = zip(*[render_train_clip((0, i, sizes, 32, p)) for i, p in enumerate([1.0, 0.0, 1.0])])
+    switch = torch.tensor(switch)
+    assert switch.tolist()[1] == 0 and all(switch[[0, 2]])
+    plain = train_latents(vae, frames, switch, sizes, False, "cpu", batch=2)
+    cut = train_latents(vae, frames, switch, sizes, True, "cpu", batch=2)
+    assert torch.equal(plain[1], cut[1])
+    for b in (0, 2):
+        c = sum(sizes[:switch[b]])
+        x = video_batch(torch.from_numpy(frames[b][None]), "cpu")
+        x[:, :, :video_frame(c)] = x[:, :, video_frame(c)][:, :, None]
+        alone = encoder_mean(vae, x)[0].to(torch.bfloat16)
+        assert torch.equal(cut[b, :, :c], plain[b, :, :c]) and torch.equal(cut[b, :, c:], alone[:, c:])
+        assert not torch.equal(plain[b, :, c], alone[:, c])
 
 
 @pytest.mark.parametrize("focus", [0.0, 0.6])

@@ -4,7 +4,7 @@ that point, and the session drops what it replaces: the viewer's frame indices a
 repeat, and every switch reports its latency from the prompt's arrival to its first frame on screen. The latency
 targets are measured by `python -m longsana.benchmarks.switch` (benchmarks/RESULTS.md); the bound here is what a
 busy 2-core CI machine meets. Also measured: when a switch's colours hold on screen, read back from the frames the
-viewer gets (the demo model takes one to two seconds of video to redraw a scene in new colours, see RESULTS.md)."""
+viewer gets (the demo model redraws the scene in the new colours within a second after most switches, RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ PROMPTS = ["a red circle moving left on a blue background", "two yellow squares 
            "three white stars spinning on a green background"]
 CI_LATENCY_BOUND = 4.0  # seconds: far above the measured ~0.6 s, for a loaded CI machine
 COLOUR_SWITCHES, COLOUR_SPACING = 8, 3.0  # switches through the page's examples, seconds apart
-MIN_HELD = 3  # switches whose colours hold within COLOUR_SPACING: 4 of 8 measured (RESULTS.md); 0 if switches broke
+MIN_HELD = 4  # switches whose colours hold within COLOUR_SPACING: 8 of 8 measured (RESULTS.md); 0 if switches broke
 
 
 @pytest.fixture(scope="module")

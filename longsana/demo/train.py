@@ -21,7 +21,8 @@ other model folder:
      distribution and each later chunk a level between its predecessor's and 1000 (earlier chunks cleaner,
      diffusion-forcing style); the loss covers the noised chunks. Some clips switch prompt at a chunk boundary
      (`render_timeline`) and are captioned with the NEW prompt, with no loss before the switch: the model
-     learns to follow the text over a context that shows something else, which is what a switch asks.
+     learns to follow the text over a context that shows something else, which is what a switch asks. With
+     --switch-splice their latents cut at the switch (`train_latents`), so the model learns to cut, not fade.
      The weights shipped are an exponential moving average.
 
 A phase runs its given number of steps; 0 steps means as many as fit its time budget, estimated from the first
@@ -70,6 +71,18 @@ GPU. Scores are tests/test_demo.py's measurements.
                                                                    through the VAE holds its new colours after 4
                                                                    frames (median; 12's: 10), the stream's after a
                                                                    switch within 1 s 13/20 and 12/20 (12's: 8, 9)
+ 14. (2026-12-06, the 2-core CPU) as 13 with --out VS --vae-seconds 2100 --vae-splice-prob 0.5, base being 13's
+     folder                                                        700 steps; a cut between clean latents holds its
+                                                                   new colours after 2 frames (median; 13's: 10)
+ 15. (the same) OMP_NUM_THREADS=2 longsana train-demo --out TS --resume base --vae-from VS --vae-seconds 0
+     --seconds 2700 --clips 1024 --batch 16 --switch-prob 0.6 --switch-focus 0.5 --switch-splice --lr 2e-4
+     --ema 0.99 --seed 7 --device cpu --workers 2 --eval-captions 0
+                                                                   745 steps; shipped: TS/demo (15's transformer,
+                                                                   14's VAE). Color 18/20, background 20/20; switch
+                                                                   7/8 two and three chunks after; the stream's
+                                                                   colours within 1 s of a switch 20, 18, 19 of 20
+                                                                   (13's: 12, 11, 10), through the server 5 to 8 of
+                                                                   8 in six runs (13's: 3)
 """
 
 from __future__ import annotations
@@ -128,6 +141,7 @@ class TrainConfig:
     chunks: int = 8  # streaming chunks per training clip
     switch_prob: float = 0.3  # clips that switch prompt at a chunk boundary
     switch_focus: float = 0.0  # of those, the fraction whose first noised chunk is the one right after the switch
+    switch_splice: bool = False  # their latents cut at the switch as a spliced decoder expects (train_latents)
     batch: int = 128
     steps: int = 0
     seconds: float = 300.0
@@ -209,6 +223,31 @@ def render_train_clip(args) -> tuple[np.ndarray, str, int]:
         frames = render_timeline([(0, a), (video_frame(sum(sizes[:k])), b)], T, size, size, seed=LAYOUT_SEED)
         return frames, caption_variant(b, rng), k
     return render(a, T, size, size, seed=LAYOUT_SEED), caption_variant(a, rng), 0
+
+
+@torch.no_grad()
+def train_latents(vae: WanVAE, frames, switch: torch.Tensor, sizes: list[int], splice: bool, device,
+                  batch: int = 32) -> torch.Tensor:
+    """bf16 (B, z, F, h, w) encoder means of the training clips. With `splice`, a clip that switches prompt at
+    chunk k keeps the latents of its own encoding up to the switch and takes the rest from an encoding of the
+    clip whose frames before the switch all show the first new one: the causal encoder then carries nothing of
+    the old scene across, and the latents cut at once (what the stream should make at a switch, and what a
+    decoder trained with --vae-splice-prob decodes as a cut). Without it, a cut's latents fade over ~10 frames
+    (benchmarks/cuts.py), and a transformer trained on them fades too."""
+    out = []
+    for s in range(0, len(frames), batch):
+        x = video_batch(torch.from_numpy(np.stack(frames[s:s + batch])), device)
+        z = encoder_mean(vae, x)
+        cuts = [(b, sum(sizes[:k])) for b, k in enumerate(switch[s:s + batch].tolist()) if k] if splice else []
+        if cuts:
+            rows = [b for b, _ in cuts]
+            for b, cut in cuts:
+                x[b, :, :video_frame(cut)] = x[b, :, video_frame(cut)][:, None]
+            z_new = encoder_mean(vae, x[rows])
+            for (b, cut), zb in zip(cuts, z_new):
+                z[b, :, cut:] = zb[:, cut:]
+        out.append(z.to(torch.bfloat16))
+    return torch.cat(out)
 
 
 def video_batch(clips: torch.Tensor, device) -> torch.Tensor:
@@ -600,11 +639,10 @@ def train(cfg: TrainConfig) -> Path:
     log(f"rendered {len(results)} training clips of {results[0][0].shape[0]} frames")
     frames, captions, switch = zip(*results)
     del results
-    lat = torch.cat([encoder_mean(vae, video_batch(torch.from_numpy(np.stack(frames[s:s + 32])), device))
-                     .to(torch.bfloat16) for s in range(0, len(frames), 32)])
+    switch = torch.tensor(switch)
+    lat = train_latents(vae, frames, switch, sizes, cfg.switch_splice, device)
     del frames
     emb, mask = encode_captions(text, list(captions), spec.motion_score)
-    switch = torch.tensor(switch)
     log(f"latents {tuple(lat.shape)} (std {lat.float().std():.3f}), captions {tuple(emb.shape)}; e.g. {captions[0]!r}")
     if cfg.steps or cfg.seconds:
         ema = train_transformer(cfg, spec, lat, emb, mask, switch, model, device, ema)
@@ -663,6 +701,8 @@ C = TrainConfig
               help="Fraction of training clips that switch prompt at a chunk boundary.")
 @click.option("--switch-focus", type=float, default=C.switch_focus, show_default=True,
               help="Of the clips that switch, the fraction trained on the first chunk after the switch.")
+@click.option("--switch-splice", is_flag=True, default=C.switch_splice,
+              help="Switching clips' latents cut at the switch (encoded apart; for a --vae-splice-prob decoder).")
 @click.option("--batch", type=int, default=C.batch, show_default=True)
 @click.option("--object-weight", type=float, default=C.object_weight, show_default=True,
               help="Extra loss weight of latents far from their frame's background (see flow_loss).")
