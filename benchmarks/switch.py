@@ -80,6 +80,19 @@ class Viewer:
         """Show `frames` frames; at each frame count in `switch_at`, switch (without `prompt_cache`, the prompt is
         encoded anew). Returns the switches and the stalls."""
         switches, late, t_next, t0 = [], 0.0, None, time.perf_counter()
+
+        def switch(k: int, prompt: str) -> None:
+            # on the control thread, as the server's: the screen plays on while set_prompt encodes the prompt (a job
+            # on the device worker, which may first finish the chunk work under way)
+            t = time.perf_counter()
+            if not prompt_cache:
+                stream.pipe.prompts.clear()  # the stream keeps the entry in force; the new one is encoded
+            rid = stream.set_prompt(prompt, at_frame=k)
+            switches.append({"id": rid, "t": t, "frame": k, "lead": stream.lead_frames(), "prompt": prompt,
+                             "call_s": time.perf_counter() - t})
+            self.release()
+            print(f"  switched at frame {k} ({len(switches)} of {len(switch_at)})", flush=True)
+
         control, calls = ThreadPoolExecutor(1, thread_name_prefix="control"), []
         for k in range(frames):
             with self.cond:
@@ -102,24 +115,11 @@ class Viewer:
                 print(f"  first frame on screen {time.perf_counter() - t0:.1f} s after the start", flush=True)
             t_next += 1 / self.fps
             if k in switch_at:
-                calls.append(control.submit(self.switch, stream, k, next(prompts), prompt_cache, switches,
-                                            len(switch_at)))
+                calls.append(control.submit(switch, k, next(prompts)))
         control.shutdown(wait=True)
         for c in calls:
             c.result()  # (raises what a call raised)
         return {"switches": switches, "late_s": late}
-
-    def switch(self, stream, k: int, prompt: str, prompt_cache: bool, switches: list[dict], total: int) -> None:
-        """On the control thread, as the server's: the screen plays on while set_prompt encodes the prompt (a job
-        on the device worker, which may first finish the chunk work under way)."""
-        t = time.perf_counter()
-        if not prompt_cache:
-            stream.pipe.prompts.clear()  # the stream keeps the entry in force; the new one is encoded
-        rid = stream.set_prompt(prompt, at_frame=k)
-        switches.append({"id": rid, "t": t, "frame": k, "lead": stream.lead_frames(), "prompt": prompt,
-                         "call_s": time.perf_counter() - t})
-        self.release()
-        print(f"  switched at frame {k} ({len(switches)} of {total})", flush=True)
 
 
 def colours_hold(viewer: Viewer, switches: list[dict]) -> list[tuple[float, int] | None]:
