@@ -21,8 +21,11 @@ its x0 there (stream.py). A length that is only ever pending gets only what its 
 the cut x0 into, its RoPE table: at 480p about 1.5 MB per latent frame of m, under 70 MB for every m of a 10-frame
 chunk) and runs its clean pass through the plain blocks, not the compiled function: a compiled graph per m would cost
 a compilation of the block for that shape (tens of seconds at full size) at the first switch cut there, for one pass
-of five. Its step variants ((m, 0), n, slot) are graphs like the others: run at their first use, captured at their
-second, at most 2 per m, in the shared memory pool.
+of five. For the same reason that pass runs with cuDNN's benchmark off: the FFN's depthwise convolution has a new
+shape for each m, and benchmarking it is the likely cause of the 2.5-8 s that the first switch cut at each new m
+took at full size on an H100 (cuts at the lengths the prepared chunks had run were not slow). Its step variants
+((m, 0), n, slot) are graphs like the others: run at their first use, captured at their second, at most 2 per m,
+in the shared memory pool.
 
 Compilation is regional: one `torch.compile`d function runs every transformer block (they share one graph, since
 blocks differ only in their weights), static shapes, so a stream compiles 2 chunk lengths x (denoise, clean, the
@@ -249,9 +252,10 @@ class ChunkEngine:
         m, b = self.model, self._buffers[n]
         if prev is not None:
             p = self._buffers[prev[0]]
-            block = self.block if p.noise is not None else None  # a cut length: plain blocks (see the top)
-            m.run_prepared(p.x0[prev[1]], self.temb_clean, self.text, p.rope_clean, self.state, update_state=True,
-                           output=False, block=block)
+            cut = p.noise is None  # a cut length: plain blocks, no cuDNN benchmark (see the top)
+            with cudnn_benchmark(False) if cut else contextlib.nullcontext():
+                m.run_prepared(p.x0[prev[1]], self.temb_clean, self.text, p.rope_clean, self.state, update_state=True,
+                               output=False, block=None if cut else self.block)
 
         def velocity(x, t):
             return m.run_prepared(x, self.temb[t], self.text, b.rope, self.state, block=self.block)
@@ -326,6 +330,17 @@ class ChunkEngine:
             for t in [*itertools.chain.from_iterable(text.kv), *([] if text.bias is None else [text.bias])]:
                 t.record_stream(self.main)
         self._text_src = text
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool):
+    """cuDNN's benchmark (the fastest algorithm found by timing them at each new shape) on or off, for a block of
+    work. Safe to flip here: every device job runs on the one worker thread (worker.py)."""
+    before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def _same(a: tuple, b: tuple) -> bool:

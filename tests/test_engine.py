@@ -98,6 +98,29 @@ def test_cut_pending_chunks_of_every_length_equal_the_eager_step():
     assert engine._buffers[1].noise is None and engine._buffers[2].noise is not None
 
 
+def test_cut_pending_chunks_run_without_cudnn_benchmark(monkeypatch):
+    """The clean pass of a cut length (a new shape at each switch cut) runs with cuDNN's benchmark off, the
+    denoising passes with it as set, and the setting is back after."""
+    import longsana.model as model_mod
+
+    calls, glu_conv = [], model_mod.glu_conv
+
+    def spy(h, *args):
+        calls.append((h.shape[1], torch.backends.cudnn.benchmark))
+        return glu_conv(h, *args)
+
+    monkeypatch.setattr(model_mod, "glu_conv", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    model, text = model_and_text()
+    engine = ChunkEngine(model, HW, TIMESTEPS, compile=False)
+    x0 = engine.denoise(text, 3, 0, 11)
+    calls.clear()
+    engine.denoise(text, 2, 3, 12, (x0[:, :, :1].contiguous(), 0))  # the first chunk cut to 1 latent frame
+    clean = [c for c in calls if c[0] < calls[-1][0]]  # 1 frame's tokens, against the 2-frame chunk's
+    assert clean and calls[:len(clean)] == clean and {on for _, on in clean} == {False}
+    assert {on for _, on in calls[len(clean):]} == {True} and torch.backends.cudnn.benchmark
+
+
 def test_engine_noise_is_the_eager_samplers():
     model, text = model_and_text()
     engine = ChunkEngine(model, HW, TIMESTEPS, compile=False)
