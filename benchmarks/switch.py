@@ -153,6 +153,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lead", type=float, default=None, help="StreamSettings.switch_lead (default: measured)")
     p.add_argument("--switch-chunk-frames", type=int, default=None,
                    help="StreamSettings.switch_chunk_frames: latent frames of a switch's first chunk")
+    p.add_argument("--piece-frames", type=int, default=None,
+                   help="StreamSettings.piece_frames: latent frames decoded and handed out at a time")
     p.add_argument("--forget-on-switch", action=argparse.BooleanOptionalAction, default=None,
                    help="StreamSettings.forget_on_switch (default: the model's)")
     p.add_argument("--prompt-cache", action="store_true",
@@ -170,7 +172,8 @@ def main(argv=None) -> dict:
         pipe, name = Pipeline.from_pretrained("demo"), "demo"
     examples = DEMO_EXAMPLES if name == "demo" else PROMPTS
     stream = pipe.stream(examples[0], seed=a.seed, chunk_frames=a.chunk_frames, switch_lead=a.lead,
-                         forget_on_switch=a.forget_on_switch, switch_chunk_frames=a.switch_chunk_frames)
+                         forget_on_switch=a.forget_on_switch, switch_chunk_frames=a.switch_chunk_frames,
+                         piece_frames=a.piece_frames)
     fps, chunk = stream.fps, stream.settings.chunk_frames
     rng = random.Random(a.seed)
     chunk_video = stream.stride * chunk
@@ -214,7 +217,8 @@ def main(argv=None) -> dict:
           f"latent frames ({chunk_video} video frames, {chunk_video / fps:.2f} s); rewind points "
           f"{stream.ring.capacity}; lead {rows[-1]['lead'] if rows else '?'} frames (switch_lead "
           f"{a.lead if a.lead is not None else 'measured'}); forget_on_switch {stream.settings.forget_on_switch}; "
-          f"switch_chunk_frames {stream.settings.switch_chunk_frames}; prompts "
+          f"switch_chunk_frames {stream.settings.switch_chunk_frames}; piece_frames {stream.settings.piece_frames}; "
+          f"prompts "
           f"{'encoded before' if a.prompt_cache else 'encoded at each switch'}")
     for i, r in enumerate(rows):
         colours = "" if name != "demo" else ", colours hold " + ("never" if r["colours"] is None else
@@ -226,7 +230,7 @@ def main(argv=None) -> dict:
     res = {"bench": "switch", "model": name, "device": device.type, "chunk_frames": chunk, "fps": fps,
            "prompt_cache": a.prompt_cache,
            "forget_on_switch": stream.settings.forget_on_switch,
-           "switch_chunk_frames": stream.settings.switch_chunk_frames,
+           "switch_chunk_frames": stream.settings.switch_chunk_frames, "piece_frames": stream.settings.piece_frames,
            "switches": len(rows), "answered": len(done), "stalls_s": round(played["late_s"], 3),
            "set_prompt_p50": statistics.median(r["call_s"] for r in rows) if rows else None}
     if done:

@@ -16,5 +16,12 @@ class Chunk:
     # the frames handed out from there on are replaced (drop them), so the video has no gap and no repeat
     prompt: str  # the prompt this chunk was generated with (the one it moves to, during a transition)
     prompt_seq: int  # increments with each switch that took effect; a rewind restores the value it had there
-    gen_seconds: float  # wall time spent generating (and decoding) this chunk
+    gen_seconds: float  # wall time spent generating (and decoding) this chunk; a chunk handed out in pieces has it
+    # on its last piece, 0 on the others
     request: int = 0  # the last set_prompt / rewind call applied before this chunk (the id it returned; 0: none)
+    gen_frames: int = 0  # the frames gen_seconds made: the whole chunk's, on its last piece (0: len(frames))
+
+    @property
+    def seconds_per_frame(self) -> float | None:
+        """Generation time per frame of the chunk this piece ends (None on a piece that ends none)."""
+        return self.gen_seconds / (self.gen_frames or len(self.frames)) if self.gen_seconds > 0 else None

@@ -87,6 +87,10 @@ class StreamSettings:
     # shorter one is made sooner, so the lead, and the wait for the new prompt, shrink with it
     vae_frames_per_call: int = 1  # latent frames the VAE decodes at once: 2 is ~4% faster on an H100, +2.6 GB peak
     early_first_frame: bool | None = None  # hand out the stream's first frame before the rest; None: on a GPU
+    piece_frames: int | None = None  # decode and hand out each chunk this many latent frames at a time, each piece
+    # when its consumer asks (None: whole chunks). The decode then keeps close to the screen, so a switch lands past
+    # what was decoded and cuts the chunk there with nothing decoded twice; the next chunk's work still starts with
+    # the chunk's first piece
     compile: bool | None = None  # the fast chunk step (engine.py) and the overlapped decode; None: on a GPU only
 
     @classmethod
@@ -348,26 +352,32 @@ class Stream:
 
     # -- generation -------------------------------------------------------------------------------------------------
     def __iter__(self):
-        """The chunks, each computed by a job on the pipeline's device worker (worker.py). A chunk's gen_seconds is
-        what its consumer waited: from asking to having the frames (generation, decode, and any wait for the device
-        behind other streams); a chunk handed out in pieces carries its whole time on the last piece."""
+        """The chunks (or pieces of them), each computed by a job on the pipeline's device worker (worker.py). A
+        chunk's gen_seconds is what its consumer waited for it: from asking to having the frames (generation, decode,
+        and any wait for the device behind other streams), summed over its pieces and carried, with the frames it
+        covers (gen_frames), on its last piece; 0 on the others."""
         asked = self._busy_since = time.perf_counter()
         deadline = lambda: self.deadline and self.deadline()  # noqa: E731 (set by the consumer at any time)
-        for chunk, last in self.pipe.worker.iterate(self._chunks(), owner=self, deadline=deadline):
+        for chunk, first, last in self.pipe.worker.iterate(self._chunks(), owner=self, deadline=deadline):
             self.step.finish()  # the frames' copy to the host, waited for here: the worker serves others meanwhile
+            waited = time.perf_counter() - asked
+            if first:
+                spent, frames, first_wait, switch = 0.0, 0, waited, self._starts_switch(chunk.start_frame)
+            spent, frames = spent + waited, frames + len(chunk.frames)
             if last:
-                chunk.gen_seconds = time.perf_counter() - asked
-                times = self._switch_seconds if self._starts_switch(chunk.start_frame) else self._chunk_seconds
-                times.append(chunk.gen_seconds)
+                chunk.gen_seconds, chunk.gen_frames = spent, frames
+                # the lead counts the time to a switch's first frames, and a chunk's time (the work under way)
+                (self._switch_seconds if switch else self._chunk_seconds).append(first_wait if switch else spent)
                 # idle until asked again, unless the step started the next chunk's work ahead (on the device still)
                 self._busy_since = time.perf_counter() if self.step.working_ahead() else None
             yield chunk
+            asked = time.perf_counter()
             if last:
-                asked = self._busy_since = time.perf_counter()
+                self._busy_since = asked
 
     def _chunks(self):
-        """The generate loop: (chunk, is the last piece of its chunk). The step's device work runs in its context;
-        the loop yields outside it."""
+        """The generate loop: (chunk or piece, is the first piece of its chunk, is the last). The step's device work
+        runs in its context; the loop yields outside it."""
         while True:
             with self.step.context():
                 if not self._take_controls() or self._finished():
@@ -384,18 +394,18 @@ class Stream:
             self.pending = (x0, pos)
             index, a = self.index, self.frame0
             self.index, self.frame0 = index + 1, a + n
-            end = self._decode_end(a, a + n)  # a switch landing inside this chunk: its frames before it only
-            start = self.video_frame(a)
-            for z, last in self._pieces(x0[:, :, :end - a], index) if end > a else ():
+            first = True
+            while (end := self._decode_end(a, a + n)) > self.decoded:  # (asked again before each piece)
+                e = min(end, self.decoded + self._piece_len(index, first))
                 with self.step.context():
-                    frames = self.step.decode(self.decoder, z)
-                    self.decoded += z.shape[2]
-                    if index > 0 and end == self.frame0 and not self._finished() and not self._due():
+                    frames = self.step.decode(self.decoder, x0[:, :, self.decoded - a:e - a])
+                    if first and index > 0 and end == self.frame0 and not self._finished() and not self._due():
                         m = self._chunk_len()  # overlap the decode with the next chunk's work
                         self.step.ahead(self._text(m), m, self._position(), self._seed(), self.pending)
                     frames = self.step.download(frames)
-                yield Chunk(frames, index, start, self.cue.prompt, self.cue.seq, 0.0, self.request), last
-                start += len(frames)
+                start, self.decoded = self.video_frame(self.decoded), e
+                yield Chunk(frames, index, start, self.cue.prompt, self.cue.seq, 0.0, self.request), first, e == end
+                first = False
 
     def _take_controls(self) -> bool:
         """Apply the requests that land at or before the next chunk, in order; False once the stream is closed."""
@@ -476,13 +486,12 @@ class Stream:
             self._blend = key, blend_text(self._encode(cue.prev), self._encode(cue.prompt), w)
         return self._blend[1]
 
-    def _pieces(self, x0: torch.Tensor, index: int):
-        """(latents, is the last piece): the whole chunk, or, for the stream's first chunk with early_first_frame,
-        its first latent frame alone (which the VAE takes on its own anyway) and then the rest: the same frames, the
-        first on screen one decode sooner. A chunk handed out in pieces carries its whole time on the last."""
-        if self.early_first_frame and index == 0 and x0.shape[2] > 1:
-            return [(x0[:, :, :1], False), (x0[:, :, 1:], True)]
-        return [(x0, True)]
+    def _piece_len(self, index: int, first: bool) -> int:
+        """Latent frames of the next piece handed out: `piece_frames`, or the whole chunk; the stream's first frame
+        alone with early_first_frame (the VAE takes it on its own anyway: the same frames, the first sooner)."""
+        if first and index == 0 and self.early_first_frame:
+            return 1
+        return self.settings.piece_frames or self.settings.chunk_frames + 1
 
     def _starts_switch(self, frame: int) -> bool:
         """Whether a chunk from video frame `frame` is the first of the switch in force (a replay after a rewind to

@@ -16,8 +16,9 @@ Server -> client:
         recording_keep_seconds, examples, vocabulary, default_prompt}: the page takes its limits, the video's frame
         rate and what it offers the user (streaming/guide.py) from it; the token, a secret, lets only this client
         replace the stream; ack {seq, ...}, error {seq, code, message}, stats {...},
-    chunk {index, start_frame, frames, prompt, prompt_seq, gen_seconds, pts} when a chunk's first frame is sent
-        (a GPU stream sends its first chunk in two pieces: its first frame, gen_seconds 0, then the rest),
+    chunk {index, start_frame, frames, prompt, prompt_seq, gen_seconds, gen_frames, pts} when a chunk's first
+        frame is sent (a chunk may come in pieces, e.g. a GPU stream's first frame alone: the chunk's generation
+        time, gen_seconds for gen_frames frames, is on its last piece, 0 on the others),
     end {reason}
 WebSocket video: binary messages, FRAME_HEADER then one JPEG image.
 

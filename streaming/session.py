@@ -241,7 +241,8 @@ class Session:
                 self._generated(chunk)
                 announce = {"type": "chunk", "index": chunk.index, "start_frame": chunk.start_frame,
                             "frames": len(chunk.frames), "prompt": chunk.prompt, "prompt_seq": chunk.prompt_seq,
-                            "gen_seconds": round(chunk.gen_seconds, 4)}
+                            "gen_seconds": round(chunk.gen_seconds, 4),
+                            "gen_frames": chunk.gen_frames or len(chunk.frames)}
                 for i, rgb in enumerate(chunk.frames):
                     self._credits.acquire()  # a place in the pacer's queue first: what is encoded is committed
                     if self.closing:
@@ -282,8 +283,8 @@ class Session:
 
     def _generated(self, chunk) -> None:
         n = len(chunk.frames)
-        if chunk.gen_seconds > 0:  # an early first-frame piece has none: its time is counted with the rest of its chunk
-            self._chunk_spf.append(chunk.gen_seconds / n)
+        if (spf := chunk.seconds_per_frame) is not None:  # (a chunk in pieces: on its last)
+            self._chunk_spf.append(spf)
             self._spf = statistics.median(self._chunk_spf)
         self.chunks_generated += 1
         self._metrics.inc("longsana_chunks_generated_total")

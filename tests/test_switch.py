@@ -142,6 +142,24 @@ def test_a_switch_known_ahead_cuts_the_chunk_as_it_is_made(pipe):
     assert np.array_equal(watch(got), reference(pipe, SWITCHED))
 
 
+def test_a_switch_past_the_decoded_pieces_cuts_with_nothing_decoded_twice(pipe):
+    """piece_frames=1: chunk 2 (latents 5, 6) is handed out a latent frame at a time; the switch on screen at frame
+    18, asked once latent 5 (frames 17..20) is out, lands at latent 6, where the decode stands: chunk 2 ends there,
+    every latent frame is decoded once, and the video is the reference's with the chunk split there."""
+    stream = pipe.stream(P, seed=SEED, switch_lead=0, piece_frames=1)
+    decoded, decode = [], stream.decoder.decode
+    stream.decoder.decode = lambda z: decoded.append(z.shape[2]) or decode(z)
+    got = run(stream, 11, {6: lambda s, out: s.set_prompt(Q, at_frame=18)})
+    assert [(c.index, c.start_frame, len(c.frames)) for c in got] == \
+           [(0, 0, 1), (0, 1, 4), (0, 5, 4), (1, 9, 4), (1, 13, 4), (2, 17, 4),
+            (3, 21, 4), (3, 25, 4), (4, 29, 4), (4, 33, 4), (5, 37, 4)]
+    assert np.array_equal(watch(got), reference(pipe, SWITCHED + [(CF, Q, CF)])[:41])
+    assert decoded == [1] * 11  # one latent frame each, none again
+    spent = [(c.gen_seconds > 0, c.gen_frames) for c in got]  # a chunk's time and frames on its last piece
+    assert spent == [(False, 0), (False, 0), (True, 9), (False, 0), (True, 8), (False, 0),
+                     (False, 0), (True, 8), (False, 0), (True, 8), (False, 0)]
+
+
 def test_the_lead_moves_the_switch_later(pipe):
     stream = pipe.stream(P, seed=SEED, switch_lead=0.25)  # 4 frames: from frame 18 to >= 22, latent 7 (frame 25)
     got = run(stream, 5, {3: lambda s, out: s.set_prompt(Q, at_frame=18)})

@@ -233,7 +233,7 @@ function onMessage(m) {
 
 function onChunk(m) {
   stats.lastChunk = m;
-  if (m.gen_seconds > 0) stats.genFps = m.frames / m.gen_seconds; // 0: an early piece; its time is on the rest
+  if (m.gen_seconds > 0) stats.genFps = m.gen_frames / m.gen_seconds; // 0: a chunk's piece; its time is on the last
   const pending = switching && switching.promptSeq === undefined;
   if (pending && m.prompt === switching.prompt && m.prompt_seq > switching.fromSeq) {
     switching.promptSeq = m.prompt_seq;
