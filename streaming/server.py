@@ -91,6 +91,8 @@ SHUTDOWN_SECONDS = 5.0  # how long stopping waits for open connections
 REFUSAL_LINGER_SECONDS = 1.0
 M_ARENA_MAX = -8  # glibc's mallopt() parameter number
 log = logging.getLogger(__name__)
+CHUNK_SETTINGS = ("chunk_frames", "switch_chunk_frames", "piece_frames")  # StreamSettings the server passes on
+MAX_CHUNK_FRAMES = 32  # latent frames: 8 s of video at 16 fps, 3x the 2B model's chunk; more is a typo, not a plan
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}  # fp8: bf16, FP8 GEMMs
 
 
@@ -113,7 +115,8 @@ class ServerConfig:
     max_downloads: int = 2  # recordings being downloaded at once
     ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for the server side; none needed on a reachable address
     ice_loopback: bool = False  # 127.0.0.1 as the only ICE candidate (loopback-only machines, tests)
-    stream_kwargs: dict = field(default_factory=dict)  # height / width / motion_score for pipe.stream
+    stream_kwargs: dict = field(default_factory=dict)  # pipe.stream's height / width / motion_score, and the
+    # StreamSettings of latency (CHUNK_SETTINGS)
     record_max_bytes: int = 512 << 20  # per stream; the MP4 download keeps the first part beyond this
     model_name: str = "unnamed"  # shown by /health and the page
     recording_keep_seconds: float = 300.0  # how long a recording stays downloadable after its stream ends (0: not)
@@ -139,6 +142,11 @@ class ServerConfig:
             n = self.stream_kwargs.get(side)
             if n is not None and not (_is_int(n) and n >= MIN_SIDE and n % 2 == 0):
                 raise ConfigError(side, f"{side} must be an even number of pixels >= {MIN_SIDE} (H.264 4:2:0), "
+                                        f"got {n!r}")
+        for name in CHUNK_SETTINGS:
+            n = self.stream_kwargs.get(name)
+            if n is not None and not (_is_int(n) and 1 <= n <= MAX_CHUNK_FRAMES):
+                raise ConfigError(name, f"{name} must be a number of latent frames from 1 to {MAX_CHUNK_FRAMES}, "
                                         f"got {n!r}")
 
 
@@ -813,10 +821,13 @@ def make_pipeline(model: str, device: str | None = None, dtype: str | None = Non
                                     vae_device=vae_device, fp8=dtype == "fp8")
 
 
-def check_video_size(pipe, stream_kwargs: dict) -> None:
+def check_stream_kwargs(pipe, stream_kwargs: dict) -> None:
     """ValueError if the model cannot make video of the configured size (the server's own limit, even sides for
-    H.264, is ServerConfig's), so that a bad --height/--width fails at startup, not when a stream starts."""
+    H.264, is ServerConfig's), or the synthetic source is given chunk settings, which it does not have, so that a bad
+    --height/--width or --chunk-frames fails at startup, not when a stream starts."""
     synthetic = isinstance(pipe, SyntheticPipeline) or getattr(pipe, "model", None) == "synthetic"  # a GpuPool's
+    if synthetic and (given := [n for n in CHUNK_SETTINGS if n in stream_kwargs]):
+        raise ConfigError(given[0], f"the synthetic source has no {given[0]}: it stands in for a model")
     if synthetic or not {"height", "width"} & stream_kwargs.keys():
         return  # the synthetic source makes any size; the model's own size is one it can make
     from longsana.stream import check_size
@@ -943,6 +954,16 @@ def _use_preset(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--max-streams", default=ServerConfig.max_streams, show_default=True, help="Concurrent viewers.")
 @click.option("--height", type=int, default=None, help="Video height (default: the model's).")
 @click.option("--width", type=int, default=None, help="Video width (default: the model's).")
+@click.option("--chunk-frames", type=int, default=None,
+              help="Latent frames a chunk (default: the model's, 10 for LongSANA 2B): shorter chunks are made sooner, "
+                   "at some cost in frames per second.")
+@click.option("--switch-chunk-frames", type=int, default=None,
+              help="Latent frames of the chunk a prompt switch starts (default: --chunk-frames): shorter puts the new "
+                   "prompt on screen sooner.")
+@click.option("--piece-frames", type=int, default=None,
+              help="Decode and send each chunk this many latent frames at a time (default: whole chunks), keeping "
+                   "the decoder near the screen, so that a switch never decodes frames twice (a GPU; see "
+                   "docs/architecture.md).")
 @click.option("--stun", multiple=True, default=ServerConfig.ice_servers,
               help="STUN/TURN URL for the server's ICE (repeatable).")
 @click.option("--ice-loopback", is_flag=True, default=ServerConfig.ice_loopback,
@@ -968,11 +989,13 @@ def _use_preset(ctx: click.Context, param: click.Parameter, value: str | None) -
                    "0+1,2+3 for workers that span two GPUs (the transformer on the first, the decoder on the "
                    "second). --max-streams is then per worker. One GPU (or pair) runs in this process.")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in a browser.")
-def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width, stun, ice_loopback, client_timeout,
-              request_timeout, max_connections, max_downloads, recording_keep_seconds, allow_origin, allow_host,
-              gpus, open_browser):
+def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width, chunk_frames, switch_chunk_frames,
+              piece_frames, stun, ice_loopback, client_timeout, request_timeout, max_connections, max_downloads,
+              recording_keep_seconds, allow_origin, allow_host, gpus, open_browser):
     """Stream videos to browsers: open the printed URL, type a prompt, press Enter."""
-    stream_kwargs = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    given = dict(height=height, width=width, chunk_frames=chunk_frames, switch_chunk_frames=switch_chunk_frames,
+                 piece_frames=piece_frames)
+    stream_kwargs = {k: v for k, v in given.items() if v is not None}
     model = model or DEFAULT_MODEL
     try:
         config = ServerConfig(host=host, port=port, max_streams=max_streams, client_timeout=client_timeout,
@@ -988,7 +1011,9 @@ def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width
     if isinstance(pipe, GpuPool):  # --max-streams is per worker; the server's limit is theirs together
         config = replace(config, max_streams=max_streams * len(pipe.workers))
     try:
-        check_video_size(pipe, stream_kwargs)
+        check_stream_kwargs(pipe, stream_kwargs)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint=f"--{e.name.replace('_', '-')}") from None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--height / --width") from None
     if not is_loopback(host):

@@ -14,6 +14,7 @@ from longsana.cli import main as cli
 from longsana.streaming import server
 from longsana.streaming.gpus import GpuPool
 from longsana.streaming.server import ServerConfig, make_pipeline, read_preset
+from longsana.streaming.synthetic import SyntheticPipeline
 
 
 @pytest.fixture
@@ -75,6 +76,26 @@ def test_a_bad_preset_is_one_line(serve, tmp_path, text, message):
     bad.write_text(text)
     code, output, config = serve("--config", str(bad))
     assert code == 2 and message in output and "Traceback" not in output and config is None, output
+
+
+def test_chunk_settings_reach_the_streams(serve, tmp_path):
+    """--chunk-frames, --switch-chunk-frames, --piece-frames (or a preset's) become the streams' settings; out of
+    range, or given to the synthetic source, which has none, they are one line of error naming the option."""
+    code, output, config = serve("--chunk-frames", "5", "--switch-chunk-frames", "2", "--piece-frames", "1")
+    assert code == 0, output
+    assert config.stream_kwargs == {"chunk_frames": 5, "switch_chunk_frames": 2, "piece_frames": 1}
+    preset = tmp_path / "fast.toml"
+    preset.write_text("switch_chunk_frames = 40\n")
+    for args, message in [(("--chunk-frames", "0"), "--chunk-frames: chunk_frames must be a number of latent "
+                                                      "frames from 1 to 32, got 0"),
+                          (("--config", str(preset)), "--switch-chunk-frames: switch_chunk_frames must be")]:
+        code, output, config = serve(*args)
+        errors = [line for line in output.splitlines() if line.startswith("Error")]
+        assert code == 2 and len(errors) == 1 and message in errors[0], output
+        assert "Traceback" not in output and config is None, output
+    with pytest.raises(server.ConfigError, match="the synthetic source has no piece_frames") as e:
+        server.check_stream_kwargs(SyntheticPipeline(), {"height": 64, "piece_frames": 1})
+    assert e.value.name == "piece_frames"  # (the command names the option from it, as for the others)
 
 
 def test_an_unknown_preset_names_the_known_ones(serve):

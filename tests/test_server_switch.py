@@ -58,6 +58,31 @@ def test_switches_land_from_the_screen_with_no_gap_or_repeat(server):
     assert len(latencies) == 4 and max(latencies) < CI_LATENCY_BOUND
 
 
+def test_latency_settings_stream_in_pieces_with_no_gap_or_repeat():
+    """switch_chunk_frames=1 and piece_frames=1 through the server (`longsana serve --switch-chunk-frames 1
+    --piece-frames 1`): chunks arrive a latent frame (4 video frames) at a time, switches land on screen and report
+    their latency, and the frame indices still advance by one."""
+    pipe = Pipeline.from_pretrained("demo")
+    settings = {"switch_chunk_frames": 1, "piece_frames": 1}
+    with ServerThread(pipe, ServerConfig(port=0, model_name="demo", stream_kwargs=settings)) as s:
+        async def main():
+            async with await WsClient.connect(s.url, PROMPTS[0], seed=8) as c:
+                await c.wait_until(lambda: len(c.frames) >= 24)
+                for k in range(2):
+                    assert (await c.request("prompt", prompt=PROMPTS[k + 1]))["type"] == "ack"
+                    await asyncio.sleep(1.0)
+                await c.wait_until(lambda: len([e for e in c.chunks() if "switch_latency" in e]) >= 2, 30)
+                return [f.index for f in c.frames], list(c.chunks())
+
+        indices, events = run(main())
+    assert np.array_equal(np.diff(indices), np.ones(len(indices) - 1)), "frame indices jumped or repeated"
+    assert events[0]["frames"] == 1 and {e["frames"] for e in events[1:]} == {4}  # (latent 0: the first frame)
+    timed = [e for e in events if e["gen_seconds"] > 0]  # a chunk's time on its last piece, for all its frames
+    assert timed and all(e["gen_frames"] in (4, 8, 9, 12, 13) for e in timed), timed
+    assert any(e["gen_frames"] == 12 for e in timed), timed
+    assert len([e for e in events if "switch_latency" in e]) == 2
+
+
 def test_rewind_goes_back_from_the_frame_on_screen(server):
     async def main():
         async with await WsClient.connect(server.url, PROMPTS[1], seed=6) as c:
