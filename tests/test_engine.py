@@ -262,6 +262,34 @@ def test_fast_stream_equals_the_eager_stream_through_splits(pipe, monkeypatch, f
     fast.close()
 
 
+def watched(pipe, compile: bool, frames: int = 72, **settings) -> np.ndarray:
+    """The video a consumer shows (each chunk or piece replaces what it holds from its start on) of a stream through
+    a switch landing in the past (latent 6), a rewind inside a chunk (to latent 7) and a switch with a transition
+    landing ahead (latent 14), each asked once the video reaches a frame count, whatever the pieces."""
+    P, Q = SWITCH_PROMPTS
+    stream = pipe.stream(P, seed=5, compile=compile, early_first_frame=False, switch_lead=0, **settings)
+    actions = {24: lambda: stream.set_prompt(Q, at_frame=18), 36: lambda: stream.rewind(0.3, at_frame=32),
+               48: lambda: stream.set_prompt(P, at_frame=50, transition_frames=12)}
+    video = np.zeros((0, 32, 32, 3), np.uint8)
+    for c in stream:
+        assert c.start_frame <= len(video), "a gap"
+        video = np.concatenate([video[:c.start_frame], c.frames])
+        for k in [k for k in actions if len(video) >= k]:
+            actions.pop(k)()
+        if len(video) >= frames and not actions:
+            stream.close()
+            return video[:frames]
+
+
+@pytest.mark.parametrize("compile, piece_frames", [(False, 1), (True, 1), (True, 2)])
+def test_pieces_give_the_frames_of_whole_chunks(pipe, monkeypatch, compile, piece_frames):
+    """piece_frames: the same video as whole chunks, eager or fast (the next chunk's work launched at a chunk's
+    first piece), through switches and a rewind that land before, inside and after what was decoded."""
+    uncompiled(monkeypatch)
+    want = watched(pipe, False)
+    assert np.array_equal(watched(pipe, compile, piece_frames=piece_frames), want)
+
+
 @pytest.mark.parametrize("forget", [False, True])
 def test_fast_stream_equals_the_eager_stream(pipe, monkeypatch, forget):
     """Also with forget_on_switch: the switch lands on the boundary the engine had worked ahead of."""
