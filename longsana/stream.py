@@ -318,9 +318,10 @@ class Stream:
 
     def lead_frames(self, since: float | None = None) -> int:
         """Video frames from the frame on screen to the earliest a switch can land on: `switch_lead`, or the time
-        to make the new frames: what is left of the work under way, then LEAD_MARGIN times the median making time of
-        the last chunks that started a switch (the split's re-decode included; of the last chunks until one has): a
-        median, as one slow chunk on a busy machine would hold back every switch after it; a margin, for the spread.
+        to make the new frames: what is left of the work under way, then LEAD_MARGIN times the median time the last
+        chunks that started a switch took to their first frames (the split's re-decode included; of the last chunks
+        until one has): a median, as one slow chunk on a busy machine would hold back every switch after it; a
+        margin, for the spread.
         since: when (time.perf_counter()) that frame was on screen; the screen has moved on from it since (the
         prompt's encoding may wait for the device), which a measured lead adds."""
         lead = self.settings.switch_lead
@@ -366,8 +367,10 @@ class Stream:
             spent, frames = spent + waited, frames + len(chunk.frames)
             if last:
                 chunk.gen_seconds, chunk.gen_frames = spent, frames
-                # the lead counts the time to a switch's first frames, and a chunk's time (the work under way)
-                (self._switch_seconds if switch else self._chunk_seconds).append(first_wait if switch else spent)
+                if switch:
+                    self._switch_seconds.append(first_wait)  # the lead counts the time to a switch's first frames
+                else:
+                    self._chunk_seconds.append(spent)  # and a chunk's (the work under way)
                 # idle until asked again, unless the step started the next chunk's work ahead (on the device still)
                 self._busy_since = time.perf_counter() if self.step.working_ahead() else None
             yield chunk
@@ -395,8 +398,8 @@ class Stream:
             index, a = self.index, self.frame0
             self.index, self.frame0 = index + 1, a + n
             first = True
-            while (end := self._decode_end(a, a + n)) > self.decoded:  # (asked again before each piece)
-                e = min(end, self.decoded + self._piece_len(index, first))
+            while not self._closed and (end := self._decode_end(a, a + n)) > self.decoded:  # (asked each piece)
+                e = min(end, self.decoded + self._piece_len(index, n, first))
                 with self.step.context():
                     frames = self.step.decode(self.decoder, x0[:, :, self.decoded - a:e - a])
                     if first and index > 0 and end == self.frame0 and not self._finished() and not self._due():
@@ -486,12 +489,13 @@ class Stream:
             self._blend = key, blend_text(self._encode(cue.prev), self._encode(cue.prompt), w)
         return self._blend[1]
 
-    def _piece_len(self, index: int, first: bool) -> int:
-        """Latent frames of the next piece handed out: `piece_frames`, or the whole chunk; the stream's first frame
-        alone with early_first_frame (the VAE takes it on its own anyway: the same frames, the first sooner)."""
+    def _piece_len(self, index: int, n: int, first: bool) -> int:
+        """Latent frames of the next piece of chunk `index` (n latent frames) handed out: `piece_frames`, or all n;
+        the stream's first frame alone with early_first_frame (the VAE takes it on its own anyway: the same frames,
+        the first sooner)."""
         if first and index == 0 and self.early_first_frame:
             return 1
-        return self.settings.piece_frames or self.settings.chunk_frames + 1
+        return self.settings.piece_frames or n
 
     def _starts_switch(self, frame: int) -> bool:
         """Whether a chunk from video frame `frame` is the first of the switch in force (a replay after a rewind to
