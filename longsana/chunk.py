@@ -19,9 +19,14 @@ class Chunk:
     gen_seconds: float  # wall time spent generating (and decoding) this chunk; a chunk handed out in pieces has it
     # on its last piece, 0 on the others
     request: int = 0  # the last set_prompt / rewind call applied before this chunk (the id it returned; 0: none)
-    gen_frames: int = 0  # the frames gen_seconds made: the whole chunk's, on its last piece (0: len(frames))
+    gen_frames: int = 0  # the frames gen_seconds made: the whole chunk's, on its last piece (given a time and
+    # no count, its own)
+
+    def __post_init__(self):
+        if self.gen_seconds > 0 and not self.gen_frames:
+            self.gen_frames = len(self.frames)
 
     @property
     def seconds_per_frame(self) -> float | None:
         """Generation time per frame of the chunk this piece ends (None on a piece that ends none)."""
-        return self.gen_seconds / (self.gen_frames or len(self.frames)) if self.gen_seconds > 0 else None
+        return self.gen_seconds / self.gen_frames if self.gen_seconds > 0 else None

@@ -242,7 +242,7 @@ class Session:
                 announce = {"type": "chunk", "index": chunk.index, "start_frame": chunk.start_frame,
                             "frames": len(chunk.frames), "prompt": chunk.prompt, "prompt_seq": chunk.prompt_seq,
                             "gen_seconds": round(chunk.gen_seconds, 4),
-                            "gen_frames": chunk.gen_frames or len(chunk.frames)}
+                            "gen_frames": chunk.gen_frames}
                 for i, rgb in enumerate(chunk.frames):
                     self._credits.acquire()  # a place in the pacer's queue first: what is encoded is committed
                     if self.closing:
