@@ -955,8 +955,8 @@ def _use_preset(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--height", type=int, default=None, help="Video height (default: the model's).")
 @click.option("--width", type=int, default=None, help="Video width (default: the model's).")
 @click.option("--chunk-frames", type=int, default=None,
-              help="Latent frames per chunk (default: the model's, 10 for LongSANA 2B): shorter chunks are made sooner, "
-                   "at some cost in frames per second.")
+              help="Latent frames per chunk (default: the model's, 10 for LongSANA 2B): shorter chunks are made "
+                   "sooner, at some cost in frames per second.")
 @click.option("--switch-chunk-frames", type=int, default=None,
               help="Latent frames of the chunk a prompt switch starts (default: --chunk-frames): shorter puts the new "
                    "prompt on screen sooner.")
