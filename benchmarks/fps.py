@@ -299,12 +299,13 @@ def memory_card(pipe: Pipeline, stream) -> dict:
     """Where a streaming pipeline's memory goes (bytes): the weights, the stream's own tensors (the engine's state
     and static buffers, the VAE's causal cache), and on the transformer's GPU what the allocator holds beyond those:
     the rest of what is allocated (the CUDA graphs' pool: activations; cached prompts) and what it has reserved but
-    not allocated. The rewind points are in pinned host memory."""
-    def weights(m: torch.nn.Module) -> int:
-        return sum(t.nbytes for t in itertools.chain(m.parameters(), m.buffers()))
+    not allocated. The rewind points and the text encoder's token embedding table are in host memory."""
+    def weights(m: torch.nn.Module, device: torch.device) -> int:
+        return sum(t.nbytes for t in itertools.chain(m.parameters(), m.buffers()) if t.device == device)
 
     step = stream.step
-    card = dict(transformer=weights(pipe.model), text_encoder=weights(pipe.text.model), vae=weights(pipe.vae),
+    card = dict(transformer=weights(pipe.model, pipe.device), text_encoder=weights(pipe.text.model, pipe.device),
+                vae=weights(pipe.vae, pipe.vae_device),
                 engine=getattr(step, "nbytes", step.state.nbytes), vae_cache=stream.decoder.nbytes,
                 rewind_host=stream.ring.nbytes)
     where = {"vae": pipe.vae_device, "vae_cache": pipe.vae_device, "rewind_host": torch.device("cpu")}

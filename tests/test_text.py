@@ -10,7 +10,7 @@ import torch
 
 from longsana.text import (CHI_DIFFUSERS_VIDEO, CHI_SANA, MAX_PROMPT_CHARS, NEGATIVE_PROMPT, PromptCache,
                            PromptRecipe, TextEncoder, build_gemma2, build_word_tokenizer, motion_suffix)
-from longsana.testing import rel_err
+from longsana.testing import needs_cuda, rel_err
 
 PROMPTS = [
     "A red fox runs through fresh snow at dawn, its breath visible in the cold air.",
@@ -116,6 +116,17 @@ def test_bad_prompts(folder):
     for score in [0, -3, 2.5, True]:
         with pytest.raises(ValueError, match="motion_score"):
             enc.encode(PROMPTS[:1], motion_score=score)
+
+
+@needs_cuda
+def test_the_embedding_table_stays_on_the_host_beside_a_gpu(folder, pipe):
+    """The token embedding table is kept in host memory (1.2 GB of GPU memory at 2B), the decoder on the GPU; the
+    output is diffusers' all the same."""
+    enc = TextEncoder.from_pretrained(folder, "cuda", torch.float32, recipe=DIFFUSERS)
+    assert enc.model.get_input_embeddings().weight.device == CPU and enc.device.type == "cuda"
+    emb, mask = enc.encode(PROMPTS, motion_score=30)
+    assert emb.device.type == "cuda"
+    check((emb.cpu(), mask.cpu()), reference(pipe, PROMPTS, 30)[:2])
 
 
 def test_loading(folder, tmp_path):
