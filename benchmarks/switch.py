@@ -218,8 +218,7 @@ def main(argv=None) -> dict:
           f"{stream.ring.capacity}; lead {rows[-1]['lead'] if rows else '?'} frames (switch_lead "
           f"{a.lead if a.lead is not None else 'measured'}); forget_on_switch {stream.settings.forget_on_switch}; "
           f"switch_chunk_frames {stream.settings.switch_chunk_frames}; piece_frames {stream.settings.piece_frames}; "
-          f"prompts "
-          f"{'encoded before' if a.prompt_cache else 'encoded at each switch'}")
+          f"prompts {'encoded before' if a.prompt_cache else 'encoded at each switch'}")
     for i, r in enumerate(rows):
         colours = "" if name != "demo" else ", colours hold " + ("never" if r["colours"] is None else
                                                                f"{r['colours'][0]:.3f} s ({r['colours'][1]} frames "
