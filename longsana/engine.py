@@ -21,11 +21,12 @@ its x0 there (stream.py). A length that is only ever pending gets only what its 
 the cut x0 into, its RoPE table: at 480p about 1.5 MB per latent frame of m, under 70 MB for every m of a 10-frame
 chunk) and runs its clean pass through the plain blocks, not the compiled function: a compiled graph per m would cost
 a compilation of the block for that shape (tens of seconds at full size) at the first switch cut there, for one pass
-of five. For the same reason that pass runs with cuDNN's benchmark off: the FFN's depthwise convolution has a new
-shape for each m, and benchmarking it is the likely cause of the 2.5-8 s that the first switch cut at each new m
-took at full size on an H100 (cuts at the lengths the prepared chunks had run were not slow). Its step variants
-((m, 0), n, slot) are graphs like the others: run at their first use, captured at their second, at most 2 per m,
-in the shared memory pool.
+of five. For the same reason that pass runs with cuDNN's benchmark off (the FFN's depthwise convolution has a new
+shape for each m), and `prepare` runs it once at every m before the first frame: at full size on an H100 the first
+cuts to 1 and 2 latent frames took 3.5-3.7 s, 1.4 s of each compiling the Triton kernels of the plain blocks (one
+specialisation for token counts divisible by 16, one for the others), and the first cut at a later new m about 0.2 s
+more than the next one. Its step variants ((m, 0), n, slot) are graphs like the others: run at their first use,
+captured at their second, at most 2 per m, in the shared memory pool.
 
 Compilation is regional: one `torch.compile`d function runs every transformer block (they share one graph, since
 blocks differ only in their weights), static shapes, so a stream compiles 2 chunk lengths x (denoise, clean, the
@@ -177,24 +178,31 @@ class ChunkEngine:
         return self._before if self._ahead is not None else self.state
 
     def prepare(self, text: TextKV, n: int) -> None:
-        """Compile the block graphs of chunks of n latent frames now (once per process and model), not at the first
-        such chunk, whose frames would wait for the compilation (tens of seconds at full size): a denoising and a
-        clean-context pass of zeros against a scratch state, with `text` as the static prompt copy."""
+        """Get chunks of n latent frames ready now (once per process and model), not at the first such chunk,
+        whose frames would wait: compile their block graphs (tens of seconds at full size), and run the plain
+        blocks' clean pass once at every length a switch may cut such a chunk to, which compiles the eager path's
+        Triton kernels for those token counts (1.4 s at the first cuts at full size) and meets every other library's
+        first use of those shapes. All are passes of zeros against a scratch state, with `text` as the static prompt
+        copy."""
         done = _PREPARED.setdefault(self.model, set())
-        key = (n, self.latent_hw, self.batch)
-        if self.block is None or key in done:
+        keys = {length: (length, kind, self.latent_hw, self.batch) for length, kind in
+                [(n, "compiled"), *((cut, "cut") for cut in range(1, n))]}
+        if self.block is None or done.issuperset(keys.values()):
             return
         m = self.model
         with torch.inference_mode(self.state.S.is_inference()):  # made as our state was: the graphs guard on it
             scratch = m.new_state(self.batch, *self.latent_hw, device=self.device)
         with torch.inference_mode():
             self._set_text(text)
-            x = torch.zeros(self.batch, m.cfg.in_channels, n, *self.latent_hw, device=self.device)
-            rope = self._rope(0, n)
-            m.run_prepared(x, self.temb[self.t_net[0]], self.text, rope, scratch, block=self.block)
-            m.run_prepared(x, self.temb_clean, self.text, rope, scratch, update_state=True, output=False,
-                           block=self.block)
-        done.add(key)
+            for length, key in keys.items():
+                if key in done:
+                    continue
+                x = torch.zeros(self.batch, m.cfg.in_channels, length, *self.latent_hw, device=self.device)
+                rope = self._rope(0, length)
+                if length == n:
+                    m.run_prepared(x, self.temb[self.t_net[0]], self.text, rope, scratch, block=self.block)
+                self._clean_pass(x, rope, scratch, cut=length != n)
+                done.add(key)
 
     def context(self):
         """Run on this step's own CUDA stream, after the work queued so far on the current one (where the device
@@ -252,15 +260,19 @@ class ChunkEngine:
         m, b = self.model, self._buffers[n]
         if prev is not None:
             p = self._buffers[prev[0]]
-            cut = p.noise is None  # a cut length: plain blocks, no cuDNN benchmark (see the top)
-            with cudnn_benchmark(False) if cut else contextlib.nullcontext():
-                m.run_prepared(p.x0[prev[1]], self.temb_clean, self.text, p.rope_clean, self.state, update_state=True,
-                               output=False, block=None if cut else self.block)
+            self._clean_pass(p.x0[prev[1]], p.rope_clean, self.state, cut=p.noise is None)
 
         def velocity(x, t):
             return m.run_prepared(x, self.temb[t], self.text, b.rope, self.state, block=self.block)
 
         b.x0[slot].copy_(sample_chunk(velocity, iter(b.noise).__next__, self.timesteps, self.bf16_like))
+
+    def _clean_pass(self, x0: torch.Tensor, rope, state: State, cut: bool) -> None:
+        """A pending chunk's clean-context pass into `state`; a cut length's through the plain blocks, with cuDNN's
+        benchmark off (see the top)."""
+        with cudnn_benchmark(False) if cut else contextlib.nullcontext():
+            self.model.run_prepared(x0, self.temb_clean, self.text, rope, state, update_state=True, output=False,
+                                    block=None if cut else self.block)
 
     def _run(self, prev, n: int, slot: int) -> None:
         key = (prev, n, slot)

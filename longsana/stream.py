@@ -387,6 +387,8 @@ class Stream:
                     return
                 n, pos = self._chunk_len(), self._position()
                 text = self._text(n)
+                if self.index == 0:
+                    self.ring.reserve(self.step.boundary_state(), self.decoder.cache)
                 if self.index == 0 and self.total_latents is None:
                     # an endless stream compiles every chunk length it makes before its first frame, not between two
                     for m in {n, self.settings.chunk_frames, self.settings.switch_chunk_frames} - {None}:

@@ -195,6 +195,27 @@ def test_prepare_compiles_what_a_chunk_length_needs_ahead_of_it(monkeypatch):
     assert counter.frame_count == 3
 
 
+def test_prepare_runs_the_plain_clean_pass_at_every_cut_length(monkeypatch):
+    """prepare(text, n) also runs the uncompiled clean pass, cuDNN's benchmark off, at each length 1..n-1 a switch may
+    cut a chunk of n to (their first use costs seconds at full size), once per process and model."""
+    monkeypatch.setitem(engine_mod.COMPILE_OPTIONS, "backend", "eager")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    model, text = model_and_text(layers=2)
+    calls, run_prepared = [], model.run_prepared
+
+    def spy(x, *args, block=None, **kwargs):
+        if block is None:
+            calls.append((x.shape[2], kwargs.get("update_state"), torch.backends.cudnn.benchmark))
+        return run_prepared(x, *args, block=block, **kwargs)
+
+    monkeypatch.setattr(model, "run_prepared", spy)
+    ChunkEngine(model, HW, TIMESTEPS, compile=True).prepare(text, 3)
+    assert calls == [(1, True, False), (2, True, False)] and torch.backends.cudnn.benchmark
+    ChunkEngine(model, HW, TIMESTEPS, compile=True).prepare(text, 3)
+    ChunkEngine(model, HW, TIMESTEPS, compile=True).prepare(text, 2)  # its cut length was prepared with 3
+    assert len(calls) == 2
+
+
 def test_an_endless_stream_compiles_before_its_first_frame(pipe, monkeypatch):
     """Every chunk length of the stream (the first, the steady one, a switch's shorter one), each with its
     clean-context pass, compiled before the first frame: none between two frames later, through a switch."""
