@@ -371,7 +371,10 @@ def test_graph_replays_match_the_eager_step_on_the_gpu(fp8):
     got, want, ref_state = run_both(model, text, engine, chunks)
     # the steady variants (two slot orders) are run, then captured on their second use, then replayed
     assert len(engine._graphs) == 2 and sorted(engine._uses.values()) == [1, 1, 3, 3]
-    agree(got, want, engine.state, ref_state, 2e-2)
+    # Compiled blocks fuse the elementwise work, so the activations round differently: bf16's 2**-8 relative, or
+    # e4m3's 2**-4 where FP8 quantizes them (a value may round to a neighbour a step away, 2**-3). On an H100 the FP8
+    # case differed by 1.0e-2..1.8e-2 in x0 and 5.8e-2 in the state, so e4m3's step is its bound, not bf16's 2e-2.
+    agree(got, want, engine.state, ref_state, 2 ** -3 if fp8 else 2e-2)
 
 
 def gpu_pipeline():
