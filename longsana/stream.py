@@ -387,12 +387,11 @@ class Stream:
                     return
                 n, pos = self._chunk_len(), self._position()
                 text = self._text(n)
-                if self.index == 0:
+                if self.index == 0:  # before the first frame, not between two: the rewind points' buffers, and
                     self.ring.reserve(self.step.boundary_state(), self.decoder.cache)
-                if self.index == 0 and self.total_latents is None:
-                    # an endless stream compiles every chunk length it makes before its first frame, not between two
-                    for m in {n, self.settings.chunk_frames, self.settings.switch_chunk_frames} - {None}:
-                        self.step.prepare(text, m)
+                    if self.total_latents is None:  # for an endless stream every chunk length it makes, compiled
+                        for m in {n, self.settings.chunk_frames, self.settings.switch_chunk_frames} - {None}:
+                            self.step.prepare(text, m)
                 self.ring.keep(RewindPoint(self.index, self.frame0, self.origin, self.cue, None),
                                self.step.boundary_state(), self.pending, self.decoder)
                 x0 = self.step.denoise(text, n, pos, self._seed(), self.pending)  # re-cache, then denoise
