@@ -213,10 +213,10 @@ class ChunkEngine:
         self.main.wait_stream(torch.cuda.current_stream(self.device))
         return torch.cuda.stream(self.main)
 
-    def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, decoder: StreamingDecoder, z: torch.Tensor, waited: bool = False) -> torch.Tensor:
         """Queued on the side stream (on the VAE's device, z handed over to it), after the transformer work queued
-        so far, which produced z (`SideStream.decode`)."""
-        return self.side.decode(decoder, z)
+        so far, which produced z, or with `waited` after the side stream's last work (`SideStream.decode`)."""
+        return self.side.decode(decoder, z, waited)
 
     def download(self, frames: torch.Tensor) -> np.ndarray:
         """A non-blocking copy into pinned host memory: the frames are there after `finish`, which the stream's

@@ -74,9 +74,13 @@ class SideStream:
             z.record_stream(self.stream)
         return z
 
-    def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
-        """`decoder.decode(z)` queued on the side stream, after the work queued so far that made z."""
-        self.wait()
+    def decode(self, decoder: StreamingDecoder, z: torch.Tensor, waited: bool = False) -> torch.Tensor:
+        """`decoder.decode(z)` queued on the side stream, after the work queued so far that made z; with `waited`
+        (z is a later piece of latents the last decode already waited for) right after the side stream's last work:
+        not after the next chunk's transformer work, started ahead since, which the piece does not need. (Latents
+        that cross to another GPU still do: the copy runs on the transformer's stream.)"""
+        if not waited:
+            self.wait()
         with torch.inference_mode(), self():
             return decoder.decode(self.take(z))
 
@@ -115,8 +119,9 @@ class ChunkStep(Protocol):
     def context(self) -> contextlib.AbstractContextManager:
         """Where the step's device work runs (a CUDA stream of its own); every call above is made inside it."""
 
-    def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
-        """uint8 frames (n, H, W, 3) of latents z (on the transformer's device), on the VAE's device."""
+    def decode(self, decoder: StreamingDecoder, z: torch.Tensor, waited: bool = False) -> torch.Tensor:
+        """uint8 frames (n, H, W, 3) of latents z (on the transformer's device), on the VAE's device. waited: z is a
+        later piece of a chunk whose first piece was decoded last (`SideStream.decode`)."""
 
     def download(self, frames: torch.Tensor) -> np.ndarray:
         """`decode`'s frames on the host, valid once `finish` has returned."""
@@ -173,8 +178,8 @@ class EagerStep:
     def context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def decode(self, decoder: StreamingDecoder, z: torch.Tensor) -> torch.Tensor:
-        return self.side.decode(decoder, z)
+    def decode(self, decoder: StreamingDecoder, z: torch.Tensor, waited: bool = False) -> torch.Tensor:
+        return self.side.decode(decoder, z, waited)
 
     def download(self, frames: torch.Tensor) -> np.ndarray:
         return frames.cpu().numpy()

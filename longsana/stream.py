@@ -402,7 +402,9 @@ class Stream:
             while not self._closed and (end := self._decode_end(a, a + n)) > self.decoded:  # (asked each piece)
                 e = min(end, self.decoded + self._piece_len(index, n, first))
                 with self.step.context():
-                    frames = self.step.decode(self.decoder, x0[:, :, self.decoded - a:e - a])
+                    # a later piece waits for its chunk's work only, which the first piece waited for: not for the
+                    # next chunk's, started ahead since
+                    frames = self.step.decode(self.decoder, x0[:, :, self.decoded - a:e - a], waited=not first)
                     if first and index > 0 and end == self.frame0 and not self._finished() and not self._due():
                         m = self._chunk_len()  # overlap the decode with the next chunk's work
                         self.step.ahead(self._text(m), m, self._position(), self._seed(), self.pending)

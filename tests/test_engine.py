@@ -24,7 +24,7 @@ from longsana.config import get_config
 from longsana.engine import ChunkEngine
 from longsana.fp8 import to_fp8
 from longsana.model import LongSANATransformer
-from longsana.step import EagerStep
+from longsana.step import EagerStep, SideStream
 from longsana.testing import (SWITCH_PROMPTS, needs_cuda, randomize_, rel_err, skip_without_fp8, switch_schedule,
                               tiny_pipeline, uncompiled)
 
@@ -313,6 +313,20 @@ def test_pieces_give_the_frames_of_whole_chunks(pipe, monkeypatch, compile, piec
     uncompiled(monkeypatch)
     want = watched(pipe, False)
     assert np.array_equal(watched(pipe, compile, piece_frames=piece_frames), want)
+
+
+def test_later_pieces_wait_for_nothing_new(pipe, monkeypatch):
+    """A chunk's later pieces are queued after the side stream's last work, not after what the transformer's stream
+    got since (the next chunk's work, launched at the first piece), which they do not need: the side stream waits
+    once per chunk, not once per piece."""
+    uncompiled(monkeypatch)
+    waits = []
+    monkeypatch.setattr(SideStream, "wait", lambda self: waits.append(1))
+    stream = pipe.stream(P, seed=5, compile=True, early_first_frame=False, piece_frames=1)
+    pieces = [c for _, c in zip(range(9), stream)]
+    stream.close()
+    chunks = {c.index for c in pieces}
+    assert len(pieces) > len(chunks) > 2 and len(waits) == len(chunks)
 
 
 @pytest.mark.parametrize("forget", [False, True])
