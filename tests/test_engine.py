@@ -412,6 +412,16 @@ def test_fast_stream_on_the_gpu_equals_the_eager_stream():
 
 
 @needs_cuda
+def test_pieces_on_the_gpu_equal_whole_chunks():
+    """A chunk's later pieces are decoded without waiting for the transformer's stream, where the next chunk's work
+    is queued meanwhile: the same video as whole chunks, bitwise, through switches and a rewind (a piece that
+    raced the work it needs, or work that overwrote what it reads, would differ)."""
+    torch._dynamo.reset()
+    pipe = gpu_pipeline()
+    assert np.array_equal(watched(pipe, True, piece_frames=1), watched(pipe, True))
+
+
+@needs_cuda
 def test_gpu_rewind_replays_from_reused_pinned_copies():
     """Rewind points on a GPU are pinned host buffers, filled by non-blocking copies and reused as the ring turns:
     a rewind after the ring has turned several times replays the original chunks (a copy that raced the work
