@@ -3,8 +3,8 @@
 A boundary is everything a stream needs to continue from there: the block-causal state, the pending chunk's x0
 (whose clean-context pass is still due) and the streaming VAE's causal cache, plus where it sits (chunk index,
 latent frame, RoPE origin, conditioning). The tensors are copied off to host memory, into buffers allocated once and
-reused as the ring turns (about 2 GB a point at 480p, nearly all of it the VAE's cache), so a stream's memory is
-fixed when it starts.
+reused as the ring turns (about 2 GB a point at 480p, nearly all of it the VAE's cache), so an endless stream's
+memory is fixed when it starts (`reserve`).
 
 Consecutive points chain: chunk k spans the latents [points[k].frame0, points[k+1].frame0) and its x0 is the pending
 x0 of point k+1. So any latent frame L from the oldest point on can be continued from exactly: at a point, by

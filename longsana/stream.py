@@ -387,11 +387,13 @@ class Stream:
                     return
                 n, pos = self._chunk_len(), self._position()
                 text = self._text(n)
-                if self.index == 0:  # before the first frame, not between two: the rewind points' buffers, and
+                if self.index == 0 and self.total_latents is None:
+                    # an endless stream gets ready before its first frame, not between two: the rewind points'
+                    # buffers (a video of given length allocates them as it goes: it may have fewer chunks than
+                    # points), and every chunk length it makes, compiled
                     self.ring.reserve(self.step.boundary_state(), self.decoder.cache)
-                    if self.total_latents is None:  # for an endless stream every chunk length it makes, compiled
-                        for m in {n, self.settings.chunk_frames, self.settings.switch_chunk_frames} - {None}:
-                            self.step.prepare(text, m)
+                    for m in {n, self.settings.chunk_frames, self.settings.switch_chunk_frames} - {None}:
+                        self.step.prepare(text, m)
                 self.ring.keep(RewindPoint(self.index, self.frame0, self.origin, self.cue, None),
                                self.step.boundary_state(), self.pending, self.decoder)
                 x0 = self.step.denoise(text, n, pos, self._seed(), self.pending)  # re-cache, then denoise

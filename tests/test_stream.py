@@ -178,6 +178,16 @@ def test_memory_is_constant(pipe):
     stream.close()
 
 
+def test_a_short_video_allocates_only_the_rewind_points_it_keeps(pipe):
+    """A video of given length, shorter than the ring, takes a point's buffers per chunk after the first (the first
+    point is the zero state), not the whole ring's up front."""
+    stream = pipe.stream(P, seed=3, num_frames=9, chunk_frames=1)
+    chunks = list(stream)
+    copies = [p.copy for p in stream.ring.points if p.copy is not None] + stream.ring.spare
+    assert 1 < len(chunks) < stream.ring.capacity and len(copies) == len(chunks) - 1
+    stream.close()
+
+
 def test_rewind_then_original_prompt_replays_the_original(pipe):
     original = take(pipe.stream(P, seed=4), 5)
     stream = pipe.stream(P, seed=4)
