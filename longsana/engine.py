@@ -181,9 +181,9 @@ class ChunkEngine:
         """Get chunks of n latent frames ready now (once per process and model), not at the first such chunk,
         whose frames would wait: compile their block graphs (tens of seconds at full size), and run the plain
         blocks' clean pass once at every length a switch may cut such a chunk to, which compiles the eager path's
-        Triton kernels for those token counts (1.4 s at the first cuts at full size) and meets every other library's
-        first use of those shapes. All are passes of zeros against a scratch state, with `text` as the static prompt
-        copy."""
+        Triton kernels for those token counts (1.4 s at the first cuts at full size) and takes every other first use
+        of those shapes (cuBLAS's, the allocator's). All are passes of zeros against a scratch state, with `text` as
+        the static prompt copy."""
         done = _PREPARED.setdefault(self.model, set())
         keys = {length: (length, kind, self.latent_hw, self.batch) for length, kind in
                 [(n, "compiled"), *((cut, "cut") for cut in range(1, n))]}
