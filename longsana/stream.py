@@ -286,12 +286,16 @@ class Stream:
         next chunk starts there). None: at the next chunk boundary. transition_frames: video frames over which the
         conditioning moves from the old prompt to the new (default `StreamSettings.transition_frames`).
         Returns the request's id, which the chunks made after it carry (`Chunk.request`). Raises ValueError for a
-        bad prompt. Encodes it now (a job on the device worker), so the switch itself costs the producer nothing."""
+        bad prompt. Returns without waiting for the device: the prompt is checked here (tokenized) and its encoding
+        queued on the device worker, where it runs as soon as the job under way ends (a chunk's work can hold the
+        worker for a second), usually before the switch's chunk needs it."""
         asked = time.perf_counter()
-        self.pipe.worker.run(self._encode, prompt)
         n = self.settings.transition_frames if transition_frames is None else transition_frames
         if n < 0:
             raise ValueError(f"transition_frames must be >= 0, got {n}")
+        self.pipe.prompts.encoder.tokenize(prompt, self.settings.motion_score)
+        # (should the encoding fail, the switch's chunk encodes the prompt again and raises in the stream's consumer)
+        self.pipe.worker.submit(self._encode, prompt)
         at = None if at_frame is None else latent_at_or_after(at_frame + self.lead_frames(asked), self.stride)
         return self._ask(at, prompt, n)
 

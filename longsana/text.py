@@ -175,14 +175,10 @@ class TextEncoder:
             raise ValueError("empty prompt")
         return (text.lower() if self.recipe.lowercase else text) + motion_suffix(motion_score)
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str] | str, motion_score: int | None = None, use_chi: bool = True,
-               allow_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> emb (B, 300, C) in the encoder's dtype, mask (B, 300) int64 (1 = token), both on its device.
-
-        The negative prompt of CFG: `encode([NEGATIVE_PROMPT], None, use_chi=False)`; `allow_empty` admits ""
-        (diffusers' default negative prompt), which user prompts must never be.
-        """
+    def tokenize(self, prompts: list[str] | str, motion_score: int | None = None, use_chi: bool = True,
+                 allow_empty: bool = False):
+        """The padded token batch `encode` feeds the model (input_ids, attention_mask), made on the CPU: a caller can
+        check a prompt without the device. Raises TypeError / ValueError for a bad prompt."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts to encode")
@@ -195,8 +191,19 @@ class TextEncoder:
                 if len(ids) > L_all:
                     raise ValueError(f"prompt {i} is too long: {len(ids) - L_all} token(s) past the {L}-token text "
                                      "window (motion-score suffix included); shorten it")
-            batch = self.tokenizer.pad(tokens, padding="max_length", max_length=L_all, padding_side="right",
-                                       return_tensors="pt")
+            return self.tokenizer.pad(tokens, padding="max_length", max_length=L_all, padding_side="right",
+                                      return_tensors="pt")
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str] | str, motion_score: int | None = None, use_chi: bool = True,
+               allow_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> emb (B, 300, C) in the encoder's dtype, mask (B, 300) int64 (1 = token), both on its device.
+
+        The negative prompt of CFG: `encode([NEGATIVE_PROMPT], None, use_chi=False)`; `allow_empty` admits ""
+        (diffusers' default negative prompt), which user prompts must never be.
+        """
+        batch = self.tokenize(prompts, motion_score, use_chi, allow_empty)
+        L_all, L = batch.input_ids.shape[1], self.recipe.length
         embed, mask = self.model.get_input_embeddings(), batch.attention_mask.to(self.device)
         x = embed(batch.input_ids.to(embed.weight.device)).to(self.device)  # (the table may be wherever it was put)
         h = self.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state  # (B, L_all, C)

@@ -80,6 +80,14 @@ class DeviceWorker:
         """fn(*args) on the worker thread; returns its result or raises its exception here."""
         if threading.current_thread() is self._thread:  # a job that submits a job: run it in place
             return fn(*args)
+        job = self.submit(fn, *args, deadline=deadline, owner=owner)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def submit(self, fn: Callable, *args, deadline: float | None = None, owner: object = None) -> _Job:
+        """Queue fn(*args) and return at once; the job's `done` is set when it has run (its result or error)."""
         job = _Job(time.monotonic() if deadline is None else deadline, next(self._seq), lambda: fn(*args), owner)
         with self._cv:
             if self.failure is not None:
@@ -87,10 +95,7 @@ class DeviceWorker:
             heapq.heappush(self._jobs, job)
             self._start()
             self._cv.notify()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
+        return job
 
     def iterate(self, chunks: Iterator, owner: object = None, deadline: Callable[[], float | None] | None = None):
         """Yield `chunks`' items, each produced by a job on the worker; `deadline()` gives each job's deadline."""

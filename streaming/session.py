@@ -350,8 +350,9 @@ class Session:
         """Switch the prompt from the frame on screen (see the module's doc), moving the conditioning from the old
         prompt to the new over `transition` seconds of video (0: a cut; None: the generator's default); ValueError if
         the generator refuses it.
-        The generator encodes the prompt right away, so its set_prompt runs on `executor`, off the event loop (the
-        server's executor has a thread per stream: one stream's switch never waits for another's)."""
+        The generator's set_prompt tokenizes the prompt (and may be a call to a GPU worker's process), so it runs
+        on `executor`, off the event loop (the server's executor has a thread per stream: one stream's switch never
+        waits for another's)."""
         arrived = self._loop.time()
         job = executor.submit(self._set_prompt, prompt, transition)
         self._control_jobs.add(job)

@@ -4,6 +4,7 @@ repeat for a consumer, frames before the switch never changed; transitions; the 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -107,6 +108,31 @@ def test_switch_inside_a_made_chunk_is_the_split_reference(pipe):
     assert np.array_equal(video[:21], base[:21]) and not np.array_equal(video[21:25], base[21:25])
 
 
+def test_set_prompt_does_not_wait_for_the_device(pipe):
+    """set_prompt checks the prompt and returns while the device worker is held (a chunk's work holds it for up to a
+    second at full size, which the switch's lead would add); the prompt is encoded once the worker is free, before
+    the switch's chunk, and the switch is the split reference's."""
+    stream = pipe.stream(P, seed=SEED, switch_lead=0)
+    gate, ids = threading.Event(), []
+
+    def switch_while_the_worker_is_held(s, out):
+        pipe.prompts.clear()
+        held = pipe.worker.submit(gate.wait)
+        caller = threading.Thread(target=lambda: ids.append(s.set_prompt(Q, at_frame=18)))
+        caller.start()
+        caller.join(timeout=10)
+        try:
+            assert ids and not held.done.is_set() and len(pipe.prompts) == 0  # answered, nothing encoded yet
+            with pytest.raises(ValueError, match="too long"):
+                s.set_prompt("x" * 100_000)
+        finally:
+            gate.set()
+
+    got = run(stream, 5, {3: switch_while_the_worker_is_held})
+    assert [(c.start_frame, c.prompt, c.request) for c in got[3:]] == [(21, Q, ids[0]), (29, Q, ids[0])]
+    assert np.array_equal(watch(got), reference(pipe, SWITCHED))
+
+
 def test_a_switch_that_forgets_keeps_only_the_recached_frames(pipe):
     """forget_on_switch: the switch above, the state's memory of the frames before the re-cached ones (latents 5 to
     6) dropped where it lands: the by-hand reference doing the same; the frames before it unchanged, those after it
@@ -172,7 +198,7 @@ def test_the_lead_moves_the_switch_later(pipe):
     assert auto.lead_frames() == int(np.ceil(LEAD_MARGIN * made)) > 0  # idle between chunks: the new one alone
     auto._busy_since = time.perf_counter()  # as if a chunk were under way from now: it comes first
     assert auto.lead_frames() >= int(np.ceil((1 + LEAD_MARGIN) * made)) - 1
-    auto._busy_since = None  # the frame named was on screen 1 s ago (the prompt's encoding waited): 16 frames on
+    auto._busy_since = None  # the frame named was on screen 1 s before set_prompt was called: 16 frames on
     assert auto.lead_frames(since=time.perf_counter() - 1.0) >= int(np.ceil(LEAD_MARGIN * made)) + auto.fps - 1
 
 
