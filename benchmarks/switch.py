@@ -4,7 +4,7 @@ A simulated viewer plays the stream at the model's frame rate with the server's 
 a chunk over and waits until its first frame is on screen (so it works at most one chunk ahead), and a chunk that
 starts before the end of what the viewer holds replaces it from there on. At random moments the viewer switches
 the prompt with `Stream.set_prompt(prompt, at_frame=<frame on screen>)` on a control thread, as the server does (the
-screen plays on while the call encodes the prompt), then wakes the producer. Per switch it records how long the call
+screen plays on during the call), then wakes the producer. Per switch it records how long the call
 took, the time from the call to the first chunk answering it being handed out (`Chunk.request`), and to that
 chunk's first frame being on screen; and the frames shown late (stalls) and any frame shown twice or skipped.
 With the demo model the switches go through the page's example prompts, and it also records when the new
@@ -84,8 +84,7 @@ class Viewer:
         switches, late, t_next, t0 = [], 0.0, None, time.perf_counter()
 
         def switch(k: int, prompt: str) -> None:
-            # on the control thread, as the server's: the screen plays on while set_prompt encodes the prompt (a job
-            # on the device worker, which may first finish the chunk work under way)
+            # on the control thread, as the server's: the screen plays on during the call
             t = time.perf_counter()
             if not prompt_cache:
                 stream.pipe.prompts.clear()  # the stream keeps the entry in force; the new one is encoded

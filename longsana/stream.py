@@ -323,19 +323,25 @@ class Stream:
     def lead_frames(self, since: float | None = None) -> int:
         """Video frames from the frame on screen to the earliest a switch can land on: `switch_lead`, or the time
         to make the new frames: what is left of the work under way, then LEAD_MARGIN times the median time the last
-        chunks that started a switch took to their first frames (the split's re-decode included; of the last chunks
-        until one has): a median, as one slow chunk on a busy machine would hold back every switch after it; a
+        chunks that started a switch took to their first frames, less the work that was under way when they were
+        asked for (the first term counts that; the split's re-decode is included; of the last chunks until a switch
+        has been made): a median, as one slow chunk on a busy machine would hold back every switch after it; a
         margin, for the spread.
-        since: when (time.perf_counter()) that frame was on screen; the screen has moved on from it since (the
-        prompt's encoding may wait for the device), which a measured lead adds."""
+        since: when (time.perf_counter()) that frame was on screen; the screen has moved on from it since, which a
+        measured lead adds."""
         lead = self.settings.switch_lead
         if lead is None:
             now = time.perf_counter()
-            made = statistics.median(self._chunk_seconds) if self._chunk_seconds else 0.0
-            new = statistics.median(self._switch_seconds) if self._switch_seconds else made
-            busy = 0.0 if self._busy_since is None else max(made - (now - self._busy_since), 0.0)
-            lead = (0.0 if since is None else now - since) + busy + LEAD_MARGIN * new
+            new = statistics.median(self._switch_seconds or self._chunk_seconds or [0.0])
+            lead = (0.0 if since is None else now - since) + self._busy(now) + LEAD_MARGIN * new
         return math.ceil(lead * self.fps)
+
+    def _busy(self, now: float) -> float:
+        """Seconds left of the device work under way for this stream: the median time the last chunks took, less the
+        time since it began; 0 when idle."""
+        if self._busy_since is None or not self._chunk_seconds:
+            return 0.0
+        return max(statistics.median(self._chunk_seconds) - (now - self._busy_since), 0.0)
 
     def close(self) -> None:
         with self._lock:
@@ -362,6 +368,7 @@ class Stream:
         and any wait for the device behind other streams), summed over its pieces and carried, with the frames it
         covers (gen_frames), on its last piece; 0 on the others."""
         asked = self._busy_since = time.perf_counter()
+        busy = 0.0  # the work under way when the consumer asked (the lead counts it apart from a switch's own time)
         deadline = lambda: self.deadline and self.deadline()  # noqa: E731 (set by the consumer at any time)
         for chunk, first, last in self.pipe.worker.iterate(self._chunks(), owner=self, deadline=deadline):
             self.step.finish()  # the frames' copy to the host, waited for here: the worker serves others meanwhile
@@ -372,13 +379,14 @@ class Stream:
             if last:
                 chunk.gen_seconds, chunk.gen_frames = spent, frames
                 if switch:
-                    self._switch_seconds.append(first_wait)  # the lead counts the time to a switch's first frames
+                    self._switch_seconds.append(max(first_wait - busy, 0.0))  # the time to a switch's first frames
                 else:
                     self._chunk_seconds.append(spent)  # and a chunk's (the work under way)
                 # idle until asked again, unless the step started the next chunk's work ahead (on the device still)
                 self._busy_since = time.perf_counter() if self.step.working_ahead() else None
             yield chunk
             asked = time.perf_counter()
+            busy = self._busy(asked)
             if last:
                 self._busy_since = asked
 
