@@ -44,10 +44,7 @@ decodes. With the VAE on a second GPU (`vae_device`) that stream is on the VAE's
 first (`SideStream.take`), so c's decode and c+1's transformer work run on two GPUs at once. If the next `denoise`
 asks for something else (the prompt changed, or a rewind), the speculative work is taken back: the state is put
 back as it was before its clean-context pass and the chunk is redone. So the frames are exactly those of the eager
-schedule. A chunk's work is 4 graphs, one per denoising step (the first after the clean-context pass), and the
-speculative work is queued AHEAD_QUEUED steps at a time: the device worker launches the next as one ends (`pump`,
-called while it is idle). A switch then waits for at most those steps, not for a whole chunk's work queued in one
-launch (about 0.6 s at 480p on an H100), before the work it needs can start.
+schedule; a switch costs one chunk's transformer work.
 """
 
 from __future__ import annotations
@@ -55,14 +52,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import weakref
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .model import Block, LongSANATransformer, State, TextKV
-from .sampling import bf16_round, chunk_step
+from .sampling import bf16_round, sample_chunk
 from .step import Pending, SideStream
 from .vae import StreamingDecoder
 
@@ -70,7 +66,6 @@ from .vae import StreamingDecoder
 # of even a tiny model takes minutes on 2 cores).
 COMPILE_OPTIONS: dict = dict(dynamic=False)
 _COMPILED: dict[tuple, object] = {}  # compiled functions by (function, options): a new one would compile anew
-AHEAD_QUEUED = 2  # steps of the work started ahead queued on the device at a time: one running, one next (see the top)
 RECOMPILE_LIMIT = 64  # graphs per compiled function: (chunk length, pass kind) per resolution; the VAE's norm shapes
 
 
@@ -103,7 +98,6 @@ class _Buffers:
     x0: tuple[torch.Tensor, torch.Tensor]  # two output slots (B, C, n, h, w) fp32
     rope_clean: tuple[torch.Tensor, torch.Tensor]  # cos, sin (N, d/2) of a pending chunk of this length (clean pass)
     noise: torch.Tensor | None = None  # (steps, B, C, n, h, w) fp32: initial noise, then one per re-noising
-    x: torch.Tensor | None = None  # (B, C, n, h, w) fp32: the chunk between two denoising steps
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # of the chunk being denoised
 
 
@@ -130,8 +124,6 @@ class ChunkEngine:
         self.state = model.new_state(batch, *latent_hw, device=self.device)
         self._before = model.new_state(batch, *latent_hw, device=self.device)  # the boundary, while work runs ahead
         self._ahead: tuple[tuple, torch.Tensor] | None = None  # (denoise arguments, x0) of the work started ahead
-        self._later: deque[tuple] = deque()  # its steps not launched yet (`pump`), as `_run` keys
-        self._queued: deque[torch.cuda.Event] = deque()  # the ends of its steps launched (CUDA)
         self.side = SideStream(vae_device or self.device, self.device)  # the decodes: on the VAE's device
         self.main = torch.cuda.Stream(self.device) if cuda else None  # this step's own CUDA stream
         self._landed: torch.cuda.Event | None = None  # the last download's copy to the host
@@ -152,32 +144,22 @@ class ChunkEngine:
         """Returns x0 (B, C, n, h, w) fp32, a static buffer overwritten two chunks later: the work started ahead if
         it was started with these arguments, else (undoing that work's clean-context pass) launched now."""
         args = (text, n, pos, seed, pending)
-        if self._ahead is not None and _same(self._ahead[0], args):
-            x0, self._ahead = self._ahead[1], None
-            self._launch_later(len(self._later))
-            return x0
-        self.cancel()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if _same(ahead[0], args):
+                return ahead[1]
+            self.state.copy_(self._before)
         return self._launch(*args)
 
     def ahead(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None = None) -> None:
-        """Start the next chunk's work now (it runs while the current one decodes), keeping the boundary's state
-        so that the work can be taken back if the next chunk turns out different (a new prompt, a rewind). Its
-        steps are launched AHEAD_QUEUED at a time (`pump`), so that what is taken back has not all been queued."""
+        """Launch the next chunk's work now (it runs while the current one decodes), keeping the boundary's state
+        so that the work can be taken back if the next chunk turns out different (a new prompt, a rewind)."""
         self.cancel()
         self._before.copy_(self.state)
-        self._ahead = (text, n, pos, seed, pending), self._launch(text, n, pos, seed, pending, AHEAD_QUEUED)
-
-    def pump(self) -> bool:
-        """Launch the next steps of the work started ahead while fewer than AHEAD_QUEUED are queued on the device;
-        True while some are left (the device worker calls this while idle)."""
-        self._launch_later(AHEAD_QUEUED - self._steps_queued())
-        return bool(self._later)
+        self._ahead = (text, n, pos, seed, pending), self._launch(text, n, pos, seed, pending)
 
     def cancel(self) -> None:
-        """Take back the work started ahead: its steps not launched are dropped, and the state is put back after
-        those that were (queued after them on this step's stream)."""
         if self._ahead is not None:
-            self._later.clear()
             self.state.copy_(self._before)
             self._ahead = None
 
@@ -188,7 +170,7 @@ class ChunkEngine:
     def nbytes(self) -> int:
         """Bytes of the engine's own device tensors: the state and its boundary copy, the static buffers of every
         chunk length, the static prompt copy (not the graphs' memory pool: the allocator holds that)."""
-        buffers = [t for b in self._buffers.values() for t in (*b.x0, *b.rope_clean, b.noise, b.x, *(b.rope or ()))]
+        buffers = [t for b in self._buffers.values() for t in (*b.x0, *b.rope_clean, b.noise, *(b.rope or ()))]
         text = [] if self.text is None else [*itertools.chain.from_iterable(self.text.kv), self.text.bias]
         return self.state.nbytes + self._before.nbytes + sum(t.nbytes for t in buffers + text if t is not None)
 
@@ -252,11 +234,9 @@ class ChunkEngine:
 
     # -- the work ---------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _launch(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None,
-                steps: int | None = None) -> torch.Tensor:
-        """The pending chunk's clean-context pass (with `text`), then the denoising steps of a chunk of n latent
-        frames at RoPE position `pos`: the first `steps` of them (None: all), the others left for `_launch_later`.
-        Asynchronous on CUDA: nothing waits for the GPU."""
+    def _launch(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None) -> torch.Tensor:
+        """The pending chunk's clean-context pass (with `text`), then the denoising passes of a chunk of n latent
+        frames at RoPE position `pos`. Asynchronous on CUDA: nothing waits for the GPU."""
         self._set_text(text)
         out = self._buffers_for(n, denoise=True)
         g = self.generator.manual_seed(seed)
@@ -272,31 +252,11 @@ class ChunkEngine:
             _copy(self._buffers[prev[0]].rope_clean, self._rope(pos_prev, prev[0]))
         _copy(out.rope, self._rope(pos, n))
         slot = 1 if prev == (n, 0) else 0
-        last = len(self.timesteps) - 1
-        self._later = deque((prev if i == 0 else None, n, slot if i == last else None, i) for i in range(last + 1))
-        self._launch_later(len(self._later) if steps is None else steps)
+        self._run(prev, n, slot)
         return out.x0[slot]
 
-    @torch.inference_mode()
-    def _launch_later(self, k: int) -> None:
-        """Launch the next k steps left by `_launch` (on CUDA each followed by an event that says it is done)."""
-        self._steps_queued()  # (forgets those done)
-        for _ in range(min(k, len(self._later))):
-            self._run(self._later.popleft())
-            if self.main is not None:
-                self._queued.append(torch.cuda.Event())
-                self._queued[-1].record()
-
-    def _steps_queued(self) -> int:
-        """Steps launched and not yet done on the device (on the CPU every launch has run when it returns)."""
-        while self._queued and self._queued[0].query():
-            self._queued.popleft()
-        return len(self._queued)
-
-    def _step(self, prev: tuple[int, int] | None, n: int, slot: int | None, i: int) -> None:
-        """What a graph holds: denoising step i of `sample_chunk` over run_prepared, on the static buffers; the
-        first is preceded by the pending chunk's clean-context pass (prev: its x0 slot), the last writes x0 slot
-        `slot`, the others the chunk between steps."""
+    def _passes(self, prev: tuple[int, int] | None, n: int, slot: int) -> None:
+        """What a graph holds: the clean-context pass and `sample_chunk` over run_prepared, on the static buffers."""
         m, b = self.model, self._buffers[n]
         if prev is not None:
             p = self._buffers[prev[0]]
@@ -305,9 +265,7 @@ class ChunkEngine:
         def velocity(x, t):
             return m.run_prepared(x, self.temb[t], self.text, b.rope, self.state, block=self.block)
 
-        x = chunk_step(velocity, lambda: b.noise[i + 1], b.noise[0] if i == 0 else b.x, i, self.timesteps,
-                       self.bf16_like)
-        (b.x if slot is None else b.x0[slot]).copy_(x)
+        b.x0[slot].copy_(sample_chunk(velocity, iter(b.noise).__next__, self.timesteps, self.bf16_like))
 
     def _clean_pass(self, x0: torch.Tensor, rope, state: State, cut: bool) -> None:
         """A pending chunk's clean-context pass into `state`; a cut length's through the plain blocks, with cuDNN's
@@ -316,11 +274,11 @@ class ChunkEngine:
             self.model.run_prepared(x0, self.temb_clean, self.text, rope, state, update_state=True, output=False,
                                     block=None if cut else self.block)
 
-    def _run(self, key: tuple) -> None:
-        """Step `key` (`_step`'s arguments): run at its first use, captured at its second, replayed after."""
+    def _run(self, prev, n: int, slot: int) -> None:
+        key = (prev, n, slot)
         self._uses[key] = uses = self._uses.get(key, 0) + 1
         if not self.graphs or uses == 1:  # a variant used once (the first chunk) is never captured
-            self._step(*key)
+            self._passes(*key)
             return
         graph = self._graphs.get(key)
         if graph is not None:
@@ -331,11 +289,11 @@ class ChunkEngine:
         s, main = self._capture_stream, torch.cuda.current_stream(self.device)
         s.wait_stream(main)
         with torch.cuda.stream(s):
-            self._step(*key)
+            self._passes(*key)
         main.wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=s, capture_error_mode="thread_local"):
-            self._step(*key)
+            self._passes(*key)
         self._pool = graph.pool()
         self._graphs[key] = graph
 
@@ -348,8 +306,7 @@ class ChunkEngine:
             self._buffers[n] = _Buffers((torch.zeros(shape, **f32), torch.zeros(shape, **f32)), self._rope(0, n))
         b = self._buffers[n]
         if denoise and b.noise is None:
-            b.noise, b.x = torch.empty(len(self.t_net), *shape, **f32), torch.empty(shape, **f32)
-            b.rope = self._rope(0, n)
+            b.noise, b.rope = torch.empty(len(self.t_net), *shape, **f32), self._rope(0, n)
         return b
 
     def _rope(self, pos: int, n: int):

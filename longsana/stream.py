@@ -422,19 +422,10 @@ class Stream:
                     if first and index > 0 and end == self.frame0 and not self._finished() and not self._due():
                         m = self._chunk_len()  # overlap the decode with the next chunk's work
                         self.step.ahead(self._text(m), m, self._position(), self._seed(), self.pending)
-                        if self.step.working_ahead():  # its steps are launched as the device has room for them
-                            self.pipe.worker.poll(self._pump, owner=self)
                     frames = self.step.download(frames)
                 start, self.decoded = self.video_frame(self.decoded), e
                 yield Chunk(frames, index, start, self.cue.prompt, self.cue.seq, 0.0, self.request), first, e == end
                 first = False
-
-    def _pump(self) -> bool:
-        """The device worker's poll while the step has work started ahead that is not all launched."""
-        if self._closed:
-            return False
-        with self.step.context():
-            return self.step.pump()
 
     def _take_controls(self) -> bool:
         """Apply the requests that land at or before the next chunk, in order; False once the stream is closed."""

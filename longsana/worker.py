@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 import torch
 
 _DONE = object()  # the end of a stream's generator, carried back from the worker
-POLL_SECONDS = 0.002  # while polls are registered, the idle worker calls them this often (a step is ~0.1 s at 480p)
 
 
 class DeviceFailed(RuntimeError):
@@ -74,7 +73,6 @@ class DeviceWorker:
         self._cv = threading.Condition()
         self._busy: deque[tuple[float, float, object]] = deque()  # (start, end, owner) of recent jobs
         self._owners: dict[int, object] = {}  # streams iterating now (by id)
-        self._polls: dict[int, Callable[[], bool]] = {}  # by owner id: called between jobs until they return False
         self._thread: threading.Thread | None = None
 
     # -- submitting work (any thread) ----------------------------------------------------------------------------
@@ -98,14 +96,6 @@ class DeviceWorker:
             self._start()
             self._cv.notify()
         return job
-
-    def poll(self, fn: Callable[[], bool], owner: object = None) -> None:
-        """Call fn() on the worker thread after each job and, while idle, every POLL_SECONDS, until it returns False
-        (or raises): the owner's work that waits for room on the device. One per owner: a new one replaces it."""
-        with self._cv:
-            self._polls[id(owner)] = fn
-            self._start()
-            self._cv.notify()
 
     def iterate(self, chunks: Iterator, owner: object = None, deadline: Callable[[], float | None] | None = None):
         """Yield `chunks`' items, each produced by a job on the worker; `deadline()` gives each job's deadline."""
@@ -150,39 +140,18 @@ class DeviceWorker:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._jobs and not self._polls:
+                while not self._jobs:
                     self._cv.wait()
-                if not self._jobs:
-                    self._cv.wait(POLL_SECONDS)
-                job = heapq.heappop(self._jobs) if self._jobs else None
-                polls = list(self._polls.items())
-            if job is not None:
-                self._run(job)
-            for key, fn in polls:
-                self._poll(key, fn)
-
-    def _run(self, job: _Job) -> None:
-        start = time.monotonic()
-        try:
-            job.result = job.fn()
-        except BaseException as e:  # noqa: BLE001 (handed to the caller, which raises it)
-            job.error = e
-            if not self.healthy():
-                self._fail(e)
-        self._record(start, time.monotonic(), job.owner)
-        job.done.set()
-
-    def _poll(self, key: int, fn: Callable[[], bool]) -> None:
-        try:
-            more = fn()
-        except Exception as e:  # noqa: BLE001 (the owner's next job meets the same failure and reports it)
-            more = False
-            if not self.healthy():
-                self._fail(e)
-        if not more:
-            with self._cv:
-                if self._polls.get(key) is fn:
-                    del self._polls[key]
+                job = heapq.heappop(self._jobs)
+            start = time.monotonic()
+            try:
+                job.result = job.fn()
+            except BaseException as e:  # noqa: BLE001 (handed to the caller, which raises it)
+                job.error = e
+                if not self.healthy():
+                    self._fail(e)
+            self._record(start, time.monotonic(), job.owner)
+            job.done.set()
 
     def _record(self, start: float, end: float, owner: object) -> None:
         with self._cv:
@@ -195,7 +164,6 @@ class DeviceWorker:
         with self._cv:
             self.failure = error
             jobs, self._jobs = self._jobs, []
-            self._polls.clear()
         for job in jobs:
             job.error = DeviceFailed(f"{self.name}: {error}")
             job.done.set()
