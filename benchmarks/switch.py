@@ -43,6 +43,8 @@ from longsana.stream import Pipeline
 from longsana.streaming.guide import DEMO_EXAMPLES
 
 SETTLE_CHUNKS = 3  # chunks played before the first switch (warm caches, a measured lead)
+STALL_KINDS = ("switch chunk", "next chunk", "other")  # stalls by the chunk they waited for: a switch's first, its
+# second (which a short switch chunk leaves less time for), any other
 
 
 class Viewer:
@@ -52,6 +54,8 @@ class Viewer:
     def __init__(self, fps: float):
         self.fps, self.cond = fps, threading.Condition()
         self.frames: dict[int, tuple[int, object]] = {}  # video frame -> (the request its chunk answers, its RGB)
+        self.chunk_no: dict[int, int] = {}  # video frame -> which chunk of its request holds it (0: the first)
+        self._indices: dict[int, set[int]] = {}  # request -> the chunk indices that answered it
         self.shown_rgb: list = []  # every frame as it was shown
         self.shown_t: list[float] = []  # and when
         self.shown_request: list[int] = []  # and the request its chunk answered
@@ -66,8 +70,11 @@ class Viewer:
             first = max(chunk.start_frame, self.screen + 1)
             for f in [f for f in self.frames if f >= first]:
                 del self.frames[f]
+            seen = self._indices.setdefault(chunk.request, set())
+            seen.add(chunk.index)
             for f in range(first, chunk.start_frame + len(chunk.frames)):
                 self.frames[f] = chunk.request, chunk.frames[f - chunk.start_frame]
+                self.chunk_no[f] = len(seen) - 1
             self.handed.setdefault(chunk.request, time.perf_counter())
             self.cond.notify_all()
             self.cond.wait_for(lambda: self.screen >= chunk.start_frame or self.released or self.done)
@@ -80,8 +87,9 @@ class Viewer:
 
     def play(self, stream, frames: int, switch_at: set[int], prompts, prompt_cache: bool) -> dict:
         """Show `frames` frames; at each frame count in `switch_at`, switch (without `prompt_cache`, the prompt is
-        encoded anew). Returns the switches and the stalls."""
+        encoded anew). Returns the switches and the stalls, in all and by the chunk whose frame came late."""
         switches, late, t_next, t0 = [], 0.0, None, time.perf_counter()
+        late_by = dict.fromkeys(STALL_KINDS, 0.0)
 
         def switch(k: int, prompt: str) -> None:
             # on the control thread, as the server's: the screen plays on during the call
@@ -100,7 +108,9 @@ class Viewer:
                 self.cond.wait_for(lambda k=k: k in self.frames)
                 now = time.perf_counter()
                 if t_next is None or now > t_next + 0.5 / self.fps:  # a stall: the clock restarts
-                    late += 0.0 if t_next is None else now - t_next
+                    if t_next is not None:
+                        late += now - t_next
+                        late_by[self.stall_kind(k)] += now - t_next
                     t_next = now
             time.sleep(max(0.0, t_next - time.perf_counter()))
             with self.cond:
@@ -120,7 +130,12 @@ class Viewer:
         control.shutdown(wait=True)
         for c in calls:
             c.result()  # (raises what a call raised)
-        return {"switches": switches, "late_s": late}
+        return {"switches": switches, "late_s": late, "late_by": late_by}
+
+    def stall_kind(self, k: int) -> str:
+        """Which of STALL_KINDS a stall before frame k is (under the lock)."""
+        request, n = self.frames[k][0], self.chunk_no[k]
+        return "other" if request == 0 or n > 1 else STALL_KINDS[n]
 
 
 def colours_hold(viewer: Viewer, switches: list[dict]) -> list[tuple[float, int] | None]:
@@ -233,6 +248,7 @@ def main(argv=None) -> dict:
            "forget_on_switch": stream.settings.forget_on_switch,
            "switch_chunk_frames": stream.settings.switch_chunk_frames, "piece_frames": stream.settings.piece_frames,
            "switches": len(rows), "answered": len(done), "stalls_s": round(played["late_s"], 3),
+           "stalls_by": {kind: round(t, 3) for kind, t in played["late_by"].items()},
            "set_prompt_p50": statistics.median(r["call_s"] for r in rows) if rows else None}
     if done:
         res |= {"screen_p50": statistics.median(screen), "screen_p95": p95(screen),
@@ -240,7 +256,8 @@ def main(argv=None) -> dict:
                 "within_1s": sum(s <= 1.0 for s in screen)}
         print(f"on screen: median {res['screen_p50']:.3f} s, p95 {res['screen_p95']:.3f} s, {res['within_1s']}/"
               f"{len(done)} within 1 s; handed out: median {res['handed_p50']:.3f} s, p95 {res['handed_p95']:.3f} s;"
-              f" stalls {res['stalls_s']:.2f} s in all")
+              f" stalls {res['stalls_s']:.2f} s in all (waiting for: "
+              + ", ".join(f"{kind} {t:.2f} s" for kind, t in res["stalls_by"].items()) + ")")
     if name == "demo":
         held = [h for h in holds if h is not None]
         res |= {"colours_p50": round(statistics.median(t for t, _ in held), 3) if held else None,

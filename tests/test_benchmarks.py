@@ -35,6 +35,25 @@ def test_fps(tmp_path):
 def test_switch():
     res = bench("longsana.benchmarks.switch", "--tiny", "--switches", "2")
     assert res["answered"] == res["switches"] == 2
+    assert sum(res["stalls_by"].values()) == pytest.approx(res["stalls_s"], abs=2e-3)
+
+
+@pytest.mark.parametrize("frame, kind", [(0, "other"), (9, "other"), (13, "switch chunk"), (18, "switch chunk"),
+                                         (21, "next chunk"), (29, "other"), (33, "other")])
+def test_switch_stalls_are_told_by_the_chunk_they_waited_for(frame, kind):
+    """The switch benchmark's viewer tells a stall by the chunk of the frame it waited for: a switch's first chunk
+    (its pieces too), its second, or any other (the stream's own start, a switch's later chunks)."""
+    import numpy as np
+
+    from longsana.benchmarks.switch import Viewer
+    from longsana.chunk import Chunk
+
+    viewer = Viewer(16)
+    viewer.done = True  # (put returns at once)
+    for index, start, n, request in [(0, 0, 9, 0), (1, 9, 8, 0), (2, 13, 4, 1), (2, 17, 4, 1), (3, 21, 8, 1),
+                                     (4, 29, 8, 1)]:
+        viewer.put(Chunk(np.zeros((n, 2, 2, 3), np.uint8), index, start, "p", request, 0.0, request))
+    assert viewer.stall_kind(frame) == kind
 
 
 def test_streams_on_a_machine_of_two_devices():
