@@ -115,11 +115,11 @@ def test_recache_matches_a_plain_reference(pipe):
     # the stream's pieces: a decode in other pieces is the same video within fp32 rounding, not bitwise
     decoder = StreamingDecoder(pipe.vae, 32, 32, max_latent_frames_per_call=stream.settings.vae_frames_per_call)
     zero = torch.zeros(1)
-    frame0, frames, before = 0, [], None
+    frame0, frames, before, pending = 0, [], None, None
     for c, (n, prompt) in enumerate([(spec.chunk_frames + 1, P), (spec.chunk_frames, P), (spec.chunk_frames, Q)]):
         if c == 2:  # the re-cache
             state.copy_(before)
-            m.forward_chunk(x0, zero, text[Q], state, frame0 - spec.chunk_frames, update_state=True)
+            m.forward_chunk(pending, zero, text[Q], state, frame0 - spec.chunk_frames, update_state=True)
         g = torch.Generator().manual_seed(2 * 1_000_003 + c)
         noise = lambda: torch.randn((1, 16, n, h, w), generator=g)  # noqa: E731
         velocity = lambda x, t: m.forward_chunk(x, torch.full((1,), t), text[prompt], state, frame0)  # noqa: E731
@@ -127,7 +127,7 @@ def test_recache_matches_a_plain_reference(pipe):
         frames.append(decoder.decode(x0).numpy())
         before = state.snapshot()
         m.forward_chunk(x0, zero, text[prompt], state, frame0, update_state=True)  # with the OLD prompt
-        frame0 += n
+        frame0, pending = frame0 + n, x0
     for a, b in zip(got, frames):
         assert np.array_equal(a.frames, b)
 
