@@ -323,10 +323,11 @@ class Stream:
     def lead_frames(self, since: float | None = None) -> int:
         """Video frames from the frame on screen to the earliest a switch can land on: `switch_lead`, or the time
         to make the new frames: what is left of the work under way, then LEAD_MARGIN times the median time the last
-        chunks that started a switch took to their first frames, less the work that was under way when they were
-        asked for (the first term counts that; the split's re-decode is included; of the last chunks until a switch
-        has been made): a median, as one slow chunk on a busy machine would hold back every switch after it; a
-        margin, for the spread.
+        chunks that started a switch took to their first frames (the split's re-decode included; of the last chunks
+        until one has): a median, as one slow chunk on a busy machine would hold back every switch after it; a
+        margin, for the spread. That time includes any work under way when the switch's chunk was asked for, which
+        the first term counts too: the overshoot leaves the chunk after a short switch chunk time to be made (see
+        docs/architecture.md, "Switches and rewinds on any frame").
         since: when (time.perf_counter()) that frame was on screen; the screen has moved on from it since, which a
         measured lead adds."""
         lead = self.settings.switch_lead
@@ -368,7 +369,6 @@ class Stream:
         and any wait for the device behind other streams), summed over its pieces and carried, with the frames it
         covers (gen_frames), on its last piece; 0 on the others."""
         asked = self._busy_since = time.perf_counter()
-        busy = 0.0  # the work under way when the consumer asked (the lead counts it apart from a switch's own time)
         deadline = lambda: self.deadline and self.deadline()  # noqa: E731 (set by the consumer at any time)
         for chunk, first, last in self.pipe.worker.iterate(self._chunks(), owner=self, deadline=deadline):
             self.step.finish()  # the frames' copy to the host, waited for here: the worker serves others meanwhile
@@ -379,14 +379,13 @@ class Stream:
             if last:
                 chunk.gen_seconds, chunk.gen_frames = spent, frames
                 if switch:
-                    self._switch_seconds.append(max(first_wait - busy, 0.0))  # the time to a switch's first frames
+                    self._switch_seconds.append(first_wait)  # the lead counts the time to a switch's first frames
                 else:
                     self._chunk_seconds.append(spent)  # and a chunk's (the work under way)
                 # idle until asked again, unless the step started the next chunk's work ahead (on the device still)
                 self._busy_since = time.perf_counter() if self.step.working_ahead() else None
             yield chunk
             asked = time.perf_counter()
-            busy = self._busy(asked)
             if last:
                 self._busy_since = asked
 

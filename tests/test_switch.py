@@ -202,24 +202,6 @@ def test_the_lead_moves_the_switch_later(pipe):
     assert auto.lead_frames(since=time.perf_counter() - 1.0) >= int(np.ceil(LEAD_MARGIN * made)) + auto.fps - 1
 
 
-def test_the_lead_counts_the_work_under_way_once(pipe):
-    """A switch's chunk asked for while the stream's work is under way waits for that work too. The lead adds what is
-    left of it apart, so the time kept for the switch (which later leads scale by LEAD_MARGIN) leaves it out."""
-    stream = pipe.stream(P, seed=SEED)
-    it = iter(stream)
-    for _ in range(3):
-        next(it)
-    stream.set_prompt(Q)  # asked for with nothing under way: its whole wait
-    t = time.perf_counter()
-    assert next(it).prompt == Q
-    assert 0 < stream._switch_seconds[-1] <= time.perf_counter() - t
-    stream._chunk_seconds.extend([5.0] * 5)  # chunks take 5 s, and one began just now: 5 s of work still to come
-    stream._busy_since = time.perf_counter()
-    stream.set_prompt(R)
-    assert next(it).prompt == R
-    assert stream._switch_seconds[-1] == 0.0  # (its wait, well under 5 s, less the 5 s the lead counts apart)
-
-
 def test_a_rewind_after_a_switch_splits_again_and_is_deterministic(pipe):
     """After the switch (chunk 3 = latents [6, 8), frames 21..28), a rewind of 0.3 s from frame 32 goes to 27.2:
     latent 7 (frame 25), inside chunk 3, whose prompt (Q) goes on. The same schedule gives the same frames."""
