@@ -14,7 +14,7 @@ import torch
 from longsana.model import TextKV
 from longsana.rewind import points_for
 from longsana.sampling import sample_chunk
-from longsana.stream import LEAD_MARGIN, Cue, blend_text, latent_at_or_after, latent_at_or_before, video_frame
+from longsana.stream import LEAD_MARGIN, Cue, blend_text, latent_at_or_after, latent_at_or_before, ramp, video_frame
 from longsana.testing import tiny_pipeline
 from longsana.vae import StreamingDecoder
 
@@ -156,6 +156,29 @@ def test_a_short_chunk_starts_a_switch(pipe):
     assert np.array_equal(watch(got[:5]), reference(pipe, plan))
     assert np.array_equal(got[5].frames, got[3].frames)
     assert (len(stream._chunk_seconds), len(stream._switch_seconds)) == (4, 2)  # the lead times switch chunks apart
+
+
+def test_the_chunks_after_a_short_switch_chunk_double_up_to_the_usual_length(pipe):
+    """chunk_frames=4, switch_chunk_frames=1: the switch on screen at frame 18 lands at latent 6 inside chunk 1
+    ([5, 9)); then chunks of 1, 2 and 4 latent frames (each made while the shorter ones before it play), then 4: the
+    by-hand reference with those lengths. A rewind inside the ramp (to latent 8) goes on with its lengths from there,
+    and an endless stream prepares every length of the ramp before its first frame."""
+    assert ramp(3, 10) == [3, 6, 10] and ramp(1, 4) == [1, 2, 4] and ramp(4, 4) == ramp(None, 4) == [4]
+    stream = pipe.stream(P, seed=SEED, switch_lead=0, chunk_frames=4, switch_chunk_frames=1)
+    got = run(stream, 8, {2: lambda s, out: s.set_prompt(Q, at_frame=18),
+                          6: lambda s, out: s.rewind((57 - 29) / s.fps, at_frame=57)})
+    assert [(c.start_frame, len(c.frames), c.prompt) for c in got] == \
+           [(0, 17, P), (17, 16, P), (21, 4, Q), (25, 8, Q), (33, 16, Q), (49, 16, Q), (29, 8, Q), (37, 16, Q)]
+    plan = [(5, P, 5), (4, P, 1), (1, Q, 1), (2, Q, 2), (4, Q, 4), (4, Q, 4)]
+    assert np.array_equal(watch(got[:6]), reference(pipe, plan))
+    plan = [(5, P, 5), (4, P, 1), (1, Q, 1), (2, Q, 1), (2, Q, 2), (4, Q, 4)]  # the rewind cuts [7, 9) at 8
+    assert np.array_equal(watch(got), reference(pipe, plan))
+    prepared = []
+    endless = pipe.stream(P, chunk_frames=4, switch_chunk_frames=1)
+    endless.step.prepare = lambda text, n: prepared.append(n)
+    next(iter(endless))
+    assert sorted(prepared) == [1, 2, 4, 5]
+    endless.close()
 
 
 def test_a_switch_known_ahead_cuts_the_chunk_as_it_is_made(pipe):
