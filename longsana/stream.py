@@ -294,7 +294,7 @@ class Stream:
         n = self.settings.transition_frames if transition_frames is None else transition_frames
         if n < 0:
             raise ValueError(f"transition_frames must be >= 0, got {n}")
-        self.pipe.prompts.encoder.tokenize(prompt, self.settings.motion_score)
+        self.pipe.text.tokenize(prompt, self.settings.motion_score)
         # (should the encoding fail, the switch's chunk encodes the prompt again and raises in the stream's consumer)
         self.pipe.worker.submit(self._encode, prompt)
         at = None if at_frame is None else latent_at_or_after(at_frame + self.lead_frames(asked), self.stride)
@@ -327,8 +327,7 @@ class Stream:
         chunks that started a switch took to their first frames (the split's re-decode included; of the last chunks
         until one has): a median, as one slow chunk on a busy machine would hold back every switch after it; a
         margin, for the spread. That time includes any work under way when the switch's chunk was asked for, which
-        the first term counts too: the overshoot leaves the chunk after a short switch chunk time to be made (see
-        docs/architecture.md, "Switches and rewinds on any frame").
+        the first term counts too (docs/architecture.md, "Switches and rewinds on any frame", says why it stays).
         since: when (time.perf_counter()) that frame was on screen; the screen has moved on from it since, which a
         measured lead adds."""
         lead = self.settings.switch_lead
