@@ -110,8 +110,8 @@ def test_switch_inside_a_made_chunk_is_the_split_reference(pipe):
 
 def test_set_prompt_does_not_wait_for_the_device(pipe):
     """set_prompt checks the prompt and returns while the device worker is held (a chunk's work holds it for up to a
-    second at full size, which the switch's lead would add); the prompt is encoded once the worker is free, before
-    the switch's chunk, and the switch is the split reference's."""
+    second at full size, which the switch's lead would add); the prompt is encoded once the worker is free, and the
+    switch is the split reference's."""
     stream = pipe.stream(P, seed=SEED, switch_lead=0)
     gate, ids = threading.Event(), []
 
