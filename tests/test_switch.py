@@ -209,6 +209,18 @@ def test_a_switch_past_the_decoded_pieces_cuts_with_nothing_decoded_twice(pipe):
                      (False, 0), (True, 8), (False, 0), (True, 8), (False, 0)]
 
 
+def test_pieces_up_to_a_switch_go_out_at_once(pipe):
+    """piece_frames=1, chunks of 4: the switch asked once latent 5 (frames 17..20) of chunk 1 ([5, 9)) is out lands
+    at latent 8 (a lead of 10 frames from frame 18): latents 6 and 7 go out as one piece, not one by one (each piece
+    waits for the screen, which would hold the switch's chunk back by as many pieces), then the switch's chunk from
+    latent 8; the video is the reference's with chunk 1 split there."""
+    stream = pipe.stream(P, seed=SEED, chunk_frames=4, piece_frames=1, switch_lead=10 / 16)
+    got = run(stream, 9, {6: lambda s, out: s.set_prompt(Q, at_frame=18)})
+    assert [(c.index, c.start_frame, len(c.frames), c.prompt) for c in got[5:]] == \
+           [(1, 17, 4, P), (1, 21, 8, P), (2, 29, 4, Q), (2, 33, 4, Q)]
+    assert np.array_equal(watch(got), reference(pipe, [(5, P, 5), (4, P, 3), (4, Q, 4)])[:37])
+
+
 def test_the_lead_moves_the_switch_later(pipe):
     stream = pipe.stream(P, seed=SEED, switch_lead=0.25)  # 4 frames: from frame 18 to >= 22, latent 7 (frame 25)
     got = run(stream, 5, {3: lambda s, out: s.set_prompt(Q, at_frame=18)})
