@@ -60,8 +60,9 @@ def test_switches_land_from_the_screen_with_no_gap_or_repeat(server):
 
 def test_latency_settings_stream_in_pieces_with_no_gap_or_repeat():
     """switch_chunk_frames=1 and piece_frames=1 through the server (`longsana serve --switch-chunk-frames 1
-    --piece-frames 1`): chunks arrive a latent frame (4 video frames) at a time, switches land on screen and report
-    their latency, and the frame indices still advance by one."""
+    --piece-frames 1`): chunks arrive a latent frame (4 video frames) at a time (the frames up to a switch that lands
+    inside a chunk, past the decoder, together), switches land on screen and report their latency, and the frame
+    indices still advance by one."""
     pipe = Pipeline.from_pretrained("demo")
     settings = {"switch_chunk_frames": 1, "piece_frames": 1}
     with ServerThread(pipe, ServerConfig(port=0, model_name="demo", stream_kwargs=settings)) as s:
@@ -76,7 +77,8 @@ def test_latency_settings_stream_in_pieces_with_no_gap_or_repeat():
 
         indices, events = run(main())
     assert np.array_equal(np.diff(indices), np.ones(len(indices) - 1)), "frame indices jumped or repeated"
-    assert events[0]["frames"] == 1 and {e["frames"] for e in events[1:]} == {4}  # (latent 0: the first frame)
+    sizes = [e["frames"] for e in events[1:]]  # (latent 0: the first frame)
+    assert events[0]["frames"] == 1 and set(sizes) <= {4, 8} and sizes.count(4) > len(sizes) // 2, sizes
     timed = [e for e in events if e["gen_seconds"] > 0]  # a chunk's time on its last piece, for all its frames
     assert timed and all(e["gen_frames"] in (4, 8, 9, 12, 13) for e in timed), timed
     assert any(e["gen_frames"] == 12 for e in timed), timed
