@@ -413,6 +413,8 @@ class Stream:
             self.index, self.frame0 = index + 1, a + n
             first = True
             while not self._closed and (end := self._decode_end(a, a + n)) > self.decoded:  # (asked each piece)
+                # up to a switch or rewind landing inside the chunk, the rest goes out as one piece: the next chunk
+                # starts there, and pieces handed out one by one would each wait for the screen first
                 e = end if end < a + n else min(end, self.decoded + self._piece_len(index, n, first))
                 with self.step.context():
                     # a later piece waits for its chunk's work only, which the first piece waited for: not for the
@@ -508,8 +510,7 @@ class Stream:
     def _piece_len(self, index: int, n: int, first: bool) -> int:
         """Latent frames of the next piece of chunk `index` (n latent frames) handed out: `piece_frames`, or all n;
         the stream's first frame alone with early_first_frame (the VAE takes it on its own anyway: the same frames,
-        the first sooner). (Up to a switch or a rewind that lands inside the chunk, the rest goes out as one piece:
-        the next chunk starts there, and pieces handed out one by one would each wait for the screen first.)"""
+        the first sooner)."""
         if first and index == 0 and self.early_first_frame:
             return 1
         return self.settings.piece_frames or n
