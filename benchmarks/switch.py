@@ -43,8 +43,9 @@ from longsana.stream import Pipeline
 from longsana.streaming.guide import DEMO_EXAMPLES
 
 SETTLE_CHUNKS = 3  # chunks played before the first switch (warm caches, a measured lead)
-STALL_KINDS = ("switch chunk", "next chunk", "other")  # stalls by the chunk they waited for: a switch's first, its
-# second (which a short switch chunk leaves less time for), any other
+STALL_KINDS = ("start", "switch chunk", "next chunk", "later")  # stalls by the chunk they waited for: one before
+# the first switch (the stream's start: at full size its first chunks pay first-use costs), a switch's first, its
+# second (which a short switch chunk leaves less time for), a switch's later ones
 
 
 class Viewer:
@@ -135,7 +136,7 @@ class Viewer:
     def stall_kind(self, k: int) -> str:
         """Which of STALL_KINDS a stall before frame k is (under the lock)."""
         request, n = self.frames[k][0], self.chunk_no[k]
-        return "other" if request == 0 or n > 1 else STALL_KINDS[n]
+        return "start" if request == 0 else STALL_KINDS[min(n, 2) + 1]
 
 
 def colours_hold(viewer: Viewer, switches: list[dict]) -> list[tuple[float, int] | None]:

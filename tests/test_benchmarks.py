@@ -38,11 +38,11 @@ def test_switch():
     assert sum(res["stalls_by"].values()) == pytest.approx(res["stalls_s"], abs=2e-3)
 
 
-@pytest.mark.parametrize("frame, kind", [(0, "other"), (9, "other"), (13, "switch chunk"), (18, "switch chunk"),
-                                         (21, "next chunk"), (29, "other"), (33, "other")])
+@pytest.mark.parametrize("frame, kind", [(0, "start"), (9, "start"), (13, "switch chunk"), (18, "switch chunk"),
+                                         (21, "next chunk"), (29, "later"), (33, "later")])
 def test_switch_stalls_are_told_by_the_chunk_they_waited_for(frame, kind):
     """The switch benchmark's viewer tells a stall by the chunk of the frame it waited for: a switch's first chunk
-    (its pieces too), its second, or any other (the stream's own start, a switch's later chunks)."""
+    (its pieces too), its second, the stream's own start (before the first switch), or a switch's later chunks."""
     import numpy as np
 
     from longsana.benchmarks.switch import Viewer
