@@ -35,7 +35,9 @@ endless stream has them compiled before its first frame (`prepare`), so that no 
 (tens of seconds at full size: a stall in the video, or a frozen first switch). The first use of each step variant
 (which pending slot, which output slot, n) runs for real, so the first chunk of a stream pays no capture; the second
 runs on the capture stream, which warms it up, and is then captured as a CUDA graph (a one-time host
-synchronisation); later uses replay it: one launch, no host synchronisation. Compiled blocks fuse elementwise work,
+synchronisation); later uses replay it: one launch, no host synchronisation asked for. (Yet on an H100 the launch of
+a 10-frame chunk's graph returned only after about 350 ms of its 610 ms: the driver waits on graphs with memset nodes,
+and these have 1,199 beside 3,600 kernels; benchmarks/RESULTS.md, 6 Dec.) Compiled blocks fuse elementwise work,
 so the results agree with the eager path within bf16 rounding, not bitwise.
 
 Overlap: the VAE decode of chunk c runs on a second, high-priority CUDA stream (`SideStream`), and the stream calls
@@ -105,6 +107,8 @@ class ChunkEngine:
     """The fast `ChunkStep` (step.py) of one stream. `denoise` launches a chunk's work and returns its x0, a static
     buffer; `ahead` launches the next chunk's before it is asked for, while this chunk decodes on the side stream."""
 
+    works_ahead = True
+
     def __init__(self, model: LongSANATransformer, latent_hw: tuple[int, int], timesteps, bf16_like: bool = False,
                  batch: int = 1, compile: bool | None = None, graphs: bool | None = None,
                  vae_device: torch.device | None = None):
@@ -162,9 +166,6 @@ class ChunkEngine:
         if self._ahead is not None:
             self.state.copy_(self._before)
             self._ahead = None
-
-    def working_ahead(self) -> bool:
-        return self._ahead is not None
 
     @property
     def nbytes(self) -> int:

@@ -96,6 +96,7 @@ def _indexed(device) -> torch.device:
 class ChunkStep(Protocol):
     state: State  # the block-causal state, owned by the step and updated in place (its storage never changes)
     side: SideStream  # where decodes run (the VAE's device); copies of the VAE cache are queued there too
+    works_ahead: bool  # whether `ahead` starts work (the device is then busy with it until the next denoise)
 
     def denoise(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None) -> torch.Tensor:
         """The pending chunk's clean-context pass, then x0 (B, C, n, h, w) fp32 of a chunk of n latent frames at
@@ -106,9 +107,6 @@ class ChunkStep(Protocol):
 
     def cancel(self) -> None:
         """Forget work started ahead, putting the state back to the last boundary (before a rewind)."""
-
-    def working_ahead(self) -> bool:
-        """Whether work started ahead is still there to be taken (or cancelled): the device may be busy with it."""
 
     def prepare(self, text: TextKV, n: int) -> None:
         """A hint: chunks of n latent frames will come (a step may get ready for them now, e.g. compile)."""
@@ -132,6 +130,8 @@ class ChunkStep(Protocol):
 
 class EagerStep:
     """The reference step: `sample_chunk` over `model.forward_chunk`, batch 1."""
+
+    works_ahead = False  # (`ahead` is a no-op)
 
     def __init__(self, model: LongSANATransformer, latent_hw: tuple[int, int], timesteps, bf16_like: bool = False,
                  vae_device: torch.device | None = None):
@@ -165,9 +165,6 @@ class EagerStep:
 
     def cancel(self) -> None:
         pass
-
-    def working_ahead(self) -> bool:
-        return False
 
     def prepare(self, text: TextKV, n: int) -> None:
         pass  # nothing to compile

@@ -39,6 +39,7 @@ seed and the schedule, and a rewind followed by the original prompt replays the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import statistics
 import threading
@@ -60,7 +61,7 @@ from .rewind import RewindPoint, RewindRing, points_for
 from .step import ChunkStep, EagerStep, Pending
 from .text import PromptCache, TextEncoder
 from .vae import StreamingDecoder
-from .worker import DeviceWorker, cuda_healthy
+from .worker import DeviceWorker, Later, cuda_healthy
 
 SEED_STRIDE = 1_000_003  # chunk c of a stream seeded s draws its noise from seed s * SEED_STRIDE + c
 LEAD_MARGIN = 1.25  # a switch's lead allows this many chunks' median making time for the new one
@@ -255,6 +256,7 @@ class Stream:
         self._last_request = 0
         self._landings: dict[int, int | None] = {}  # the last LANDINGS requests' latent frames (Request.at)
         self._closed = False
+        self._starting = threading.Lock()  # held while the next chunk's work is launched after a hand-out
         self._encode(prompt)
         self.cue = Cue(prompt)
         self.request = 0  # the last request applied
@@ -262,6 +264,7 @@ class Stream:
         self._chunk_seconds: deque[float] = deque(maxlen=5)  # time to make the last chunks (the switch lead)
         self._switch_seconds: deque[float] = deque(maxlen=5)  # and the last chunks that started a switch
         self._busy_since: float | None = None  # when the device work under way for this stream began (None: idle)
+        self._next_started = False  # whether the chunk handed out last has the next chunk's work started after it
         self.index = 0  # next chunk
         self.frame0 = 0  # its first latent frame (absolute)
         self.decoded = 0  # latent frames the VAE's cache has seen
@@ -347,7 +350,8 @@ class Stream:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-        self.ring.clear()
+        with self._starting:  # a launch of the next chunk's work under way ends first (a later one sees _closed)
+            self.ring.clear()
         self.pending = self.decoder = self._blend = None
 
     def _ask(self, at: int | None, prompt: str | None, transition_frames: int) -> int:
@@ -382,8 +386,8 @@ class Stream:
                     self._switch_seconds.append(first_wait)  # the lead counts the time to a switch's first frames
                 else:
                     self._chunk_seconds.append(spent)  # and a chunk's (the work under way)
-                # idle until asked again, unless the step started the next chunk's work ahead (on the device still)
-                self._busy_since = time.perf_counter() if self.step.working_ahead() else None
+                # idle until asked again, unless the next chunk's work was started ahead (on the device still)
+                self._busy_since = time.perf_counter() if self._next_started else None
             yield chunk
             asked = time.perf_counter()
             if last:
@@ -411,7 +415,7 @@ class Stream:
             self.pending = (x0, pos)
             index, a = self.index, self.frame0
             self.index, self.frame0 = index + 1, a + n
-            first = True
+            first, self._next_started = True, False
             while not self._closed and (end := self._decode_end(a, a + n)) > self.decoded:  # (asked each piece)
                 # up to a switch or rewind landing inside the chunk, the rest goes out as one piece: the next chunk
                 # starts there, and pieces handed out one by one would each wait for the screen first
@@ -420,13 +424,27 @@ class Stream:
                     # a later piece waits for its chunk's work only, which the first piece waited for: not for the
                     # next chunk's, started ahead since
                     frames = self.step.decode(self.decoder, x0[:, :, self.decoded - a:e - a], waited=not first)
-                    if first and index > 0 and end == self.frame0 and not self._finished() and not self._due():
+                    ahead = None
+                    if (first and self.step.works_ahead and index > 0 and end == self.frame0 and not self._finished()
+                            and not self._due()):
                         m = self._chunk_len()  # overlap the decode with the next chunk's work
-                        self.step.ahead(self._text(m), m, self._position(), self._seed(), self.pending)
+                        ahead = self._text(m), m, self._position(), self._seed(), self.pending
+                        self._next_started = True
                     frames = self.step.download(frames)
                 start, self.decoded = self.video_frame(self.decoded), e
-                yield Chunk(frames, index, start, self.cue.prompt, self.cue.seq, 0.0, self.request), first, e == end
+                item = Chunk(frames, index, start, self.cue.prompt, self.cue.seq, 0.0, self.request), first, e == end
+                # the frames go out before the next chunk's work is launched, which they need not wait for: on a GPU
+                # the launch can hold the worker's thread for a while (benchmarks/RESULTS.md, 6 Dec)
+                yield item if ahead is None else Later(item, functools.partial(self._start_next, ahead))
                 first = False
+
+    def _start_next(self, args: tuple) -> None:
+        """`step.ahead(*args)`, unless the stream was closed or a request that lands at or before that chunk came
+        since (it will be another chunk)."""
+        with self._starting:
+            if not (self._closed or self._due()):
+                with self.step.context():
+                    self.step.ahead(*args)
 
     def _take_controls(self) -> bool:
         """Apply the requests that land at or before the next chunk, in order; False once the stream is closed."""

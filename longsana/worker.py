@@ -8,7 +8,9 @@ the GPU: a job only launches work (the fast step's kernels run asynchronously, t
 queued while this one decodes), so the device stays busy while the worker moves on to the next stream.
 
 A job is one call (`run`) or one chunk of a stream (`iterate`: each `next` of the stream's generator runs as a job,
-so the loop's controls, rewind copies, denoise, decode and download all happen on the worker). Jobs are served
+so the loop's controls, rewind copies, denoise, decode and download all happen on the worker). A chunk may come with
+work to run after it is handed out (`Later`: the launch of the next chunk's work, which can hold the launching
+thread for a while), as a job of its own that the stream's next chunk waits for. Jobs are served
 earliest deadline first; a stream's deadline is when its viewer's buffer runs dry (given by whoever paces it), else
 the moment it asked, which serves waiting streams in turn: none can starve another.
 
@@ -40,6 +42,14 @@ class DeviceFailed(RuntimeError):
     """The device can no longer run work (e.g. a CUDA error that poisons the context)."""
 
 
+@dataclass
+class Later:
+    """An item of `iterate`'s generator with work to run on the worker once the item is handed out."""
+
+    item: object
+    then: Callable[[], None]
+
+
 @dataclass(order=True)
 class _Job:
     deadline: float
@@ -49,6 +59,14 @@ class _Job:
     done: threading.Event = field(compare=False, default_factory=threading.Event)
     result: object = field(compare=False, default=None)
     error: BaseException | None = field(compare=False, default=None)
+
+
+def _result(job: _Job):
+    """A job's result once it has run, or its error raised here."""
+    job.done.wait()
+    if job.error is not None:
+        raise job.error
+    return job.result
 
 
 def cuda_healthy(device: torch.device) -> Callable[[], bool]:
@@ -80,11 +98,7 @@ class DeviceWorker:
         """fn(*args) on the worker thread; returns its result or raises its exception here."""
         if threading.current_thread() is self._thread:  # a job that submits a job: run it in place
             return fn(*args)
-        job = self.submit(fn, *args, deadline=deadline, owner=owner)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
+        return _result(self.submit(fn, *args, deadline=deadline, owner=owner))
 
     def submit(self, fn: Callable, *args, deadline: float | None = None, owner: object = None) -> _Job:
         """Queue fn(*args) and return at once; the job's `done` is set when it has run (its result or error)."""
@@ -98,13 +112,22 @@ class DeviceWorker:
         return job
 
     def iterate(self, chunks: Iterator, owner: object = None, deadline: Callable[[], float | None] | None = None):
-        """Yield `chunks`' items, each produced by a job on the worker; `deadline()` gives each job's deadline."""
+        """Yield `chunks`' items, each produced by a job on the worker; `deadline()` gives each job's deadline. An
+        item that comes as `Later(item, then)` is yielded at once, and `then()` runs as a job of its own, which the
+        next item waits for (and raises for)."""
         self._owners[id(owner)] = owner
+        then = None
         try:
             while True:
-                item = self.run(next, chunks, _DONE, deadline=deadline() if deadline else None, owner=owner)
+                when = deadline() if deadline else None
+                if then is not None:
+                    _result(then)
+                item = self.run(next, chunks, _DONE, deadline=when, owner=owner)
                 if item is _DONE:
                     return
+                then = None
+                if isinstance(item, Later):
+                    item, then = item.item, self.submit(item.then, deadline=when, owner=owner)
                 yield item
         finally:
             self._owners.pop(id(owner), None)

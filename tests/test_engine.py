@@ -329,6 +329,29 @@ def test_later_pieces_wait_for_nothing_new(pipe, monkeypatch):
     assert len(pieces) > len(chunks) > 2 and len(waits) == len(chunks)
 
 
+def test_a_chunk_goes_out_before_the_next_chunks_work_is_launched(pipe, monkeypatch):
+    """Chunk c's frames reach the consumer before `ahead` launches chunk c+1's work, which on a GPU can hold the
+    launching thread for a while (benchmarks/RESULTS.md, 6 Dec): here each launch waits until the consumer holds the
+    chunk before it, which, had that chunk waited for the launch, would time out."""
+    uncompiled(monkeypatch)
+    cond, held, waits = threading.Condition(), set(), []
+    launch = ChunkEngine.ahead
+
+    def ahead(self, *args):
+        with cond:
+            waits.append(cond.wait_for(lambda: stream.index - 1 in held, timeout=5))
+        launch(self, *args)
+
+    monkeypatch.setattr(ChunkEngine, "ahead", ahead)
+    stream = pipe.stream(P, seed=5, compile=True, early_first_frame=False)
+    for _, c in zip(range(4), stream):
+        with cond:
+            held.add(c.index)
+            cond.notify_all()
+    stream.close()
+    assert len(waits) >= 2 and all(waits), waits
+
+
 @pytest.mark.parametrize("forget", [False, True])
 def test_fast_stream_equals_the_eager_stream(pipe, monkeypatch, forget):
     """Also with forget_on_switch: the switch lands on the boundary the engine had worked ahead of."""

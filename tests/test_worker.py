@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from longsana.worker import DeviceFailed, DeviceWorker
+from longsana.worker import DeviceFailed, DeviceWorker, Later
 
 
 class Overlap:
@@ -82,6 +82,39 @@ def test_earliest_deadline_first():
 def test_a_job_that_submits_a_job_runs_it_in_place():
     worker = DeviceWorker()
     assert worker.run(lambda: worker.run(lambda: 7) + 1) == 8
+
+
+def test_later_work_runs_once_its_item_is_out_and_before_the_next_item():
+    """An item that comes as Later(item, then) is handed out before `then` runs (here `then` waits until the consumer
+    holds the item: had the item waited for it, the wait would time out), and the next item is made after `then`."""
+    worker, log, held = DeviceWorker(), [], threading.Event()
+
+    def then(i):
+        log.append(("then", i, held.wait(timeout=5)))
+        held.clear()
+
+    def items():
+        for i in range(3):
+            log.append(("made", i))
+            yield Later(i, lambda i=i: then(i))
+
+    for i in worker.iterate(items()):
+        log.append(("got", i))
+        held.set()
+    assert log == [e for i in range(3) for e in [("made", i), ("got", i), ("then", i, True)]]
+
+
+def test_later_work_that_fails_raises_at_the_next_item():
+    worker = DeviceWorker()
+
+    def items():
+        yield Later(0, lambda: 1 / 0)
+        yield 1
+
+    it = worker.iterate(items())
+    assert next(it) == 0
+    with pytest.raises(ZeroDivisionError):
+        next(it)
 
 
 def test_admission_by_load():
