@@ -445,7 +445,9 @@ def bench_stages(pipe: Pipeline, a, hw) -> dict:
     pass + denoising passes, graph-replayed on a GPU), the VAE decode to uint8 frames on the device (as the stream
     runs it; of which the uint8 conversion, timed alone on a video of the same size), and the copy of the frames to
     pinned host memory. Their sum is a chunk's serial time: what the stream takes without overlapping the decode
-    with the next chunk's transformer work."""
+    with the next chunk's transformer work. Also how long the transformer step's launch held the host (`launch_s`,
+    of `transformer_s`): a graph replay is meant to return at once; a launch that waits keeps the stream's frames
+    and the device worker's other jobs waiting too."""
     m, dev, vae = pipe.model, pipe.device, pipe.vae
     accelerate(vae.decoder, compile=dev.type == "cuda")  # as make_step does
     timesteps = tuple(map(float, pipe.spec.denoise_timesteps))
@@ -453,12 +455,14 @@ def bench_stages(pipe: Pipeline, a, hw) -> dict:
     dec = StreamingDecoder(vae, a.height, a.width, max_latent_frames_per_call=a.vae_frames_per_call)
     text = pipe.prompts.get(PROMPTS[0], pipe.spec.motion_score).ctx
     stages: dict[str, list[float]] = {"transformer": [], "decode": [], "host copy": []}
+    launch = []
     warm = 3  # the first chunk's length, then the steady one's first use and graph capture
     pending, pos = None, 0
     for i in range(warm + a.reps):
         n = a.chunk + (1 if i == 0 else 0)
         t = [time.perf_counter()]
         x0 = engine.denoise(text, n, pos, 300 + i, pending)
+        launched = time.perf_counter()
         sync(dev)
         t.append(time.perf_counter())
         frames = dec.decode(x0)
@@ -468,6 +472,7 @@ def bench_stages(pipe: Pipeline, a, hw) -> dict:
         host.copy_(frames)
         t.append(time.perf_counter())
         if i >= warm:
+            launch.append(launched - t[0])
             for key, t0, t1 in zip(stages, t, t[1:]):
                 stages[key].append(t1 - t0)
         pending, pos = (x0, pos), pos + n
@@ -475,12 +480,13 @@ def bench_stages(pipe: Pipeline, a, hw) -> dict:
                        dtype=vae.dtype) * 2 - 1
     uint8 = timed(lambda: to_uint8(video), pipe.vae_device, 2, a.reps)["median_s"]
     r = {f"{key.replace(' ', '_')}_s": statistics.median(ts) for key, ts in stages.items()}
-    r |= dict(uint8_s=uint8, serial_s=sum(r.values()), frames=vae.cfg.temporal_stride * a.chunk)
+    r |= dict(uint8_s=uint8, serial_s=sum(r.values()), launch_s=statistics.median(launch),
+              frames=vae.cfg.temporal_stride * a.chunk)
     r["serial_fps"] = r["frames"] / r["serial_s"]
     print(f"## stages of a steady chunk ({r['frames']} frames), each alone, medians of {a.reps}: "
           + ", ".join(f"{key} {r[key.replace(' ', '_') + '_s'] * 1e3:.1f} ms" for key in stages)
-          + f" (of the decode, the uint8 conversion {uint8 * 1e3:.1f} ms); serial {r['serial_s'] * 1e3:.1f} ms = "
-          f"{r['serial_fps']:.1f} FPS")
+          + f" (of the transformer, its launch held the host {r['launch_s'] * 1e3:.1f} ms; of the decode, the uint8"
+          f" conversion {uint8 * 1e3:.1f} ms); serial {r['serial_s'] * 1e3:.1f} ms = {r['serial_fps']:.1f} FPS")
     return r
 
 

@@ -27,6 +27,7 @@ def test_fps(tmp_path):
     st = res["stages"]  # where a chunk's time goes: every stage took time, and the serial time is their sum
     assert all(st[k] > 0 for k in ("transformer_s", "decode_s", "host_copy_s", "uint8_s"))
     assert st["serial_s"] == st["transformer_s"] + st["decode_s"] + st["host_copy_s"]
+    assert 0 < st["launch_s"] <= st["transformer_s"]  # (on the CPU the step computes as it is called)
     assert res["fp8"]["step"]["max_x0_err"] < 1e-2  # the FP8 fast step against the FP8 eager step
     fp32, fp8 = res["accuracy"]["fp32"], res["accuracy"]["fp8"]  # on the CPU the benchmark's own model is fp32
     assert max(fp32) == 0 and 0 < max(fp8) < 0.1  # FP8's error against fp32 is reported, and it is FP8's size
