@@ -284,11 +284,15 @@ class Stream:
         return self.cue.seq
 
     # -- control (any thread) -------------------------------------------------------------------------------
-    def set_prompt(self, prompt: str, at_frame: int | None = None, transition_frames: int | None = None) -> int:
+    def set_prompt(self, prompt: str, at_frame: int | None = None, transition_frames: int | None = None,
+                   not_before: int | None = None) -> int:
         """Switch to `prompt`. at_frame: the video frame on screen; the switch lands on the first latent boundary
         at least the lead (`StreamSettings.switch_lead`) after it, and frames made from there on are dropped (the
-        next chunk starts there). None: at the next chunk boundary. transition_frames: video frames over which the
-        conditioning moves from the old prompt to the new (default `StreamSettings.transition_frames`).
+        next chunk starts there). None: at the next chunk boundary. not_before: the first video frame the switch may
+        replace, where the consumer has committed to frames past the screen (a server's encoder: the frames it took
+        play as they are); the new frames are made while those play, so it is a floor, not added to the lead.
+        transition_frames: video frames over which the conditioning moves from the old prompt to the new (default
+        `StreamSettings.transition_frames`).
         Returns the request's id, which the chunks made after it carry (`Chunk.request`). Raises ValueError for a
         bad prompt. Returns without waiting for the device: the prompt is checked here (tokenized) and its encoding
         queued on the device worker, where it runs as soon as the job under way ends (a chunk's work can hold the
@@ -300,7 +304,10 @@ class Stream:
         self.pipe.text.tokenize(prompt, self.settings.motion_score)
         # (should the encoding fail, the switch's chunk encodes the prompt again and raises in the stream's consumer)
         self.pipe.worker.submit(self._encode, prompt)
-        at = None if at_frame is None else latent_at_or_after(at_frame + self.lead_frames(asked), self.stride)
+        if at_frame is None:
+            at = None
+        else:
+            at = latent_at_or_after(max(at_frame + self.lead_frames(asked), not_before or 0), self.stride)
         return self._ask(at, prompt, n)
 
     def rewind(self, seconds: float, at_frame: int | None = None) -> float:

@@ -213,10 +213,12 @@ class _Host:
         chunk = next(chunks, None)
         return None if chunk is None else dataclasses.replace(chunk, frames=block.put(chunk.frames))
 
-    def _set_prompt(self, sid: int, prompt: str, at_frame: int | None, transition_frames: int | None) -> tuple:
+    def _set_prompt(self, sid: int, prompt: str, at_frame: int | None, transition_frames: int | None,
+                    not_before: int | None) -> tuple:
         """(the request's id, where it lands): the session asks for both, so they come in one reply."""
         stream = self._open(sid)[0]
-        request = stream.set_prompt(prompt, at_frame=at_frame, transition_frames=transition_frames)
+        request = stream.set_prompt(prompt, at_frame=at_frame, transition_frames=transition_frames,
+                                    not_before=not_before)
         return request, stream.landing(request)
 
     def _rewind(self, sid: int, seconds: float, at_frame: int | None) -> float:
@@ -520,8 +522,9 @@ class RemoteStream:
                 raise
             raise WorkerDied(self._worker.failure) from None
 
-    def set_prompt(self, prompt: str, at_frame: int | None = None, transition_frames: int | None = None) -> int:
-        self._landing = self._worker.call("set_prompt", self._sid, prompt, at_frame, transition_frames)
+    def set_prompt(self, prompt: str, at_frame: int | None = None, transition_frames: int | None = None,
+                   not_before: int | None = None) -> int:
+        self._landing = self._worker.call("set_prompt", self._sid, prompt, at_frame, transition_frames, not_before)
         return self._landing[0]
 
     def landing(self, request: int) -> int | None:

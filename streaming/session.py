@@ -7,15 +7,16 @@ Back-pressure runs right to left: the pacer takes a frame only when it is due, t
 the producer asks the generator for chunk c+1 only once chunk c has started playing. The generator is therefore
 one chunk ahead of the screen at most.
 
-A new prompt names the frame it starts from: the next frame the encoder will take (a rewind: the frame on screen).
-The generator lands the switch a lead after it (longsana/stream.py: the time to make the new frames) and goes back
-if it had made frames past that point; the producer is let go at once, so the generator starts on it now rather
-than when the chunk in hand starts playing. A chunk that starts before the end of what was handed over is such a
-cut: frames from its start on that are still queued, or not yet encoded, are dropped, so the video goes on from
-the frame on screen with no jump and no repeat. Frames already encoded are never dropped (the H.264 stream's
-references stay whole), so the encoder holds at a switch's landing frame until the new frames come: where the
-lead was too short, the viewer waits there (a stall) rather than seeing old frames that the new ones would then
-replace under the same indices. (A rewind goes back on purpose: the few frames encoded past its point play first.)
+A new prompt names the frame on screen and the first frame the encoder has surely not taken (a rewind: the frame on
+screen). The generator lands the switch a lead after the first (longsana/stream.py: the time to make the new frames,
+while the screen plays on through the frames already encoded), not before the second, and goes back if it had made
+frames past that point; the producer is let go at once, so the generator starts on it now rather than when the chunk
+in hand starts playing. A chunk that starts before the end of what was handed over is such a cut: frames from its
+start on that are still queued, or not yet encoded, are dropped, so the video goes on from the frame on screen with
+no jump and no repeat. Frames already encoded are never dropped (the H.264 stream's references stay whole), so the
+encoder holds at a switch's landing frame until the new frames come: where the lead was too short, the viewer waits
+there (a stall) rather than seeing old frames that the new ones would then replace under the same indices. (A rewind
+goes back on purpose: the few frames encoded past its point play first.)
 
 Timestamps: frames are released every `step` seconds and their pts advance by exactly `step`, so the browser's
 jitter buffer sees a steady source. `step` is the video's 1/fps, or the measured generation time per frame when the
@@ -372,7 +373,9 @@ class Session:
                 return None
             stream = self._stream
         frames = None if transition is None else round(transition * self.fps)
-        request = stream.set_prompt(prompt, at_frame=self._encoded, transition_frames=frames)
+        # (the encoder may be taking frame _encoded now: the first it has surely not taken is the one after)
+        request = stream.set_prompt(prompt, at_frame=self._shown, transition_frames=frames,
+                                    not_before=self._encoded + 1)
         if (landing := stream.landing(request)) is not None:
             with self._cut:
                 self._holds.append((request, landing))

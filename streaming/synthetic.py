@@ -107,15 +107,16 @@ class SyntheticStream:
             frames[i, :, x:x + bar] = 255
         return frames
 
-    def set_prompt(self, prompt: str, at_frame: int | None = None, transition_frames: int | None = None) -> int:
-        """The generator's contract (longsana/stream.py): the switch lands `switch_lead` frames after `at_frame`
-        (without a lead, or without at_frame: at the next chunk). Returns the request's id, which the chunks made
-        after it carry."""
+    def set_prompt(self, prompt: str, at_frame: int | None = None, transition_frames: int | None = None,
+                   not_before: int | None = None) -> int:
+        """The generator's contract (longsana/stream.py): the switch lands `switch_lead` frames after `at_frame`,
+        and not before `not_before` (without a lead, or without at_frame: at the next chunk). Returns the request's
+        id, which the chunks made after it carry."""
         check_prompt(prompt)
         lead = self._pipe.switch_lead
         with self._lock:
             self._requests += 1
-            self._pending = prompt, None if lead is None or at_frame is None else at_frame + lead
+            self._pending = prompt, None if lead is None or at_frame is None else max(at_frame + lead, not_before or 0)
             self._landing = self._requests, self._pending[1]
             return self._requests
 

@@ -237,6 +237,18 @@ def test_the_lead_moves_the_switch_later(pipe):
     assert auto.lead_frames(since=time.perf_counter() - 1.0) >= int(np.ceil(LEAD_MARGIN * made)) + auto.fps - 1
 
 
+def test_a_switch_lands_the_lead_after_the_screen_and_not_before_committed_frames(pipe):
+    """not_before (the first frame a switch may replace: a server's encoder has taken the frames before it) is a
+    floor under the landing, not added to the lead: the new frames are made while those frames play."""
+    stream = pipe.stream(P, seed=SEED, switch_lead=0.25)  # 4 frames
+    a = stream.set_prompt(Q, at_frame=18, not_before=20)  # 18 + 4 = 22 (not 20 + 4): latent 7, frame 25
+    b = stream.set_prompt(R, at_frame=30, not_before=39)  # 30 + 4 = 34 < 39: latent 11, frame 41
+    assert (stream.landing(a), stream.landing(b)) == (25, 41)
+    assert [video_frame(latent_at_or_after(f)) for f in (22, 39)] == [25, 41]
+    stream.close()
+    pipe.worker.run(lambda: None)  # after the prompts' encodings, queued by set_prompt
+
+
 def test_a_rewind_after_a_switch_splits_again_and_is_deterministic(pipe):
     """After the switch (chunk 3 = latents [6, 8), frames 21..28), a rewind of 0.3 s from frame 32 goes to 27.2:
     latent 7 (frame 25), inside chunk 3, whose prompt (Q) goes on. The same schedule gives the same frames."""
