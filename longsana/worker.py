@@ -119,9 +119,9 @@ class DeviceWorker:
         then = None
         try:
             while True:
-                when = deadline() if deadline else None
                 if then is not None:
                     _result(then)
+                when = deadline() if deadline else None  # (asked now: the wait above may have been long)
                 item = self.run(next, chunks, _DONE, deadline=when, owner=owner)
                 if item is _DONE:
                     return
