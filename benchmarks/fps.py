@@ -40,7 +40,6 @@ import gc
 import importlib.util
 import itertools
 import json
-import os
 import statistics
 import time
 import traceback
@@ -52,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from longsana.benchmarks.vae import bench_diffusers as vae_diffusers
 from longsana.benchmarks.vae import bench_ours as vae_ours
 from longsana.benchmarks.vae import ceilings, decoder_cost, gb, sync, timed
-from longsana.cli import CUDA_ALLOC_CONF
+from longsana.cli import set_process_defaults
 from longsana.config import get_config
 from longsana.engine import ChunkEngine
 from longsana.fast_vae import accelerate, default_layout
@@ -653,7 +652,7 @@ def tune_kernels() -> dict:
 
 
 def main(argv=None) -> dict:
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # as `longsana bench` runs it
+    set_process_defaults()  # as `longsana bench` runs: set before CUDA or cuBLAS first loads
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny config and size: a smoke test for any machine")
     p.add_argument("--chunks", type=int, default=240, help="steady-state chunks of the stream (240 = 10 min video)")

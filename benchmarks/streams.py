@@ -33,7 +33,7 @@ import time
 import torch
 
 from longsana.benchmarks.fps import PROMPTS, build
-from longsana.cli import CUDA_ALLOC_CONF
+from longsana.cli import set_process_defaults
 
 REAL_TIME_MARGIN = 1.0  # a stream is real time at >= fps frames a second
 PACED_SLACK = 0.97  # a paced stream keeps up at >= this share of fps (its measured rate jitters around fps)
@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="also write the result to this file")
     argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # as `longsana serve` runs it
+    set_process_defaults()  # as `longsana serve` runs: set before CUDA or cuBLAS first loads
     if a.rounds:
         return serve_rounds(a)
     if a.gpus:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import itertools
 import statistics
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from longsana.benchmarks.fps import PROMPTS, build
-from longsana.cli import CUDA_ALLOC_CONF
+from longsana.cli import set_process_defaults
 from longsana.stream import Pipeline
 from longsana.streaming.guide import DEMO_EXAMPLES
 
@@ -162,7 +161,7 @@ def p95(xs) -> float:
 
 
 def main(argv=None) -> dict:
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # as `longsana serve` runs it
+    set_process_defaults()  # as `longsana serve` runs: set before CUDA or cuBLAS first loads
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="the tiny random model (a smoke test)")
     p.add_argument("--full", action="store_true", help="LongSANA 2B / 480p with random weights (a GPU)")

@@ -2,8 +2,9 @@
 so `longsana --help` stays fast and a missing optional piece never breaks the others.
 
 Two things are done here, once, for every subcommand:
-  - the process settings that native libraries read only when they load (the CUDA allocator's, the CPU thread
-    policy) are set before the subcommand's module, and with it torch, is imported; a user's own setting wins;
+  - the process settings that native libraries read only when they load (the CUDA allocator's, cuBLAS's
+    workspace, the CPU thread policy) are set before the subcommand's module, and with it torch, is imported; a
+    user's own setting wins;
   - the errors that library code raises for bad input (ValueError, CheckpointError, OSError: a file that is
     missing, unreadable, unwritable) become one line of error and exit status 1, not a traceback.
 """
@@ -19,6 +20,13 @@ import click
 # and pinned host memory registered by 8 threads halves the time to allocate a stream's rewind points (2 GB each at
 # 480p: 1.15 -> 0.62 s on an H100 host).
 CUDA_ALLOC_CONF = "expandable_segments:True,pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
+
+# Read when cuBLAS first runs: no workspace. With one, cuBLAS splits the reduction of GEMMs such as a pass's
+# 15,600 x 2240 x 2240 and zeroes the workspace with a memset first; in a CUDA graph the driver's launch waits on
+# memset nodes, so the launch of a chunk's graph (1,199 memsets beside 3,600 kernels) held the host about 350 ms of
+# its 610 ms on an H100. Without: 105 memsets (cuDNN's attention), the launch returns in 0.5 ms and the graph runs
+# as fast (615 against 648 ms; benchmarks/RESULTS.md, 6 Dec).
+CUBLAS_WORKSPACE = ":0:0"
 
 # What library code raises for bad input (CheckpointError and UnicodeError are ValueErrors).
 INPUT_ERRORS = (ValueError, OSError)
@@ -37,8 +45,9 @@ def cpu_threads() -> int:
 
 
 def process_defaults() -> dict[str, str]:
-    """Settings read once, when torch (its OpenMP runtime) or CUDA's allocator loads."""
-    return {"PYTORCH_CUDA_ALLOC_CONF": CUDA_ALLOC_CONF, "OMP_NUM_THREADS": str(cpu_threads())}
+    """Settings read once, when torch (its OpenMP runtime), CUDA's allocator or cuBLAS loads."""
+    return {"PYTORCH_CUDA_ALLOC_CONF": CUDA_ALLOC_CONF, "CUBLAS_WORKSPACE_CONFIG": CUBLAS_WORKSPACE,
+            "OMP_NUM_THREADS": str(cpu_threads())}
 
 # name -> "module:click_command"; a new subcommand is one line here.
 COMMANDS: dict[str, str] = {

@@ -35,10 +35,11 @@ endless stream has them compiled before its first frame (`prepare`), so that no 
 (tens of seconds at full size: a stall in the video, or a frozen first switch). The first use of each step variant
 (which pending slot, which output slot, n) runs for real, so the first chunk of a stream pays no capture; the second
 runs on the capture stream, which warms it up, and is then captured as a CUDA graph (a one-time host
-synchronisation); later uses replay it: one launch, no host synchronisation asked for. (Yet on an H100 the launch of
-a 10-frame chunk's graph returned only after about 350 ms of its 610 ms: the driver waits on graphs with memset nodes,
-and these have 1,199 beside 3,600 kernels; benchmarks/RESULTS.md, 6 Dec.) Compiled blocks fuse elementwise work,
-so the results agree with the eager path within bf16 rounding, not bitwise.
+synchronisation); later uses replay it: one launch that returns at once, provided the graph has few memset nodes:
+the driver's launch waits on those, and with cuBLAS's default workspace every split GEMM adds one (1,199 in a
+10-frame chunk's graph on an H100, whose launch then held the host about 350 ms of 610). The command's process
+settings give cuBLAS no workspace (cli.py); the engine warns where they are missing. Compiled blocks fuse elementwise
+work, so the results agree with the eager path within bf16 rounding, not bitwise.
 
 Overlap: the VAE decode of chunk c runs on a second, high-priority CUDA stream (`SideStream`), and the stream calls
 `ahead` with chunk c+1's arguments before it waits for c's frames, so c+1's transformer work fills the GPU while c
@@ -53,12 +54,15 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import warnings
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .cli import CUBLAS_WORKSPACE
 from .model import Block, LongSANATransformer, State, TextKV
 from .sampling import bf16_round, sample_chunk
 from .step import Pending, SideStream
@@ -120,6 +124,10 @@ class ChunkEngine:
         self.graphs = cuda if graphs is None else graphs
         if self.graphs and not cuda:
             raise ValueError("CUDA graphs need the model on a CUDA device")
+        if self.graphs and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+            warnings.warn(f"CUBLAS_WORKSPACE_CONFIG is not set: each chunk's launch will hold this thread for about "
+                          f"half the chunk's work. Set it to {CUBLAS_WORKSPACE!r} before CUDA's first use, as the "
+                          f"longsana command does (longsana/cli.py says why)", stacklevel=2)
         self.block = compile_block() if (cuda if compile is None else compile) else None
         if not timesteps:
             raise ValueError("the engine needs at least one timestep")

@@ -1,7 +1,14 @@
 """Suite-wide settings."""
 
+import os
+
 import pytest
 import torch
+
+from longsana.cli import CUBLAS_WORKSPACE
+
+# The GPU tests' GEMMs as the command runs them (cli.py): read when cuBLAS first runs.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
 
 
 @pytest.fixture(scope="session", autouse=True)

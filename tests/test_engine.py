@@ -10,6 +10,9 @@ rounding. The CUDA tests (skipped without a GPU) check graph replays against the
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,6 +23,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.testing import CompileCounter
 
 from longsana import engine as engine_mod
+from longsana.cli import set_process_defaults
 from longsana.config import get_config
 from longsana.engine import ChunkEngine
 from longsana.fp8 import to_fp8
@@ -502,3 +506,44 @@ def take_chunks(stream, n):
     out = [next(it) for _ in range(n)]
     stream.close()
     return out
+
+
+# A graph of one GEMM at a pass's own shape (a chunk's 15,600 tokens, dim 2240, bf16), captured in a fresh process;
+# prints how many of its nodes are memsets (the driver's node types: 2 = memset).
+MEMSETS_OF_A_GEMM = """
+import ctypes, torch, torch.nn.functional as F
+x = torch.randn(15600, 2240, device="cuda", dtype=torch.bfloat16)
+w = torch.randn(2240, 2240, device="cuda", dtype=torch.bfloat16)
+F.linear(x, w)
+g = torch.cuda.CUDAGraph(keep_graph=True)
+with torch.cuda.graph(g):
+    F.linear(x, w)
+cuda, n = ctypes.CDLL("libcuda.so.1"), ctypes.c_size_t(0)
+cuda.cuGraphGetNodes(ctypes.c_void_p(g.raw_cuda_graph()), None, ctypes.byref(n))
+nodes = (ctypes.c_void_p * n.value)()
+cuda.cuGraphGetNodes(ctypes.c_void_p(g.raw_cuda_graph()), nodes, ctypes.byref(n))
+kinds = [ctypes.c_int(-1) for _ in nodes]
+for node, kind in zip(nodes, kinds):
+    assert cuda.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind)) == 0
+print(n.value, sum(k.value == 2 for k in kinds))
+"""
+
+
+@needs_cuda
+def test_the_process_settings_keep_cublas_memsets_out_of_the_graphs():
+    """cuBLAS zeroes its workspace with a memset before a GEMM whose reduction it splits, and a CUDA graph's launch
+    waits on memset nodes (a chunk's graph held the host for most of its run). The CLI's process settings give cuBLAS
+    no workspace: no memset nodes. Without them this GEMM has one, which shows that the test looks at the cause."""
+    def nodes(env):
+        out = subprocess.run([sys.executable, "-c", MEMSETS_OF_A_GEMM], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return tuple(map(int, out.stdout.split()))
+
+    bare = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    ours = dict(bare)
+    set_process_defaults(ours)
+    total, memsets = nodes(bare)
+    assert total > 0 and memsets > 0, (total, memsets)
+    total, memsets = nodes(ours)
+    assert total > 0 and memsets == 0, (total, memsets)
