@@ -24,8 +24,8 @@ CUDA_ALLOC_CONF = "expandable_segments:True,pinned_use_cuda_host_register:True,p
 # Read when cuBLAS first runs: no workspace. With one, cuBLAS splits the reduction of GEMMs such as a pass's
 # 15,600 x 2240 x 2240 and zeroes the workspace with a memset first; in a CUDA graph the driver's launch waits on
 # memset nodes, so the launch of a chunk's graph (1,199 memsets beside 3,600 kernels) held the host about 350 ms of
-# its 610 ms on an H100. Without: 105 memsets (cuDNN's attention), the launch returns in 0.5 ms and the graph runs
-# as fast (615 against 648 ms; benchmarks/RESULTS.md, 6 Dec).
+# its 610 ms on an H100. Without: 105 memsets (probably cuDNN's attention), the launch returns in 0.5 ms and the
+# graph runs as fast (606-643 ms against 648 ms; benchmarks/RESULTS.md, 6 Dec).
 CUBLAS_WORKSPACE = ":0:0"
 
 # What library code raises for bad input (CheckpointError and UnicodeError are ValueErrors).
