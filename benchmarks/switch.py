@@ -97,8 +97,9 @@ class Viewer:
             if not prompt_cache:
                 stream.pipe.prompts.clear()  # the stream keeps the entry in force; the new one is encoded
             rid = stream.set_prompt(prompt, at_frame=k)
-            switches.append({"id": rid, "t": t, "frame": k, "lead": stream.lead_frames(), "prompt": prompt,
-                             "call_s": time.perf_counter() - t})
+            call_s, (_, busy, new) = time.perf_counter() - t, stream.lead_terms()
+            switches.append({"id": rid, "t": t, "frame": k, "lead": stream.landing(rid) - k, "busy_s": busy,
+                             "new_s": new, "prompt": prompt, "call_s": call_s})
             self.release()
             print(f"  switched at frame {k} ({len(switches)} of {len(switch_at)})", flush=True)
 
@@ -225,7 +226,8 @@ def main(argv=None) -> dict:
     holds = colours_hold(viewer, played["switches"]) if name == "demo" else [None] * len(played["switches"])
     for s, hold in zip(played["switches"], holds):
         handed, shown = viewer.handed.get(s["id"]), viewer.shown.get(s["id"])
-        rows.append({"frame": s["frame"], "lead": s["lead"], "call_s": s["call_s"],
+        rows.append({"frame": s["frame"], "lead": s["lead"], "busy_s": s["busy_s"], "new_s": s["new_s"],
+                     "call_s": s["call_s"],
                      "handed_s": None if handed is None else handed - s["t"],
                      "screen_s": None if shown is None else shown - s["t"], "colours": hold})
     done = [r for r in rows if r["screen_s"] is not None]
@@ -240,7 +242,8 @@ def main(argv=None) -> dict:
         colours = "" if name != "demo" else ", colours hold " + ("never" if r["colours"] is None else
                                                                f"{r['colours'][0]:.3f} s ({r['colours'][1]} frames "
                                                                "after the first new one)")
-        print(f"switch {i:2d} at frame {r['frame']:5d}: lead {r['lead']:3d} frames, set_prompt {r['call_s']:.3f} s, "
+        print(f"switch {i:2d} at frame {r['frame']:5d}: lands {r['lead']:3d} frames on (work under way "
+              f"{r['busy_s']:.2f} s, a switch's first frames {r['new_s']:.2f} s), set_prompt {r['call_s']:.3f} s, "
               f"handed out {r['handed_s'] if r['handed_s'] is None else round(r['handed_s'], 3)} s, on screen "
               f"{r['screen_s'] if r['screen_s'] is None else round(r['screen_s'], 3)} s{colours}")
     res = {"bench": "switch", "model": name, "device": device.type, "chunk_frames": chunk, "fps": fps,

@@ -342,10 +342,16 @@ class Stream:
         measured lead adds."""
         lead = self.settings.switch_lead
         if lead is None:
-            now = time.perf_counter()
-            new = statistics.median(self._switch_seconds or self._chunk_seconds or [0.0])
-            lead = (0.0 if since is None else now - since) + self._busy(now) + LEAD_MARGIN * new
+            moved, busy, new = self.lead_terms(since)
+            lead = moved + busy + LEAD_MARGIN * new
         return math.ceil(lead * self.fps)
+
+    def lead_terms(self, since: float | None = None) -> tuple[float, float, float]:
+        """The measured lead's terms, in seconds: how far the screen moved on since `since`, what is left of the work
+        under way, and the median time to a switch's first frames (which the lead scales by LEAD_MARGIN)."""
+        now = time.perf_counter()
+        new = statistics.median(self._switch_seconds or self._chunk_seconds or [0.0])
+        return (0.0 if since is None else now - since), self._busy(now), new
 
     def _busy(self, now: float) -> float:
         """Seconds left of the device work under way for this stream: the median time the last chunks took, less the
