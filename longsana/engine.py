@@ -55,6 +55,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import statistics
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -73,6 +75,7 @@ from .vae import StreamingDecoder
 COMPILE_OPTIONS: dict = dict(dynamic=False)
 _COMPILED: dict[tuple, object] = {}  # compiled functions by (function, options): a new one would compile anew
 RECOMPILE_LIMIT = 64  # graphs per compiled function: (chunk length, pass kind) per resolution; the VAE's norm shapes
+AHEAD_TIMES = 5  # the works started ahead whose GPU times `work_left` takes the median of
 
 
 def compiled(fn):
@@ -136,6 +139,8 @@ class ChunkEngine:
         self.state = model.new_state(batch, *latent_hw, device=self.device)
         self._before = model.new_state(batch, *latent_hw, device=self.device)  # the boundary, while work runs ahead
         self._ahead: tuple[tuple, torch.Tensor] | None = None  # (denoise arguments, x0) of the work started ahead
+        self._running: tuple | None = None  # the last work started ahead: CUDA events at its start and end, launch time
+        self._ahead_seconds: tuple[float, ...] = ()  # GPU times of the last AHEAD_TIMES of them
         self.side = SideStream(vae_device or self.device, self.device)  # the decodes: on the VAE's device
         self.main = torch.cuda.Stream(self.device) if cuda else None  # this step's own CUDA stream
         self._landed: torch.cuda.Event | None = None  # the last download's copy to the host
@@ -168,12 +173,39 @@ class ChunkEngine:
         so that the work can be taken back if the next chunk turns out different (a new prompt, a rewind)."""
         self.cancel()
         self._before.copy_(self.state)
+        self._time_ahead()
+        began = self._mark()
         self._ahead = (text, n, pos, seed, pending), self._launch(text, n, pos, seed, pending)
+        if began is not None:
+            self._running = began, self._mark(), time.perf_counter()
 
     def cancel(self) -> None:
         if self._ahead is not None:
             self.state.copy_(self._before)
             self._ahead = None
+
+    def work_left(self) -> float:
+        """The median GPU time of the last works started ahead less the time since this one's launch; 0 once the
+        device has passed its end (a CUDA event), or before any has been timed (on a CPU it is done at its launch)."""
+        run, times = self._running, self._ahead_seconds
+        if run is None or not times or run[1].query():
+            return 0.0
+        return max(statistics.median(times) - (time.perf_counter() - run[2]), 0.0)
+
+    def _mark(self) -> torch.cuda.Event | None:
+        """A timing event recorded on the current CUDA stream (None on a CPU)."""
+        if self.main is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _time_ahead(self) -> None:
+        """Keep the GPU time of the last work started ahead, if it has finished."""
+        if self._running is not None and self._running[1].query():
+            began, end, _ = self._running
+            self._ahead_seconds = (*self._ahead_seconds[1 - AHEAD_TIMES:], began.elapsed_time(end) / 1e3)
+            self._running = None
 
     @property
     def nbytes(self) -> int:

@@ -108,6 +108,9 @@ class ChunkStep(Protocol):
     def cancel(self) -> None:
         """Forget work started ahead, putting the state back to the last boundary (before a rewind)."""
 
+    def work_left(self) -> float:
+        """Seconds of the work started ahead still to run on the device, estimated; 0 when none is (any thread)."""
+
     def prepare(self, text: TextKV, n: int) -> None:
         """A hint: chunks of n latent frames will come (a step may get ready for them now, e.g. compile)."""
 
@@ -165,6 +168,9 @@ class EagerStep:
 
     def cancel(self) -> None:
         pass
+
+    def work_left(self) -> float:
+        return 0.0
 
     def prepare(self, text: TextKV, n: int) -> None:
         pass  # nothing to compile

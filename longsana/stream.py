@@ -263,8 +263,7 @@ class Stream:
         self._blend: tuple[tuple, TextKV] | None = None  # the last transition's mixed prompt, by (prev, prompt, w)
         self._chunk_seconds: deque[float] = deque(maxlen=5)  # time to make the last chunks (the switch lead)
         self._switch_seconds: deque[float] = deque(maxlen=5)  # and the last chunks that started a switch
-        self._busy_since: float | None = None  # when the device work under way for this stream began (None: idle)
-        self._next_started = False  # whether the chunk handed out last has the next chunk's work started after it
+        self._busy_since: float | None = None  # when the consumer asked for the chunk being made (None: none is)
         self.index = 0  # next chunk
         self.frame0 = 0  # its first latent frame (absolute)
         self.decoded = 0  # latent frames the VAE's cache has seen
@@ -335,9 +334,9 @@ class Stream:
         """Video frames from the frame on screen to the earliest a switch can land on: `switch_lead`, or the time
         to make the new frames: what is left of the work under way, then LEAD_MARGIN times the median time the last
         chunks that started a switch took to their first frames (the split's re-decode included; of the last chunks
-        until one has): a median, as one slow chunk on a busy machine would hold back every switch after it; a
-        margin, for the spread. That time includes any work under way when the switch's chunk was asked for, which
-        the first term counts too (docs/architecture.md, "Switches and rewinds on any frame", says why it stays).
+        until one has), less the work that was under way when they were asked for, which the first term counts: a
+        median, as one slow chunk on a busy machine would hold back every switch after it; a margin, for the spread
+        and for the chunk after a switch's, which is made while the switch's plays.
         since: when (time.perf_counter()) that frame was on screen; the screen has moved on from it since, which a
         measured lead adds."""
         lead = self.settings.switch_lead
@@ -354,11 +353,11 @@ class Stream:
         return (0.0 if since is None else now - since), self._busy(now), new
 
     def _busy(self, now: float) -> float:
-        """Seconds left of the device work under way for this stream: the median time the last chunks took, less the
-        time since it began; 0 when idle."""
-        if self._busy_since is None or not self._chunk_seconds:
-            return 0.0
-        return max(statistics.median(self._chunk_seconds) - (now - self._busy_since), 0.0)
+        """Seconds left of the device work under way for this stream: of a chunk asked for, the median time the last
+        chunks took less the time since; else of the work the step started ahead (its own estimate); 0 when idle."""
+        if self._busy_since is not None and self._chunk_seconds:
+            return max(statistics.median(self._chunk_seconds) - (now - self._busy_since), 0.0)
+        return self.step.work_left()
 
     def close(self) -> None:
         with self._lock:
@@ -386,6 +385,7 @@ class Stream:
         and any wait for the device behind other streams), summed over its pieces and carried, with the frames it
         covers (gen_frames), on its last piece; 0 on the others."""
         asked = self._busy_since = time.perf_counter()
+        busy = 0.0  # the device work under way when the consumer asked, which a switch's chunk waits for first
         deadline = lambda: self.deadline and self.deadline()  # noqa: E731 (set by the consumer at any time)
         for chunk, first, last in self.pipe.worker.iterate(self._chunks(), owner=self, deadline=deadline):
             self.step.finish()  # the frames' copy to the host, waited for here: the worker serves others meanwhile
@@ -395,15 +395,15 @@ class Stream:
             spent, frames = spent + waited, frames + len(chunk.frames)
             if last:
                 chunk.gen_seconds, chunk.gen_frames = spent, frames
-                if switch:
-                    self._switch_seconds.append(first_wait)  # the lead counts the time to a switch's first frames
+                if switch:  # the time to a switch's own first frames: the lead counts the work under way apart
+                    self._switch_seconds.append(max(first_wait - busy, 0.0))
                 else:
-                    self._chunk_seconds.append(spent)  # and a chunk's (the work under way)
-                # idle until asked again, unless the next chunk's work was started ahead (on the device still)
-                self._busy_since = time.perf_counter() if self._next_started else None
+                    self._chunk_seconds.append(spent)  # and a chunk's, while one is asked for
+                self._busy_since = None  # until asked again, only work the step started ahead runs on
             yield chunk
             asked = time.perf_counter()
             if last:
+                busy = self._busy(asked)
                 self._busy_since = asked
 
     def _chunks(self):
@@ -428,7 +428,7 @@ class Stream:
             self.pending = (x0, pos)
             index, a = self.index, self.frame0
             self.index, self.frame0 = index + 1, a + n
-            first, self._next_started = True, False
+            first = True
             while not self._closed and (end := self._decode_end(a, a + n)) > self.decoded:  # (asked each piece)
                 # up to a switch or rewind landing inside the chunk, the rest goes out as one piece: the next chunk
                 # starts there, and pieces handed out one by one would each wait for the screen first
@@ -442,7 +442,6 @@ class Stream:
                             and not self._due()):
                         m = self._chunk_len()  # overlap the decode with the next chunk's work
                         ahead = self._text(m), m, self._position(), self._seed(), self.pending
-                        self._next_started = True
                     frames = self.step.download(frames)
                 start, self.decoded = self.video_frame(self.decoded), e
                 item = Chunk(frames, index, start, self.cue.prompt, self.cue.seq, 0.0, self.request), first, e == end

@@ -270,6 +270,7 @@ def schedule(pipe, compile, **settings):
     for i in range(6):
         out.append(next(it))
         if i == 1:
+            pipe.worker.run(lambda: None)  # the next chunk's work is launched first (worker.Later): the switch undoes it
             stream.set_prompt(Q)
         if i == 3:
             stream.rewind(len(out[3].frames) / stream.fps)  # to the start of chunk 3
@@ -506,6 +507,36 @@ def take_chunks(stream, n):
     out = [next(it) for _ in range(n)]
     stream.close()
     return out
+
+
+@needs_cuda
+def test_the_engine_times_its_work_started_ahead():
+    """work_left (what a switch's lead adds for the work under way): the median GPU time of the last works started
+    ahead, timed between CUDA events, less the time since this one's launch; 0 once the device has passed its end."""
+    pipe = gpu_pipeline()
+    stream = pipe.stream(P, seed=1, compile=True)
+    it = iter(stream)
+    t = time.perf_counter()
+    for _ in range(6):
+        next(it)
+    pipe.worker.run(lambda: None)  # the last hand-out's launch of the next chunk's work is done
+    wall, step = time.perf_counter() - t, stream.step
+    torch.cuda.synchronize()
+    assert 3 <= len(step._ahead_seconds) <= engine_mod.AHEAD_TIMES
+    assert all(0 < x < wall for x in step._ahead_seconds), step._ahead_seconds
+    assert step.work_left() == 0.0 and step._ahead is not None
+    step._ahead_seconds = (10.0,) * engine_mod.AHEAD_TIMES  # as if each had taken 10 s
+
+    def relaunch():  # the same work started ahead again, behind a spin that holds the device up
+        with step.context():
+            torch.cuda._sleep(1_000_000_000)
+            step.ahead(*step._ahead[0])
+
+    pipe.worker.run(relaunch)
+    assert 0 < step.work_left() <= 10.0
+    torch.cuda.synchronize()
+    assert step.work_left() == 0.0
+    stream.close()
 
 
 # A graph of one GEMM at a pass's own shape (a chunk's 15,600 tokens, dim 2240, bf16), captured in a fresh process;

@@ -235,6 +235,26 @@ def test_the_lead_moves_the_switch_later(pipe):
     assert auto.lead_frames() >= int(np.ceil((1 + LEAD_MARGIN) * made)) - 1
     auto._busy_since = None  # the frame named was on screen 1 s before set_prompt was called: 16 frames on
     assert auto.lead_frames(since=time.perf_counter() - 1.0) >= int(np.ceil(LEAD_MARGIN * made)) + auto.fps - 1
+    auto.step.work_left = lambda: 1.0  # handed out, with 1 s of the next chunk's work started ahead left
+    assert auto.lead_frames() >= int(np.ceil(LEAD_MARGIN * made)) + auto.fps - 1
+
+
+def test_the_lead_counts_the_work_under_way_once(pipe):
+    """A switch's chunk asked for while work started ahead runs waits for that work too. The lead adds what is left
+    of it apart, so the time kept for a switch (which later leads scale by LEAD_MARGIN) leaves it out."""
+    stream = pipe.stream(P, seed=SEED)
+    it = iter(stream)
+    for _ in range(3):
+        next(it)
+    stream.set_prompt(Q)  # asked for with nothing under way: its whole wait
+    t = time.perf_counter()
+    assert next(it).prompt == Q
+    assert 0 < stream._switch_seconds[-1] <= time.perf_counter() - t
+    stream.step.work_left = lambda: 5.0  # 5 s of work started ahead left when the next chunk is asked for
+    stream.set_prompt(R)
+    assert next(it).prompt == R
+    assert stream._switch_seconds[-1] == 0.0  # (its wait, well under 5 s, less the 5 s the lead counts apart)
+    stream.close()
 
 
 def test_a_switch_lands_the_lead_after_the_screen_and_not_before_committed_frames(pipe):
