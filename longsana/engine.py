@@ -47,7 +47,8 @@ decodes. With the VAE on a second GPU (`vae_device`) that stream is on the VAE's
 first (`SideStream.take`), so c's decode and c+1's transformer work run on two GPUs at once. If the next `denoise`
 asks for something else (the prompt changed, or a rewind), the speculative work is taken back: the state is put
 back as it was before its clean-context pass and the chunk is redone. So the frames are exactly those of the eager
-schedule; a switch costs one chunk's transformer work.
+schedule; a switch costs one chunk's transformer work, and waits for what is left of the work started ahead, which
+the engine times between CUDA events so that a switch's lead can count it (`work_left`).
 """
 
 from __future__ import annotations
