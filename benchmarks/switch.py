@@ -98,7 +98,7 @@ class Viewer:
                 stream.pipe.prompts.clear()  # the stream keeps the entry in force; the new one is encoded
             rid = stream.set_prompt(prompt, at_frame=k)
             call_s, (_, busy, new) = time.perf_counter() - t, stream.lead_terms()
-            switches.append({"id": rid, "t": t, "frame": k, "lead": stream.landing(rid) - k, "busy_s": busy,
+            switches.append({"id": rid, "t": t, "frame": k, "lands": stream.landing(rid) - k, "busy_s": busy,
                              "new_s": new, "prompt": prompt, "call_s": call_s})
             self.release()
             print(f"  switched at frame {k} ({len(switches)} of {len(switch_at)})", flush=True)
@@ -226,7 +226,7 @@ def main(argv=None) -> dict:
     holds = colours_hold(viewer, played["switches"]) if name == "demo" else [None] * len(played["switches"])
     for s, hold in zip(played["switches"], holds):
         handed, shown = viewer.handed.get(s["id"]), viewer.shown.get(s["id"])
-        rows.append({"frame": s["frame"], "lead": s["lead"], "busy_s": s["busy_s"], "new_s": s["new_s"],
+        rows.append({"frame": s["frame"], "lands": s["lands"], "busy_s": s["busy_s"], "new_s": s["new_s"],
                      "call_s": s["call_s"],
                      "handed_s": None if handed is None else handed - s["t"],
                      "screen_s": None if shown is None else shown - s["t"], "colours": hold})
@@ -234,7 +234,7 @@ def main(argv=None) -> dict:
     screen, handed = [r["screen_s"] for r in done], [r["handed_s"] for r in done]
     print(f"# switch latency: {name} on {device.type}, {stream.height}x{stream.width} at {fps} fps, chunks of {chunk} "
           f"latent frames ({chunk_video} video frames, {chunk_video / fps:.2f} s); rewind points "
-          f"{stream.ring.capacity}; lead {rows[-1]['lead'] if rows else '?'} frames (switch_lead "
+          f"{stream.ring.capacity}; the last switch landed {rows[-1]['lands'] if rows else '?'} frames on (switch_lead "
           f"{a.lead if a.lead is not None else 'measured'}); forget_on_switch {stream.settings.forget_on_switch}; "
           f"switch_chunk_frames {stream.settings.switch_chunk_frames}; piece_frames {stream.settings.piece_frames}; "
           f"prompts {'encoded before' if a.prompt_cache else 'encoded at each switch'}")
@@ -242,7 +242,7 @@ def main(argv=None) -> dict:
         colours = "" if name != "demo" else ", colours hold " + ("never" if r["colours"] is None else
                                                                f"{r['colours'][0]:.3f} s ({r['colours'][1]} frames "
                                                                "after the first new one)")
-        print(f"switch {i:2d} at frame {r['frame']:5d}: lands {r['lead']:3d} frames on (work under way "
+        print(f"switch {i:2d} at frame {r['frame']:5d}: lands {r['lands']:3d} frames on (work under way "
               f"{r['busy_s']:.2f} s, a switch's first frames {r['new_s']:.2f} s), set_prompt {r['call_s']:.3f} s, "
               f"handed out {r['handed_s'] if r['handed_s'] is None else round(r['handed_s'], 3)} s, on screen "
               f"{r['screen_s'] if r['screen_s'] is None else round(r['screen_s'], 3)} s{colours}")
