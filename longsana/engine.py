@@ -1,7 +1,8 @@
 """The fast chunk step (`ChunkEngine`, a `ChunkStep` of step.py): every speed decision of the stream is here.
 
 It computes what the eager reference step computes (the pending chunk's clean-context pass, then `sample_chunk` over
-the transformer), through the same `sample_chunk` loop, minus the work that does not change from chunk to chunk:
+the transformer), through the same sampler steps (`chunk_step`), minus the work that does not change from chunk to
+chunk:
   - the timestep embeddings (t0, temb) of the 4 steps and of the clean pass (t = 0) are computed once;
   - the prompt's cross-attention K/V (TextKV) are copied into a static copy when the prompt changes;
   - the RoPE tables are computed for the chunk's position before the replay, outside the graph, so the compiled
@@ -25,21 +26,21 @@ of five. For the same reason that pass runs with cuDNN's benchmark off (the FFN'
 shape for each m), and `prepare` runs it once at every m before the first frame: at full size on an H100 the first
 cuts to 1 and 2 latent frames took 3.5-3.7 s, 1.4 s of each compiling the Triton kernels of the plain blocks (one
 specialisation for token counts divisible by 16, one for the others), and the first cut at a later new m about 0.2 s
-more than the next one. Its step variants ((m, 0), n, slot) are graphs like the others: run at their first use,
-captured at their second, at most 2 per m, in the shared memory pool.
+more than the next one. The first denoising step after such a clean pass is a graph like the others: run at its
+first use, captured at its second, at most 2 per m, in the shared memory pool.
 
 Compilation is regional: one `torch.compile`d function runs every transformer block (they share one graph, since
 blocks differ only in their weights), static shapes, so a stream compiles 2 chunk lengths x (denoise, clean, the
 clean pass's last block, which runs state-only) block graphs once per process, 3 with a switch's shorter chunk. An
 endless stream has them compiled before its first frame (`prepare`), so that no later frame waits for a compilation
 (tens of seconds at full size: a stall in the video, or a frozen first switch). The first use of each step variant
-(which pending slot, which output slot, n) runs for real, so the first chunk of a stream pays no capture; the second
-runs on the capture stream, which warms it up, and is then captured as a CUDA graph (a one-time host
-synchronisation); later uses replay it: one launch that returns at once, provided the graph has few memset nodes:
-the driver's launch waits on those, and with cuBLAS's default workspace every split GEMM adds one (1,199 in a
-10-frame chunk's graph on an H100, whose launch then held the host about 350 ms of 610). The command's process
-settings give cuBLAS no workspace (cli.py); the engine warns where they are missing. Compiled blocks fuse elementwise
-work, so the results agree with the eager path within bf16 rounding, not bitwise.
+(n, which step, the first's pending slot, the last's output slot) runs for real, so the first chunk of a stream pays
+no capture; the second runs on the capture stream, which warms it up, and is then captured as a CUDA graph (a
+one-time host synchronisation); later uses replay it: one launch that returns at once, provided the graph has few
+memset nodes: the driver's launch waits on those, and with cuBLAS's default workspace every split GEMM adds one
+(1,199 in a 10-frame chunk's graph on an H100, whose launch then held the host about 350 ms of 610). The command's
+process settings give cuBLAS no workspace (cli.py); the engine warns where they are missing. Compiled blocks fuse
+elementwise work, so the results agree with the eager path within bf16 rounding, not bitwise.
 
 Overlap: the VAE decode of chunk c runs on a second, high-priority CUDA stream (`SideStream`), and the stream calls
 `ahead` with chunk c+1's arguments before it waits for c's frames, so c+1's transformer work fills the GPU while c
@@ -47,8 +48,13 @@ decodes. With the VAE on a second GPU (`vae_device`) that stream is on the VAE's
 first (`SideStream.take`), so c's decode and c+1's transformer work run on two GPUs at once. If the next `denoise`
 asks for something else (the prompt changed, or a rewind), the speculative work is taken back: the state is put
 back as it was before its clean-context pass and the chunk is redone. So the frames are exactly those of the eager
-schedule; a switch costs one chunk's transformer work, and waits for what is left of the work started ahead, which
-the engine times between CUDA events so that a switch's lead can count it (`work_left`).
+schedule; a switch costs one chunk's transformer work.
+
+A chunk's work is one graph per denoising step (the first after the pending chunk's clean pass), and the work started
+ahead is launched AHEAD_QUEUED steps at a time: `ahead` launches the first, and the device worker the next as one
+ends (`pump`, called while it is idle). A switch then waits for at most those steps (at 480p on an H100 about 0.1 s
+each, the first 0.2 s), not for a whole chunk's work queued in one launch (about 0.6 s), before its own work can
+start. Each step is timed between CUDA events, so that a switch's lead can count what is left of them (`work_left`).
 """
 
 from __future__ import annotations
@@ -60,14 +66,16 @@ import statistics
 import time
 import warnings
 import weakref
+from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .cli import CUBLAS_WORKSPACE
 from .model import Block, LongSANATransformer, State, TextKV
-from .sampling import bf16_round, sample_chunk
+from .sampling import bf16_round, chunk_step
 from .step import Pending, SideStream
 from .vae import StreamingDecoder
 
@@ -76,7 +84,8 @@ from .vae import StreamingDecoder
 COMPILE_OPTIONS: dict = dict(dynamic=False)
 _COMPILED: dict[tuple, object] = {}  # compiled functions by (function, options): a new one would compile anew
 RECOMPILE_LIMIT = 64  # graphs per compiled function: (chunk length, pass kind) per resolution; the VAE's norm shapes
-AHEAD_TIMES = 5  # the works started ahead whose GPU times `work_left` takes the median of
+AHEAD_QUEUED = 2  # steps of the work started ahead queued on the device at a time: one running, one next (see the top)
+STEP_TIMES = 5  # the last GPU times of each denoising step that `work_left` takes the median of
 
 
 def compiled(fn):
@@ -108,7 +117,18 @@ class _Buffers:
     x0: tuple[torch.Tensor, torch.Tensor]  # two output slots (B, C, n, h, w) fp32
     rope_clean: tuple[torch.Tensor, torch.Tensor]  # cos, sin (N, d/2) of a pending chunk of this length (clean pass)
     noise: torch.Tensor | None = None  # (steps, B, C, n, h, w) fp32: initial noise, then one per re-noising
+    x: torch.Tensor | None = None  # (B, C, n, h, w) fp32: the chunk between two denoising steps
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # of the chunk being denoised
+
+
+class _Launched(NamedTuple):
+    """A denoising step launched on the device: CUDA timing events at its start and end, which step of the chunk it
+    is (the first also runs the pending chunk's clean pass), and when it was launched (time.perf_counter())."""
+
+    began: torch.cuda.Event
+    end: torch.cuda.Event
+    i: int
+    at: float
 
 
 class ChunkEngine:
@@ -140,8 +160,11 @@ class ChunkEngine:
         self.state = model.new_state(batch, *latent_hw, device=self.device)
         self._before = model.new_state(batch, *latent_hw, device=self.device)  # the boundary, while work runs ahead
         self._ahead: tuple[tuple, torch.Tensor] | None = None  # (denoise arguments, x0) of the work started ahead
-        self._running: tuple | None = None  # the last work started ahead: CUDA events at its start and end, launch time
-        self._ahead_seconds: tuple[float, ...] = ()  # GPU times of the last AHEAD_TIMES of them
+        self._later: deque[tuple] = deque()  # the steps of the work started ahead not launched yet, as `_run` keys
+        # Read by work_left on any thread, so replaced whole, never changed in place:
+        self._queued: tuple[_Launched, ...] = ()  # the steps launched and not yet seen done (CUDA only)
+        self._step_seconds: dict[int, tuple[float, ...]] = {}  # step i's last STEP_TIMES GPU times
+        self._seen_done = 0.0  # when (time.perf_counter()) a step was last seen done
         self.side = SideStream(vae_device or self.device, self.device)  # the decodes: on the VAE's device
         self.main = torch.cuda.Stream(self.device) if cuda else None  # this step's own CUDA stream
         self._landed: torch.cuda.Event | None = None  # the last download's copy to the host
@@ -162,57 +185,53 @@ class ChunkEngine:
         """Returns x0 (B, C, n, h, w) fp32, a static buffer overwritten two chunks later: the work started ahead if
         it was started with these arguments, else (undoing that work's clean-context pass) launched now."""
         args = (text, n, pos, seed, pending)
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            if _same(ahead[0], args):
-                return ahead[1]
-            self.state.copy_(self._before)
+        if self._ahead is not None and _same(self._ahead[0], args):
+            x0, self._ahead = self._ahead[1], None
+            self._launch_steps(len(self._later))
+            return x0
+        self.cancel()
         return self._launch(*args)
 
     def ahead(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None = None) -> None:
-        """Launch the next chunk's work now (it runs while the current one decodes), keeping the boundary's state
-        so that the work can be taken back if the next chunk turns out different (a new prompt, a rewind)."""
+        """Start the next chunk's work now (it runs while the current one decodes), keeping the boundary's state
+        so that the work can be taken back if the next chunk turns out different (a new prompt, a rewind). Its
+        first AHEAD_QUEUED steps are launched now, the others by `pump` (see the top)."""
         self.cancel()
         self._before.copy_(self.state)
-        self._time_ahead()
-        began = self._mark()
-        self._ahead = (text, n, pos, seed, pending), self._launch(text, n, pos, seed, pending)
-        if began is not None:
-            self._running = began, self._mark(), time.perf_counter()
+        self._ahead = (text, n, pos, seed, pending), self._launch(text, n, pos, seed, pending, AHEAD_QUEUED)
+
+    def pump(self) -> bool:
+        """Launch steps of the work started ahead while fewer than AHEAD_QUEUED are running or queued on the device;
+        True while some are left to launch or to be seen done (the device worker calls this while idle)."""
+        self._launch_steps(AHEAD_QUEUED - len(self._queued))
+        return bool(self._later or self._queued)
 
     def cancel(self) -> None:
+        """Take back the work started ahead: its steps not launched are dropped, and the state is put back after
+        those that were (queued after them on this step's stream)."""
+        self._later.clear()
         if self._ahead is not None:
             self.state.copy_(self._before)
             self._ahead = None
 
     def work_left(self) -> float:
-        """The median GPU time of the last works started ahead less the time since this one's launch; 0 once the
-        device has passed its end (a CUDA event), or before any has been timed (on a CPU it is done at its launch)."""
-        run, times = self._running, self._ahead_seconds
-        if run is None or not times or run[1].query():
-            return 0.0
-        return max(statistics.median(times) - (time.perf_counter() - run[2]), 0.0)
-
-    def _mark(self) -> torch.cuda.Event | None:
-        """A timing event recorded on the current CUDA stream (None on a CPU)."""
-        if self.main is None:
-            return None
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def _time_ahead(self) -> None:
-        """Keep the GPU time of the last work started ahead, if it has finished."""
-        if self._running is not None and self._running[1].query():
-            began, end, _ = self._running
-            self._ahead_seconds = (*self._ahead_seconds[1 - AHEAD_TIMES:], began.elapsed_time(end) / 1e3)
-            self._running = None
+        """The device work launched and not yet done, estimated: each such step's median GPU time (of the last
+        STEP_TIMES of that step), the first's less the time it has run, since its launch or since the step before
+        it was seen done. 0 when none is left (on a CPU each step has run when its launch returns)."""
+        left, now, first = 0.0, time.perf_counter(), True
+        for s in self._queued:
+            if s.end.query():  # (done, not yet seen by `pump`)
+                continue
+            need = statistics.median(self._step_seconds.get(s.i, (0.0,)))
+            left += max(need - (now - max(s.at, self._seen_done)), 0.0) if first else need
+            first = False
+        return left
 
     @property
     def nbytes(self) -> int:
         """Bytes of the engine's own device tensors: the state and its boundary copy, the static buffers of every
         chunk length, the static prompt copy (not the graphs' memory pool: the allocator holds that)."""
-        buffers = [t for b in self._buffers.values() for t in (*b.x0, *b.rope_clean, b.noise, *(b.rope or ()))]
+        buffers = [t for b in self._buffers.values() for t in (*b.x0, *b.rope_clean, b.noise, b.x, *(b.rope or ()))]
         text = [] if self.text is None else [*itertools.chain.from_iterable(self.text.kv), self.text.bias]
         return self.state.nbytes + self._before.nbytes + sum(t.nbytes for t in buffers + text if t is not None)
 
@@ -276,9 +295,11 @@ class ChunkEngine:
 
     # -- the work ---------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _launch(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None) -> torch.Tensor:
-        """The pending chunk's clean-context pass (with `text`), then the denoising passes of a chunk of n latent
-        frames at RoPE position `pos`. Asynchronous on CUDA: nothing waits for the GPU."""
+    def _launch(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None,
+                steps: int | None = None) -> torch.Tensor:
+        """The pending chunk's clean-context pass (with `text`), then the denoising steps of a chunk of n latent
+        frames at RoPE position `pos`: the first `steps` of them (None: all), the others left for `_launch_steps`.
+        Asynchronous on CUDA: nothing waits for the GPU."""
         self._set_text(text)
         out = self._buffers_for(n, denoise=True)
         g = self.generator.manual_seed(seed)
@@ -294,11 +315,43 @@ class ChunkEngine:
             _copy(self._buffers[prev[0]].rope_clean, self._rope(pos_prev, prev[0]))
         _copy(out.rope, self._rope(pos, n))
         slot = 1 if prev == (n, 0) else 0
-        self._run(prev, n, slot)
+        last = len(self.timesteps) - 1
+        self._later = deque((prev if i == 0 else None, n, slot if i == last else None, i) for i in range(last + 1))
+        self._launch_steps(len(self._later) if steps is None else steps)
         return out.x0[slot]
 
-    def _passes(self, prev: tuple[int, int] | None, n: int, slot: int) -> None:
-        """What a graph holds: the clean-context pass and `sample_chunk` over run_prepared, on the static buffers."""
+    @torch.inference_mode()
+    def _launch_steps(self, k: int) -> None:
+        """Launch the next k steps `_launch` left, each between two timing events on CUDA (`work_left`)."""
+        self._see_done()
+        for _ in range(min(k, len(self._later))):
+            key, began, at = self._later.popleft(), self._mark(), time.perf_counter()
+            self._run(key)
+            if began is not None:
+                self._queued = (*self._queued, _Launched(began, self._mark(), key[-1], at))
+
+    def _see_done(self) -> None:
+        """Forget the launched steps the device has done, keeping their GPU times."""
+        queued = self._queued
+        while queued and queued[0].end.query():
+            s, queued = queued[0], queued[1:]
+            times = (*self._step_seconds.get(s.i, ())[1 - STEP_TIMES:], s.began.elapsed_time(s.end) / 1e3)
+            self._step_seconds = {**self._step_seconds, s.i: times}
+            self._seen_done = time.perf_counter()
+        self._queued = queued
+
+    def _mark(self) -> torch.cuda.Event | None:
+        """A timing event recorded on the current CUDA stream (None on a CPU)."""
+        if self.main is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _step(self, prev: tuple[int, int] | None, n: int, slot: int | None, i: int) -> None:
+        """What a graph holds: denoising step i (`chunk_step`) over run_prepared, on the static buffers; the first
+        after the pending chunk's clean-context pass (prev: its x0 slot), the last writing x0 slot `slot`, the others
+        the chunk between steps."""
         m, b = self.model, self._buffers[n]
         if prev is not None:
             p = self._buffers[prev[0]]
@@ -307,7 +360,9 @@ class ChunkEngine:
         def velocity(x, t):
             return m.run_prepared(x, self.temb[t], self.text, b.rope, self.state, block=self.block)
 
-        b.x0[slot].copy_(sample_chunk(velocity, iter(b.noise).__next__, self.timesteps, self.bf16_like))
+        x = chunk_step(velocity, lambda: b.noise[i + 1], b.noise[0] if i == 0 else b.x, i, self.timesteps,
+                       self.bf16_like)
+        (b.x if slot is None else b.x0[slot]).copy_(x)
 
     def _clean_pass(self, x0: torch.Tensor, rope, state: State, cut: bool) -> None:
         """A pending chunk's clean-context pass into `state`; a cut length's through the plain blocks, with cuDNN's
@@ -316,11 +371,11 @@ class ChunkEngine:
             self.model.run_prepared(x0, self.temb_clean, self.text, rope, state, update_state=True, output=False,
                                     block=None if cut else self.block)
 
-    def _run(self, prev, n: int, slot: int) -> None:
-        key = (prev, n, slot)
+    def _run(self, key: tuple) -> None:
+        """Step `key` (`_step`'s arguments): run at its first use, captured at its second, replayed after."""
         self._uses[key] = uses = self._uses.get(key, 0) + 1
         if not self.graphs or uses == 1:  # a variant used once (the first chunk) is never captured
-            self._passes(*key)
+            self._step(*key)
             return
         graph = self._graphs.get(key)
         if graph is not None:
@@ -331,11 +386,11 @@ class ChunkEngine:
         s, main = self._capture_stream, torch.cuda.current_stream(self.device)
         s.wait_stream(main)
         with torch.cuda.stream(s):
-            self._passes(*key)
+            self._step(*key)
         main.wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=s, capture_error_mode="thread_local"):
-            self._passes(*key)
+            self._step(*key)
         self._pool = graph.pool()
         self._graphs[key] = graph
 
@@ -348,7 +403,8 @@ class ChunkEngine:
             self._buffers[n] = _Buffers((torch.zeros(shape, **f32), torch.zeros(shape, **f32)), self._rope(0, n))
         b = self._buffers[n]
         if denoise and b.noise is None:
-            b.noise, b.rope = torch.empty(len(self.t_net), *shape, **f32), self._rope(0, n)
+            b.noise, b.x = torch.empty(len(self.t_net), *shape, **f32), torch.empty(shape, **f32)
+            b.rope = self._rope(0, n)
         return b
 
     def _rope(self, pos: int, n: int):

@@ -161,12 +161,21 @@ def sample_chunk(velocity_fn: Callable[[torch.Tensor, float], torch.Tensor], noi
     loop inside a CUDA graph capture, which allows no host-to-device copy of a new tensor."""
     if not timesteps:
         raise ValueError("sample_chunk needs at least one timestep")
-    T = num_train_timesteps
     x = noise_fn()
-    for i, t in enumerate(timesteps):
-        t_net = bf16_round(t) if bf16_like else float(t)
-        x0 = x - (t_net / T) * velocity_fn(x, t_net)
-        if i + 1 == len(timesteps):
-            return x0
-        s = timesteps[i + 1] / T
-        x = (1 - s) * x0 + s * noise_fn()
+    for i in range(len(timesteps)):
+        x = chunk_step(velocity_fn, noise_fn, x, i, timesteps, bf16_like, num_train_timesteps)
+    return x
+
+
+def chunk_step(velocity_fn: Callable[[torch.Tensor, float], torch.Tensor], noise_fn: Callable[[], torch.Tensor],
+               x: torch.Tensor, i: int, timesteps: Sequence[float], bf16_like: bool = False,
+               num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Step i of `sample_chunk`, from x at level timesteps[i]: the predicted x0 re-noised to the next level, or x0
+    itself at the last step (the fast chunk step launches a chunk's steps one at a time)."""
+    T, t = num_train_timesteps, timesteps[i]
+    t_net = bf16_round(t) if bf16_like else float(t)
+    x0 = x - (t_net / T) * velocity_fn(x, t_net)
+    if i + 1 == len(timesteps):
+        return x0
+    s = timesteps[i + 1] / T
+    return (1 - s) * x0 + s * noise_fn()

@@ -105,6 +105,10 @@ class ChunkStep(Protocol):
     def ahead(self, text: TextKV, n: int, pos: int, seed: int, pending: Pending | None) -> None:
         """A hint: the next `denoise` will probably be this one (a step may start it now)."""
 
+    def pump(self) -> bool:
+        """Launch more of the work started ahead, as the device has room for it; True while the step wants to be
+        called again (the device worker calls it while idle)."""
+
     def cancel(self) -> None:
         """Forget work started ahead, putting the state back to the last boundary (before a rewind)."""
 
@@ -165,6 +169,9 @@ class EagerStep:
 
     def ahead(self, *args) -> None:
         pass  # nothing is computed before it is asked for
+
+    def pump(self) -> bool:
+        return False
 
     def cancel(self) -> None:
         pass

@@ -457,6 +457,14 @@ class Stream:
             if not (self._closed or self._due()):
                 with self.step.context():
                     self.step.ahead(*args)
+                self.pipe.worker.poll(self._pump, owner=self)  # the rest of that work, as the device has room
+
+    def _pump(self) -> bool:
+        """The device worker's poll while the step has work started ahead to launch (`ChunkStep.pump`)."""
+        if self._closed:
+            return False
+        with self.step.context():
+            return self.step.pump()
 
     def _take_controls(self) -> bool:
         """Apply the requests that land at or before the next chunk, in order; False once the stream is closed."""

@@ -10,9 +10,12 @@ queued while this one decodes), so the device stays busy while the worker moves 
 A job is one call (`run`) or one chunk of a stream (`iterate`: each `next` of the stream's generator runs as a job,
 so the loop's controls, rewind copies, denoise, decode and download all happen on the worker). A chunk may come with
 work to run after it is handed out (`Later`: the launch of the next chunk's work, which can hold the launching
-thread for a while), as a job of its own that the stream's next chunk waits for. Jobs are served
-earliest deadline first; a stream's deadline is when its viewer's buffer runs dry (given by whoever paces it), else
-the moment it asked, which serves waiting streams in turn: none can starve another.
+thread for a while), as a job of its own that the stream's next chunk waits for. An owner may also register a
+poll (`poll`): work that waits for room on the device (the rest of the next chunk's work, launched a step at a time
+so that a prompt switch need not wait behind all of it), called between jobs and, while idle, every POLL_SECONDS,
+until it says it is done. Jobs are served earliest deadline first; a stream's deadline is when its viewer's buffer
+runs dry (given by whoever paces it), else the moment it asked, which serves waiting streams in turn: none can
+starve another.
 
 The worker also keeps the load: the fraction of the last `window` seconds it spent in jobs. When the streams are
 paced to real time, that is the share of the device they need, so a new stream is admitted while the load with one
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 _DONE = object()  # the end of a stream's generator, carried back from the worker
+POLL_SECONDS = 0.002  # while polls are registered, the idle worker calls them this often (a step is ~0.1 s at 480p)
 
 
 class DeviceFailed(RuntimeError):
@@ -91,6 +95,7 @@ class DeviceWorker:
         self._cv = threading.Condition()
         self._busy: deque[tuple[float, float, object]] = deque()  # (start, end, owner) of recent jobs
         self._owners: dict[int, object] = {}  # streams iterating now (by id)
+        self._polls: dict[int, Callable[[], bool]] = {}  # by owner id: called between jobs until they return False
         self._thread: threading.Thread | None = None
 
     # -- submitting work (any thread) ----------------------------------------------------------------------------
@@ -110,6 +115,14 @@ class DeviceWorker:
             self._start()
             self._cv.notify()
         return job
+
+    def poll(self, fn: Callable[[], bool], owner: object = None) -> None:
+        """Call fn() on the worker thread after each job and, while idle, every POLL_SECONDS, until it returns False
+        or raises: the owner's work that waits for room on the device. One per owner: a new one replaces it."""
+        with self._cv:
+            self._polls[id(owner)] = fn
+            self._start()
+            self._cv.notify()
 
     def iterate(self, chunks: Iterator, owner: object = None, deadline: Callable[[], float | None] | None = None):
         """Yield `chunks`' items, each produced by a job on the worker; `deadline()` gives each job's deadline. An
@@ -163,18 +176,39 @@ class DeviceWorker:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._jobs:
+                while not self._jobs and not self._polls:
                     self._cv.wait()
-                job = heapq.heappop(self._jobs)
-            start = time.monotonic()
-            try:
-                job.result = job.fn()
-            except BaseException as e:  # noqa: BLE001 (handed to the caller, which raises it)
-                job.error = e
-                if not self.healthy():
-                    self._fail(e)
-            self._record(start, time.monotonic(), job.owner)
-            job.done.set()
+                if not self._jobs:
+                    self._cv.wait(POLL_SECONDS)
+                job = heapq.heappop(self._jobs) if self._jobs else None
+                polls = list(self._polls.items())
+            if job is not None:
+                self._run(job)
+            for key, fn in polls:
+                self._poll(key, fn)
+
+    def _run(self, job: _Job) -> None:
+        start = time.monotonic()
+        try:
+            job.result = job.fn()
+        except BaseException as e:  # noqa: BLE001 (handed to the caller, which raises it)
+            job.error = e
+            if not self.healthy():
+                self._fail(e)
+        self._record(start, time.monotonic(), job.owner)
+        job.done.set()
+
+    def _poll(self, key: int, fn: Callable[[], bool]) -> None:
+        try:
+            more = fn()
+        except Exception as e:  # noqa: BLE001 (the owner's next job meets the same failure and reports it)
+            more = False
+            if not self.healthy():
+                self._fail(e)
+        if not more:
+            with self._cv:
+                if self._polls.get(key) is fn:
+                    del self._polls[key]
 
     def _record(self, start: float, end: float, owner: object) -> None:
         with self._cv:
@@ -187,6 +221,7 @@ class DeviceWorker:
         with self._cv:
             self.failure = error
             jobs, self._jobs = self._jobs, []
+            self._polls.clear()
         for job in jobs:
             job.error = DeviceFailed(f"{self.name}: {error}")
             job.done.set()

@@ -25,7 +25,7 @@ from torch._dynamo.testing import CompileCounter
 from longsana import engine as engine_mod
 from longsana.cli import set_process_defaults
 from longsana.config import get_config
-from longsana.engine import ChunkEngine
+from longsana.engine import AHEAD_QUEUED, ChunkEngine
 from longsana.fp8 import to_fp8
 from longsana.model import LongSANATransformer
 from longsana.step import EagerStep, SideStream
@@ -157,6 +157,36 @@ def test_prompt_switch_and_foreign_pending_x0():
         assert torch.equal(a, b)
 
 
+def test_work_started_ahead_is_launched_a_few_steps_at_a_time():
+    """`ahead` launches AHEAD_QUEUED of the next chunk's 4 denoising steps (the first after the pending chunk's
+    clean pass), `pump` the others as the device has room (on the CPU each launch has run when it returns, so one
+    call launches AHEAD_QUEUED more), `denoise` what is left when it takes the work. Taken pumped or not, the chunk is
+    the eager step's; taken back after some of its steps, the state is the boundary's and the chunk asked for is the
+    eager one."""
+    model, text = model_and_text()
+    _, other = model_and_text(seed=7)
+    engine, ref = ChunkEngine(model, HW, TIMESTEPS, compile=False), EagerStep(model, HW, TIMESTEPS)
+    x0, want = engine.denoise(text, 3, 0, 11), ref.denoise(text, 3, 0, 11, None)
+    engine.ahead(text, 2, 3, 12, (x0, 0))
+    assert len(engine._later) == len(TIMESTEPS) - AHEAD_QUEUED > 0
+    assert engine.pump() is False and not engine._later
+    x1, want1 = engine.denoise(text, 2, 3, 12, (x0, 0)), ref.denoise(text, 2, 3, 12, (want, 0))
+    assert torch.equal(x1, want1)
+    engine.ahead(text, 2, 5, 13, (x1, 3))
+    x2, want2 = engine.denoise(text, 2, 5, 13, (x1, 3)), ref.denoise(text, 2, 5, 13, (want1, 3))  # not pumped
+    assert torch.equal(x2, want2) and not engine._later
+    before = [t.clone() for t in engine.state.tensors()]
+    engine.ahead(text, 2, 7, 14, (x2, 5))
+    assert engine._later and any(not torch.equal(a, b) for a, b in zip(engine.state.tensors(), before))
+    x3 = engine.denoise(other, 2, 7, 14, (x2, 5))  # a new prompt: the work is taken back after 2 of its steps
+    assert not engine._later and torch.equal(x3, ref.denoise(other, 2, 7, 14, (want2, 5)))
+    agree([], [], engine.state, ref.state)
+    engine.ahead(other, 2, 9, 15, (x3, 7))
+    engine.cancel()
+    assert not engine._later and engine.pump() is False and engine.work_left() == 0.0
+    agree([], [], engine.state, ref.state)
+
+
 @pytest.mark.slow
 def test_compiled_blocks_share_one_graph_and_match_eager(monkeypatch):
     torch._dynamo.reset()
@@ -270,7 +300,7 @@ def schedule(pipe, compile, **settings):
     for i in range(6):
         out.append(next(it))
         if i == 1:
-            pipe.worker.run(lambda: None)  # the next chunk's work is launched first (worker.Later): the switch undoes it
+            pipe.worker.run(lambda: None)  # the next chunk's work is launched first (worker.Later), then undone
             stream.set_prompt(Q)
         if i == 3:
             stream.rewind(len(out[3].frames) / stream.fps)  # to the start of chunk 3
@@ -357,6 +387,22 @@ def test_a_chunk_goes_out_before_the_next_chunks_work_is_launched(pipe, monkeypa
     assert len(waits) >= 2 and all(waits), waits
 
 
+def test_the_idle_worker_launches_the_rest_of_the_work_started_ahead(pipe, monkeypatch):
+    """The next chunk's steps that `ahead` left are launched by the device worker's poll once the chunk is handed
+    out, not when the next chunk is asked for."""
+    uncompiled(monkeypatch)
+    launched, pump = [], ChunkEngine.pump  # how many steps were left at each call
+    monkeypatch.setattr(ChunkEngine, "pump", lambda self: launched.append(len(self._later)) or pump(self))
+    stream = pipe.stream(P, seed=5, compile=True, early_first_frame=False)
+    it = iter(stream)
+    next(it), next(it)  # chunk 1's hand-out started chunk 2's work
+    deadline = time.monotonic() + 10
+    while (stream.step._later or not launched) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.step._ahead is not None and not stream.step._later and launched[0] > 0
+    stream.close()
+
+
 @pytest.mark.parametrize("forget", [False, True])
 def test_fast_stream_equals_the_eager_stream(pipe, monkeypatch, forget):
     """Also with forget_on_switch: the switch lands on the boundary the engine had worked ahead of."""
@@ -411,8 +457,9 @@ def test_graph_replays_match_the_eager_step_on_the_gpu(fp8):
     assert engine.graphs and engine.block is not None
     chunks = CHUNKS + [(2, 15 + i) for i in range(4)]
     got, want, ref_state = run_both(model, text, engine, chunks)
-    # the steady variants (two slot orders) are run, then captured on their second use, then replayed
-    assert len(engine._graphs) == 2 and sorted(engine._uses.values()) == [1, 1, 3, 3]
+    # A chunk is 4 steps: the first's variant is set by the pending chunk's slot, the last's by the output slot, the
+    # middle ones by neither. The steady variants are run, then captured on their second use, then replayed.
+    assert len(engine._graphs) == 6 and sorted(engine._uses.values()) == [1, 1, 1, 1, 1, 3, 3, 3, 4, 7, 7]
     # Compiled blocks fuse the elementwise work, so the activations round differently: bf16's 2**-8 relative, or
     # e4m3's 2**-4 where FP8 quantizes them (a value may round to a neighbour a step away, 2**-3). On an H100 the FP8
     # case differed by 1.0e-2..1.8e-2 in x0 and 5.8e-2 in the state, so e4m3's step is its bound, not bf16's 2e-2.
@@ -510,9 +557,9 @@ def take_chunks(stream, n):
 
 
 @needs_cuda
-def test_the_engine_times_its_work_started_ahead():
-    """work_left (what a switch's lead adds for the work under way): the median GPU time of the last works started
-    ahead, timed between CUDA events, less the time since this one's launch; 0 once the device has passed its end."""
+def test_the_engine_times_its_steps_for_the_work_left():
+    """work_left (what a switch's lead adds for the work under way): each step launched and not yet done at that
+    step's median GPU time (timed between CUDA events), the first less the time it has run; 0 once all are done."""
     pipe = gpu_pipeline()
     stream = pipe.stream(P, seed=1, compile=True)
     it = iter(stream)
@@ -522,18 +569,20 @@ def test_the_engine_times_its_work_started_ahead():
     pipe.worker.run(lambda: None)  # the last hand-out's launch of the next chunk's work is done
     wall, step = time.perf_counter() - t, stream.step
     torch.cuda.synchronize()
-    assert 3 <= len(step._ahead_seconds) <= engine_mod.AHEAD_TIMES
-    assert all(0 < x < wall for x in step._ahead_seconds), step._ahead_seconds
-    assert step.work_left() == 0.0 and step._ahead is not None
-    step._ahead_seconds = (10.0,) * engine_mod.AHEAD_TIMES  # as if each had taken 10 s
+    pipe.worker.run(step.pump)  # (sees the last steps done)
+    times = step._step_seconds
+    assert set(times) == set(range(len(step.timesteps))), times
+    assert all(0 < len(x) <= engine_mod.STEP_TIMES and all(0 < y < wall for y in x) for x in times.values()), times
+    assert step.work_left() == 0.0 and step._ahead is not None and not step._queued
 
     def relaunch():  # the same work started ahead again, behind a spin that holds the device up
+        step._step_seconds = {i: (10.0,) for i in times}  # as if each step had taken 10 s
         with step.context():
             torch.cuda._sleep(1_000_000_000)
             step.ahead(*step._ahead[0])
 
     pipe.worker.run(relaunch)
-    assert 0 < step.work_left() <= 10.0
+    assert 10.0 * (AHEAD_QUEUED - 1) < step.work_left() <= 10.0 * AHEAD_QUEUED
     torch.cuda.synchronize()
     assert step.work_left() == 0.0
     stream.close()

@@ -117,6 +117,30 @@ def test_later_work_that_fails_raises_at_the_next_item():
         next(it)
 
 
+def test_polls_run_on_the_worker_between_jobs_until_they_are_done():
+    """A poll (a stream's work waiting for room on the device) is called on the worker thread while it is idle and
+    after jobs, never during one, until it returns False; one that raises is dropped, and the worker goes on."""
+    worker, calls, overlap = DeviceWorker(), [], Overlap()
+
+    def launch_more() -> bool:
+        overlap.job(0.0)
+        calls.append(threading.current_thread().name)
+        return len(calls) < 5
+
+    worker.poll(launch_more, owner="stream")
+    for _ in range(3):
+        worker.run(overlap.job, 0.01)
+    deadline = time.monotonic() + 5
+    while len(calls) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert len(calls) == 5 and set(calls) == {"device-worker"} and overlap.most == 1
+    worker.poll(lambda: 1 / 0, owner="stream")
+    assert worker.run(lambda: 7) == 7 and worker.failure is None
+    time.sleep(0.05)
+    assert not worker._polls
+
+
 def test_admission_by_load():
     worker = DeviceWorker(window=10.0)
     assert worker.admits() == (True, "idle")
