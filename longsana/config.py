@@ -172,6 +172,8 @@ class ModelSpec:
     width: int = 832
     forget_on_switch: bool = False  # a prompt switch drops the attention's memory of the frames before the ones
     # it re-caches (StreamSettings.forget_on_switch)
+    switch_chunk_frames: int | None = None  # latent frames of a switch's first chunk (StreamSettings'; None: a chunk)
+    piece_frames: int | None = None  # latent frames handed out at a time (StreamSettings'; None: whole chunks)
     weights: str | None = None  # official release name, for messages
 
 

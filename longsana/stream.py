@@ -84,13 +84,13 @@ class StreamSettings:
     switch_lead: float | None = None  # seconds from the frame on screen to where a switch lands; None: measured,
     # what is left of the work under way when the switch comes, then the new chunk's (Stream.lead_frames)
     transition_frames: int = 0  # video frames over which a switch moves the conditioning to the new prompt
-    switch_chunk_frames: int | None = None  # latent frames of the chunk a switch starts (None: chunk_frames): a
+    switch_chunk_frames: int | None = None  # latent frames of the chunk a switch starts (None, 0: chunk_frames): a
     # shorter one is made sooner, so the lead, and the wait for the new prompt, shrink with it. The chunks after it
     # double in length up to chunk_frames (`ramp`), so that each is made while the shorter ones before it play
     vae_frames_per_call: int = 1  # latent frames the VAE decodes at once: 2 is ~4% faster on an H100, +2.6 GB peak
     early_first_frame: bool | None = None  # hand out the stream's first frame before the rest; None: on a GPU
     piece_frames: int | None = None  # decode and hand out each chunk this many latent frames at a time, each piece
-    # when its consumer asks (None: whole chunks). The decode then keeps close to the screen, so a switch lands past
+    # when its consumer asks (None, 0: whole chunks). The decode then keeps close to the screen, so a switch lands past
     # what was decoded and cuts the chunk there with nothing decoded twice; the next chunk's work still starts with
     # the chunk's first piece
     compile: bool | None = None  # the fast chunk step (engine.py) and the overlapped decode; None: on a GPU only
@@ -99,7 +99,7 @@ class StreamSettings:
     def from_spec(cls, spec: ModelSpec, **overrides) -> StreamSettings:
         """The model's settings, then `overrides` (a None keeps the default)."""
         s = cls(spec.chunk_frames, tuple(map(float, spec.denoise_timesteps)), spec.motion_score,
-                spec.forget_on_switch)
+                spec.forget_on_switch, switch_chunk_frames=spec.switch_chunk_frames, piece_frames=spec.piece_frames)
         known = {f.name for f in fields(cls)}
         if unknown := set(overrides) - known:
             raise TypeError(f"unknown stream settings: {', '.join(sorted(unknown))}")
@@ -392,6 +392,7 @@ class Stream:
             waited = time.perf_counter() - asked
             if first:
                 spent, frames, first_wait, switch = 0.0, 0, waited, self._starts_switch(chunk.start_frame)
+                self._busy_since = None  # its work is done: until the next is asked for, only work started ahead runs
             spent, frames = spent + waited, frames + len(chunk.frames)
             if last:
                 chunk.gen_seconds, chunk.gen_frames = spent, frames
@@ -399,7 +400,6 @@ class Stream:
                     self._switch_seconds.append(max(first_wait - busy, 0.0))
                 else:
                     self._chunk_seconds.append(spent)  # and a chunk's, while one is asked for
-                self._busy_since = None  # until asked again, only work the step started ahead runs on
             yield chunk
             asked = time.perf_counter()
             if last:

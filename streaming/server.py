@@ -958,12 +958,12 @@ def _use_preset(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Latent frames per chunk (default: the model's, 10 for LongSANA 2B): shorter chunks are made "
                    "sooner, at some cost in frames per second.")
 @click.option("--switch-chunk-frames", type=int, default=None,
-              help="Latent frames of the chunk a prompt switch starts (default: --chunk-frames): shorter puts the new "
-                   "prompt on screen sooner.")
+              help="Latent frames of the chunk a prompt switch starts (default: the model's, 3 for LongSANA 2B; 0: "
+                   "--chunk-frames): shorter puts the new prompt on screen sooner.")
 @click.option("--piece-frames", type=int, default=None,
-              help="Decode and send each chunk this many latent frames at a time (default: whole chunks), keeping "
-                   "the decoder near the screen, so that a switch never decodes frames twice (a GPU; see "
-                   "docs/architecture.md).")
+              help="Decode and send each chunk this many latent frames at a time (default: the model's, 1 for "
+                   "LongSANA 2B; 0: whole chunks), keeping the decoder near the screen, so that a switch never decodes "
+                   "frames twice (a GPU; see docs/architecture.md).")
 @click.option("--stun", multiple=True, default=ServerConfig.ice_servers,
               help="STUN/TURN URL for the server's ICE (repeatable).")
 @click.option("--ice-loopback", is_flag=True, default=ServerConfig.ice_loopback,

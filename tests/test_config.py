@@ -16,12 +16,13 @@ import pytest
 from longsana.config import (CAUSAL_TIMESTEPS, CONFIGS, ModelSpec, TransformerConfig, VAEConfig, get_config,
                              read_model_config)
 from longsana.sampling import causal_timesteps
+from longsana.stream import StreamSettings
 
 TWO_B = TransformerConfig()  # the 2B architecture: the dataclass defaults
 EXPECTED = {
     "longsana-2b-480p": ModelSpec(TWO_B, causal=True, chunk_frames=10, denoise_timesteps=(1000, 960, 889, 727),
-                                  motion_score=10, height=480, width=832, fps=16,
-                                  weights="Efficient-Large-Model/SANA-Video_2B_480p_LongLive_diffusers"),
+                                  motion_score=10, height=480, width=832, fps=16, switch_chunk_frames=3,
+                                  piece_frames=1, weights="Efficient-Large-Model/SANA-Video_2B_480p_LongLive_diffusers"),
     "sana-video-2b-480p": ModelSpec(TWO_B, causal=False, chunk_frames=10, denoise_timesteps=(1000, 960, 889, 727),
                                     motion_score=30, height=480, width=832, fps=16,
                                     weights="Efficient-Large-Model/SANA-Video_2B_480p_diffusers"),
@@ -44,6 +45,17 @@ def test_every_built_in_config_is_what_it_was():
     for name, spec in EXPECTED.items():
         assert get_config(name) == spec, name
         assert CONFIGS[name] is get_config(name)
+
+
+def test_a_models_streaming_choices_are_its_streams_defaults():
+    """The 2B model's switch chunk and pieces reach its streams' settings; an override of 0 turns them off (None
+    keeps the model's)."""
+    spec = get_config("longsana-2b-480p")
+    s = StreamSettings.from_spec(spec)
+    assert (s.switch_chunk_frames, s.piece_frames, s.forget_on_switch) == (3, 1, False)
+    s = StreamSettings.from_spec(spec, piece_frames=0, switch_chunk_frames=None)
+    assert (s.switch_chunk_frames, s.piece_frames) == (3, 0)
+    assert StreamSettings.from_spec(get_config("demo")).forget_on_switch is True
 
 
 def test_types_survive_toml():

@@ -257,6 +257,19 @@ def test_the_lead_counts_the_work_under_way_once(pipe):
     stream.close()
 
 
+def test_once_a_chunks_first_piece_is_out_the_work_under_way_is_the_steps(pipe):
+    """Handed out in pieces, a chunk's work is done at its first piece: while its later pieces go out, the work under
+    way that the lead adds is what the step started ahead (`work_left`), not what a chunk asked for would have left."""
+    stream = pipe.stream(P, seed=SEED, chunk_frames=4, piece_frames=1)
+    it = iter(stream)
+    while next(it).index < 1:  # chunk 0's pieces, then chunk 1's first
+        pass
+    assert stream._chunk_seconds  # (a chunk's median making time is known)
+    stream.step.work_left = lambda: 5.0
+    assert stream.lead_terms()[1] == 5.0
+    stream.close()
+
+
 def test_a_switch_lands_the_lead_after_the_screen_and_not_before_committed_frames(pipe):
     """not_before (the first frame a switch may replace: a server's encoder has taken the frames before it) is a
     floor under the landing, not added to the lead: the new frames are made while those frames play."""
