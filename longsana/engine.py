@@ -52,9 +52,10 @@ schedule; a switch costs one chunk's transformer work.
 
 A chunk's work is one graph per denoising step (the first after the pending chunk's clean pass), and the work started
 ahead is launched AHEAD_QUEUED steps at a time: `ahead` launches the first of them, and the device worker the next as
-one ends (`pump`, called while it is idle). A switch then waits for at most those steps (at 480p on an H100 about 0.1 s
-each, the first 0.2 s), not for a whole chunk's work queued in one launch (about 0.6 s), before its own work can
-start. Each step is timed between CUDA events, so that a switch's lead can count what is left of them (`work_left`).
+one ends (`pump`, called while it is idle). A switch then waits for at most those steps (at 480p on an H100 a pass
+each, about 0.12 s, the first with the clean pass twice that), not for a whole chunk's work queued in one launch
+(about 0.6 s), before its own work can start. Each step is timed between CUDA events, so that a switch's lead can
+count what is left of them (`work_left`).
 """
 
 from __future__ import annotations
