@@ -204,6 +204,7 @@ class ChunkEngine:
     def pump(self) -> bool:
         """Launch steps of the work started ahead while fewer than AHEAD_QUEUED are running or queued on the device;
         True while some are left to launch or to be seen done (the device worker calls this while idle)."""
+        self._see_done()  # (first: a step done since the last call makes room for the next one now)
         self._launch_steps(AHEAD_QUEUED - len(self._queued))
         return bool(self._later or self._queued)
 
