@@ -229,6 +229,11 @@ class ChunkEngine:
             first = False
         return left
 
+    def chunk_work(self) -> float:
+        """The sum of each denoising step's median GPU time (0 before any step was timed; on a CPU, always)."""
+        times = self._step_seconds
+        return sum(statistics.median(times.get(i, (0.0,))) for i in range(len(self.timesteps)))
+
     @property
     def nbytes(self) -> int:
         """Bytes of the engine's own device tensors: the state and its boundary copy, the static buffers of every

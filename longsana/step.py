@@ -115,6 +115,10 @@ class ChunkStep(Protocol):
     def work_left(self) -> float:
         """Seconds of the work started ahead still to run on the device, estimated; 0 when none is (any thread)."""
 
+    def chunk_work(self) -> float:
+        """Seconds of device work a chunk's denoising takes, as measured on the device; 0 where the step does not
+        measure it (any thread)."""
+
     def prepare(self, text: TextKV, n: int) -> None:
         """A hint: chunks of n latent frames will come (a step may get ready for them now, e.g. compile)."""
 
@@ -178,6 +182,9 @@ class EagerStep:
 
     def work_left(self) -> float:
         return 0.0
+
+    def chunk_work(self) -> float:
+        return 0.0  # (its work runs while the consumer waits for the chunk: the stream times that)
 
     def prepare(self, text: TextKV, n: int) -> None:
         pass  # nothing to compile

@@ -261,7 +261,7 @@ class Stream:
         self.cue = Cue(prompt)
         self.request = 0  # the last request applied
         self._blend: tuple[tuple, TextKV] | None = None  # the last transition's mixed prompt, by (prev, prompt, w)
-        self._chunk_seconds: deque[float] = deque(maxlen=5)  # time to make the last chunks (the switch lead)
+        self._chunk_seconds: deque[float] = deque(maxlen=5)  # the last chunks' waits for their first frames (the lead)
         self._switch_seconds: deque[float] = deque(maxlen=5)  # and the last chunks that started a switch
         self._busy_since: float | None = None  # when the consumer asked for the chunk being made (None: none is)
         self.index = 0  # next chunk
@@ -333,10 +333,12 @@ class Stream:
     def lead_frames(self, since: float | None = None) -> int:
         """Video frames from the frame on screen to the earliest a switch can land on: `switch_lead`, or the time
         to make the new frames: what is left of the work under way, then LEAD_MARGIN times the median time the last
-        chunks that started a switch took to their first frames (the split's re-decode included; of the last chunks
-        until one has), less the work that was under way when they were asked for, which the first term counts: a
-        median, as one slow chunk on a busy machine would hold back every switch after it; a margin, for the spread
-        and for the chunk after a switch's, which is made while the switch's plays.
+        chunks that started a switch took to their first frames (the split's re-decode included), less the work
+        that was under way when they were asked for, which the first term counts: a median, as one slow chunk on a
+        busy machine would hold back every switch after it; a margin, for the spread and for the chunk after a
+        switch's, which is made while the switch's plays. Until a switch has been timed: the last chunks' median
+        wait for their first frames plus the step's measured work for a chunk (`chunk_work`: a chunk whose work was
+        started ahead waited for part of it, or none).
         since: when (time.perf_counter()) that frame was on screen; the screen has moved on from it since, which a
         measured lead adds."""
         lead = self.settings.switch_lead
@@ -349,15 +351,20 @@ class Stream:
         """The measured lead's terms, in seconds: how far the screen moved on since `since`, what is left of the work
         under way, and the median time to a switch's first frames (which the lead scales by LEAD_MARGIN)."""
         now = time.perf_counter()
-        new = statistics.median(self._switch_seconds or self._chunk_seconds or [0.0])
+        if self._switch_seconds:
+            new = statistics.median(self._switch_seconds)
+        else:
+            new = statistics.median(self._chunk_seconds or [0.0]) + self.step.chunk_work()
         return (0.0 if since is None else now - since), self._busy(now), new
 
     def _busy(self, now: float) -> float:
-        """Seconds left of the device work under way for this stream: of a chunk asked for, the median time the last
-        chunks took less the time since; else of the work the step started ahead (its own estimate); 0 when idle."""
+        """Seconds left of the device work under way for this stream: what the step started ahead has left (its own
+        estimate), or, while a chunk is asked for and more, the median wait of the last chunks for their first
+        frames less the time since; 0 when idle."""
+        left = self.step.work_left()
         if self._busy_since is not None and self._chunk_seconds:
-            return max(statistics.median(self._chunk_seconds) - (now - self._busy_since), 0.0)
-        return self.step.work_left()
+            left = max(left, statistics.median(self._chunk_seconds) - (now - self._busy_since))
+        return left
 
     def close(self) -> None:
         with self._lock:
@@ -399,7 +406,7 @@ class Stream:
                 if switch:  # the time to a switch's own first frames: the lead counts the work under way apart
                     self._switch_seconds.append(max(first_wait - busy, 0.0))
                 else:
-                    self._chunk_seconds.append(spent)  # and a chunk's, while one is asked for
+                    self._chunk_seconds.append(first_wait)  # and a chunk's (it is busy until its first piece)
             yield chunk
             asked = time.perf_counter()
             if last:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -559,7 +560,8 @@ def take_chunks(stream, n):
 @needs_cuda
 def test_the_engine_times_its_steps_for_the_work_left():
     """work_left (what a switch's lead adds for the work under way): each step launched and not yet done at that
-    step's median GPU time (timed between CUDA events), the first less the time it has run; 0 once all are done."""
+    step's median GPU time (timed between CUDA events), the first less the time it has run; 0 once all are done.
+    chunk_work (the lead's time for a switch, until one is timed): the steps' medians summed."""
     pipe = gpu_pipeline()
     stream = pipe.stream(P, seed=1, compile=True)
     it = iter(stream)
@@ -574,6 +576,7 @@ def test_the_engine_times_its_steps_for_the_work_left():
     assert set(times) == set(range(len(step.timesteps))), times
     assert all(0 < len(x) <= engine_mod.STEP_TIMES and all(0 < y < wall for y in x) for x in times.values()), times
     assert step.work_left() == 0.0 and step._ahead is not None and not step._queued
+    assert step.chunk_work() == pytest.approx(sum(statistics.median(x) for x in times.values()))
 
     def relaunch():  # the same work started ahead again, behind a spin that holds the device up
         step._step_seconds = {i: (10.0,) for i in times}  # as if each step had taken 10 s
