@@ -337,8 +337,8 @@ class Stream:
         that was under way when they were asked for, which the first term counts: a median, as one slow chunk on a
         busy machine would hold back every switch after it; a margin, for the spread and for the chunk after a
         switch's, which is made while the switch's plays. Until a switch has been timed: the last chunks' median
-        wait for their first frames plus the step's measured work for a chunk (`chunk_work`: a chunk whose work was
-        started ahead waited for part of it, or none).
+        wait for their first frames, or the step's measured work for a chunk if longer (`chunk_work`: a chunk whose
+        work was started ahead waited for part of it, or none).
         since: when (time.perf_counter()) that frame was on screen; the screen has moved on from it since, which a
         measured lead adds."""
         lead = self.settings.switch_lead
@@ -354,7 +354,7 @@ class Stream:
         if self._switch_seconds:
             new = statistics.median(self._switch_seconds)
         else:
-            new = statistics.median(self._chunk_seconds or [0.0]) + self.step.chunk_work()
+            new = max(statistics.median(self._chunk_seconds or [0.0]), self.step.chunk_work())
         return (0.0 if since is None else now - since), self._busy(now), new
 
     def _busy(self, now: float) -> float:

@@ -274,15 +274,18 @@ def test_once_a_chunks_first_piece_is_out_the_work_under_way_is_the_steps(pipe):
 
 def test_until_a_switch_is_timed_the_lead_takes_a_chunks_wait_for_its_first_piece(pipe):
     """Before any switch, the lead's time for a switch's first frames is the last chunks' median wait for their
-    first piece, not for all their pieces (a switch's frames go out at its first), plus the step's measured work for
-    a chunk (a chunk whose work was started ahead waited for part of it, or none of it)."""
+    first piece, not for all their pieces (a switch's frames go out at its first), or the step's measured work for a
+    chunk where that is longer (a chunk whose work was started ahead waited for part of it, or none of it)."""
     stream = pipe.stream(P, seed=SEED, chunk_frames=4, piece_frames=1)
     chunks = {}
     for c in itertools.islice(stream, 9):  # chunk 0's 5 pieces (latents [0, 5)), then chunk 1's 4
         chunks[c.index] = c.gen_seconds or chunks.get(c.index, 0.0)  # (a chunk's whole wait is on its last piece)
     assert len(stream._chunk_seconds) == 2 and all(0 < w < chunks[i] for i, w in enumerate(stream._chunk_seconds))
-    stream.step.chunk_work = lambda: 0.5
-    assert stream.lead_terms()[2] == statistics.median(stream._chunk_seconds) + 0.5
+    waited = statistics.median(stream._chunk_seconds)
+    stream.step.chunk_work = lambda: waited + 0.5
+    assert stream.lead_terms()[2] == waited + 0.5
+    stream.step.chunk_work = lambda: waited / 2
+    assert stream.lead_terms()[2] == waited
     stream.close()
 
 
