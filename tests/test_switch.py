@@ -239,6 +239,9 @@ def test_the_lead_moves_the_switch_later(pipe):
     assert auto.lead_frames(since=time.perf_counter() - 1.0) >= int(np.ceil(LEAD_MARGIN * made)) + auto.fps - 1
     auto.step.work_left = lambda: 1.0  # handed out, with 1 s of the next chunk's work started ahead left
     assert auto.lead_frames() >= int(np.ceil(LEAD_MARGIN * made)) + auto.fps - 1
+    auto._busy_since = time.perf_counter()  # asked for, its work started ahead: more left than the chunks waited
+    auto.step.work_left = lambda: 100.0
+    assert auto.lead_terms()[1] == 100.0
 
 
 def test_the_lead_counts_the_work_under_way_once(pipe):
