@@ -224,15 +224,18 @@ class ChunkEngine:
         for s in self._queued:
             if s.end.query():  # (done, not yet seen by `pump`)
                 continue
-            need = statistics.median(self._step_seconds.get(s.i, (0.0,)))
+            need = self._step_time(s.i)
             left += max(need - (now - max(s.at, self._seen_done)), 0.0) if first else need
             first = False
         return left
 
     def chunk_work(self) -> float:
         """The sum of each denoising step's median GPU time (0 before any step was timed; on a CPU, always)."""
-        times = self._step_seconds
-        return sum(statistics.median(times.get(i, (0.0,))) for i in range(len(self.timesteps)))
+        return sum(self._step_time(i) for i in range(len(self.timesteps)))
+
+    def _step_time(self, i: int) -> float:
+        """Step i's median GPU time, of its last STEP_TIMES (0 before it was timed)."""
+        return statistics.median(self._step_seconds.get(i, (0.0,)))
 
     @property
     def nbytes(self) -> int:
