@@ -33,14 +33,14 @@ Compilation is regional: one `torch.compile`d function runs every transformer bl
 blocks differ only in their weights), static shapes, so a stream compiles 2 chunk lengths x (denoise, clean, the
 clean pass's last block, which runs state-only) block graphs once per process, 3 with a switch's shorter chunk. An
 endless stream has them compiled before its first frame (`prepare`), so that no later frame waits for a compilation
-(tens of seconds at full size: a stall in the video, or a frozen first switch). The first use of each step variant
-(n, which step, the first's pending slot, the last's output slot) runs for real, so the first chunk of a stream pays
-no capture; the second runs on the capture stream, which warms it up, and is then captured as a CUDA graph (a
-one-time host synchronisation); later uses replay it: one launch that returns at once, provided the graph has few
-memset nodes: the driver's launch waits on those, and with cuBLAS's default workspace every split GEMM adds one
-(1,199 in a 10-frame chunk's graph on an H100, whose launch then held the host about 350 ms of 610). The command's
-process settings give cuBLAS no workspace (cli.py); the engine warns where they are missing. Compiled blocks fuse
-elementwise work, so the results agree with the eager path within bf16 rounding, not bitwise.
+(tens of seconds at full size: a stall in the video, or a frozen first switch). The first use of each step variant (n,
+which step, the first's pending slot, the last's output slot) runs for real, so the first chunk of a stream pays no
+capture; the second is captured as a CUDA graph (a one-time host synchronisation) and replayed, as later uses are: one
+launch that returns at once, provided the graph has few memset nodes: the driver's launch waits on those, and with
+cuBLAS's default workspace every split GEMM adds one (1,199 in a 10-frame chunk's graph on an H100, whose launch then
+held the host about 350 ms of 610). The command's process settings give cuBLAS no workspace (cli.py); the engine warns
+where they are missing. Compiled blocks fuse elementwise work, so the results agree with the eager path within bf16
+rounding, not bitwise.
 
 Overlap: the VAE decode of chunk c runs on a second, high-priority CUDA stream (`SideStream`), and the stream calls
 `ahead` with chunk c+1's arguments before it waits for c's frames, so c+1's transformer work fills the GPU while c
@@ -245,6 +245,12 @@ class ChunkEngine:
         text = [] if self.text is None else [*itertools.chain.from_iterable(self.text.kv), self.text.bias]
         return self.state.nbytes + self._before.nbytes + sum(t.nbytes for t in buffers + text if t is not None)
 
+    def cuda_streams(self) -> dict[str, torch.cuda.Stream]:
+        """This step's CUDA streams by role (for memory reports: the allocator keeps each stream's freed blocks for
+        that stream's later work)."""
+        named = dict(transformer=self.main, capture=self._capture_stream, decode=self.side.stream)
+        return {role: s for role, s in named.items() if s is not None}
+
     def boundary_state(self) -> State:
         return self._before if self._ahead is not None else self.state
 
@@ -391,18 +397,17 @@ class ChunkEngine:
         if graph is not None:
             graph.replay()
             return
-        # Second use: the real work on the capture stream (a warm-up there, for the libraries that set up per-stream
-        # state lazily), then the capture, which records without running.
-        s, main = self._capture_stream, torch.cuda.current_stream(self.device)
-        s.wait_stream(main)
-        with torch.cuda.stream(s):
-            self._step(*key)
-        main.wait_stream(s)
+        # Second use: captured, which records without running, then replayed: that replay is the use's work. No
+        # warm-up run on the capture stream first (PyTorch's advice, for libraries that set up per-stream state
+        # lazily): the first use ran this code already, and with no cuBLAS workspace (cli.py) nothing is set up per
+        # stream. Such a run's activations stayed cached for that stream beside the graph pool's until the capture
+        # began, the peak of a stream's GPU memory (+1.2 GB at 480p, benchmarks/RESULTS.md, 2026-12-06).
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=s, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"):
             self._step(*key)
         self._pool = graph.pool()
         self._graphs[key] = graph
+        graph.replay()
 
     # -- static buffers -------------------------------------------------------------------------------------------
     def _buffers_for(self, n: int, denoise: bool = False) -> _Buffers:
@@ -450,6 +455,17 @@ class ChunkEngine:
             for t in [*itertools.chain.from_iterable(text.kv), *([] if text.bias is None else [text.bias])]:
                 t.record_stream(self.main)
         self._text_src = text
+
+
+CUDNN_TRIALS = 0  # algorithms cuDNN's benchmark times at a new shape, 0: all. PyTorch's default, the first 10 of
+# cuDNN's heuristics, left the VAE's streaming decode 10% slower on an H100 (benchmarks/RESULTS.md, 2026-12-06)
+
+
+def autotune_cudnn() -> None:
+    """cuDNN's benchmark on for the process, over every algorithm: the fast path's convs have fixed shapes, so each
+    shape is timed once, at its first use, and runs the fastest algorithm after."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark_limit = CUDNN_TRIALS
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ import torch
 
 from .chunk import Chunk
 from .config import DEFAULT_CONFIG, ModelSpec, VAEConfig, get_config
-from .engine import ChunkEngine
+from .engine import ChunkEngine, autotune_cudnn
 from .fast_vae import accelerate
 from .fp8 import is_fp8, to_fp8
 from .model import LongSANATransformer, TextKV
@@ -633,7 +633,7 @@ def make_step(pipe: Pipeline, latent_hw: tuple[int, int], settings: StreamSettin
     fast = settings.compile if settings.compile is not None else pipe.device.type == "cuda"
     accelerate(pipe.vae.decoder, compile=fast)
     if fast and pipe.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # the VAE's convs have fixed shapes: let cuDNN pick the fastest once
+        autotune_cudnn()
     if not fast:
         return EagerStep(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps, pipe.vae_device)
     return ChunkEngine(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps, compile=True,
