@@ -20,9 +20,10 @@ word-level tokenizer (the real one needs the hub). It prints, in order:
      step (clean + 4 denoising passes) median / p95, transformer-only FPS; then where a steady chunk's time goes,
      stage by stage (transformer, decode to uint8 and its uint8 conversion, copy to the host), and their serial
      sum (the stream's variants above run with and without the decode overlapped);
-  4. the VAE: streaming decode of a steady chunk in bf16 (as the stream runs it: norms compiled; and variants:
-     the other layout than `fast_vae.default_layout`'s, side by side with the stream's, on any device; on a GPU the
-     plain decoder and 1 latent frame per call), and the bf16 vs fp32 decode error;
+  4. the VAE: streaming decode of a steady chunk in bf16 (as the stream runs it: norms compiled, --vae-frames-per-call
+     latent frames a call; and variants: the other layout than `fast_vae.default_layout`'s, side by side with the
+     stream's, on any device; on a GPU the plain decoder and the other of 1 or 2 latent frames a call), and the bf16
+     vs fp32 decode error;
   5. diffusers 0.42.1 when importable: SanaVideoTransformer3DModel (eager, and with its blocks compiled) and
      AutoencoderKLWan, same weights, same shapes, same run, with our numbers as ratios;
   6. with `--precision bf16,fp8`: the stream (without its variants) and the chunk step again with an FP8 copy of the
@@ -53,7 +54,7 @@ from longsana.benchmarks.vae import bench_ours as vae_ours
 from longsana.benchmarks.vae import ceilings, decoder_cost, gb, sync, timed
 from longsana.cli import set_process_defaults
 from longsana.config import get_config
-from longsana.engine import ChunkEngine
+from longsana.engine import ChunkEngine, autotune_cudnn
 from longsana.fast_vae import accelerate, default_layout
 from longsana.fp8 import to_fp8
 from longsana.model import LongSANATransformer
@@ -190,6 +191,10 @@ def _mem() -> int:
     return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
 
 
+def _reserved() -> int:
+    return torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
+
+
 def bench_stream(pipe: Pipeline, a) -> dict:
     r = {}
     sync_all(pipe)
@@ -225,7 +230,7 @@ def bench_stream(pipe: Pipeline, a) -> dict:
     print(f"  time to first frame {r['ttff_s']:.3f} s (prompt submit -> first piece of {len(first.frames)} "
           f"frames handed out; text encoding alone {r['encode_s'] * 1e3:.0f} ms)")
 
-    times, lat, frames, mem = [], [], [], []
+    times, lat, frames, mem, reserved = [], [], [], [], []
     t_last = time.perf_counter()
     for k in range(a.chunks):
         n, seconds = next_chunk(it)
@@ -233,6 +238,7 @@ def bench_stream(pipe: Pipeline, a) -> dict:
         lat.append(seconds)
         frames.append(n)
         mem.append(_mem())
+        reserved.append(_reserved())
         if (k + 1) % 40 == 0:
             print(f"  ... {k + 1} chunks, {sum(frames) / (times[-1] - t_last):.1f} FPS overall, "
                   f"allocated {gb(mem[-1])}")
@@ -244,7 +250,8 @@ def bench_stream(pipe: Pipeline, a) -> dict:
               e2e_fps=sum(frames[w + 1:]) / (times[-1] - times[w]),
               latency_median_s=statistics.median(steady), latency_p95_s=_p95(steady),
               mem_after_settle=mem[w], mem_last=mem[-1], mem_growth=mem[-1] - mem[w],
-              mem_range_after_settle=max(mem[w:]) - min(mem[w:]), mem_per_chunk=mem)
+              mem_range_after_settle=max(mem[w:]) - min(mem[w:]), mem_per_chunk=mem,
+              reserved_growth=reserved[-1] - reserved[w], reserved_per_chunk=reserved)
     if pipe.device.type == "cuda":
         r |= dict(peak_allocated=torch.cuda.max_memory_allocated(), peak_reserved=torch.cuda.max_memory_reserved(),
                   **vae_peak(pipe))
@@ -256,7 +263,7 @@ def bench_stream(pipe: Pipeline, a) -> dict:
           f"{r['latency_p95_s'] * 1e3:.0f} ms")
     print(f"  GPU memory: peak allocated {gb(r.get('peak_allocated'))}, reserved {gb(r.get('peak_reserved'))}; "
           f"allocated after chunk {w}: {gb(mem[w])}, after the last: {gb(mem[-1])} (growth {r['mem_growth']} "
-          f"bytes, range {r['mem_range_after_settle']} bytes)"
+          f"bytes, range {r['mem_range_after_settle']} bytes); reserved growth {r['reserved_growth']} bytes"
           + (f"; on the VAE's {pipe.vae_device}: peak allocated {gb(r['peak_allocated_vae_device'])}"
              if "peak_allocated_vae_device" in r else ""))
 
@@ -314,7 +321,29 @@ def memory_card(pipe: Pipeline, stream) -> dict:
         card |= dict(other_allocated=allocated - here,
                      reserved_unallocated=torch.cuda.memory_reserved(pipe.device) - allocated)
     print("  memory: " + ", ".join(f"{k.replace('_', ' ')} {gb(v)}" for k, v in card.items()))
+    if pipe.device.type == "cuda":
+        card["reserved_by"] = by = reserved_by(pipe.device, getattr(step, "cuda_streams", dict)())
+        print("  reserved by (allocated of it): " + ", ".join(f"{who} {gb(g['reserved'])} ({gb(g['allocated'])})"
+                                                          for who, g in by.items()))
     return card
+
+
+def reserved_by(device: torch.device, streams: dict[str, torch.cuda.Stream]) -> dict[str, dict[str, int]]:
+    """The allocator's memory on `device` by who may reuse it: each CUDA graph's pool (its activations, allocated only
+    while it is captured) and the ordinary pool by CUDA stream, since a block freed by one stream's work is reused
+    only by that stream's. {who: {"reserved": bytes, "allocated": bytes}}; `streams` names the streams by role."""
+    names = {0: "default stream"} | {s.cuda_stream: name for name, s in streams.items()}
+    index = torch.cuda.current_device() if device.index is None else device.index
+    out = {}
+    for seg in torch.cuda.memory_snapshot():
+        if seg["device"] != index:
+            continue
+        pool = tuple(seg.get("segment_pool_id") or (0, 0))
+        who = f"graph pool {pool}" if pool != (0, 0) else names.get(seg["stream"], f"stream {seg['stream']:#x}")
+        g = out.setdefault(who, dict(reserved=0, allocated=0))
+        g["reserved"] += seg["total_size"]
+        g["allocated"] += seg["allocated_size"]
+    return out
 
 
 def _err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -512,12 +541,14 @@ def bench_vae(pipe: Pipeline, a, hw) -> dict:
     ours = default_layout(vae.decoder)  # the stream's layout
     flipped = f"channels-last {'off' if ours else 'on'}"  # the other layout, side by side
     layouts = {ours: "as the stream runs it", not ours: flipped}
-    variants = {layouts[ours]: (vae, 2, None)}  # (vae, max_latent_frames_per_call, channels_last)
+    per_call = a.vae_frames_per_call  # the stream's
+    variants = {layouts[ours]: (vae, per_call, None)}  # (vae, max_latent_frames_per_call, channels_last)
     if a.vae_variants:
-        variants[layouts[not ours]] = (vae, 2, not ours)
+        variants[layouts[not ours]] = (vae, per_call, not ours)
     if a.vae_variants and dev.type == "cuda":
-        variants["plain (no fast_vae)"] = (make_vae(vae.cfg, dev, vae.dtype), 2, None)
-        variants["1 latent frame per call"] = (vae, 1, None)
+        variants["plain (no fast_vae)"] = (make_vae(vae.cfg, dev, vae.dtype), per_call, None)
+        other = 2 if per_call == 1 else 1
+        variants[f"{other} latent frame{'s' * (other > 1)} per call"] = (vae, other, None)
     r = dict(variants={})
     print(f"## VAE streaming decode, {vae.dtype}, steady chunks of {a.chunk} latent frames")
     for name, (v, pieces, channels_last) in variants.items():
@@ -631,7 +662,8 @@ def targets(res: dict, full_size: bool = True) -> dict:
         ("time to first frame (s)", s.get("ttff_s"), f"<= {TARGETS['ttff_s']}", lambda x: x <= TARGETS["ttff_s"]),
         ("peak GPU memory, one stream (GB reserved)", None if peak is None else peak / 1e9,
          f"<= {TARGETS['peak_gb']}", lambda x: x <= TARGETS["peak_gb"]),
-        ("memory growth after warm-up (bytes)", s.get("mem_growth"), "<= 0", lambda x: x <= 0),
+        ("memory growth after warm-up (bytes, alloc./reserved)",
+         max((s[k] for k in ("mem_growth", "reserved_growth") if k in s), default=None), "<= 0", lambda x: x <= 0),
         ("fast step vs eager, max rel. error of x0", st.get("max_x0_err"), "<= 2e-2", lambda x: x <= 2e-2),
     ]
     out = {}
@@ -699,7 +731,7 @@ def main(argv=None) -> dict:
     device, vae_device = devices[0], devices[-1]
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the "current" GPU of the memory readings and the kernels launched here
-    torch.backends.cudnn.benchmark = True
+    autotune_cudnn()  # as the stream sets it
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     split = f" (the VAE on {vae_device}: one stream split over two devices)" if vae_device != device else ""

@@ -4,7 +4,8 @@ Full LongSANA 2B / 480x832 shapes with random weights, bf16, one pipeline (one s
 worker.py), each stream on its own thread as the server's producers run them. It prints, in order:
   1. the card: one stream alone, unpaced: its FPS, and the most real-time streams that rate implies (FPS / fps);
   2. N streams at once, unpaced (as fast as the GPU gives them frames), started together and started apart:
-     each stream's FPS after its first --settle chunks, its first-chunk time, and any error;
+     each stream's FPS after its first --settle chunks, the time to its first frames, and any error, and the
+     run's peak GPU memory (reserved: what the allocator took from the device);
   3. admission: 2 streams paced to real time (a consumer taking frames at the model's fps) for --paced-seconds,
      then the worker's measured load and whether it admits a third (and why);
   4. with --minutes M: 2 streams together for M minutes of video each (errors, FPS over the whole run).
@@ -41,7 +42,8 @@ PACED_SLACK = 0.97  # a paced stream keeps up at >= this share of fps (its measu
 
 def run_streams(pipe, n: int, chunks: int, settle: int, stagger: float = 0.0, paced: bool = False,
                 seed: int = 0) -> list[dict]:
-    """n streams on their own threads; each takes `chunks` chunks. Returns one record a stream."""
+    """n streams on their own threads; each takes `chunks` whole chunks (a chunk handed out in pieces ends at the
+    piece that carries its gen_seconds). Returns one record a stream."""
     out = [dict() for _ in range(n)]
 
     def one(i: int):
@@ -49,16 +51,22 @@ def run_streams(pipe, n: int, chunks: int, settle: int, stagger: float = 0.0, pa
         t0 = time.perf_counter()
         try:
             stream = pipe.stream(f"{PROMPTS[i % len(PROMPTS)]} ({seed + i})", seed=seed + i)
-            it, frames, times = iter(stream), [], []
-            for _ in range(chunks):
-                frames.append(len(next(it).frames))
-                times.append(time.perf_counter())
+            it, frames, times, n_open = iter(stream), [], [], 0
+            while len(times) < chunks:
+                c = next(it)
+                now = time.perf_counter()
+                r.setdefault("first_frames_s", now - t0)
+                n_open += len(c.frames)
+                if c.gen_seconds > 0:  # the chunk's last piece
+                    frames.append(n_open)
+                    times.append(now)
+                    n_open = 0
                 if paced:  # the viewer plays at the model's fps: the producer waits for it
-                    time.sleep(max(0.0, t0 + sum(frames) / stream.fps - time.perf_counter()))
+                    time.sleep(max(0.0, t0 + (sum(frames) + n_open) / stream.fps - time.perf_counter()))
             stream.close()
             w = min(settle, chunks - 2)
-            r.update(first_chunk_s=times[0] - t0, fps=sum(frames[w + 1:]) / (times[-1] - times[w]),
-                     video_s=sum(frames) / stream.fps, chunks=chunks)
+            r.update(fps=sum(frames[w + 1:]) / (times[-1] - times[w]), video_s=sum(frames) / stream.fps,
+                     chunks=chunks)
         except Exception as e:  # noqa: BLE001 (a failed stream is a result)
             r["error"] = f"{type(e).__name__}: {e}"
 
@@ -71,12 +79,24 @@ def run_streams(pipe, n: int, chunks: int, settle: int, stagger: float = 0.0, pa
     return out
 
 
-def report(title: str, rs: list[dict], fps: int, paced: bool = False) -> None:
+def report(title: str, rs: list[dict], fps: int, paced: bool = False, memory: dict | None = None) -> None:
     slow = lambda r: not paced and r["fps"] < fps * REAL_TIME_MARGIN  # noqa: E731 (paced streams run at fps at most)
     parts = [(f"error {r['error']}" if "error" in r else
               f"{r['fps']:.1f} FPS{' (below real time)' if slow(r) else ''}, "
-              f"first chunk {r['first_chunk_s']:.2f} s") for r in rs]
-    print(f"  {title}: " + "; ".join(f"#{i} {p}" for i, p in enumerate(parts)))
+              f"first frames {r['first_frames_s']:.2f} s") for r in rs]
+    peak = f"; GPU memory peak reserved {memory['peak_reserved'] / 1e9:.2f} GB" if memory else ""
+    print(f"  {title}: " + "; ".join(f"#{i} {p}" for i, p in enumerate(parts)) + peak)
+
+
+def take_peak(device: torch.device) -> dict:
+    """The GPU memory peaks (bytes) since the last call, which starts the next window; {} off CUDA. Weights, text
+    encoder and every stream's tensors included."""
+    if device.type != "cuda":
+        return {}
+    peak = dict(peak_reserved=torch.cuda.max_memory_reserved(device),
+                peak_allocated=torch.cuda.max_memory_allocated(device))
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def paced_chunks(a, pipe) -> int:
@@ -174,19 +194,20 @@ def main(argv=None) -> dict:
           f"{next(pipe.model.parameters()).dtype}, {datetime.date.today()}")
     res = dict(bench="streams", device=name, torch=torch.__version__, date=str(datetime.date.today()), tiny=a.tiny)
 
+    take_peak(device)  # (the build's)
     alone = run_streams(pipe, 1, a.chunks, a.settle)
-    res["alone"] = alone[0]
+    res["alone"], res["memory_alone"] = alone[0], take_peak(device)
     capacity = int(alone[0].get("fps", 0) // fps)
     print(f"## card: one stream alone {alone[0].get('fps', float('nan')):.1f} FPS -> at most {capacity} real-time "
           f"streams at {fps} fps on this device")
-    report("alone", alone, fps)
+    report("alone", alone, fps, memory=res["memory_alone"])
 
     print("## several streams, unpaced")
     for n in range(2, a.max_streams + 1):
         for key, stagger in (("together", 0.0), ("apart", a.stagger)):
             rs = run_streams(pipe, n, a.chunks, a.settle, stagger, seed=10 * n)
-            res[f"{key}_{n}"] = rs
-            report(f"{n} {key}", rs, fps)
+            res[f"{key}_{n}"], res[f"memory_{key}_{n}"] = rs, take_peak(device)
+            report(f"{n} {key}", rs, fps, memory=res[f"memory_{key}_{n}"])
 
     print(f"## admission: 2 streams paced to {fps} fps for {a.paced_seconds:.0f} s")
     admitted = {}

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from longsana.config import VAEConfig, get_config
+from longsana.engine import autotune_cudnn
 from longsana.fast_vae import CHANNELS_LAST, accelerate
 from longsana.testing import rel_err
 from longsana.vae import CausalCache, Decoder, StreamingDecoder, WanVAE
@@ -226,7 +227,8 @@ def main(argv=None) -> dict:
     cfg = get_config("tiny").vae if a.tiny else VAEConfig()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = a.tf32
-    torch.backends.cudnn.benchmark = a.cudnn_benchmark
+    if a.cudnn_benchmark:
+        autotune_cudnn()  # as the stream sets it
     torch.manual_seed(0)
     with torch.device(device):
         vae = WanVAE(cfg).eval().requires_grad_(False)
