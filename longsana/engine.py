@@ -233,6 +233,12 @@ class ChunkEngine:
         """The sum of each denoising step's median GPU time (0 before any step was timed; on a CPU, always)."""
         return sum(self._step_time(i) for i in range(len(self.timesteps)))
 
+    def device_idle(self) -> bool:
+        """Whether this step's CUDA streams have run all they were given: the steps, the decodes, the downloads. (Of
+        the work started ahead, while a step is left to launch another is queued: `pump` launches one as one ends.)
+        True on a CPU, where the work has run when its call returns."""
+        return all(s.query() for s in self.cuda_streams().values())
+
     def _step_time(self, i: int) -> float:
         """Step i's median GPU time, of its last STEP_TIMES (0 before it was timed)."""
         return statistics.median(self._step_seconds.get(i, (0.0,)))

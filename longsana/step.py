@@ -119,6 +119,10 @@ class ChunkStep(Protocol):
         """Seconds of device work a chunk's denoising takes, as measured on the device; 0 where the step does not
         measure it (any thread)."""
 
+    def device_idle(self) -> bool:
+        """Whether the device has run all the work this step launched, and none is left to launch (the device
+        worker's load counts the stream busy until then)."""
+
     def prepare(self, text: TextKV, n: int) -> None:
         """A hint: chunks of n latent frames will come (a step may get ready for them now, e.g. compile)."""
 
@@ -185,6 +189,9 @@ class EagerStep:
 
     def chunk_work(self) -> float:
         return 0.0  # (its work runs while the consumer waits for the chunk: the stream times that)
+
+    def device_idle(self) -> bool:
+        return True  # (its frames are copied to the host before a chunk's job returns: its work has run)
 
     def prepare(self, text: TextKV, n: int) -> None:
         pass  # nothing to compile

@@ -366,6 +366,10 @@ class Stream:
             left = max(left, statistics.median(self._chunk_seconds) - (now - self._busy_since))
         return left
 
+    def device_idle(self) -> bool:
+        """Whether the device has run all this stream's work (the device worker's load counts it busy until then)."""
+        return self.step.device_idle()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -17,9 +17,13 @@ until it says it is done. Jobs are served earliest deadline first; a stream's de
 runs dry (given by whoever paces it), else the moment it asked, which serves waiting streams in turn: none can
 starve another.
 
-The worker also keeps the load: the fraction of the last `window` seconds it spent in jobs. When the streams are
-paced to real time, that is the share of the device they need, so a new stream is admitted while the load with one
-more (load x (n + 1) / n) stays under the margin (`admits`).
+The worker also keeps the load: the fraction of the last `window` seconds in which some stream's work was under
+way, from the start of its job until the device has run all it launched (an owner's `device_idle`, asked between
+jobs and every POLL_SECONDS while some is running; without one, until the job returns). A job of the fast step
+only launches work, which the GPU runs after it returns, so the job's own time is a small part of the device's: two
+streams paced to 16 fps on an H100 read 26% so, while they used about 78% of it (benchmarks/RESULTS.md, 2026-12-06).
+When the streams are paced to real time, the load is the share of the device they need, so a new stream is
+admitted while the load with one more (load x (n + 1) / n) stays under the margin (`admits`).
 
 A failed job raises in the caller's thread and ends only that stream. A failure that leaves the device unusable (a
 CUDA error is sticky: every later call fails) is detected by `healthy()` after any failure; the worker then fails
@@ -73,6 +77,24 @@ def _result(job: _Job):
     return job.result
 
 
+def covered(spans: list[tuple[float, float]], t0: float, t1: float) -> float:
+    """Seconds of [t0, t1] inside at least one of the spans (start, end): overlapping spans count once."""
+    total, reach = 0.0, t0
+    for start, end in sorted(spans):
+        start, end = max(start, reach), min(end, t1)
+        if end > start:
+            total, reach = total + end - start, end
+    return total
+
+
+def _idle(device_idle: Callable[[], bool]) -> bool:
+    """An owner's device_idle(); one that fails (its stream torn down) has nothing left running."""
+    try:
+        return bool(device_idle())
+    except Exception:  # noqa: BLE001
+        return True
+
+
 def cuda_healthy(device: torch.device) -> Callable[[], bool]:
     """A health check for a device: a CUDA context that failed (sticky error) fails to synchronise."""
     def healthy() -> bool:
@@ -93,7 +115,9 @@ class DeviceWorker:
         self._jobs: list[_Job] = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
-        self._busy: deque[tuple[float, float, object]] = deque()  # (start, end, owner) of recent jobs
+        self._busy: deque[tuple[float, float, object]] = deque()  # (start, end, owner): recent jobs, device work run
+        self._running: dict[int, tuple[float, Callable[[], bool]]] = {}  # by owner id: (start, device_idle) of work
+        # launched by its jobs and not yet run on the device
         self._owners: dict[int, object] = {}  # streams iterating now (by id)
         self._polls: dict[int, Callable[[], bool]] = {}  # by owner id: called between jobs until they return False
         self._thread: threading.Thread | None = None
@@ -147,12 +171,12 @@ class DeviceWorker:
 
     # -- load and admission ---------------------------------------------------------------------------------------
     def load(self, now: float | None = None) -> float:
-        """The fraction of the last `window` seconds spent in jobs."""
+        """The fraction of the last `window` seconds in which some stream's work was under way (the top)."""
         now = time.monotonic() if now is None else now
-        t0 = now - self.window
         with self._cv:
-            busy = sum(min(end, now) - max(start, t0) for start, end, _ in self._busy if end > t0)
-        return busy / self.window
+            spans = [(start, end) for start, end, _ in self._busy] + [(start, now) for start, _ in
+                                                                       self._running.values()]
+        return covered(spans, now - self.window, now) / self.window
 
     def admits(self, margin: float = 0.9) -> tuple[bool, str]:
         """Whether one more paced stream fits: (yes/no, the reason in words)."""
@@ -175,8 +199,9 @@ class DeviceWorker:
 
     def _loop(self) -> None:
         while True:
+            self._see_run()
             with self._cv:
-                while not self._jobs and not self._polls:
+                while not self._jobs and not self._polls and not self._running:
                     self._cv.wait()
                 if not self._jobs:
                     self._cv.wait(POLL_SECONDS)
@@ -211,10 +236,31 @@ class DeviceWorker:
                     del self._polls[key]
 
     def _record(self, start: float, end: float, owner: object) -> None:
+        """A job ran from start to end; its owner's work is under way until the device has run it (`device_idle`)."""
+        idle = getattr(owner, "device_idle", None)
+        running = idle is not None and not _idle(idle)
         with self._cv:
-            self._busy.append((start, end, owner))
-            while self._busy and self._busy[0][1] < end - self.window:
-                self._busy.popleft()
+            if running:  # (its span starts at the first of its jobs since its work last ran out)
+                self._running[id(owner)] = (self._running.get(id(owner), (start,))[0], idle)
+            else:
+                self._spans(start, end, owner)
+
+    def _see_run(self) -> None:
+        """Close the spans of the owners whose device work has all run (the worker thread, like `_record`)."""
+        done = [(key, start) for key, (start, idle) in list(self._running.items()) if _idle(idle)]
+        if done:
+            now = time.monotonic()
+            with self._cv:
+                for key, start in done:
+                    del self._running[key]
+                    self._spans(start, now, None)
+
+    def _spans(self, start: float, end: float, owner: object) -> None:
+        """Keep a span of work under way, and those that end in the last window (under the lock; ends come in
+        order)."""
+        self._busy.append((start, end, owner))
+        while self._busy and self._busy[0][1] < end - self.window:
+            self._busy.popleft()
 
     def _fail(self, error: BaseException) -> None:
         """The device is gone: fail every waiting job now, and every later one at submission."""

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from longsana.worker import DeviceFailed, DeviceWorker, Later
+from longsana.worker import DeviceFailed, DeviceWorker, Later, covered
 
 
 class Overlap:
@@ -170,6 +170,40 @@ def test_paced_streams_show_their_load():
     stop.set()
     t.join()
     assert 0.2 < load < 0.6, load
+
+
+def test_spans_covered_count_overlaps_once_inside_the_window():
+    assert covered([], 0.0, 10.0) == 0.0
+    assert covered([(1.0, 3.0), (2.0, 4.0), (3.5, 3.8), (6.0, 7.0)], 0.0, 10.0) == pytest.approx(4.0)
+    assert covered([(-5.0, 1.0), (9.0, 12.0)], 0.0, 10.0) == pytest.approx(2.0)  # clipped to [t0, t1]
+
+
+class Launcher:
+    """A stand-in stream whose jobs only launch device work, as the fast step's do on a GPU: it runs `seconds` after
+    the job returns (`device_idle` says when it has)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.until = seconds, 0.0
+
+    def launch(self) -> None:
+        self.until = time.monotonic() + self.seconds
+
+    def device_idle(self) -> bool:
+        return time.monotonic() >= self.until
+
+
+def test_the_load_counts_a_streams_work_until_the_device_has_run_it():
+    """Jobs that return at once but leave 0.3 s of device work each: the load counts the work, not the jobs' own
+    microseconds, and two streams' work at the same time once. (Counted by the jobs' time, two paced streams on an
+    H100 read 26% while they used about 78% of it, and a third was admitted.)"""
+    worker = DeviceWorker(window=1.0)
+    a, b = Launcher(0.3), Launcher(0.3)
+    worker.run(a.launch, owner=a)
+    worker.run(b.launch, owner=b)
+    assert worker.load() > 0  # under way now
+    time.sleep(0.6)
+    assert worker.load() == pytest.approx(0.3, abs=0.08)
+    assert not worker._running  # each span closed once its work ran
 
 
 def test_a_failing_stream_ends_alone():
