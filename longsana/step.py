@@ -120,8 +120,8 @@ class ChunkStep(Protocol):
         measure it (any thread)."""
 
     def device_idle(self) -> bool:
-        """Whether the device has run all the work this step launched, and none is left to launch (the device
-        worker's load counts the stream busy until then)."""
+        """Whether the device has run all the work this step launched (the device worker's load counts the stream
+        busy until then; any thread)."""
 
     def prepare(self, text: TextKV, n: int) -> None:
         """A hint: chunks of n latent frames will come (a step may get ready for them now, e.g. compile)."""

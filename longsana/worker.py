@@ -171,7 +171,7 @@ class DeviceWorker:
 
     # -- load and admission ---------------------------------------------------------------------------------------
     def load(self, now: float | None = None) -> float:
-        """The fraction of the last `window` seconds in which some stream's work was under way (the top)."""
+        """The fraction of the last `window` seconds in which some stream's work was under way (see the top)."""
         now = time.monotonic() if now is None else now
         with self._cv:
             spans = [(start, end) for start, end, _ in self._busy] + [(start, now) for start, _ in
