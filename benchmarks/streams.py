@@ -43,7 +43,7 @@ PACED_SLACK = 0.97  # a paced stream keeps up at >= this share of fps (its measu
 def run_streams(pipe, n: int, chunks: int, settle: int, stagger: float = 0.0, paced: bool = False,
                 seed: int = 0) -> list[dict]:
     """n streams on their own threads; each takes `chunks` whole chunks (a chunk handed out in pieces ends at the
-    piece that carries its gen_seconds). Returns one record a stream."""
+    piece that carries its gen_seconds and gen_frames). Returns one record a stream."""
     out = [dict() for _ in range(n)]
 
     def one(i: int):
@@ -51,18 +51,17 @@ def run_streams(pipe, n: int, chunks: int, settle: int, stagger: float = 0.0, pa
         t0 = time.perf_counter()
         try:
             stream = pipe.stream(f"{PROMPTS[i % len(PROMPTS)]} ({seed + i})", seed=seed + i)
-            it, frames, times, n_open = iter(stream), [], [], 0
+            it, frames, times, shown = iter(stream), [], [], 0
             while len(times) < chunks:
                 c = next(it)
                 now = time.perf_counter()
                 r.setdefault("first_frames_s", now - t0)
-                n_open += len(c.frames)
-                if c.gen_seconds > 0:  # the chunk's last piece
-                    frames.append(n_open)
+                shown += len(c.frames)
+                if c.gen_seconds > 0:  # the chunk's last piece, which carries the chunk's frame count
+                    frames.append(c.gen_frames)
                     times.append(now)
-                    n_open = 0
                 if paced:  # the viewer plays at the model's fps: the producer waits for it
-                    time.sleep(max(0.0, t0 + (sum(frames) + n_open) / stream.fps - time.perf_counter()))
+                    time.sleep(max(0.0, t0 + shown / stream.fps - time.perf_counter()))
             stream.close()
             w = min(settle, chunks - 2)
             r.update(fps=sum(frames[w + 1:]) / (times[-1] - times[w]), video_s=sum(frames) / stream.fps,
