@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from longsana.config import VAEConfig, get_config
-from longsana.engine import autotune_cudnn
+from longsana.engine import CUDNN_TRIALS, autotune_cudnn
 from longsana.fast_vae import CHANNELS_LAST, accelerate
 from longsana.testing import rel_err
 from longsana.vae import CausalCache, Decoder, StreamingDecoder, WanVAE
@@ -221,6 +221,9 @@ def main(argv=None) -> dict:
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 for fp32 convs and matmuls (PyTorch's default for convs: on)")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--cudnn-trials", type=int, default=CUDNN_TRIALS,
+                   help=f"algorithms cuDNN's benchmark times at a new shape, 0: all (the stream's: {CUDNN_TRIALS}; "
+                        "PyTorch's default: 10)")
     a = p.parse_args(argv)
     if a.tiny:
         a.height, a.width, a.chunk, a.pieces, a.warmup, a.reps = 32, 48, 2, "1,2", 1, 2
@@ -228,7 +231,7 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = a.tf32
     if a.cudnn_benchmark:
-        autotune_cudnn()  # as the stream sets it
+        autotune_cudnn(a.cudnn_trials)  # as the stream sets it, by default
     torch.manual_seed(0)
     with torch.device(device):
         vae = WanVAE(cfg).eval().requires_grad_(False)
@@ -238,10 +241,10 @@ def main(argv=None) -> dict:
     print(f"# VAE decode benchmark on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: "
           f"{a.height}x{a.width}, chunks of {a.chunk} latent frames, {'tiny' if a.tiny else 'Wan 2.1'} VAE "
           f"({sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M params), tf32={a.tf32}, "
-          f"cudnn.benchmark={a.cudnn_benchmark}, {'plain' if a.plain else 'fast path'}")
+          f"cudnn.benchmark={a.cudnn_benchmark} (trials {a.cudnn_trials}), {'plain' if a.plain else 'fast path'}")
     result = dict(bench="vae", device=str(device), height=a.height, width=a.width, chunk=a.chunk, tiny=a.tiny,
-                  plain=a.plain, tf32=a.tf32, cudnn_benchmark=a.cudnn_benchmark, channels_last=a.channels_last,
-                  channels_last_default=CHANNELS_LAST)
+                  plain=a.plain, tf32=a.tf32, cudnn_benchmark=a.cudnn_benchmark, cudnn_trials=a.cudnn_trials,
+                  channels_last=a.channels_last, channels_last_default=CHANNELS_LAST)
     result |= {name: bench_dtype(vae, name, a, z_first) for name in a.dtypes.split(",")}
     print(json.dumps(result))
     return result

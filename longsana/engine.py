@@ -467,11 +467,11 @@ CUDNN_TRIALS = 0  # algorithms cuDNN's benchmark times at a new shape, 0: all. P
 # cuDNN's heuristics, left the VAE's streaming decode 10% slower on an H100 (benchmarks/RESULTS.md, 2026-12-06)
 
 
-def autotune_cudnn() -> None:
-    """cuDNN's benchmark on for the process, over every algorithm: the fast path's convs have fixed shapes, so each
-    shape is timed once, at its first use, and runs the fastest algorithm after."""
+def autotune_cudnn(trials: int = CUDNN_TRIALS) -> None:
+    """cuDNN's benchmark on for the process, over every algorithm (`trials`: the first that many): the fast path's
+    convs have fixed shapes, so each shape is timed once, at its first use, and runs the fastest algorithm after."""
     torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.benchmark_limit = CUDNN_TRIALS
+    torch.backends.cudnn.benchmark_limit = trials
 
 
 @contextlib.contextmanager
