@@ -14,6 +14,8 @@ cuDNN's depthwise conv took 0.75 ms. On an H100 (benchmarks/RESULTS.md, 2026-12-
 default tiling and 0.76 ms at the best the sweep found, against 0.90 ms for the compiled reference; it is not yet
 timed on the H200 (the reference there: 0.75 ms), so "auto" keeps the reference (`benchmarks.fps --tune` times both
 and sets TRITON_AUTO in its own process). Either way differentiable (the Triton op's backward is the reference's).
+The kernel's `tma` loads and its taps as (9, 2C) (triton_glu_conv.py) came after those timings and are not yet
+timed on a GPU.
 """
 
 from __future__ import annotations

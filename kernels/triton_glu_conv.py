@@ -16,6 +16,13 @@ each way (from L1), and SiLU'd each time; `gather` loads and SiLUs it once and t
 registers of neighbouring lanes (tl.gather along the columns, warp shuffles on sm_90: ptxas shows no shared memory),
 a third of the special-function work. A tile's edge columns then lack a neighbour, so gathering strips overlap by
 two columns and write only their inner ones.
+
+How a row gets from memory: by pointers (a 64-bit address and a mask per element, computed by every thread), or
+with `tma` through a tensor descriptor of h as (frames, H, W, 2, C): Hopper's copy engine moves each row tile into
+shared memory asynchronously, several rows ahead (`num_stages`), and fills whatever lies outside the frame with the
+zeros of the padding, so the threads compute no addresses or masks for their loads. The taps come as (9, 2C), a tap's
+channels side by side, so that a tap is one vector load per thread (as (2C, 9) they were a 2-byte load per channel
+and tap, 72 per thread and row, on sm_90).
 """
 
 from __future__ import annotations
@@ -42,6 +49,12 @@ class GluConvConfig:
     # reciprocal (each input element goes through SiLU 3 times, once per column shift); not under the interpreter
     gather: bool = False  # SiLU each input element once and take its left and right neighbours from registers
     # (tl.gather along the columns) instead of loading and SiLU-ing them again; strips then overlap by 2 columns
+    tma: bool = False  # load the input rows through a TMA tensor descriptor (Hopper): asynchronous bulk copies into
+    # shared memory, pipelined over the row loop, and no per-element pointers or masks (the descriptor zero-fills the
+    # padding); pointer loads where it cannot (`tma_loads`)
+
+
+TMA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 CONFIG = GluConvConfig()
@@ -57,44 +70,68 @@ def _silu(x, TANH: tl.constexpr = False):
 
 
 @triton.jit
-def _sweep_row(above, level, bias, row_ptr, xs, W, C2, c, c_ok, in_frame, w_ptr, TANH: tl.constexpr,
-               GATHER: tl.constexpr):
-    """Input row r (columns xs - 1, xs, xs + 1; zero outside the frame), SiLU'd, into the accumulators of output rows
-    r - 1 (`above`: complete after it) and r, and a new one for row r + 1. w_ptr: the (C2, 9) taps, row-major.
-    GATHER: row r is loaded at xs only, and a tile's first and last columns get wrong neighbours (not stored)."""
+def _load_row(desc, h_frame, frame, r, x, half, c0, H, W, C, BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr,
+              TMA: tl.constexpr):
+    """Input row r of this frame, columns x .. x + BLOCK_X - 1, channels c0 .. c0 + BLOCK_C - 1 of half `half`
+    (0: a, 1: its gate g), zero outside the frame (the convolution's padding: SiLU(0) = 0)."""
+    if TMA:  # the descriptor zero-fills whatever lies outside (frames, H, W, 2, C)
+        return desc.load([frame, r, x, half, c0]).reshape(BLOCK_X, BLOCK_C)
+    else:
+        xs = x + tl.arange(0, BLOCK_X)
+        c = c0 + tl.arange(0, BLOCK_C)
+        rr = xs * 0 + r  # (a vector: the interpreter's masks take no scalar comparisons)
+        ok = ((rr >= 0) & (rr < H) & (xs >= 0) & (xs < W))[:, None] & (c < C)[None, :]
+        return tl.load(h_frame + (r * W + xs)[:, None] * (2 * C) + half * C + c[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _sweep_row(desc, h_frame, frame, r, x0, half, c0, H, W, C, above, level, bias, w_ptr, c, c_ok,
+               BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, TANH: tl.constexpr, GATHER: tl.constexpr,
+               TMA: tl.constexpr):
+    """Input row r (columns x0 - 1 .. on), SiLU'd, into the accumulators of output rows r - 1 (`above`: complete
+    after it) and r, and a new one for row r + 1. w_ptr: the (9, 2C) taps, tap-major, so that a tap's channels are
+    one vector load. GATHER: row r is loaded once, and a tile's first and last columns get wrong neighbours (not
+    stored)."""
     below = bias
+    w = w_ptr + half * C + c
     if GATHER:
-        ok = (in_frame & (xs >= 0) & (xs < W))[:, None] & c_ok[None, :]
-        s_mid = _silu(tl.load(row_ptr + xs[:, None] * C2 + c[None, :], mask=ok, other=0.0).to(tl.float32), TANH)
-        i = tl.broadcast_to(tl.arange(0, xs.shape[0])[:, None], s_mid.shape)
+        s_mid = _silu(_load_row(desc, h_frame, frame, r, x0 - 1, half, c0, H, W, C, BLOCK_X, BLOCK_C, TMA)
+                      .to(tl.float32), TANH)
+        i = tl.broadcast_to(tl.arange(0, BLOCK_X)[:, None], s_mid.shape)
     for dx in tl.static_range(3):
         if GATHER:
-            s = s_mid if dx == 1 else tl.gather(s_mid, tl.minimum(tl.maximum(i + dx - 1, 0), xs.shape[0] - 1), 0)
+            s = s_mid if dx == 1 else tl.gather(s_mid, tl.minimum(tl.maximum(i + dx - 1, 0), BLOCK_X - 1), 0)
         else:
-            x = xs + dx - 1
-            ok = (in_frame & (x >= 0) & (x < W))[:, None] & c_ok[None, :]
-            s = _silu(tl.load(row_ptr + x[:, None] * C2 + c[None, :], mask=ok, other=0.0).to(tl.float32), TANH)
-        below += s * tl.load(w_ptr + c * 9 + dx, mask=c_ok, other=0.0).to(tl.float32)[None, :]  # kernel row 0
-        level += s * tl.load(w_ptr + c * 9 + 3 + dx, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        above += s * tl.load(w_ptr + c * 9 + 6 + dx, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            s = _silu(_load_row(desc, h_frame, frame, r, x0 + dx - 1, half, c0, H, W, C, BLOCK_X, BLOCK_C, TMA)
+                      .to(tl.float32), TANH)
+        below += s * tl.load(w + dx * 2 * C, mask=c_ok, other=0.0).to(tl.float32)[None, :]  # kernel row 0
+        level += s * tl.load(w + (3 + dx) * 2 * C, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        above += s * tl.load(w + (6 + dx) * 2 * C, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     return above, level, below
 
 
 @triton.jit
 def _glu_conv_kernel(
-    h_ptr, w_ptr, b_ptr, o_ptr,  # h: (frames, H*W, 2C) contiguous; w: (2C, 9); b: (2C,); o: (frames, H*W, C)
-    H, W, C,
+    h_ptr, w_ptr, b_ptr, o_ptr,  # h: (frames, H*W, 2C) contiguous; w: (9, 2C); b: (2C,); o: (frames, H*W, C)
+    frames, H, W, C,
     BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, TANH: tl.constexpr, STAGES: tl.constexpr,
-    GATHER: tl.constexpr,
+    GATHER: tl.constexpr, TMA: tl.constexpr,
 ):
     frame, strip, cblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HALO: tl.constexpr = 1 if GATHER else 0  # a gathering tile's edge columns only feed their neighbours
     strips_x = tl.cdiv(W, BLOCK_X - 2 * HALO)
     y0 = (strip // strips_x) * ROWS
+    x0 = (strip % strips_x) * (BLOCK_X - 2 * HALO)  # the first column this strip writes
+    c0 = cblock * BLOCK_C
+    desc = None
+    if TMA:
+        desc = tl.make_tensor_descriptor(h_ptr, shape=[frames, H, W, 2, C],
+                                         strides=[H * W * 2 * C, W * 2 * C, 2 * C, C, 1],
+                                         block_shape=[1, 1, BLOCK_X, 1, BLOCK_C])
     i = tl.arange(0, BLOCK_X)
-    xs = (strip % strips_x) * (BLOCK_X - 2 * HALO) - HALO + i
+    xs = x0 - HALO + i
     mine = (i >= HALO) & (i < BLOCK_X - HALO) & (xs < W)  # the columns this strip writes
-    c = cblock * BLOCK_C + tl.arange(0, BLOCK_C)  # a is channel c of h, its gate g channel C + c
+    c = c0 + tl.arange(0, BLOCK_C)  # a is channel c of h, its gate g channel C + c
     c_ok = c < C
     h_frame = h_ptr + frame.to(tl.int64) * H * W * 2 * C  # 64-bit: a batch of chunks may pass 2^31 elements
     o_frame = o_ptr + frame.to(tl.int64) * H * W * C
@@ -104,14 +141,11 @@ def _glu_conv_kernel(
     # step r reads input row r; before it, (above, level) accumulate output rows r - 1 and r
     above_a, level_a, above_g, level_g = zero, bias_a, zero, bias_g
     for r in tl.range(y0 - 1, y0 + ROWS + 1, num_stages=STAGES):
-        rr = xs * 0 + r  # (a vector: the interpreter's masks take no scalar comparisons)
-        in_frame = (rr >= 0) & (rr < H)
-        row = h_frame + r * W * 2 * C
-        a, level_a, below_a = _sweep_row(above_a, level_a, bias_a, row, xs, W, 2 * C, c, c_ok, in_frame, w_ptr,
-                                         TANH, GATHER)
-        g, level_g, below_g = _sweep_row(above_g, level_g, bias_g, row, xs, W, 2 * C, C + c, c_ok, in_frame,
-                                         w_ptr, TANH, GATHER)
-        y = rr - 1  # complete: store it if it is one of this strip's rows
+        a, level_a, below_a = _sweep_row(desc, h_frame, frame, r, x0, 0, c0, H, W, C, above_a, level_a, bias_a,
+                                         w_ptr, c, c_ok, BLOCK_X, BLOCK_C, TANH, GATHER, TMA)
+        g, level_g, below_g = _sweep_row(desc, h_frame, frame, r, x0, 1, c0, H, W, C, above_g, level_g, bias_g,
+                                         w_ptr, c, c_ok, BLOCK_X, BLOCK_C, TANH, GATHER, TMA)
+        y = xs * 0 + r - 1  # complete: store it if it is one of this strip's rows
         ok = ((y >= y0) & (y < H) & (y < y0 + ROWS) & mine)[:, None] & c_ok[None, :]
         tl.store(o_frame + (y * W + xs)[:, None] * C + c[None, :], (a * _silu(g, TANH)).to(o_ptr.dtype.element_ty),
                  mask=ok)
@@ -132,8 +166,26 @@ def glu_conv_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, h
     written = CONFIG.block_x - 2 if CONFIG.gather else CONFIG.block_x  # columns a strip writes (the kernel's HALO)
     strips = triton.cdiv(height, CONFIG.rows) * triton.cdiv(width, written)
     grid = (frames, strips, triton.cdiv(C, CONFIG.block_c))
-    wrap_triton(_glu_conv_kernel)[grid](h, weight.reshape(C2, 9).contiguous(), bias.contiguous(), o,
-                                        height, width, C, BLOCK_X=CONFIG.block_x, BLOCK_C=CONFIG.block_c,
+    tma = CONFIG.tma and tma_loads(h, C)
+    if tma and h.is_cuda:
+        triton.set_allocator(_descriptor_memory)
+    wrap_triton(_glu_conv_kernel)[grid](h, weight.reshape(C2, 9).t().contiguous(), bias.contiguous(), o,
+                                        frames, height, width, C, BLOCK_X=CONFIG.block_x, BLOCK_C=CONFIG.block_c,
                                         ROWS=CONFIG.rows, TANH=CONFIG.tanh_silu, STAGES=CONFIG.num_stages,
-                                        GATHER=CONFIG.gather, num_warps=CONFIG.num_warps)
+                                        GATHER=CONFIG.gather, TMA=tma, num_warps=CONFIG.num_warps)
     return o
+
+
+def tma_loads(h: torch.Tensor, C: int) -> bool:
+    """Whether the kernel can load h through a TMA descriptor: a Hopper GPU or later (or the interpreter, which
+    emulates it), 16-byte aligned rows and halves (C a multiple of 8 bf16 or 4 fp32), and one that takes
+    h's dtype."""
+    aligned = (C * h.element_size()) % 16 == 0 and (h.storage_offset() * h.element_size()) % 16 == 0
+    hopper = not h.is_cuda or torch.cuda.get_device_capability(h.device) >= (9, 0)
+    return aligned and h.dtype in TMA_DTYPES and hopper
+
+
+def _descriptor_memory(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Device memory for the descriptors a kernel makes (Triton asks for it at each launch; from PyTorch's
+    allocator, so it is captured with the rest in a CUDA graph)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
