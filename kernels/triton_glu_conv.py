@@ -21,8 +21,8 @@ How a row gets from memory: by pointers (a 64-bit address and a mask per element
 with `tma` through a tensor descriptor of h as (frames, H, W, 2, C): Hopper's copy engine moves each row tile into
 shared memory asynchronously, several rows ahead (`num_stages`), and fills whatever lies outside the frame with the
 zeros of the padding, so the threads compute no addresses or masks for their loads. The taps come as (9, 2C), a tap's
-channels side by side, so that a tap is one vector load per thread (as (2C, 9) they were a 2-byte load per channel
-and tap, 72 per thread and row, on sm_90).
+channels side by side, so that a tap is one vector copy per thread, pipelined with the rows (as (2C, 9) they were a
+2-byte load per channel and tap: 144 per thread and row at the default tiling, compiled for sm_90).
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class GluConvConfig:
     # (tl.gather along the columns) instead of loading and SiLU-ing them again; strips then overlap by 2 columns
     tma: bool = False  # load the input rows through a TMA tensor descriptor (Hopper): asynchronous bulk copies into
     # shared memory, pipelined over the row loop, and no per-element pointers or masks (the descriptor zero-fills the
-    # padding); pointer loads where it cannot (`tma_loads`)
+    # padding); pointer loads where it cannot (`tma_loads`). Tested under the interpreter and compiled for sm_90;
+    # not yet run on a GPU
 
 
 TMA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
