@@ -168,7 +168,7 @@ def glu_conv_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, h
     strips = triton.cdiv(height, CONFIG.rows) * triton.cdiv(width, written)
     grid = (frames, strips, triton.cdiv(C, CONFIG.block_c))
     tma = CONFIG.tma and tma_loads(h, C)
-    if tma and h.is_cuda:
+    if tma and h.is_cuda:  # for this thread's eager launches; inductor's launcher sets its own (PyTorch 2.8 on)
         triton.set_allocator(_descriptor_memory)
     wrap_triton(_glu_conv_kernel)[grid](h, weight.reshape(C2, 9).t().contiguous(), bias.contiguous(), o,
                                         frames, height, width, C, BLOCK_X=CONFIG.block_x, BLOCK_C=CONFIG.block_c,
