@@ -419,15 +419,14 @@ def test_glu_conv_compiles_for_hopper_without_spills(tanh, gather, tma):
                  "H": "i32", "W": "i32", "C": "i32"}
     compiled = compile_for(triton_glu_conv._glu_conv_kernel, signature,
                            dict(BLOCK_X=tuned.block_x, BLOCK_C=tuned.block_c, ROWS=tuned.rows, TANH=tanh,
-                                STAGES=max(tuned.num_stages, 2), GATHER=gather, TMA=tma), 90,
-                           divisible=("h_ptr", "w_ptr", "b_ptr", "o_ptr", "C"), num_warps=tuned.num_warps,
-                           num_stages=max(tuned.num_stages, 2))
+                                STAGES=tuned.num_stages, GATHER=gather, TMA=tma), 90,
+                           divisible=("h_ptr", "w_ptr", "b_ptr", "o_ptr", "C"), num_warps=tuned.num_warps)
     ptx = compiled.asm["ptx"]
     assert stack_bytes(compiled) == 0
     # the row loop pipelined: the next rows' loads in flight (TMA: bulk tensor copies; else cp.async)
     assert ("cp.async.bulk.tensor" in ptx) == tma and "cp.async" in ptx
-    if gather:  # the neighbours come from other lanes of the same warp
-        assert "shfl.sync" in ptx
+    if gather:  # the neighbours come from other lanes of the same warp, not through shared memory
+        assert "shfl.sync" in ptx and (tma or "st.shared" not in ptx)
     else:  # the taps, tap-major, are 16-byte copies pipelined with the rows (as (2C, 9): 144 2-byte loads a row)
         assert "ld.global.b16" not in ptx
 
