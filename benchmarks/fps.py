@@ -297,7 +297,7 @@ def next_chunk(it) -> tuple[int, float]:
     while True:
         c = next(it)
         n += len(c.frames)
-        if c.gen_seconds > 0:
+        if c.ends_chunk:
             return n, c.gen_seconds
 
 

@@ -57,7 +57,7 @@ def run_streams(pipe, n: int, chunks: int, settle: int, stagger: float = 0.0, pa
                 now = time.perf_counter()
                 r.setdefault("first_frames_s", now - t0)
                 shown += len(c.frames)
-                if c.gen_seconds > 0:  # the chunk's last piece, which carries the chunk's frame count
+                if c.ends_chunk:  # its last piece carries the chunk's frame count
                     frames.append(c.gen_frames)
                     times.append(now)
                 if paced:  # the viewer plays at the model's fps: the producer waits for it

@@ -23,10 +23,15 @@ class Chunk:
     # no count, its own)
 
     def __post_init__(self):
-        if self.gen_seconds > 0 and not self.gen_frames:
+        if self.ends_chunk and not self.gen_frames:
             self.gen_frames = len(self.frames)
+
+    @property
+    def ends_chunk(self) -> bool:
+        """Whether this is its chunk's last piece (or the whole chunk): the one with gen_seconds and gen_frames."""
+        return self.gen_seconds > 0
 
     @property
     def seconds_per_frame(self) -> float | None:
         """Generation time per frame of the chunk this piece ends (None on a piece that ends none)."""
-        return self.gen_seconds / self.gen_frames if self.gen_seconds > 0 else None
+        return self.gen_seconds / self.gen_frames if self.ends_chunk else None
