@@ -22,7 +22,7 @@ with `tma` through a tensor descriptor of h as (frames, H, W, 2, C): Hopper's co
 shared memory asynchronously, several rows ahead (`num_stages`), and fills whatever lies outside the frame with the
 zeros of the padding, so the threads compute no addresses or masks for their loads. The taps come as (9, 2C), a tap's
 channels side by side, so that a tap is one vector copy per thread, pipelined with the rows (as (2C, 9) they were a
-2-byte load per channel and tap: 144 per thread and row at the default tiling, compiled for sm_90).
+2-byte load per channel and tap, compiled for sm_90).
 """
 
 from __future__ import annotations

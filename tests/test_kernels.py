@@ -427,7 +427,7 @@ def test_glu_conv_compiles_for_hopper_without_spills(tanh, gather, tma):
     assert ("cp.async.bulk.tensor" in ptx) == tma and "cp.async" in ptx
     if gather:  # the neighbours come from other lanes of the same warp, not through shared memory
         assert "shfl.sync" in ptx and (tma or "st.shared" not in ptx)
-    else:  # the taps, tap-major, are 16-byte copies pipelined with the rows (as (2C, 9): 144 2-byte loads a row)
+    else:  # the taps, tap-major, are 16-byte copies pipelined with the rows (as (2C, 9): a 2-byte load each)
         assert "ld.global.b16" not in ptx
 
 
