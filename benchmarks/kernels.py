@@ -3,8 +3,10 @@
 Prints a cost card (FLOPs, bytes, roofline floors on an H100: 781 TFLOP/s bf16 dense, 3.0 TB/s), checks accuracy
 against an fp64 run of the reference, then times each variant (median of `triton.testing.do_bench`, which warms
 up and flushes L2 between runs) against the eager PyTorch reference and the reference under torch.compile.
-`--sweep` first tunes both kernels' tiling by coordinate descent and reports the best configs. The last
-line is one JSON object with every number.
+`--sweep` first tunes both kernels' tiling by coordinate descent and reports the best configs. `--gemms` adds a
+block's matrix products (fp8.GEMMS) in bf16 and in FP8, with the FP8 input given quantized (as a norm that writes
+FP8 gives it) and quantized by a compiled `quantize_rows` of its own (an input no kernel writes in FP8): where FP8
+pays for its input's quantization. The last line is one JSON object with every number.
 
 `--shared-memory` needs no GPU: it compiles both linear-attention kernels for sm_80, sm_89 and sm_90 with Triton's
 compiler and ptxas, at head dim 112, in bf16 and fp32, for each tiling, and prints the shared memory per block
@@ -29,6 +31,7 @@ import torch
 import triton
 
 from longsana.config import TransformerConfig
+from longsana.fp8 import GEMMS, Fp8Linear, Fp8TemporalConv
 from longsana.kernels import triton_glu_conv as tglu
 from longsana.kernels import triton_linear_attention as tla
 from longsana.kernels import triton_ln_modulate as tln
@@ -37,7 +40,8 @@ from longsana.kernels.glu_conv import glu_conv, glu_conv_ref
 from longsana.kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref
 from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_fp8, ln_modulate_fp8_ref, ln_modulate_ref
 from longsana.kernels.quantize import quantize_rows
-from longsana.testing import rel_err
+from longsana.model import Block, TemporalConv
+from longsana.testing import randomize_, rel_err
 
 PEAK_FLOPS, PEAK_BYTES = 781e12, 3.0e12  # H100: measured bf16 matmul ceiling, device copy bandwidth
 CFG = TransformerConfig()  # the 2B model
@@ -201,6 +205,36 @@ def bench_ln_modulate(g, per_token: bool) -> dict:
                       fp8_reference_compiled=bench_us(lambda: fp8_ref_compiled(x, shift, scale))))
 
 
+def bench_gemms() -> dict:
+    """Each of a block's GEMMS at a chunk's N tokens, compiled (each layer as the engine's compiled blocks run it):
+    bf16; FP8 with its input quantized already; FP8 quantizing its bf16 input itself. Inside a block inductor may
+    fuse that quantization with the op that makes the input, so the true cost lies between the two FP8 times."""
+    blk = randomize_(Block(CFG).cuda()).bfloat16()
+    frames = N // (FRAME_HW[0] * FRAME_HW[1])
+    out = {}
+    for path in GEMMS:
+        bf16 = blk.get_submodule(path)
+        temporal = isinstance(bf16, TemporalConv)
+        fp8 = Fp8TemporalConv(bf16) if temporal else Fp8Linear.of(bf16)
+        k_in, m = bf16.weight.shape[1] * (3 if temporal else 1), bf16.weight.shape[0]
+        x = torch.randn(B, frames, N // frames, bf16.weight.shape[1], device="cuda").bfloat16()
+        x = x if temporal else x.flatten(1, 2)
+        exact = bf16.float()(x.float())
+        bf16 = bf16.bfloat16()
+        layers = dict(bf16=torch.compile(bf16), fp8=torch.compile(fp8))
+        errors = {name: rel_err(layer(x), exact) for name, layer in layers.items()}
+        times = {name: bench_us(lambda layer=layer: layer(x)) for name, layer in layers.items()}
+        if not temporal:  # its three neighbours are quantized together, from a cat no producer writes
+            x_q = quantize_rows(x)
+            times["fp8_input_quantized"] = bench_us(lambda: fp8(x_q))
+        flops = 2 * B * N * k_in * m
+        out[path] = dict(shape=(B * N, k_in, m), tflops=flops / 1e12, errors=errors, times_us=times)
+        print(f"  {path:16s} {B * N} x {k_in} x {m}: " + ", ".join(
+            f"{name} {us:7.1f} us ({flops / us / 1e6:4.0f} TFLOP/s)" for name, us in times.items()) +
+            "; rel. error vs fp32: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    return out
+
+
 def print_times(times: dict, nbytes: int):
     """One line per variant: median time, effective bandwidth (minimal bytes: half of them for one pass of the
     linear attention), speed-ups."""
@@ -277,6 +311,7 @@ def shared_memory_table() -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="tune the kernels' tiling first")
+    parser.add_argument("--gemms", action="store_true", help="also time a block's GEMMs in bf16 and FP8")
     parser.add_argument("--shared-memory", action="store_true",
                         help="only the linear-attention kernels' shared memory per GPU architecture (no GPU needed)")
     args = parser.parse_args()
@@ -308,6 +343,9 @@ def main():
     print(f"glu_conv (1, {N}, {2 * C}) bf16: {r['bytes'] / 1e6:.1f} MB -> floor {r['floor_us']:.1f} us; "
           "rel. error vs fp32: " + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
     print_times(r["times_us"], r["bytes"])
+    if args.gemms:
+        print(f"a block's GEMMs (fp8.GEMMS) at {B * N} tokens, compiled:")
+        result["gemms"] = bench_gemms()
     print(json.dumps(result))
 
 
