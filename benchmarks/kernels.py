@@ -216,20 +216,21 @@ def bench_gemms() -> dict:
         bf16 = blk.get_submodule(path)
         temporal = isinstance(bf16, TemporalConv)
         fp8 = Fp8TemporalConv(bf16) if temporal else Fp8Linear.of(bf16)
-        k_in, m = bf16.weight.shape[1] * (3 if temporal else 1), bf16.weight.shape[0]
-        x = torch.randn(B, frames, N // frames, bf16.weight.shape[1], device="cuda").bfloat16()
+        d_out, d_in = bf16.weight.shape[:2]
+        x = torch.randn(B, frames, N // frames, d_in, device="cuda").bfloat16()
         x = x if temporal else x.flatten(1, 2)
         exact = bf16.float()(x.float())
-        bf16 = bf16.bfloat16()
+        bf16.bfloat16()  # back, exactly: the weights were bf16
+        d_in *= 3 if temporal else 1  # the temporal conv's three taps: one product over the neighbours side by side
         layers = dict(bf16=torch.compile(bf16), fp8=torch.compile(fp8))
         errors = {name: rel_err(layer(x), exact) for name, layer in layers.items()}
         times = {name: bench_us(lambda layer=layer: layer(x)) for name, layer in layers.items()}
         if not temporal:  # its three neighbours are quantized together, from a cat no producer writes
             x_q = quantize_rows(x)
             times["fp8_input_quantized"] = bench_us(lambda: fp8(x_q))
-        flops = 2 * B * N * k_in * m
-        out[path] = dict(shape=(B * N, k_in, m), tflops=flops / 1e12, errors=errors, times_us=times)
-        print(f"  {path:16s} {B * N} x {k_in} x {m}: " + ", ".join(
+        flops = 2 * B * N * d_in * d_out
+        out[path] = dict(shape=(B * N, d_in, d_out), tflops=flops / 1e12, errors=errors, times_us=times)
+        print(f"  {path:16s} {B * N} x {d_in} x {d_out}: " + ", ".join(
             f"{name} {us:7.1f} us ({flops / us / 1e6:4.0f} TFLOP/s)" for name, us in times.items()) +
             "; rel. error vs fp32: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     return out
