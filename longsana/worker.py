@@ -115,7 +115,7 @@ class DeviceWorker:
         self._jobs: list[_Job] = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
-        self._busy: deque[tuple[float, float, object]] = deque()  # (start, end, owner): recent jobs, device work run
+        self._busy: deque[tuple[float, float]] = deque()  # (start, end): recent jobs, device work run
         self._running: dict[int, tuple[float, Callable[[], bool]]] = {}  # by owner id: (start, device_idle) of work
         # launched by its jobs and not yet run on the device
         self._owners: dict[int, object] = {}  # streams iterating now (by id)
@@ -174,8 +174,7 @@ class DeviceWorker:
         """The fraction of the last `window` seconds in which some stream's work was under way (see the top)."""
         now = time.monotonic() if now is None else now
         with self._cv:
-            spans = [(start, end) for start, end, _ in self._busy] + [(start, now) for start, _ in
-                                                                       self._running.values()]
+            spans = [*self._busy, *((start, now) for start, _ in self._running.values())]
         return covered(spans, now - self.window, now) / self.window
 
     def admits(self, margin: float = 0.9) -> tuple[bool, str]:
@@ -243,7 +242,7 @@ class DeviceWorker:
             if running:  # (its span starts at the first of its jobs since its work last ran out)
                 self._running[id(owner)] = (self._running.get(id(owner), (start,))[0], idle)
             else:
-                self._spans(start, end, owner)
+                self._spans(start, end)
 
     def _see_run(self) -> None:
         """Close the spans of the owners whose device work has all run (the worker thread, like `_record`)."""
@@ -253,12 +252,12 @@ class DeviceWorker:
             with self._cv:
                 for key, start in done:
                     del self._running[key]
-                    self._spans(start, now, None)
+                    self._spans(start, now)
 
-    def _spans(self, start: float, end: float, owner: object) -> None:
+    def _spans(self, start: float, end: float) -> None:
         """Keep a span of work under way, and those that end in the last window (under the lock; ends come in
         order)."""
-        self._busy.append((start, end, owner))
+        self._busy.append((start, end))
         while self._busy and self._busy[0][1] < end - self.window:
             self._busy.popleft()
 

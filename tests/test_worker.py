@@ -142,20 +142,24 @@ def test_polls_run_on_the_worker_between_jobs_until_they_are_done():
 
 
 def test_admission_by_load():
-    worker = DeviceWorker(window=10.0)
-    assert worker.admits() == (True, "idle")
+    assert DeviceWorker().admits() == (True, "idle")
     now = time.monotonic()
-    owners = [object(), object()]
-    for k, owner in enumerate(owners):
-        worker._owners[id(owner)] = owner
-        for s in range(10):  # each stream busy 0.4 s of every second over the window
-            worker._record(now - 10 + s + 0.5 * k, now - 10 + s + 0.5 * k + 0.4, owner)
-    assert worker.load(now) == pytest.approx(0.8)
-    ok, why = worker.admits(margin=0.9)
+
+    def busy(streams: int) -> DeviceWorker:
+        """A worker whose streams were each busy 0.4 s of every second over the window, one after the other."""
+        worker = DeviceWorker(window=10.0)
+        for k in range(streams):
+            owner = object()
+            worker._owners[id(owner)] = owner
+            for s in range(10):
+                worker._record(now - 10 + s + 0.5 * k, now - 10 + s + 0.5 * k + 0.4, owner)
+        return worker
+
+    two = busy(2)
+    assert two.load(now) == pytest.approx(0.8)
+    ok, why = two.admits(margin=0.9)
     assert not ok and "2 streams use 80%" in why and "120%" in why
-    del worker._owners[id(owners[1])]
-    worker._busy = type(worker._busy)(b for b in worker._busy if b[2] is owners[0])
-    ok, why = worker.admits(margin=0.9)
+    ok, why = busy(1).admits(margin=0.9)
     assert ok, why  # one stream at 40%: two would need about 80%
 
 
