@@ -7,15 +7,12 @@ For the up-projection's output h (B, N, 2C), tokens ordered (frame, row, column)
     out = a * SiLU(g)                                  (B, N, C)
 
 This file holds the plain PyTorch reference, which faster implementations must match, and the entry point
-`glu_conv`, which runs the reference unless the Triton kernel (triton_glu_conv.py) is asked for by name
-(backend="triton" or LONGSANA_KERNELS=triton) or TRITON_AUTO is set. The kernel reads the input once and writes the
-output once; its floor is 0.21 ms for a block's 15,600 x 13,440 input on the H200, where inductor's best around
-cuDNN's depthwise conv took 0.75 ms. On an H100 (benchmarks/RESULTS.md, 2026-12-05) the kernel took 1.19 ms at its
-default tiling and 0.76 ms at the best the sweep found, against 0.90 ms for the compiled reference; it is not yet
-timed on the H200 (the reference there: 0.75 ms), so "auto" keeps the reference (`benchmarks.fps --tune` times both
-and sets TRITON_AUTO in its own process). Either way differentiable (the Triton op's backward is the reference's).
-The kernel's `tma` loads and its taps as (9, 2C) (triton_glu_conv.py) came after those timings and are not yet
-timed on a GPU.
+`glu_conv`, which runs the Triton kernel (triton_glu_conv.py) on GPUs (TRITON_AUTO) and the reference elsewhere, or
+either by name (backend=, LONGSANA_KERNELS). The kernel reads the input once and writes the output once; its floor
+is 0.21 ms for a block's 15,600 x 13,440 input on the H200. On an H100 (benchmarks/RESULTS.md, 2026-12-07) it took
+0.73 ms at its default tiling against 0.91 ms for the reference compiled by inductor (around cuDNN's depthwise
+conv); the reference took 0.75 ms on the H200, where the kernel is not yet timed. Either way differentiable (the
+Triton op's backward is the reference's).
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from longsana.kernels.backend import HAS_TRITON, register_reference_backward, us
 if HAS_TRITON:
     from longsana.kernels.triton_glu_conv import glu_conv_triton
 
-TRITON_AUTO = False  # whether "auto" runs the kernel on GPUs: once it is measured faster than the reference
+TRITON_AUTO = True  # whether "auto" runs the kernel on GPUs: measured faster than the compiled reference (H100)
 
 
 def glu_conv_ref(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, height: int, width: int) -> torch.Tensor:

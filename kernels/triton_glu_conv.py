@@ -6,23 +6,21 @@ owns a strip of one frame (BLOCK_X columns x ROWS rows) for a block of C output 
 and sweeps it top to bottom: each input row is read once from memory (its left and right neighbours again, from L1),
 SiLU'd, and weighed by the three kernel rows at once, into the three output rows it touches; the row above it is
 then complete, gated and written. The two rolling accumulators stay in fp32 registers, so the input is read once and
-the output written once: about 0.63 GB a block. A program's rows follow one another, so the loop is
-software-pipelined: the next row's loads are in flight while one is weighed. An earlier version read each pixel's 9
-neighbours per output tile, 9 reads of every input row from cache, and was slower than the unfused code (1.37
-against 0.75 ms, H200).
+the output written once: about 0.63 GB a block. A program's rows follow one another, so the loop can be
+software-pipelined (`num_stages`: the next row's loads in flight while one is weighed). An earlier version read
+each pixel's 9 neighbours per output tile, 9 reads of every input row from cache, and was slower than the unfused
+code (1.37 against 0.75 ms, H200).
 
-Each input element is weighed by three column taps. By default the row is loaded three times, shifted by a column
-each way (from L1), and SiLU'd each time; `gather` loads and SiLUs it once and takes the shifted copies from the
-registers of neighbouring lanes (tl.gather along the columns, warp shuffles on sm_90: ptxas shows no shared memory),
-a third of the special-function work. A tile's edge columns then lack a neighbour, so gathering strips overlap by
-two columns and write only their inner ones.
+Each input element is weighed by three column taps. Without `gather` the row is loaded three times, shifted by a
+column each way (from L1), and SiLU'd each time; `gather` (the default) loads and SiLUs it once and takes the
+shifted copies from the registers of neighbouring lanes (tl.gather along the columns, warp shuffles on sm_90: ptxas
+shows no shared memory), a third of the special-function work. A tile's edge columns then lack a neighbour, so
+gathering strips overlap by two columns and write only their inner ones.
 
-How a row gets from memory: by pointers (a 64-bit address and a mask per element, computed by every thread), or
-with `tma` through a tensor descriptor of h as (frames, H, W, 2, C): Hopper's copy engine moves each row tile into
-shared memory asynchronously, several rows ahead (`num_stages`), and fills whatever lies outside the frame with the
-zeros of the padding, so the threads compute no addresses or masks for their loads. The taps come as (9, 2C), a tap's
-channels side by side, so that a tap is one vector copy per thread, pipelined with the rows (as (2C, 9) they were a
-2-byte load per channel and tap, compiled for sm_90).
+The taps come as (9, 2C), a tap's channels side by side, so that a tap is one vector copy per thread (as (2C, 9)
+they were a 2-byte load per channel and tap). Rows loaded through a Hopper TMA descriptor instead of pointers were
+tried (2026-12-07, H100): no faster (692 against 653 us a block at the best settings of each) and wrong inside a
+compiled graph, so the loads are plain pointer loads.
 """
 
 from __future__ import annotations
@@ -41,21 +39,16 @@ from longsana.kernels import triton_common
 class GluConvConfig:
     """Tiling (benchmarks/kernels.py --sweep tunes it on a GPU)."""
     block_x: int = 64  # columns per strip: a whole 52-pixel row at 480p, so no column is read by two programs
-    block_c: int = 32  # output channels per program
+    block_c: int = 32  # output channels per program: at 64 ptxas (Triton 3.9) spills 40-400 bytes a thread, though
+    # on the H100 (Triton 3.6) 64 without gather ran fastest (653 against 726 us a block)
     rows: int = 32  # output rows per strip: a whole 30-row frame at 480p; fewer give more, shorter programs
     num_warps: int = 8  # 8 elements of a tile per thread: at 16 (4 warps) the accumulators spill on sm_90
-    num_stages: int = 2  # the row loop software-pipelined (the next row's loads in flight while one is weighed)
-    tanh_silu: bool = False  # SiLU through the GPU's tanh.approx: one special-function op instead of exp and a
-    # reciprocal (each input element goes through SiLU 3 times, once per column shift); not under the interpreter
-    gather: bool = False  # SiLU each input element once and take its left and right neighbours from registers
+    num_stages: int = 1  # >1: the row loop software-pipelined (the next row's loads in flight while one is weighed);
+    # on the H100 gather with two stages took 1976 us a block against 726 with one
+    tanh_silu: bool = True  # SiLU through the GPU's tanh.approx: one special-function op instead of exp and a
+    # reciprocal; GPUs only (the interpreter runs exp)
+    gather: bool = True  # SiLU each input element once and take its left and right neighbours from registers
     # (tl.gather along the columns) instead of loading and SiLU-ing them again; strips then overlap by 2 columns
-    tma: bool = False  # load the input rows through a TMA tensor descriptor (Hopper): asynchronous bulk copies into
-    # shared memory, pipelined over the row loop, and no per-element pointers or masks (the descriptor zero-fills the
-    # padding); pointer loads where it cannot (`tma_loads`). Tested under the interpreter and compiled for sm_90;
-    # not yet run on a GPU
-
-
-TMA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 CONFIG = GluConvConfig()
@@ -71,24 +64,19 @@ def _silu(x, TANH: tl.constexpr = False):
 
 
 @triton.jit
-def _load_row(desc, h_frame, frame, r, x, half, c0, H, W, C, BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr,
-              TMA: tl.constexpr):
+def _load_row(h_frame, r, x, half, c0, H, W, C, BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr):
     """Input row r of this frame, columns x .. x + BLOCK_X - 1, channels c0 .. c0 + BLOCK_C - 1 of half `half`
     (0: a, 1: its gate g), zero outside the frame (the convolution's padding: SiLU(0) = 0)."""
-    if TMA:  # the descriptor zero-fills whatever lies outside (frames, H, W, 2, C)
-        return desc.load([frame, r, x, half, c0]).reshape(BLOCK_X, BLOCK_C)
-    else:
-        xs = x + tl.arange(0, BLOCK_X)
-        c = c0 + tl.arange(0, BLOCK_C)
-        rr = xs * 0 + r  # (a vector: the interpreter's masks take no scalar comparisons)
-        ok = ((rr >= 0) & (rr < H) & (xs >= 0) & (xs < W))[:, None] & (c < C)[None, :]
-        return tl.load(h_frame + (r * W + xs)[:, None] * (2 * C) + half * C + c[None, :], mask=ok, other=0.0)
+    xs = x + tl.arange(0, BLOCK_X)
+    c = c0 + tl.arange(0, BLOCK_C)
+    rr = xs * 0 + r  # (a vector: the interpreter's masks take no scalar comparisons)
+    ok = ((rr >= 0) & (rr < H) & (xs >= 0) & (xs < W))[:, None] & (c < C)[None, :]
+    return tl.load(h_frame + (r * W + xs)[:, None] * (2 * C) + half * C + c[None, :], mask=ok, other=0.0)
 
 
 @triton.jit
-def _sweep_row(desc, h_frame, frame, r, x0, half, c0, H, W, C, above, level, bias, w_ptr, c, c_ok,
-               BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, TANH: tl.constexpr, GATHER: tl.constexpr,
-               TMA: tl.constexpr):
+def _sweep_row(h_frame, r, x0, half, c0, H, W, C, above, level, bias, w_ptr, c, c_ok,
+               BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, TANH: tl.constexpr, GATHER: tl.constexpr):
     """Input row r (columns x0 - 1 .. on), SiLU'd, into the accumulators of output rows r - 1 (`above`: complete
     after it) and r, and a new one for row r + 1. w_ptr: the (9, 2C) taps, tap-major, so that a tap's channels are
     one vector load. GATHER: row r is loaded once, and a tile's first and last columns get wrong neighbours (not
@@ -96,15 +84,13 @@ def _sweep_row(desc, h_frame, frame, r, x0, half, c0, H, W, C, above, level, bia
     below = bias
     w = w_ptr + half * C + c
     if GATHER:
-        s_mid = _silu(_load_row(desc, h_frame, frame, r, x0 - 1, half, c0, H, W, C, BLOCK_X, BLOCK_C, TMA)
-                      .to(tl.float32), TANH)
+        s_mid = _silu(_load_row(h_frame, r, x0 - 1, half, c0, H, W, C, BLOCK_X, BLOCK_C).to(tl.float32), TANH)
         i = tl.broadcast_to(tl.arange(0, BLOCK_X)[:, None], s_mid.shape)
     for dx in tl.static_range(3):
         if GATHER:
             s = s_mid if dx == 1 else tl.gather(s_mid, tl.minimum(tl.maximum(i + dx - 1, 0), BLOCK_X - 1), 0)
         else:
-            s = _silu(_load_row(desc, h_frame, frame, r, x0 + dx - 1, half, c0, H, W, C, BLOCK_X, BLOCK_C, TMA)
-                      .to(tl.float32), TANH)
+            s = _silu(_load_row(h_frame, r, x0 + dx - 1, half, c0, H, W, C, BLOCK_X, BLOCK_C).to(tl.float32), TANH)
         below += s * tl.load(w + dx * 2 * C, mask=c_ok, other=0.0).to(tl.float32)[None, :]  # kernel row 0
         level += s * tl.load(w + (3 + dx) * 2 * C, mask=c_ok, other=0.0).to(tl.float32)[None, :]
         above += s * tl.load(w + (6 + dx) * 2 * C, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -116,7 +102,7 @@ def _glu_conv_kernel(
     h_ptr, w_ptr, b_ptr, o_ptr,  # h: (frames, H*W, 2C) contiguous; w: (9, 2C); b: (2C,); o: (frames, H*W, C)
     frames, H, W, C,
     BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, TANH: tl.constexpr, STAGES: tl.constexpr,
-    GATHER: tl.constexpr, TMA: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     frame, strip, cblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HALO: tl.constexpr = 1 if GATHER else 0  # a gathering tile's edge columns only feed their neighbours
@@ -124,11 +110,6 @@ def _glu_conv_kernel(
     y0 = (strip // strips_x) * ROWS
     x0 = (strip % strips_x) * (BLOCK_X - 2 * HALO)  # the first column this strip writes
     c0 = cblock * BLOCK_C
-    desc = None
-    if TMA:
-        desc = tl.make_tensor_descriptor(h_ptr, shape=[frames, H, W, 2, C],
-                                         strides=[H * W * 2 * C, W * 2 * C, 2 * C, C, 1],
-                                         block_shape=[1, 1, BLOCK_X, 1, BLOCK_C])
     i = tl.arange(0, BLOCK_X)
     xs = x0 - HALO + i
     mine = (i >= HALO) & (i < BLOCK_X - HALO) & (xs < W)  # the columns this strip writes
@@ -142,10 +123,10 @@ def _glu_conv_kernel(
     # step r reads input row r; before it, (above, level) accumulate output rows r - 1 and r
     above_a, level_a, above_g, level_g = zero, bias_a, zero, bias_g
     for r in tl.range(y0 - 1, y0 + ROWS + 1, num_stages=STAGES):
-        a, level_a, below_a = _sweep_row(desc, h_frame, frame, r, x0, 0, c0, H, W, C, above_a, level_a, bias_a,
-                                         w_ptr, c, c_ok, BLOCK_X, BLOCK_C, TANH, GATHER, TMA)
-        g, level_g, below_g = _sweep_row(desc, h_frame, frame, r, x0, 1, c0, H, W, C, above_g, level_g, bias_g,
-                                         w_ptr, c, c_ok, BLOCK_X, BLOCK_C, TANH, GATHER, TMA)
+        a, level_a, below_a = _sweep_row(h_frame, r, x0, 0, c0, H, W, C, above_a, level_a, bias_a, w_ptr, c, c_ok,
+                                         BLOCK_X, BLOCK_C, TANH, GATHER)
+        g, level_g, below_g = _sweep_row(h_frame, r, x0, 1, c0, H, W, C, above_g, level_g, bias_g, w_ptr, c, c_ok,
+                                         BLOCK_X, BLOCK_C, TANH, GATHER)
         y = xs * 0 + r - 1  # complete: store it if it is one of this strip's rows
         ok = ((y >= y0) & (y < H) & (y < y0 + ROWS) & mine)[:, None] & c_ok[None, :]
         tl.store(o_frame + (y * W + xs)[:, None] * C + c[None, :], (a * _silu(g, TANH)).to(o_ptr.dtype.element_ty),
@@ -167,26 +148,9 @@ def glu_conv_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, h
     written = CONFIG.block_x - 2 if CONFIG.gather else CONFIG.block_x  # columns a strip writes (the kernel's HALO)
     strips = triton.cdiv(height, CONFIG.rows) * triton.cdiv(width, written)
     grid = (frames, strips, triton.cdiv(C, CONFIG.block_c))
-    tma = CONFIG.tma and tma_loads(h, C)
-    if tma and h.is_cuda:  # for this thread's eager launches; inductor's launcher sets its own (PyTorch 2.8 on)
-        triton.set_allocator(_descriptor_memory)
     wrap_triton(_glu_conv_kernel)[grid](h, weight.reshape(C2, 9).t().contiguous(), bias.contiguous(), o,
                                         frames, height, width, C, BLOCK_X=CONFIG.block_x, BLOCK_C=CONFIG.block_c,
-                                        ROWS=CONFIG.rows, TANH=CONFIG.tanh_silu, STAGES=CONFIG.num_stages,
-                                        GATHER=CONFIG.gather, TMA=tma, num_warps=CONFIG.num_warps)
+                                        ROWS=CONFIG.rows, TANH=CONFIG.tanh_silu and h.is_cuda, STAGES=CONFIG.num_stages,
+                                        GATHER=CONFIG.gather, num_warps=CONFIG.num_warps)
     return o
 
-
-def tma_loads(h: torch.Tensor, C: int) -> bool:
-    """Whether the kernel can load h through a TMA descriptor: a Hopper GPU or later (or the interpreter, which
-    emulates it), 16-byte aligned rows and halves (C a multiple of 8 bf16 or 4 fp32), and one that takes
-    h's dtype."""
-    aligned = (C * h.element_size()) % 16 == 0 and (h.storage_offset() * h.element_size()) % 16 == 0
-    hopper = not h.is_cuda or torch.cuda.get_device_capability(h.device) >= (9, 0)
-    return aligned and h.dtype in TMA_DTYPES and hopper
-
-
-def _descriptor_memory(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Device memory for the descriptors a kernel makes (Triton asks for it at each launch; from PyTorch's
-    allocator, so it is captured with the rest in a CUDA graph)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
