@@ -100,7 +100,7 @@ def _sweep_row(h_frame, r, x0, half, c0, H, W, C, above, level, bias, w_ptr, c, 
 @triton.jit
 def _glu_conv_kernel(
     h_ptr, w_ptr, b_ptr, o_ptr,  # h: (frames, H*W, 2C) contiguous; w: (9, 2C); b: (2C,); o: (frames, H*W, C)
-    frames, H, W, C,
+    H, W, C,
     BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, TANH: tl.constexpr, STAGES: tl.constexpr,
     GATHER: tl.constexpr,
 ):
@@ -149,7 +149,7 @@ def glu_conv_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, h
     strips = triton.cdiv(height, CONFIG.rows) * triton.cdiv(width, written)
     grid = (frames, strips, triton.cdiv(C, CONFIG.block_c))
     wrap_triton(_glu_conv_kernel)[grid](h, weight.reshape(C2, 9).t().contiguous(), bias.contiguous(), o,
-                                        frames, height, width, C, BLOCK_X=CONFIG.block_x, BLOCK_C=CONFIG.block_c,
+                                        height, width, C, BLOCK_X=CONFIG.block_x, BLOCK_C=CONFIG.block_c,
                                         ROWS=CONFIG.rows, TANH=CONFIG.tanh_silu and h.is_cuda, STAGES=CONFIG.num_stages,
                                         GATHER=CONFIG.gather, num_warps=CONFIG.num_warps)
     return o

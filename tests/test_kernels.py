@@ -415,7 +415,7 @@ def test_glu_conv_compiles_for_hopper_without_spills(tanh, gather, stages):
     model's launch: no register spills (stack 0), which made an earlier kernel 12x slower than unfused code on the
     H200."""
     tuned = dataclasses.replace(triton_glu_conv.GluConvConfig(), num_stages=stages)
-    signature = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "o_ptr": "*bf16", "frames": "i32",
+    signature = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "o_ptr": "*bf16",
                  "H": "i32", "W": "i32", "C": "i32"}
     compiled = compile_for(triton_glu_conv._glu_conv_kernel, signature,
                            dict(BLOCK_X=tuned.block_x, BLOCK_C=tuned.block_c, ROWS=tuned.rows, TANH=tanh,
