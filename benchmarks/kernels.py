@@ -205,9 +205,10 @@ def bench_ln_modulate(g, per_token: bool) -> dict:
 
 
 def bench_gemms() -> dict:
-    """Each of a block's GEMMS at a chunk's N tokens, compiled (each layer as the engine's compiled blocks run it):
-    bf16; FP8 with its input quantized already; FP8 quantizing its bf16 input itself. Inside a block inductor may
-    fuse that quantization with the op that makes the input, so the true cost lies between the two FP8 times."""
+    """Each of a block's GEMMS at a chunk's N tokens: bf16 and FP8 quantizing its bf16 input itself, each layer
+    compiled (as the engine's compiled blocks run it); FP8 with its input quantized already, called as it is (one
+    product, nothing for inductor to fuse). Inside a block inductor may fuse the quantization with the op that makes
+    the input, so the true cost lies between the two FP8 times."""
     blk = randomize_(Block(CFG).cuda()).bfloat16()
     frames = N // (FRAME_HW[0] * FRAME_HW[1])
     out = {}
