@@ -19,8 +19,8 @@ gathering strips overlap by two columns and write only their inner ones.
 
 The taps come as (9, 2C), a tap's channels side by side, so that a tap is one vector copy per thread (as (2C, 9)
 they were a 2-byte load per channel and tap). Rows loaded through a Hopper TMA descriptor instead of pointers were
-tried (2026-12-07, H100): no faster (692 against 653 us a block at the best settings of each) and wrong inside a
-compiled graph, so the loads are plain pointer loads.
+tried (2026-12-07, H100): no faster (692 against 653 us a block at the best settings of each), so the loads are
+plain pointer loads.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ class GluConvConfig:
     """Tiling (benchmarks/kernels.py --sweep tunes it on a GPU)."""
     block_x: int = 64  # columns per strip: a whole 52-pixel row at 480p, so no column is read by two programs
     block_c: int = 32  # output channels per program: at 64 ptxas (Triton 3.9) spills 40-400 bytes a thread, though
-    # on the H100 (Triton 3.6) 64 without gather ran fastest (653 against 726 us a block)
+    # on the H100 (Triton 3.6) 64 without gather ran fastest (653 us a block)
     rows: int = 32  # output rows per strip: a whole 30-row frame at 480p; fewer give more, shorter programs
     num_warps: int = 8  # 8 elements of a tile per thread: at 16 (4 warps) the accumulators spill on sm_90
     num_stages: int = 1  # >1: the row loop software-pipelined (the next row's loads in flight while one is weighed);
-    # on the H100 gather with two stages took 1976 us a block against 726 with one
+    # on the H100 gather with two stages took 1976 us a block against 726 with one (the taps then (2C, 9))
     tanh_silu: bool = True  # SiLU through the GPU's tanh.approx: one special-function op instead of exp and a
     # reciprocal; GPUs only (the interpreter runs exp)
     gather: bool = True  # SiLU each input element once and take its left and right neighbours from registers
