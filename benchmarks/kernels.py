@@ -261,7 +261,7 @@ def bench_gemms() -> dict:
         x = x if temporal else x.flatten(1, 2)
         exact = bf16.float()(x.float())
         bf16.bfloat16()  # back, exactly: the weights were bf16
-        d_in *= 3 if temporal else 1  # the temporal conv's three taps: one product over `frame_taps`
+        d_in *= 3 if temporal else 1  # the temporal conv's three taps: one product over the neighbours side by side
         layers = dict(bf16=torch.compile(bf16), fp8=torch.compile(fp8))
         errors = {name: rel_err(layer(x), exact) for name, layer in layers.items()}
         times = {name: bench_us(lambda layer=layer: layer(x)) for name, layer in layers.items()}

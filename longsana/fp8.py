@@ -24,7 +24,7 @@ from torch import nn
 from longsana.kernels.ln_modulate import ln_modulate_fp8
 from longsana.kernels.quantize import QuantizedRows, quantize_rows
 
-from .model import LnModulate, LongSANATransformer, TemporalConv, frame_taps
+from .model import LnModulate, LongSANATransformer, TemporalConv, frame_neighbours
 
 MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
 ALIGN = 16  # the GPU's FP8 products need both weight dimensions to be multiples of 16
@@ -83,15 +83,16 @@ class Fp8LnModulate(LnModulate):
 
 
 class Fp8TemporalConv(nn.Module):
-    """model.TemporalConv in FP8: its three taps as one product over `frame_taps` (..., 3D), as in bf16; each
-    token's three neighbours are quantized together."""
+    """model.TemporalConv in FP8: its three taps as one product over the frame neighbours side by side,
+    [z[f-1], z[f], z[f+1]] (..., 3D) @ [W0 W1 W2]^T, each token's three neighbours quantized together."""
 
     def __init__(self, conv: TemporalConv):
         super().__init__()
-        self.taps = Fp8Linear.of(conv)  # the weight (D_out, D_in, 3, 1) as (D_out, 3 D_in), frame_taps' order
+        W = conv.weight[..., 0]  # (D_out, D_in, 3)
+        self.taps = Fp8Linear(W.permute(0, 2, 1).flatten(1), None, W.dtype)  # (D_out, 3 D_in), tap-major
 
     def forward(self, z, tail=None, chunk_ends=None):
-        return self.taps(frame_taps(z, tail, chunk_ends))
+        return self.taps(torch.cat(frame_neighbours(z, tail, chunk_ends), dim=-1))
 
 
 def check_fp8(model: LongSANATransformer) -> None:

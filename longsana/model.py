@@ -162,23 +162,17 @@ def frame_neighbours(z: torch.Tensor, tail: torch.Tensor | None = None, chunk_en
     return zp[:, :frames], z, right
 
 
-def frame_taps(z: torch.Tensor, tail: torch.Tensor | None = None, chunk_ends: torch.Tensor | None = None):
-    """The temporal conv's input as one matrix: z (B, F, HW, D) -> (B, F, HW, 3D), each token's three neighbours
-    interleaved per channel (index 3c + tap), the order of the conv weight (D_out, D_in, 3, 1) flattened."""
-    return torch.stack(frame_neighbours(z, tail, chunk_ends), dim=-1).flatten(-2)
-
-
 class TemporalConv(nn.Conv2d):
     """The FFN's convolution along frames (kernel 3, diffusers' weight shape (D, D, 3, 1)), on channels-last tokens
-    (B, F, HW, D): out[f] = W0 z[f-1] + W1 z[f] + W2 z[f+1], the neighbours as `frame_neighbours` gives them. The
-    three taps run as one product over `frame_taps`, whose order is the weight's own: a K = 3D product reads its
-    input once and rounds once, where three K = D products and two adds round three times and write twice more."""
+    (B, F, HW, D): out[f] = W0 z[f-1] + W1 z[f] + W2 z[f+1], the neighbours as `frame_neighbours` gives them."""
 
     def __init__(self, dim: int):
         super().__init__(dim, dim, (3, 1), padding=(1, 0), bias=False)
 
     def forward(self, z, tail=None, chunk_ends=None):
-        return F.linear(frame_taps(z, tail, chunk_ends), self.weight.flatten(1))
+        W = self.weight[..., 0]  # (D_out, D_in, 3)
+        before, now, after = frame_neighbours(z, tail, chunk_ends)
+        return F.linear(before, W[:, :, 0]) + F.linear(now, W[:, :, 1]) + F.linear(after, W[:, :, 2])
 
 
 class MixFFN(nn.Module):

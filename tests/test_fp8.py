@@ -19,7 +19,7 @@ import torch
 from longsana import fp8
 from longsana.config import TransformerConfig, get_config
 from longsana.kernels.quantize import FP8, FP8_MAX, quantize_rows
-from longsana.model import LongSANATransformer, TemporalConv, frame_taps
+from longsana.model import LongSANATransformer, TemporalConv, frame_neighbours
 from longsana.stream import Pipeline
 from longsana.testing import needs_fp8_gpu, randomize_, rel_err
 
@@ -109,10 +109,10 @@ def test_fp8_temporal_conv_against_its_quantized_operands(ends):
     z, tail = torch.randn(2, 5, 6, 32, dtype=torch.bfloat16), torch.randn(2, 6, 32, dtype=torch.bfloat16)
     chunk_ends = torch.tensor([False, True, False, False, True]) if ends else None
     got = f(z, tail, chunk_ends)
-    x_q, x_s = quantize_rows(frame_taps(z, tail, chunk_ends))
-    W = f.taps.dequantized().double().view(32, 32, 3)
-    x = (x_q.double() * x_s.double()).unflatten(-1, (32, 3))
-    assert rel_err(got, torch.einsum("bfnct,oct->bfno", x, W)) <= BF16_TOL
+    x_q, x_s = quantize_rows(torch.cat(frame_neighbours(z, tail, chunk_ends), dim=-1))
+    W = f.taps.dequantized().double().view(32, 3, 32)
+    x = (x_q.double() * x_s.double()).unflatten(-1, (3, 32))
+    assert rel_err(got, torch.einsum("bfntc,otc->bfno", x, W)) <= BF16_TOL
     assert rel_err(got, conv.double()(z.double(), tail.double(), chunk_ends)) <= PRODUCT_TOL  # the exact conv
     if ends:  # the right neighbour of a chunk's last frame is cut: changing it changes nothing there
         z2 = z.clone()
