@@ -31,9 +31,8 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the GPU's exponential is
 
 @dataclass
 class CrossAttentionConfig:
-    """The tiling of 16-bit inputs: one that Triton 3.9's ptxas compiles for sm_89 and sm_90 without register spills
-    (128 query tokens by 64 keys spill 48-152 bytes a thread); not yet tuned on a GPU (benchmarks/kernels.py
-    --sweep)."""
+    """The tiling of 16-bit inputs: the largest that Triton 3.9's ptxas compiles for sm_89 and sm_90 without register
+    spills (128 query tokens spill 48-152 bytes a thread); not yet tuned on a GPU (benchmarks/kernels.py --sweep)."""
     block_m: int = 64  # query tokens per program
     block_l: int = 64  # keys per tile
     num_stages: int = 2
