@@ -12,10 +12,10 @@ each pixel's 9 neighbours per output tile, 9 reads of every input row from cache
 code (1.37 against 0.75 ms, H200).
 
 Each input element is weighed by three column taps. Without `gather` the row is loaded three times, shifted by a
-column each way (from L1), and SiLU'd each time; `gather` (the default) loads and SiLUs it once and takes the
-shifted copies from the registers of neighbouring lanes (tl.gather along the columns, warp shuffles on sm_90: ptxas
-shows no shared memory), a third of the special-function work. A tile's edge columns then lack a neighbour, so
-gathering strips overlap by two columns and write only their inner ones.
+column each way (from L1), and SiLU'd each time (the default: the faster on the H200); `gather` loads and SiLUs it
+once and takes the shifted copies from the registers of neighbouring lanes (tl.gather along the columns, warp
+shuffles on sm_90: ptxas shows no shared memory), a third of the special-function work. A tile's edge columns then
+lack a neighbour, so gathering strips overlap by two columns and write only their inner ones.
 
 The taps come as (9, 2C), a tap's channels side by side, so that a tap is one vector copy per thread (as (2C, 9)
 they were a 2-byte load per channel and tap). Rows loaded through a Hopper TMA descriptor instead of pointers were
@@ -37,18 +37,20 @@ from longsana.kernels import triton_common
 
 @dataclass
 class GluConvConfig:
-    """Tiling (benchmarks/kernels.py --sweep tunes it on a GPU)."""
+    """Tiling: the fastest measured on the H200 (Triton 3.6), 633.6 us a block against 746.7 us for the reference
+    compiled by inductor (benchmarks/RESULTS.md, 2026-12-07). benchmarks/kernels.py --sweep tunes it on a GPU."""
     block_x: int = 64  # columns per strip: a whole 52-pixel row at 480p, so no column is read by two programs
-    block_c: int = 32  # output channels per program: at 64 ptxas (Triton 3.9) spills 40-400 bytes a thread, though
-    # on the H100 (Triton 3.6) 64 without gather ran fastest (653 us a block)
+    block_c: int = 32  # output channels per program
     rows: int = 32  # output rows per strip: a whole 30-row frame at 480p; fewer give more, shorter programs
-    num_warps: int = 8  # 8 elements of a tile per thread: at 16 (4 warps) the accumulators spill on sm_90
+    num_warps: int = 4  # 16 elements of a tile per thread. Triton 3.9's ptxas spills 24-80 bytes a thread here (0
+    # at 8 warps), yet under Triton 3.6 on the H200 8 warps took 856.5 us a block against 633.6
     num_stages: int = 1  # >1: the row loop software-pipelined (the next row's loads in flight while one is weighed);
-    # on the H100 gather with two stages took 1976 us a block against 726 with one (the taps then (2C, 9))
+    # on the H200 two stages took 1095.9 us a block against 856.5 with one (8 warps)
     tanh_silu: bool = True  # SiLU through the GPU's tanh.approx: one special-function op instead of exp and a
     # reciprocal; GPUs only (the interpreter runs exp)
-    gather: bool = True  # SiLU each input element once and take its left and right neighbours from registers
-    # (tl.gather along the columns) instead of loading and SiLU-ing them again; strips then overlap by 2 columns
+    gather: bool = False  # SiLU each input element once and take its left and right neighbours from registers
+    # (tl.gather along the columns) instead of loading and SiLU-ing them again; strips then overlap by 2 columns. On
+    # the H200 it took 1113.0 us a block against 856.5 without (8 warps): the taps' loads stay 2-byte loads with it
 
 
 CONFIG = GluConvConfig()
