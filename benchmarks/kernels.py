@@ -141,7 +141,7 @@ def sweep_all(g) -> dict:
     mods = torch.randn(B, 1, 6, D, generator=g).cuda().bfloat16()
     ln = sweep(tln, dict(rows=[1, 2, 4], num_warps=[4, 8, 16]), lambda: ln_modulate(x, mods[:, :, 0], mods[:, :, 1]))
     h, weight, bias = glu_inputs(g)
-    # gather after num_stages: on the H100 the kernel with gather was fastest with one stage (726 us; 1976 with two)
+    # gather after num_stages: on the H100 gather only paid with one stage (726 against 756 us; 1976 with two)
     glu = sweep(tglu, dict(tanh_silu=[True], num_stages=[1, 2, 3], gather=[False, True], block_c=[16, 32, 64],
                            num_warps=[4, 8, 16], rows=[8, 16], block_x=[32]),
                 lambda: glu_conv(h, weight, bias, *FRAME_HW, backend="triton"))
