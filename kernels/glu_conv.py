@@ -25,7 +25,7 @@ from longsana.kernels.backend import HAS_TRITON, register_reference_backward, us
 if HAS_TRITON:
     from longsana.kernels.triton_glu_conv import glu_conv_triton
 
-TRITON_AUTO = True  # whether "auto" runs the kernel on GPUs: measured faster than the compiled reference (H100)
+TRITON_AUTO = True  # whether "auto" runs the kernel on GPUs: measured faster than the compiled reference (H100, H200)
 
 
 def glu_conv_ref(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, height: int, width: int) -> torch.Tensor:
