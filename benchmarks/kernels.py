@@ -141,9 +141,9 @@ def sweep_all(g) -> dict:
     mods = torch.randn(B, 1, 6, D, generator=g).cuda().bfloat16()
     ln = sweep(tln, dict(rows=[1, 2, 4], num_warps=[4, 8, 16]), lambda: ln_modulate(x, mods[:, :, 0], mods[:, :, 1]))
     h, weight, bias = glu_inputs(g)
-    # gather after num_stages: on the H100 gather only paid with one stage (726 against 756 us; 1976 with two)
-    glu = sweep(tglu, dict(tanh_silu=[True], num_stages=[1, 2, 3], gather=[False, True], block_c=[16, 32, 64],
-                           num_warps=[4, 8, 16], rows=[8, 16], block_x=[32]),
+    # a row in phases x block_x columns: 52 at 480p is 4 x 16 (wasting 12), 7 x 8 (wasting 4) or 13 x 4
+    glu = sweep(tglu, dict(silu=["tanh", "tanh_bf16x2"], phases=[1, 2, 4], block_c=[16, 32, 64], num_warps=[4, 8],
+                           num_stages=[1, 2], rows=[8, 16]),
                 lambda: glu_conv(h, weight, bias, *FRAME_HW, backend="triton"))
     # the kernel or the reference compiled by inductor, whichever is faster, for "auto" in this process
     ref_compiled = torch.compile(glu_conv_ref)
@@ -160,14 +160,15 @@ def glu_inputs(g):
 
 
 def bench_glu_conv(g) -> dict:
-    """Fused against the reference, eager and compiled (Inductor around cuDNN's depthwise conv), and with the other
-    SiLU; minimal bytes: h read once, the output written once."""
+    """Fused against the reference, eager and compiled (Inductor around cuDNN's depthwise conv), with each SiLU (the
+    configured one is "triton"); minimal bytes: h read once, the output written once."""
     h, weight, bias = glu_inputs(g)
     exact = glu_conv_ref(h.float(), weight.float(), bias.float(), *FRAME_HW)
     ref_compiled = torch.compile(glu_conv_ref)
     errors, times = {}, {}
-    for name, tanh in (("triton", tglu.CONFIG.tanh_silu), ("triton_other_silu", not tglu.CONFIG.tanh_silu)):
-        tuned, tglu.CONFIG = tglu.CONFIG, dataclasses.replace(tglu.CONFIG, tanh_silu=tanh)
+    for silu in (tglu.CONFIG.silu, *(m for m in tglu.SILU_MODES if m != tglu.CONFIG.silu)):
+        name = "triton" if silu == tglu.CONFIG.silu else f"triton_silu_{silu}"
+        tuned, tglu.CONFIG = tglu.CONFIG, dataclasses.replace(tglu.CONFIG, silu=silu)
         errors[name] = rel_err(glu_conv(h, weight, bias, *FRAME_HW, backend="triton"), exact)
         times[name] = bench_us(lambda: glu_conv(h, weight, bias, *FRAME_HW, backend="triton"))
         tglu.CONFIG = tuned

@@ -6,21 +6,17 @@ owns a strip of one frame (BLOCK_X columns x ROWS rows) for a block of C output 
 and sweeps it top to bottom: each input row is read once from memory (its left and right neighbours again, from L1),
 SiLU'd, and weighed by the three kernel rows at once, into the three output rows it touches; the row above it is
 then complete, gated and written. The two rolling accumulators stay in fp32 registers, so the input is read once and
-the output written once: about 0.63 GB a block. A program's rows follow one another, so the loop can be
-software-pipelined (`num_stages`: the next row's loads in flight while one is weighed). An earlier version read
-each pixel's 9 neighbours per output tile, 9 reads of every input row from cache, and was slower than the unfused
-code (1.37 against 0.75 ms, H200).
+the output written once: about 0.63 GB a block. An earlier version read each pixel's 9 neighbours per output tile,
+9 reads of every input row from cache, and was slower than the unfused code (1.37 against 0.75 ms, H200).
 
-Each input element is weighed by three column taps. Without `gather` the row is loaded three times, shifted by a
-column each way (from L1), and SiLU'd each time (the default: the faster on the H200); `gather` loads and SiLUs it
-once and takes the shifted copies from the registers of neighbouring lanes (tl.gather along the columns, warp
-shuffles on sm_90: ptxas shows no shared memory), a third of the special-function work. A tile's edge columns then
-lack a neighbour, so gathering strips overlap by two columns and write only their inner ones.
-
-The taps come as (9, 2C), a tap's channels side by side, so that a tap is one vector copy per thread (as (2C, 9)
-they were a 2-byte load per channel and tap). Rows loaded through a Hopper TMA descriptor instead of pointers were
-tried (2026-12-07, H100): no faster (692 against 653 us a block at the best settings of each), so the loads are
-plain pointer loads.
+Its time goes to issuing instructions, not to memory: compiled for sm_90, a thread's row step was 1,327 SASS
+instructions for its 16 pixels (x 2 halves), among them 112 tanh, 240 bf16 -> fp32 conversions (144 of them of the
+taps) and 288 FMAs, against a memory floor of 0.21 ms a block. So the taps come in fp32, (9, 2C), a tap's channels
+side by side (one vector load per thread and tap, nothing to convert), and the SiLU of the bf16 rows can run two
+inputs per instruction ("tanh_bf16x2"). Each input element is weighed by three column taps: the row is loaded three
+times, shifted by a column each way (from L1), and SiLU'd each time. Taking the shifted copies from neighbouring
+lanes instead (tl.gather) SiLU'd once, but the shuffles cost more than they saved (1,113 against 857 us a block,
+H200); rows loaded through a Hopper TMA descriptor were no faster (692 against 653 us, H100).
 """
 
 from __future__ import annotations
@@ -34,106 +30,154 @@ from torch.library import triton_op, wrap_triton
 
 from longsana.kernels import triton_common
 
+SILU_MODES = ("exp", "tanh", "tanh_bf16x2")
+
 
 @dataclass
 class GluConvConfig:
-    """Tiling: the fastest measured on the H200 (Triton 3.6), 633.6 us a block against 746.7 us for the reference
-    compiled by inductor (benchmarks/RESULTS.md, 2026-12-07). benchmarks/kernels.py --sweep tunes it on a GPU."""
-    block_x: int = 64  # columns per strip: a whole 52-pixel row at 480p, so no column is read by two programs
+    """Tiling and SiLU: the fastest measured on the H200 (Triton 3.6), 633.6 us a block against 746.7 us for the
+    reference compiled by inductor (benchmarks/RESULTS.md, 2026-12-07). benchmarks/kernels.py --sweep tunes it."""
+    block_x: int = 8  # columns per strip: a whole 52-pixel row at 480p, so no column is read by two programs
     block_c: int = 32  # output channels per program
-    rows: int = 32  # output rows per strip: a whole 30-row frame at 480p; fewer give more, shorter programs
-    num_warps: int = 4  # 16 elements of a tile per thread. Triton 3.9's ptxas spills 24-80 bytes a thread here (0
+    rows: int = 32  # output rows per strip, at most: a whole 30-row frame at 480p; fewer give more, shorter programs
+    num_warps: int = 4  # 16 pixels of a tile per thread. Triton 3.9's ptxas spills a few bytes a thread here (none
     # at 8 warps), yet under Triton 3.6 on the H200 8 warps took 856.5 us a block against 633.6
+    phases: int = 7  # a row's columns in this many interleaved tiles, so that a column's neighbours are mostly
+    # those of the tiles beside it: K + 2 loads (and SiLUs) of a tile's width instead of 3K; a power of 2
     num_stages: int = 1  # >1: the row loop software-pipelined (the next row's loads in flight while one is weighed);
     # on the H200 two stages took 1095.9 us a block against 856.5 with one (8 warps)
-    tanh_silu: bool = True  # SiLU through the GPU's tanh.approx: one special-function op instead of exp and a
-    # reciprocal; GPUs only (the interpreter runs exp)
-    gather: bool = False  # SiLU each input element once and take its left and right neighbours from registers
-    # (tl.gather along the columns) instead of loading and SiLU-ing them again; strips then overlap by 2 columns. On
-    # the H200 it took 1113.0 us a block against 856.5 without (8 warps)
+    silu: str = "tanh"  # "exp": x / (1 + exp(-x)), what the interpreter runs whatever this says; "tanh": x/2 +
+    # x/2 tanh(x/2) through the GPU's tanh.approx.f32, one special-function op instead of exp and a reciprocal;
+    # "tanh_bf16x2": the same on two bf16 inputs an instruction (sm_90), the SiLU rounded to bf16 as the unfused
+    # module rounds it; other dtypes and GPUs run "tanh"
 
 
 CONFIG = GluConvConfig()
 
 
 @triton.jit
-def _silu(x, TANH: tl.constexpr = False):
-    if TANH:  # x * sigmoid(x), sigmoid(x) = (1 + tanh(x / 2)) / 2
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [0.5 * x], dtype=tl.float32, is_pure=True,
+def _silu(x, TANH: tl.constexpr):
+    """fp32 x -> SiLU(x) = x sigmoid(x), sigmoid(x) = (1 + tanh(x / 2)) / 2."""
+    if TANH:
+        half = 0.5 * x
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [half], dtype=tl.float32, is_pure=True,
                                       pack=1)
-        return 0.5 * x * (1.0 + t)
+        return half + half * t  # one FMA
     return x / (1.0 + tl.exp(-x))
 
 
 @triton.jit
-def _load_row(h_frame, r, x, half, c0, H, W, C, BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Input row r of this frame, columns x .. x + BLOCK_X - 1, channels c0 .. c0 + BLOCK_C - 1 of half `half`
-    (0: a, 1: its gate g), zero outside the frame (the convolution's padding: SiLU(0) = 0)."""
-    xs = x + tl.arange(0, BLOCK_X)
-    c = c0 + tl.arange(0, BLOCK_C)
-    rr = xs * 0 + r  # (a vector: the interpreter's masks take no scalar comparisons)
-    ok = ((rr >= 0) & (rr < H) & (xs >= 0) & (xs < W))[:, None] & (c < C)[None, :]
-    return tl.load(h_frame + (r * W + xs)[:, None] * (2 * C) + half * C + c[None, :], mask=ok, other=0.0)
+def _silu_bf16x2(x):
+    """bf16 x -> SiLU(x) in bf16, two elements an instruction: h = x/2 (exact), h + h tanh(h) (sm_90)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 c, h, t; mov.b32 c, 0x3F003F00; mul.rn.bf16x2 h, $1, c; tanh.approx.bf16x2 t, h; "
+        "fma.rn.bf16x2 $0, h, t, h; }", "=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
 
 
 @triton.jit
-def _sweep_row(h_frame, r, x0, half, c0, H, W, C, above, level, bias, w_ptr, c, c_ok,
-               BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, TANH: tl.constexpr, GATHER: tl.constexpr):
-    """Input row r (columns x0 - 1 .. on), SiLU'd, into the accumulators of output rows r - 1 (`above`: complete
-    after it) and r, and a new one for row r + 1. w_ptr: the (9, 2C) taps, tap-major, so that a tap's channels are
-    one vector load. GATHER: row r is loaded once, and a tile's first and last columns get wrong neighbours (not
-    stored)."""
-    below = bias
-    w = w_ptr + half * C + c
-    if GATHER:
-        s_mid = _silu(_load_row(h_frame, r, x0 - 1, half, c0, H, W, C, BLOCK_X, BLOCK_C).to(tl.float32), TANH)
-        i = tl.broadcast_to(tl.arange(0, BLOCK_X)[:, None], s_mid.shape)
-    for dx in tl.static_range(3):
-        if GATHER:
-            s = s_mid if dx == 1 else tl.gather(s_mid, tl.minimum(tl.maximum(i + dx - 1, 0), BLOCK_X - 1), 0)
-        else:
-            s = _silu(_load_row(h_frame, r, x0 + dx - 1, half, c0, H, W, C, BLOCK_X, BLOCK_C).to(tl.float32), TANH)
-        below += s * tl.load(w + dx * 2 * C, mask=c_ok, other=0.0).to(tl.float32)[None, :]  # kernel row 0
-        level += s * tl.load(w + (3 + dx) * 2 * C, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        above += s * tl.load(w + (6 + dx) * 2 * C, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    return above, level, below
+def _silu_row(h_frame, r, x, half, c, H, W, C, SILU: tl.constexpr, EVEN_C: tl.constexpr):
+    """SiLU of input row r of this frame, columns x .. x + BLOCK_X - 1, channels c of half `half` (0: a, 1: its gate
+    g), fp32, zero outside the frame (the convolution's padding: SiLU(0) = 0). SILU: 0 exp, 1 tanh, 2 tanh_bf16x2."""
+    rr = x * 0 + r  # (a vector: the interpreter's masks take no scalar comparisons)
+    ok = ((rr >= 0) & (rr < H) & (x >= 0) & (x < W))[:, None]
+    if not EVEN_C:
+        ok = ok & (c < C)[None, :]
+    h = tl.load(h_frame + (r * W + x)[:, None] * (2 * C) + half * C + c[None, :], mask=ok, other=0.0)
+    if SILU == 2:
+        return _silu_bf16x2(h).to(tl.float32)
+    return _silu(h.to(tl.float32), SILU == 1)
+
+
+@triton.jit
+def _taps(w_ptr, half, c, C, row: tl.constexpr, EVEN_C: tl.constexpr):
+    """The three fp32 taps of kernel row `row` for channels c of half `half`, each (1, BLOCK_C)."""
+    w = w_ptr + row * 3 * 2 * C + half * C + c
+    if EVEN_C:
+        return tl.load(w)[None, :], tl.load(w + 2 * C)[None, :], tl.load(w + 4 * C)[None, :]
+    ok = c < C
+    return (tl.load(w, mask=ok, other=0.0)[None, :], tl.load(w + 2 * C, mask=ok, other=0.0)[None, :],
+            tl.load(w + 4 * C, mask=ok, other=0.0)[None, :])
+
+
+@triton.jit
+def _sweep_row(h_frame, r, xk, half, c, H, W, C, above, level, bias, w_ptr, K: tl.constexpr, SILU: tl.constexpr,
+               EVEN_C: tl.constexpr):
+    """Input row r, SiLU'd, into the accumulators of output rows r - 1 (`above`: complete after it) and r, and new
+    ones for row r + 1. The row's columns come in K phases, phase j the columns xk + j (xk: this strip's first
+    column plus K times a lane's index), so that a column's left and right neighbours are the phases beside it: only
+    phase 0's left and phase K - 1's right neighbours are loaded again (shifted by K), K + 2 loads of a phase's
+    width instead of 3K. above, level: K tiles each; w_ptr: the (9, 2C) fp32 taps, tap-major (a tap's channels are
+    one vector load)."""
+    s = (_silu_row(h_frame, r, xk - 1, half, c, H, W, C, SILU, EVEN_C),)
+    for j in tl.static_range(K + 1):
+        s = s + (_silu_row(h_frame, r, xk + j, half, c, H, W, C, SILU, EVEN_C),)
+    w0, w1, w2 = _taps(w_ptr, half, c, C, 0, EVEN_C)  # kernel row 0: the output row below the input row
+    w3, w4, w5 = _taps(w_ptr, half, c, C, 1, EVEN_C)
+    w6, w7, w8 = _taps(w_ptr, half, c, C, 2, EVEN_C)
+    new_above = ()
+    new_level = ()
+    below = ()
+    for j in tl.static_range(K):
+        left, mid, right = s[j], s[j + 1], s[j + 2]
+        new_above = new_above + (above[j] + left * w6 + mid * w7 + right * w8,)
+        new_level = new_level + (level[j] + left * w3 + mid * w4 + right * w5,)
+        below = below + (bias + left * w0 + mid * w1 + right * w2,)
+    return new_above, new_level, below
 
 
 @triton.jit
 def _glu_conv_kernel(
-    h_ptr, w_ptr, b_ptr, o_ptr,  # h: (frames, H*W, 2C) contiguous; w: (9, 2C); b: (2C,); o: (frames, H*W, C)
+    h_ptr, w_ptr, b_ptr, o_ptr,  # h: (frames, H*W, 2C) contiguous; w: (9, 2C) fp32; b: (2C,); o: (frames, H*W, C)
     H, W, C,
-    BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, TANH: tl.constexpr, STAGES: tl.constexpr,
-    GATHER: tl.constexpr,
+    BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, K: tl.constexpr, SILU: tl.constexpr,
+    STAGES: tl.constexpr, EVEN_C: tl.constexpr,  # EVEN_C: C is a multiple of BLOCK_C, no channel masks
 ):
     frame, strip, cblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    HALO: tl.constexpr = 1 if GATHER else 0  # a gathering tile's edge columns only feed their neighbours
-    strips_x = tl.cdiv(W, BLOCK_X - 2 * HALO)
+    strips_x = tl.cdiv(W, K * BLOCK_X)
     y0 = (strip // strips_x) * ROWS
-    x0 = (strip % strips_x) * (BLOCK_X - 2 * HALO)  # the first column this strip writes
-    c0 = cblock * BLOCK_C
-    i = tl.arange(0, BLOCK_X)
-    xs = x0 - HALO + i
-    mine = (i >= HALO) & (i < BLOCK_X - HALO) & (xs < W)  # the columns this strip writes
-    c = c0 + tl.arange(0, BLOCK_C)  # a is channel c of h, its gate g channel C + c
+    xk = (strip % strips_x) * K * BLOCK_X + K * tl.arange(0, BLOCK_X)  # phase j's columns: xk + j
+    c = cblock * BLOCK_C + tl.arange(0, BLOCK_C)  # a is channel c of h, its gate g channel C + c
     c_ok = c < C
     h_frame = h_ptr + frame.to(tl.int64) * H * W * 2 * C  # 64-bit: a batch of chunks may pass 2^31 elements
     o_frame = o_ptr + frame.to(tl.int64) * H * W * C
     zero = tl.zeros((BLOCK_X, BLOCK_C), tl.float32)
     bias_a = zero + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     bias_g = zero + tl.load(b_ptr + C + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    # step r reads input row r; before it, (above, level) accumulate output rows r - 1 and r
-    above_a, level_a, above_g, level_g = zero, bias_a, zero, bias_g
-    for r in tl.range(y0 - 1, y0 + ROWS + 1, num_stages=STAGES):
-        a, level_a, below_a = _sweep_row(h_frame, r, x0, 0, c0, H, W, C, above_a, level_a, bias_a, w_ptr, c, c_ok,
-                                         BLOCK_X, BLOCK_C, TANH, GATHER)
-        g, level_g, below_g = _sweep_row(h_frame, r, x0, 1, c0, H, W, C, above_g, level_g, bias_g, w_ptr, c, c_ok,
-                                         BLOCK_X, BLOCK_C, TANH, GATHER)
-        y = xs * 0 + r - 1  # complete: store it if it is one of this strip's rows
-        ok = ((y >= y0) & (y < H) & (y < y0 + ROWS) & mine)[:, None] & c_ok[None, :]
-        tl.store(o_frame + (y * W + xs)[:, None] * C + c[None, :], (a * _silu(g, TANH)).to(o_ptr.dtype.element_ty),
-                 mask=ok)
+    zeros = ()
+    level_a = ()
+    level_g = ()
+    for j in tl.static_range(K):
+        zeros = zeros + (zero,)
+        level_a = level_a + (bias_a,)
+        level_g = level_g + (bias_g,)
+    # step r reads input row r; before it, (above, level) accumulate output rows r - 1 and r. The first step reads
+    # the row above the strip (none above the frame's first row), the last the row below it (below the frame's last
+    # row, the padding: its loads are masked off)
+    y1 = tl.minimum(y0 + ROWS, H)  # past the strip's last row
+    above_a, above_g = zeros, zeros
+    for r in tl.range(tl.maximum(y0 - 1, 0), y1 + 1, num_stages=STAGES):
+        a, level_a, below_a = _sweep_row(h_frame, r, xk, 0, c, H, W, C, above_a, level_a, bias_a, w_ptr, K, SILU,
+                                         EVEN_C)
+        g, level_g, below_g = _sweep_row(h_frame, r, xk, 1, c, H, W, C, above_g, level_g, bias_g, w_ptr, K, SILU,
+                                         EVEN_C)
+        for j in tl.static_range(K):  # output row r - 1 is complete: store it if it is one of this strip's rows
+            x = xk + j
+            y = x * 0 + r - 1
+            ok = ((y >= y0) & (y < y1) & (x < W))[:, None] & c_ok[None, :]
+            gated = a[j] * _silu(g[j], SILU > 0)
+            tl.store(o_frame + (y * W + x)[:, None] * C + c[None, :], gated.to(o_ptr.dtype.element_ty), mask=ok)
         above_a, level_a, above_g, level_g = level_a, below_a, level_g, below_g
+
+
+def silu_mode(h: torch.Tensor) -> int:
+    """CONFIG.silu for this input, as the kernel's SILU (its index in SILU_MODES): "exp" off GPUs (the interpreter),
+    "tanh_bf16x2" only for bf16 on sm_90 and later ("tanh" elsewhere)."""
+    if CONFIG.silu not in SILU_MODES:
+        raise ValueError(f"GluConvConfig.silu: one of {SILU_MODES}, got {CONFIG.silu!r}")
+    mode = CONFIG.silu if h.is_cuda else "exp"
+    if mode == "tanh_bf16x2" and (h.dtype != torch.bfloat16 or torch.cuda.get_device_capability(h.device) < (9, 0)):
+        mode = "tanh"
+    return SILU_MODES.index(mode)
 
 
 @triton_op("longsana::glu_conv", mutates_args=())
@@ -147,12 +191,12 @@ def glu_conv_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, h
     h = h.contiguous()
     frames, C = B * N // (height * width), C2 // 2
     o = triton_common.empty((B, N, C), h.dtype, h.device)
-    written = CONFIG.block_x - 2 if CONFIG.gather else CONFIG.block_x  # columns a strip writes (the kernel's HALO)
-    strips = triton.cdiv(height, CONFIG.rows) * triton.cdiv(width, written)
+    taps = weight.new_empty((9, C2), dtype=torch.float32).copy_(weight.reshape(C2, 9).t())
+    strips = triton.cdiv(height, CONFIG.rows) * triton.cdiv(width, CONFIG.phases * CONFIG.block_x)
     grid = (frames, strips, triton.cdiv(C, CONFIG.block_c))
-    wrap_triton(_glu_conv_kernel)[grid](h, weight.reshape(C2, 9).t().contiguous(), bias.contiguous(), o,
-                                        height, width, C, BLOCK_X=CONFIG.block_x, BLOCK_C=CONFIG.block_c,
-                                        ROWS=CONFIG.rows, TANH=CONFIG.tanh_silu and h.is_cuda, STAGES=CONFIG.num_stages,
-                                        GATHER=CONFIG.gather, num_warps=CONFIG.num_warps)
+    wrap_triton(_glu_conv_kernel)[grid](h, taps, bias.contiguous(), o, height, width, C,
+                                        BLOCK_X=CONFIG.block_x, BLOCK_C=CONFIG.block_c, ROWS=CONFIG.rows,
+                                        K=CONFIG.phases,
+                                        SILU=silu_mode(h), STAGES=CONFIG.num_stages, EVEN_C=C % CONFIG.block_c == 0,
+                                        num_warps=CONFIG.num_warps)
     return o
-

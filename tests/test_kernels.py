@@ -85,7 +85,7 @@ def poisoned_small(monkeypatch):
     small = triton_linear_attention.LinearAttentionConfig(state_block_n=32, state_programs=4, out_block_n=32,
                                                           out_tokens=64)
     monkeypatch.setattr(triton_linear_attention, "CONFIG", small)
-    monkeypatch.setattr(triton_glu_conv, "CONFIG", triton_glu_conv.GluConvConfig(block_x=4, block_c=32, rows=3))
+    monkeypatch.setattr(triton_glu_conv, "CONFIG", triton_glu_conv.GluConvConfig(block_x=2, block_c=32, rows=3))
 
 
 @pytest.fixture(autouse=True)
@@ -166,6 +166,7 @@ GLU_CASES = [  # (B, frames, height, width, C, dtype): pixel and channel counts 
     (1, 2, 6, 9, 72, torch.bfloat16),
     (1, 1, 1, 1, 8, torch.float32),
     (1, 2, 4, 17, 16, torch.bfloat16),
+    (1, 2, 3, 6, 64, torch.bfloat16),  # channels a multiple of the tile (no channel masks), width of the tiles
 ]
 
 
@@ -176,12 +177,12 @@ def glu_inputs(B, frames, height, width, C, dtype, g):
 
 
 @runs_triton
-@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("phases", [1, 2, 3])
 @pytest.mark.parametrize("B,frames,height,width,C,dtype", GLU_CASES)
-def test_glu_conv_matches_reference(B, frames, height, width, C, dtype, gather, monkeypatch):
+def test_glu_conv_matches_reference(B, frames, height, width, C, dtype, phases, monkeypatch):
     """Against the reference in fp64 (the kernel keeps fp32 throughout, the reference rounds each op to its dtype);
-    either way of reaching a pixel's neighbours, with strips narrower than the frame."""
-    monkeypatch.setattr(triton_glu_conv, "CONFIG", dataclasses.replace(triton_glu_conv.CONFIG, gather=gather))
+    a row's columns in 1, 2 and 3 phases, with strips narrower and shorter than the frame."""
+    monkeypatch.setattr(triton_glu_conv, "CONFIG", dataclasses.replace(triton_glu_conv.CONFIG, phases=phases))
     h, weight, bias = glu_inputs(B, frames, height, width, C, dtype, torch.Generator().manual_seed(C + width))
     o = glu_conv(h, weight, bias, height, width, backend="triton")
     assert (o.shape, o.dtype) == ((B, h.shape[1], C), dtype)
@@ -406,29 +407,26 @@ def test_what_no_tile_fits_runs_the_reference():
 
 
 @pytest.mark.skipif(INTERPRETER, reason="compiles for a GPU; needs no interpreter")
-@pytest.mark.parametrize("tanh", [False, True])
-@pytest.mark.parametrize("gather,warps", [(False, 4), (True, 8)])  # the default; gather as it ran fastest
+@pytest.mark.parametrize("silu", ["tanh", "tanh_bf16x2"])
 @pytest.mark.parametrize("stages", [1, 2])
-def test_glu_conv_compiles_for_hopper_with_few_spills(tanh, gather, warps, stages):
-    """The FFN kernel at the default tiling, and with gather at 8 warps, either SiLU, with and without a pipelined row
-    loop, through Triton's compiler and ptxas for sm_90 (no GPU needed), with the alignment Triton sees at the full
-    model's launch: at most a few register spills. Triton 3.9 spills 24-80 bytes a thread at the default's 4 warps,
-    which under Triton 3.6 ran fastest on the H200; an earlier, unrolled kernel spilled 4,544 bytes and ran 12x
-    slower than unfused code there."""
-    tuned = dataclasses.replace(triton_glu_conv.GluConvConfig(), num_stages=stages, num_warps=warps)
-    signature = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "o_ptr": "*bf16",
+def test_glu_conv_compiles_for_hopper_with_few_spills(silu, stages):
+    """The FFN kernel at the default tiling, each GPU SiLU, with and without a pipelined row loop, through Triton's
+    compiler and ptxas for sm_90 (no GPU needed), with the alignment Triton sees at the full model's launch: at most
+    a few register spills (an earlier, unrolled kernel spilled 4,544 bytes and ran 12x slower than unfused code on
+    the H200); the rows and taps as vector loads; the packed SiLU as bf16x2 instructions."""
+    tuned = dataclasses.replace(triton_glu_conv.GluConvConfig(), num_stages=stages, silu=silu)
+    signature = {"h_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*bf16", "o_ptr": "*bf16",
                  "H": "i32", "W": "i32", "C": "i32"}
-    compiled = compile_for(triton_glu_conv._glu_conv_kernel, signature,
-                           dict(BLOCK_X=tuned.block_x, BLOCK_C=tuned.block_c, ROWS=tuned.rows, TANH=tanh,
-                                STAGES=tuned.num_stages, GATHER=gather), 90,
+    consts = dict(BLOCK_X=tuned.block_x, BLOCK_C=tuned.block_c, ROWS=tuned.rows, K=tuned.phases,
+                  SILU=triton_glu_conv.SILU_MODES.index(silu), STAGES=tuned.num_stages,
+                  EVEN_C=TransformerConfig().ffn_dim % tuned.block_c == 0)
+    compiled = compile_for(triton_glu_conv._glu_conv_kernel, signature, consts, 90,
                            divisible=("h_ptr", "w_ptr", "b_ptr", "o_ptr", "C"), num_warps=tuned.num_warps)
     ptx = compiled.asm["ptx"]
     assert stack_bytes(compiled) <= 128
     assert ("cp.async" in ptx) == (stages > 1)  # pipelined: the next rows' loads in flight
-    if gather:  # the neighbours come from other lanes of the same warp, not through shared memory
-        assert "shfl.sync" in ptx and "st.shared" not in ptx
-    else:  # the taps, tap-major, are 16-byte copies pipelined with the rows (as (2C, 9): a 2-byte load each)
-        assert "ld.global.b16" not in ptx
+    assert ("tanh.approx.bf16x2" in ptx) == (silu == "tanh_bf16x2")
+    assert "ld.global.b16" not in ptx  # no 2-byte loads
 
 
 FP64_MATH = re.compile(r"\b(?:add|sub|mul|div|fma|sqrt|rcp)\.[a-z.]*f64\b")  # fp64 arithmetic in PTX
@@ -521,11 +519,13 @@ def test_linear_attention_full_shape_fp32(tuned):
 
 
 @needs_cuda
-@pytest.mark.parametrize("tanh,gather", [(False, False), (True, False), (True, True)])
-def test_glu_conv_full_shape(tanh, gather, monkeypatch):
-    """The FFN's middle of a 10-latent-frame chunk at 480p: 10 frames of 30 x 52 tokens, 2C = 13440; either SiLU,
-    either way to the neighbours."""
-    monkeypatch.setattr(triton_glu_conv, "CONFIG", triton_glu_conv.GluConvConfig(tanh_silu=tanh, gather=gather))
+@pytest.mark.parametrize("silu", triton_glu_conv.SILU_MODES)
+@pytest.mark.parametrize("phases,block_x", [(1, 64), (4, 16), (7, 8)])
+def test_glu_conv_full_shape(silu, phases, block_x, monkeypatch):
+    """The FFN's middle of a 10-latent-frame chunk at 480p: 10 frames of 30 x 52 tokens, 2C = 13440; each SiLU, a
+    row in 1, 4 and 7 phases."""
+    config = triton_glu_conv.GluConvConfig(silu=silu, phases=phases, block_x=block_x)
+    monkeypatch.setattr(triton_glu_conv, "CONFIG", config)
     h, weight, bias = glu_inputs(1, 10, 30, 52, TransformerConfig().ffn_dim, torch.bfloat16,
                                  torch.Generator().manual_seed(6))
     o = glu_conv(h, weight, bias, 30, 52, backend="triton")
