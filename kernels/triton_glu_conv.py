@@ -2,21 +2,24 @@
 
 Unfused, the FFN's middle reads and writes its (N, 2C) activation several times (SiLU, the convolution, and the
 layout copies around it, then the gate), about 2.3 GB a block for a 10-latent-frame chunk at 480p. Here a program
-owns a strip of one frame (BLOCK_X columns x ROWS rows) for a block of C output channels (and their C gate channels)
-and sweeps it top to bottom: each input row is read once from memory (its left and right neighbours again, from L1),
-SiLU'd, and weighed by the three kernel rows at once, into the three output rows it touches; the row above it is
-then complete, gated and written. The two rolling accumulators stay in fp32 registers, so the input is read once and
-the output written once: about 0.63 GB a block. An earlier version read each pixel's 9 neighbours per output tile,
-9 reads of every input row from cache, and was slower than the unfused code (1.37 against 0.75 ms, H200).
+owns a strip of one frame (a row's width, ROWS rows) for a block of C output channels (and their C gate channels)
+and sweeps it top to bottom: each input row is read once from memory, SiLU'd, and weighed by the three kernel rows
+at once, into the three output rows it touches; the row above it is then complete, gated and written. The rolling
+accumulators stay in fp32 registers, so the input is read once and the output written once: about 0.63 GB a block.
 
-Its time goes to issuing instructions, not to memory: compiled for sm_90, a thread's row step was 1,327 SASS
-instructions for its 16 pixels (x 2 halves), among them 112 tanh, 240 bf16 -> fp32 conversions (144 of them of the
-taps) and 288 FMAs, against a memory floor of 0.21 ms a block. So the taps come in fp32, (9, 2C), a tap's channels
-side by side (one vector load per thread and tap, nothing to convert), and the SiLU of the bf16 rows can run two
-inputs per instruction ("tanh_bf16x2"). Each input element is weighed by three column taps: the row is loaded three
-times, shifted by a column each way (from L1), and SiLU'd each time. Taking the shifted copies from neighbouring
-lanes instead (tl.gather) SiLU'd once, but the shuffles cost more than they saved (1,113 against 857 us a block,
-H200); rows loaded through a Hopper TMA descriptor were no faster (692 against 653 us, H100).
+The kernel's time goes to issuing instructions, not to memory (the floor is 0.21 ms a block on the H200). The row
+is held as K tiles of BLOCK_X columns, tile j the columns j, j + K, j + 2K, ... (the "phases"), so that the left
+and right neighbours of tile j's columns are tiles j - 1 and j + 1, already SiLU'd in registers; only tile 0's left
+and tile K - 1's right neighbours are loaded (from L1) and SiLU'd a second time, K + 2 tiles a row instead of 3K.
+At 480p a row is 52 columns: 7 tiles of 8 (56 lanes) or 4 of 16 (64). The taps (9, 2C) come in fp32, tap-major,
+loaded once per program; the SiLU of the bf16 input can run two elements an instruction ("tanh_bf16x2").
+Compiled for sm_90 (Triton 3.6, on a CPU), a thread's row step at the default setting is 627 SASS instructions for
+its 14 pixels of both halves, where the kernel before this design spent 1,351 on 16 (3x the SiLUs, the taps
+converted from bf16 in every step), over 31 steps a 30-row frame instead of 34.
+
+Tried and dropped: a pixel's neighbours taken from other lanes (tl.gather, warp shuffles) rather than loaded again
+was slower than loading (1,113 against 857 us a block, H200), rows loaded through a Hopper TMA descriptor no faster
+(692 against 653 us, H100), and reading each pixel's 9 neighbours per output tile slower than unfused code.
 """
 
 from __future__ import annotations
@@ -35,21 +38,18 @@ SILU_MODES = ("exp", "tanh", "tanh_bf16x2")
 
 @dataclass
 class GluConvConfig:
-    """Tiling and SiLU: the fastest measured on the H200 (Triton 3.6), 633.6 us a block against 746.7 us for the
-    reference compiled by inductor (benchmarks/RESULTS.md, 2026-12-07). benchmarks/kernels.py --sweep tunes it."""
-    block_x: int = 8  # columns per strip: a whole 52-pixel row at 480p, so no column is read by two programs
+    """Tiling and SiLU: the fastest measured on an H100 (Triton 3.6), 379.6 us a block against 909.1 us for the
+    reference compiled by inductor (benchmarks/RESULTS.md, 2026-12-07). benchmarks/kernels.py --sweep tunes them."""
+    phases: int = 7  # K: a strip's row as K interleaved tiles (above); a strip is K x block_x columns
+    block_x: int = 8  # columns of a tile, a power of 2: 7 x 8 covers a 52-pixel row at 480p with 4 lanes to spare
     block_c: int = 32  # output channels per program
     rows: int = 32  # output rows per strip, at most: a whole 30-row frame at 480p; fewer give more, shorter programs
-    num_warps: int = 4  # 16 pixels of a tile per thread. Triton 3.9's ptxas spills a few bytes a thread here (none
-    # at 8 warps), yet under Triton 3.6 on the H200 8 warps took 856.5 us a block against 633.6
-    phases: int = 7  # a row's columns in this many interleaved tiles, so that a column's neighbours are mostly
-    # those of the tiles beside it: K + 2 loads (and SiLUs) of a tile's width instead of 3K; a power of 2
-    num_stages: int = 1  # >1: the row loop software-pipelined (the next row's loads in flight while one is weighed);
-    # on the H200 two stages took 1095.9 us a block against 856.5 with one (8 warps)
-    silu: str = "tanh"  # "exp": x / (1 + exp(-x)), what the interpreter runs whatever this says; "tanh": x/2 +
-    # x/2 tanh(x/2) through the GPU's tanh.approx.f32, one special-function op instead of exp and a reciprocal;
-    # "tanh_bf16x2": the same on two bf16 inputs an instruction (sm_90), the SiLU rounded to bf16 as the unfused
-    # module rounds it; other dtypes and GPUs run "tanh"
+    num_warps: int = 4
+    num_stages: int = 1  # >1: the row loop software-pipelined (the next row's loads in flight while one is weighed)
+    silu: str = "tanh_bf16x2"  # "exp": x / (1 + exp(-x)), what the interpreter runs whatever this says; "tanh":
+    # x/2 + x/2 tanh(x/2) through the GPU's tanh.approx.f32, one special-function op instead of exp and a
+    # reciprocal; "tanh_bf16x2": the same on two bf16 inputs an instruction (sm_90), the SiLU rounded to bf16 as
+    # the unfused module rounds it (other dtypes and GPUs run "tanh")
 
 
 CONFIG = GluConvConfig()
@@ -76,8 +76,8 @@ def _silu_bf16x2(x):
 
 @triton.jit
 def _silu_row(h_frame, r, x, half, c, H, W, C, SILU: tl.constexpr, EVEN_C: tl.constexpr):
-    """SiLU of input row r of this frame, columns x .. x + BLOCK_X - 1, channels c of half `half` (0: a, 1: its gate
-    g), fp32, zero outside the frame (the convolution's padding: SiLU(0) = 0). SILU: 0 exp, 1 tanh, 2 tanh_bf16x2."""
+    """SiLU of input row r of this frame at columns x, channels c of half `half` (0: a, 1: its gate g), fp32, zero
+    outside the frame (the convolution's padding: SiLU(0) = 0). SILU: an index of SILU_MODES."""
     rr = x * 0 + r  # (a vector: the interpreter's masks take no scalar comparisons)
     ok = ((rr >= 0) & (rr < H) & (x >= 0) & (x < W))[:, None]
     if not EVEN_C:
@@ -90,7 +90,7 @@ def _silu_row(h_frame, r, x, half, c, H, W, C, SILU: tl.constexpr, EVEN_C: tl.co
 
 @triton.jit
 def _taps(w_ptr, half, c, C, row: tl.constexpr, EVEN_C: tl.constexpr):
-    """The three fp32 taps of kernel row `row` for channels c of half `half`, each (1, BLOCK_C)."""
+    """The three fp32 taps of kernel row `row` for channels c of half `half`, each (1, BLOCK_C); w_ptr: (9, 2C)."""
     w = w_ptr + row * 3 * 2 * C + half * C + c
     if EVEN_C:
         return tl.load(w)[None, :], tl.load(w + 2 * C)[None, :], tl.load(w + 4 * C)[None, :]
@@ -100,20 +100,15 @@ def _taps(w_ptr, half, c, C, row: tl.constexpr, EVEN_C: tl.constexpr):
 
 
 @triton.jit
-def _sweep_row(h_frame, r, xk, half, c, H, W, C, above, level, bias, w_ptr, K: tl.constexpr, SILU: tl.constexpr,
+def _sweep_row(h_frame, r, xk, half, c, H, W, C, above, level, bias, taps, K: tl.constexpr, SILU: tl.constexpr,
                EVEN_C: tl.constexpr):
     """Input row r, SiLU'd, into the accumulators of output rows r - 1 (`above`: complete after it) and r, and new
-    ones for row r + 1. The row's columns come in K phases, phase j the columns xk + j (xk: this strip's first
-    column plus K times a lane's index), so that a column's left and right neighbours are the phases beside it: only
-    phase 0's left and phase K - 1's right neighbours are loaded again (shifted by K), K + 2 loads of a phase's
-    width instead of 3K. above, level: K tiles each; w_ptr: the (9, 2C) fp32 taps, tap-major (a tap's channels are
-    one vector load)."""
+    ones for row r + 1; each K tiles, tile j the columns xk + j. s holds the row's tiles shifted by -1 .. K columns,
+    so tile j's left, own and right columns are s[j], s[j + 1], s[j + 2]. taps: the half's 9, kernel row-major."""
     s = (_silu_row(h_frame, r, xk - 1, half, c, H, W, C, SILU, EVEN_C),)
     for j in tl.static_range(K + 1):
         s = s + (_silu_row(h_frame, r, xk + j, half, c, H, W, C, SILU, EVEN_C),)
-    w0, w1, w2 = _taps(w_ptr, half, c, C, 0, EVEN_C)  # kernel row 0: the output row below the input row
-    w3, w4, w5 = _taps(w_ptr, half, c, C, 1, EVEN_C)
-    w6, w7, w8 = _taps(w_ptr, half, c, C, 2, EVEN_C)
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = taps  # w0..w2: kernel row 0, for the output row below the input row
     new_above = ()
     new_level = ()
     below = ()
@@ -135,7 +130,7 @@ def _glu_conv_kernel(
     frame, strip, cblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     strips_x = tl.cdiv(W, K * BLOCK_X)
     y0 = (strip // strips_x) * ROWS
-    xk = (strip % strips_x) * K * BLOCK_X + K * tl.arange(0, BLOCK_X)  # phase j's columns: xk + j
+    xk = (strip % strips_x) * K * BLOCK_X + K * tl.arange(0, BLOCK_X)  # tile j's columns: xk + j
     c = cblock * BLOCK_C + tl.arange(0, BLOCK_C)  # a is channel c of h, its gate g channel C + c
     c_ok = c < C
     h_frame = h_ptr + frame.to(tl.int64) * H * W * 2 * C  # 64-bit: a batch of chunks may pass 2^31 elements
@@ -155,10 +150,13 @@ def _glu_conv_kernel(
     # row, the padding: its loads are masked off)
     y1 = tl.minimum(y0 + ROWS, H)  # past the strip's last row
     above_a, above_g = zeros, zeros
+    # the taps in registers for the whole sweep: loaded in the loop, they cost more instructions and registers
+    taps_a = _taps(w_ptr, 0, c, C, 0, EVEN_C) + _taps(w_ptr, 0, c, C, 1, EVEN_C) + _taps(w_ptr, 0, c, C, 2, EVEN_C)
+    taps_g = _taps(w_ptr, 1, c, C, 0, EVEN_C) + _taps(w_ptr, 1, c, C, 1, EVEN_C) + _taps(w_ptr, 1, c, C, 2, EVEN_C)
     for r in tl.range(tl.maximum(y0 - 1, 0), y1 + 1, num_stages=STAGES):
-        a, level_a, below_a = _sweep_row(h_frame, r, xk, 0, c, H, W, C, above_a, level_a, bias_a, w_ptr, K, SILU,
+        a, level_a, below_a = _sweep_row(h_frame, r, xk, 0, c, H, W, C, above_a, level_a, bias_a, taps_a, K, SILU,
                                          EVEN_C)
-        g, level_g, below_g = _sweep_row(h_frame, r, xk, 1, c, H, W, C, above_g, level_g, bias_g, w_ptr, K, SILU,
+        g, level_g, below_g = _sweep_row(h_frame, r, xk, 1, c, H, W, C, above_g, level_g, bias_g, taps_g, K, SILU,
                                          EVEN_C)
         for j in tl.static_range(K):  # output row r - 1 is complete: store it if it is one of this strip's rows
             x = xk + j

@@ -27,7 +27,6 @@ transformer's per-layer cross-attention K/V), so switching back to a recent prom
 from __future__ import annotations
 
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -40,7 +39,6 @@ from .config import MAX_PROMPT_CHARS, check_text
 from .loading import CheckpointError, default_device_dtype, read_json_object
 
 TEXT_LEN = 300  # tokens the transformer sees: BOS + 299
-GRAPHS = True  # on GPUs, replay the decoder from a CUDA graph per input shape (TextEncoder._decoder)
 
 # The original models' CHI (NVlabs/Sana configs/sana_video_config/*.yaml, `text_encoder.chi_prompt`, used in
 # training and by the original inference scripts for SANA-Video 2B and LongSANA). Note the double quotes.
@@ -118,11 +116,6 @@ class TextEncoder:
         self.chi_text = "\n".join(recipe.chi)
         self.chi_len = len(tokenizer(self.chi_text).input_ids)  # BOS included
         self._lock = threading.Lock()  # a Rust fast tokenizer must not be used by two threads at once
-        self._graph_lock = threading.Lock()  # the decoder's graphs have one set of static inputs each
-        self._uses: dict[tuple, int] = {}
-        self._graphs: dict[tuple, tuple] = {}
-        self._eager_only: set[tuple] = set()
-        self._replayed = torch.cuda.Event() if torch.cuda.is_available() else None
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
@@ -213,61 +206,9 @@ class TextEncoder:
         L_all, L = batch.input_ids.shape[1], self.recipe.length
         embed, mask = self.model.get_input_embeddings(), batch.attention_mask.to(self.device)
         x = embed(batch.input_ids.to(embed.weight.device)).to(self.device)  # (the table may be wherever it was put)
+        h = self.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state  # (B, L_all, C)
         keep = torch.tensor([0, *range(L_all - L + 1, L_all)], device=self.device)  # BOS + the last L - 1
-        with self._graph_lock:
-            return self._decoder(x, mask, keep), mask[:, keep]
-
-    def _decoder(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """The decoder's last hidden state at positions `keep`. On a GPU an input shape's second and later uses
-        replay a CUDA graph captured at its second use (as the engine's steps do): run eagerly, the decoder's ~800
-        small kernels cost 50-100 ms of host time a prompt, most of a new prompt's encoding."""
-        key = tuple(x.shape)
-        self._uses[key] = uses = self._uses.get(key, 0) + 1
-        if not (GRAPHS and x.is_cuda) or uses == 1 or key in self._eager_only:
-            return self._forward(x, mask)[:, keep]
-        torch.cuda.current_stream().wait_event(self._replayed)  # the last replay's inputs and output were read
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._capture(x, mask)
-            if graph is None:
-                return self._forward(x, mask)[:, keep]
-        x_in, mask_in, h_out, replay = graph
-        x_in.copy_(x)
-        mask_in.copy_(mask)
-        replay()
-        h = h_out[:, keep]
-        self._replayed.record()
-        return h
-
-    def _capture(self, x: torch.Tensor, mask: torch.Tensor):
-        """(static x, static mask, static output, replay) for x's shape, or None where the decoder cannot be captured
-        (it runs eagerly at that shape from then on, and says so once)."""
-        x_in, mask_in, graph = x.clone(), mask.clone(), torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                h_out = self._forward(x_in, mask_in)
-        except RuntimeError as e:
-            self._eager_only.add(tuple(x.shape))
-            warnings.warn(f"text encoder: not captured in a CUDA graph at {tuple(x.shape)}, runs eagerly ({e})",
-                          stacklevel=3)
-            return None
-        self._graphs[tuple(x.shape)] = captured = (x_in, mask_in, h_out, graph.replay)
-        return captured
-
-    def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The decoder on embeddings x (B, L, C) with padding mask (B, L). Its attention masks are made here, as
-        transformers makes them for eager attention (additive, (B, 1, L, L): a query attends to the tokens at or
-        before it, and in the sliding-window layers to the last `sliding_window` of those), since transformers'
-        own code checks the mask's values on the host, a sync that no CUDA graph may hold."""
-        L = x.shape[1]
-        i = torch.arange(L, device=x.device)
-        causal = i[None, :] <= i[:, None]  # (query, key)
-        near = causal & (i[None, :] > i[:, None] - self.model.config.sliding_window)
-        token = mask[:, None, None, :].bool()
-        masks = {name: torch.zeros((*mask.shape[:1], 1, L, L), dtype=x.dtype, device=x.device).masked_fill_(
-                     ~(pattern & token), torch.finfo(x.dtype).min)
-                 for name, pattern in (("full_attention", causal), ("sliding_attention", near))}
-        return self.model(inputs_embeds=x, attention_mask=masks, use_cache=False).last_hidden_state
+        return h[:, keep], mask[:, keep]
 
 
 @dataclass(frozen=True)

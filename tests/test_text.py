@@ -129,33 +129,6 @@ def test_the_embedding_table_stays_on_the_host_beside_a_gpu(folder, pipe):
     check((emb.cpu(), mask.cpu()), reference(pipe, PROMPTS, 30)[:2])
 
 
-def test_the_decoders_attention_masks_are_transformers_own(folder):
-    """The masks the encoder makes itself (transformers' own code reads the mask on the host, which no CUDA graph
-    may hold) give the hidden states transformers' masks give, bit for bit: a padded batch, one row all padding
-    after its BOS, and a sliding window shorter than the prompts (the built-in demo's is 4 tokens)."""
-    enc = TextEncoder.from_pretrained(folder)
-    enc.model.config.sliding_window = 3
-    assert set(enc.model.config.layer_types) == {"sliding_attention", "full_attention"}
-    x = torch.randn(3, 9, enc.dim, generator=torch.Generator().manual_seed(0))
-    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] + [0] * 8])
-    want = enc.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
-    assert torch.equal(enc._forward(x, mask), want)
-    enc.model.config.sliding_window = 4096
-    assert not torch.equal(enc._forward(x, mask), want)  # the window mattered
-
-
-@needs_cuda
-def test_the_decoder_is_replayed_from_a_cuda_graph_after_a_shapes_first_use(folder, pipe):
-    """Eager at an input shape's first use, captured at its second, replayed after: each time diffusers' embeddings,
-    for prompts of different lengths (the padding mask is one of the graph's inputs)."""
-    enc = TextEncoder.from_pretrained(folder, "cuda", torch.float32, recipe=DIFFUSERS)
-    for i, prompt in enumerate([PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]]):
-        emb, mask = enc.encode([prompt], motion_score=30)
-        check((emb.cpu(), mask.cpu()), reference(pipe, [prompt], 30)[:2])
-        assert len(enc._graphs) == (i > 0)
-    assert not enc._eager_only
-
-
 def test_loading(folder, tmp_path):
     from transformers import Gemma2ForCausalLM
 
