@@ -142,8 +142,8 @@ def sweep_all(g) -> dict:
     ln = sweep(tln, dict(rows=[1, 2, 4], num_warps=[4, 8, 16]), lambda: ln_modulate(x, mods[:, :, 0], mods[:, :, 1]))
     h, weight, bias = glu_inputs(g)
     # a row in phases x block_x columns: 52 at 480p is 4 x 16 (wasting 12), 7 x 8 (wasting 4) or 13 x 4
-    glu = sweep(tglu, dict(silu=["tanh", "tanh_bf16x2"], phases=[1, 2, 4], block_c=[16, 32, 64], num_warps=[4, 8],
-                           num_stages=[1, 2], rows=[8, 16]),
+    glu = sweep(tglu, dict(silu=["tanh", "tanh_bf16x2"], phases=[4, 7, 13], block_x=[4, 8, 16], block_c=[16, 32, 64],
+                           num_warps=[4, 8], num_stages=[1, 2], rows=[8, 16]),
                 lambda: glu_conv(h, weight, bias, *FRAME_HW, backend="triton"))
     # the kernel or the reference compiled by inductor, whichever is faster, for "auto" in this process
     ref_compiled = torch.compile(glu_conv_ref)

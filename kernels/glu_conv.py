@@ -9,10 +9,9 @@ For the up-projection's output h (B, N, 2C), tokens ordered (frame, row, column)
 This file holds the plain PyTorch reference, which faster implementations must match, and the entry point
 `glu_conv`, which runs the Triton kernel (triton_glu_conv.py) on GPUs (TRITON_AUTO) and the reference elsewhere, or
 either by name (backend=, LONGSANA_KERNELS). The kernel reads the input once and writes the output once; its floor
-is 0.21 ms for a block's 15,600 x 13,440 input on the H200. There (benchmarks/RESULTS.md, 2026-12-07) it took
-0.63 ms at its default setting against 0.75 ms for the reference compiled by inductor (around cuDNN's depthwise
-conv); on an H100 0.65 ms at its fastest against 0.91 ms. Either way differentiable (the Triton op's backward is
-the reference's).
+is 0.21 ms for a block's 15,600 x 13,440 input on an H100. There (benchmarks/RESULTS.md, 2026-12-07) it took
+0.38 ms against 0.91 ms for the reference compiled by inductor (around cuDNN's depthwise conv). Either way
+differentiable (the Triton op's backward is the reference's).
 """
 
 from __future__ import annotations
