@@ -89,14 +89,16 @@ def _silu_row(h_frame, r, x, half, c, H, W, C, SILU: tl.constexpr, EVEN_C: tl.co
 
 
 @triton.jit
-def _taps(w_ptr, half, c, C, row: tl.constexpr, EVEN_C: tl.constexpr):
-    """The three fp32 taps of kernel row `row` for channels c of half `half`, each (1, BLOCK_C); w_ptr: (9, 2C)."""
-    w = w_ptr + row * 3 * 2 * C + half * C + c
-    if EVEN_C:
-        return tl.load(w)[None, :], tl.load(w + 2 * C)[None, :], tl.load(w + 4 * C)[None, :]
-    ok = c < C
-    return (tl.load(w, mask=ok, other=0.0)[None, :], tl.load(w + 2 * C, mask=ok, other=0.0)[None, :],
-            tl.load(w + 4 * C, mask=ok, other=0.0)[None, :])
+def _taps(w_ptr, half, c, C, EVEN_C: tl.constexpr):
+    """The nine fp32 taps of half `half` for channels c, kernel row-major, each (1, BLOCK_C); w_ptr: (9, 2C)."""
+    taps = ()
+    for t in tl.static_range(9):
+        w = w_ptr + t * 2 * C + half * C + c
+        if EVEN_C:
+            taps = taps + (tl.load(w)[None, :],)
+        else:
+            taps = taps + (tl.load(w, mask=c < C, other=0.0)[None, :],)
+    return taps
 
 
 @triton.jit
@@ -151,8 +153,7 @@ def _glu_conv_kernel(
     y1 = tl.minimum(y0 + ROWS, H)  # past the strip's last row
     above_a, above_g = zeros, zeros
     # the taps in registers for the whole sweep: loaded in the loop, they cost more instructions and registers
-    taps_a = _taps(w_ptr, 0, c, C, 0, EVEN_C) + _taps(w_ptr, 0, c, C, 1, EVEN_C) + _taps(w_ptr, 0, c, C, 2, EVEN_C)
-    taps_g = _taps(w_ptr, 1, c, C, 0, EVEN_C) + _taps(w_ptr, 1, c, C, 1, EVEN_C) + _taps(w_ptr, 1, c, C, 2, EVEN_C)
+    taps_a, taps_g = _taps(w_ptr, 0, c, C, EVEN_C), _taps(w_ptr, 1, c, C, EVEN_C)
     for r in tl.range(tl.maximum(y0 - 1, 0), y1 + 1, num_stages=STAGES):
         a, level_a, below_a = _sweep_row(h_frame, r, xk, 0, c, H, W, C, above_a, level_a, bias_a, taps_a, K, SILU,
                                          EVEN_C)
