@@ -222,13 +222,12 @@ def bench_gemms() -> dict:
         x = x if temporal else x.flatten(1, 2)
         exact = bf16.float()(x.float())
         bf16.bfloat16()  # back, exactly: the weights were bf16
-        d_in *= 3 if temporal else 1  # the temporal conv's three taps: one product over the neighbours side by side
+        d_out *= 3 if temporal else 1  # the temporal conv: one product with its three taps stacked
         layers = dict(bf16=torch.compile(bf16), fp8=torch.compile(fp8))
         errors = {name: rel_err(layer(x), exact) for name, layer in layers.items()}
         times = {name: bench_us(lambda layer=layer: layer(x)) for name, layer in layers.items()}
-        if not temporal:  # its three neighbours are quantized together, from a cat no producer writes
-            x_q = quantize_rows(x)
-            times["fp8_input_quantized"] = bench_us(lambda: fp8(x_q))
+        x_q = quantize_rows(x)
+        times["fp8_input_quantized"] = bench_us(lambda: fp8(x_q))
         flops = 2 * B * N * d_in * d_out
         out[path] = dict(shape=(B * N, d_in, d_out), tflops=flops / 1e12, errors=errors, times_us=times)
         print(f"  {path:16s} {B * N} x {d_in} x {d_out}: " + ", ".join(

@@ -1,7 +1,7 @@
 """FP8 as an option: the transformer blocks' per-step matrix products in W8A8 e4m3 with row-wise scales.
 
-About half of a bf16 pass is GEMMs, and FP8 tensor cores (Ada, Hopper) run GEMMs at up to twice bf16's rate.
-`to_fp8(model)` swaps the layers that run on every chunk's tokens: self-attention q, k, v and out, cross-attention
+Most of a bf16 pass is GEMMs (69% on an H100), and FP8 tensor cores (Ada, Hopper) run GEMMs at up to twice bf16's
+rate. `to_fp8(model)` swaps the layers that run on every chunk's tokens: self-attention q, k, v and out, cross-attention
 q and out, the FFN's 1x1 up and down projections (`Fp8Linear`), and the temporal conv's three taps, as one product
 (`Fp8TemporalConv`): all the block's per-token GEMMs. Embeddings, modulation, the prompt's cross-attention K/V (once
 per prompt) and the final layer stay bf16; the norms compute in fp32, as before, and write e4m3.
@@ -24,7 +24,7 @@ from torch import nn
 from longsana.kernels.ln_modulate import ln_modulate_fp8
 from longsana.kernels.quantize import QuantizedRows, quantize_rows
 
-from .model import LnModulate, LongSANATransformer, TemporalConv, frame_neighbours
+from .model import LnModulate, LongSANATransformer, TemporalConv, shifted_sum
 
 MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
 ALIGN = 16  # the GPU's FP8 products need both weight dimensions to be multiples of 16
@@ -54,17 +54,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         """x: (..., in) in any float dtype, quantized here, or already quantized by the kernel that made it."""
-        x_q, x_s = x if isinstance(x, QuantizedRows) else quantize_rows(x)
-        lead = x_q.shape[:-1]
-        # row-major: cuBLASLt's FP8 product takes no transposed left operand (a (B, N, D) view of (B, D, N) memory)
-        x_q, x_s = x_q.reshape(-1, x_q.shape[-1]).contiguous(), x_s.reshape(-1, 1)
-        if x_q.is_cuda:
-            y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_s, scale_b=self.weight_scale, bias=self.bias,
-                                 out_dtype=self.out_dtype)
-        else:  # no FP8 units: the same product in fp32 (torch's CPU _scaled_mm takes row-wise scales only from 2.13)
-            y = (x_q.float() @ self.weight.float().t()) * x_s * self.weight_scale
-            y = (y if self.bias is None else y + self.bias).to(self.out_dtype)
-        return y.view(*lead, -1)
+        return scaled_product(x, self.weight, self.weight_scale, self.bias, self.out_dtype)
 
     def dequantized(self) -> torch.Tensor:
         """W as the product sees it, (out, in) fp32: for tests and error reports."""
@@ -72,6 +62,22 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, bias={self.bias is not None}"
+
+
+def scaled_product(x: torch.Tensor | QuantizedRows, w_q: torch.Tensor, w_s: torch.Tensor, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """(x_q * s_x) (w_q * w_s)^T + bias in out_dtype. x: (..., in), quantized here unless given quantized; w_q
+    (out, in) e4m3, rows contiguous; w_s (1, out) fp32."""
+    x_q, x_s = x if isinstance(x, QuantizedRows) else quantize_rows(x)
+    lead = x_q.shape[:-1]
+    # row-major: cuBLASLt's FP8 product takes no transposed left operand (a (B, N, D) view of (B, D, N) memory)
+    x_q, x_s = x_q.reshape(-1, x_q.shape[-1]).contiguous(), x_s.reshape(-1, 1)
+    if x_q.is_cuda:
+        y = torch._scaled_mm(x_q, w_q.t(), scale_a=x_s, scale_b=w_s, bias=bias, out_dtype=out_dtype)
+    else:  # no FP8 units: the same product in fp32 (torch's CPU _scaled_mm takes row-wise scales only from 2.13)
+        y = (x_q.float() @ w_q.float().t()) * x_s * w_s
+        y = (y if bias is None else y + bias).to(out_dtype)
+    return y.view(*lead, -1)
 
 
 class Fp8LnModulate(LnModulate):
@@ -83,16 +89,23 @@ class Fp8LnModulate(LnModulate):
 
 
 class Fp8TemporalConv(nn.Module):
-    """model.TemporalConv in FP8: its three taps as one product over the frame neighbours side by side,
-    [z[f-1], z[f], z[f+1]] (..., 3D) @ [W0 W1 W2]^T, each token's three neighbours quantized together."""
+    """model.TemporalConv in FP8: z's product with the three taps stacked, [W0; W1; W2] (3 D_out, D_in), one per-row
+    scale per output channel of each tap, shifted along frames as there (`shifted_sum`); the tail's product with W0
+    reads the first D_out rows of the same weight."""
 
     def __init__(self, conv: TemporalConv):
         super().__init__()
-        W = conv.weight[..., 0]  # (D_out, D_in, 3)
-        self.taps = Fp8Linear(W.permute(0, 2, 1).flatten(1), None, W.dtype)  # (D_out, 3 D_in), tap-major
+        W = conv.weight[..., 0].permute(2, 0, 1)  # (3, D_out, D_in)
+        self.taps = Fp8Linear(W.flatten(0, 1), None, W.dtype)
 
     def forward(self, z, tail=None, chunk_ends=None):
-        return self.taps(torch.cat(frame_neighbours(z, tail, chunk_ends), dim=-1))
+        before, now, after = self.taps(z).chunk(3, dim=-1)
+        first = None
+        if tail is not None:
+            d = before.shape[-1]
+            first = scaled_product(tail, self.taps.weight[:d], self.taps.weight_scale[:, :d].contiguous(), None,
+                                   self.taps.out_dtype)
+        return shifted_sum(before, now, after, first, chunk_ends)
 
 
 def check_fp8(model: LongSANATransformer) -> None:

@@ -153,27 +153,32 @@ class Pointwise(nn.Conv2d):
         return F.linear(x, self.weight.flatten(1), self.bias)
 
 
-def frame_neighbours(z: torch.Tensor, tail: torch.Tensor | None = None, chunk_ends: torch.Tensor | None = None):
-    """z (B, F, HW, D) -> (z[f-1], z[f], z[f+1]) for every frame f, each (B, F, HW, D): z[-1] = tail (None: zeros),
-    z[F] = 0, and z[f+1] = 0 where chunk_ends[f] (the next chunk is in the future)."""
-    left = torch.zeros_like(z[:, :1]) if tail is None else tail[:, None].to(z.dtype)
-    zp = torch.cat([left, z, torch.zeros_like(z[:, :1])], dim=1)  # (B, F+2, HW, D)
-    frames = z.shape[1]
-    right = zp[:, 2:] if chunk_ends is None else zp[:, 2:] * ~chunk_ends[None, :, None, None]
-    return zp[:, :frames], z, right
+def shifted_sum(before, now, after, first=None, chunk_ends=None) -> torch.Tensor:
+    """out[f] = before[f-1] + now[f] + after[f+1] for the frames f of (B, F, HW, D) tensors: a kernel-3 convolution
+    along frames whose taps' products are already taken. before[-1] = first (B, HW, D) (None: zeros), after[F] = 0, and
+    after[f+1] = 0 where chunk_ends[f] (the next chunk is in the future). Pads, not cats: inductor fuses them into one
+    elementwise kernel with the additions around."""
+    next_frame = F.pad(after[:, 1:], (0, 0, 0, 0, 0, 1))
+    if chunk_ends is not None:
+        next_frame = next_frame * ~chunk_ends[None, :, None, None]
+    out = now + F.pad(before[:, :-1], (0, 0, 0, 0, 1, 0)) + next_frame
+    return out if first is None else out + F.pad(first[:, None], (0, 0, 0, 0, 0, now.shape[1] - 1))
 
 
 class TemporalConv(nn.Conv2d):
     """The FFN's convolution along frames (kernel 3, diffusers' weight shape (D, D, 3, 1)), on channels-last tokens
-    (B, F, HW, D): out[f] = W0 z[f-1] + W1 z[f] + W2 z[f+1], the neighbours as `frame_neighbours` gives them."""
+    (B, F, HW, D): out[f] = W0 z[f-1] + W1 z[f] + W2 z[f+1], with z[-1] = tail and the right neighbour cut as
+    `shifted_sum` says. Computed as one product of z with the taps stacked, [W0; W1; W2] (a GEMM three times as wide
+    as each tap's), whose three parts are then shifted along frames: no shifted copies of z."""
 
     def __init__(self, dim: int):
         super().__init__(dim, dim, (3, 1), padding=(1, 0), bias=False)
 
     def forward(self, z, tail=None, chunk_ends=None):
-        W = self.weight[..., 0]  # (D_out, D_in, 3)
-        before, now, after = frame_neighbours(z, tail, chunk_ends)
-        return F.linear(before, W[:, :, 0]) + F.linear(now, W[:, :, 1]) + F.linear(after, W[:, :, 2])
+        W = self.weight[..., 0].permute(2, 0, 1)  # (3, D_out, D_in): the taps
+        before, now, after = F.linear(z, W.flatten(0, 1)).chunk(3, dim=-1)
+        first = None if tail is None else F.linear(tail.to(z.dtype), W[0])
+        return shifted_sum(before, now, after, first, chunk_ends)
 
 
 class MixFFN(nn.Module):

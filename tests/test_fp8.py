@@ -19,7 +19,7 @@ import torch
 from longsana import fp8
 from longsana.config import TransformerConfig, get_config
 from longsana.kernels.quantize import FP8, FP8_MAX, quantize_rows
-from longsana.model import LongSANATransformer, TemporalConv, frame_neighbours
+from longsana.model import LongSANATransformer, TemporalConv
 from longsana.stream import Pipeline
 from longsana.testing import needs_fp8_gpu, randomize_, rel_err
 
@@ -101,18 +101,18 @@ def test_to_fp8_swaps_the_block_gemms_only():
 @pytest.mark.parametrize("ends", [False, True])
 @torch.no_grad()
 def test_fp8_temporal_conv_against_its_quantized_operands(ends):
-    """The three taps as one product over the side-by-side neighbours: against an fp64 convolution of the
-    dequantized neighbours and taps, with a tail on the left and chunk ends cutting the right neighbour."""
+    """z's product with the three taps stacked, shifted along frames: against an fp64 convolution of the dequantized
+    z, tail and taps, with a tail on the left and chunk ends cutting the right neighbour."""
     torch.manual_seed(0)
     conv = TemporalConv(32).bfloat16()
     f = fp8.Fp8TemporalConv(conv)
     z, tail = torch.randn(2, 5, 6, 32, dtype=torch.bfloat16), torch.randn(2, 6, 32, dtype=torch.bfloat16)
     chunk_ends = torch.tensor([False, True, False, False, True]) if ends else None
     got = f(z, tail, chunk_ends)
-    x_q, x_s = quantize_rows(torch.cat(frame_neighbours(z, tail, chunk_ends), dim=-1))
-    W = f.taps.dequantized().double().view(32, 3, 32)
-    x = (x_q.double() * x_s.double()).unflatten(-1, (3, 32))
-    assert rel_err(got, torch.einsum("bfntc,otc->bfno", x, W)) <= BF16_TOL
+    on_quantized = TemporalConv(32).double()
+    on_quantized.weight.copy_(f.taps.dequantized().view(3, 32, 32).permute(1, 2, 0)[..., None])
+    want = on_quantized(*(quantize_rows(a).dequantized().double() for a in (z, tail)), chunk_ends)
+    assert rel_err(got, want) <= BF16_TOL
     assert rel_err(got, conv.double()(z.double(), tail.double(), chunk_ends)) <= PRODUCT_TOL  # the exact conv
     if ends:  # the right neighbour of a chunk's last frame is cut: changing it changes nothing there
         z2 = z.clone()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from longsana.config import DIFFUSERS_CONVENTIONS, TransformerConfig, get_config
-from longsana.model import LongSANATransformer
+from longsana.model import LongSANATransformer, TemporalConv
 from longsana.testing import diffusers_transformer, randomize_, rel_err
 
 TINY = get_config("tiny").transformer  # head_dim 40 -> RoPE split 16/12/12
@@ -84,6 +84,30 @@ def test_timestep_floor_follows_the_original():
     t0_a, _ = model.timestep(torch.tensor([888.9]), 1)
     t0_b, _ = model.timestep(torch.tensor([888.0]), 1)
     assert torch.equal(t0_a, t0_b)
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5])
+@torch.no_grad()
+def test_temporal_conv_is_the_convolution_along_frames(frames):
+    """TemporalConv (shifted products of the stacked taps) against F.conv2d over frames in fp64, zero-padded or with a
+    tail on the left, and with chunk ends cutting the right neighbour."""
+    torch.manual_seed(frames)
+    conv = randomize_(TemporalConv(6), frames).double()
+    z, tail = torch.randn(2, frames, 5, 6, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
+    ends = torch.rand(frames) < 0.5
+
+    def reference(left, cut):  # channels-first (B, D, frames, HW) through a kernel-(3, 1) convolution, frame by frame
+        zp = torch.cat([left[:, None], z, torch.zeros_like(z[:, :1])], 1)  # (B, frames + 2, HW, D)
+        cols = [zp[:, f:f + 3].clone() for f in range(frames)]
+        for f in range(frames):
+            if cut[f]:
+                cols[f][:, 2] = 0
+        return torch.stack([F.conv2d(c.permute(0, 3, 1, 2), conv.weight)[:, :, 0].transpose(1, 2) for c in cols], 1)
+
+    zeros, no_cut = torch.zeros_like(tail), torch.zeros(frames, dtype=torch.bool)
+    assert rel_err(conv(z), reference(zeros, no_cut)) < 1e-12
+    assert rel_err(conv(z, tail), reference(tail, no_cut)) < 1e-12
+    assert rel_err(conv(z, tail, ends), reference(tail, ends)) < 1e-12
 
 
 # --- block-causal streaming ---------------------------------------------------------------------------------
