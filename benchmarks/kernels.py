@@ -37,7 +37,8 @@ from longsana.kernels import triton_linear_attention as tla
 from longsana.kernels import triton_ln_modulate as tln
 from longsana.kernels import glu_conv as glu_conv_module
 from longsana.kernels.glu_conv import glu_conv, glu_conv_ref
-from longsana.kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref
+from longsana.kernels.linear_attention import (QKNorm, chunk_state, linear_attention, linear_attention_ref,
+                                                normalized_qk)
 from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_fp8, ln_modulate_fp8_ref, ln_modulate_ref
 from longsana.kernels.quantize import quantize_rows
 from longsana.model import Block, TemporalConv
@@ -106,6 +107,25 @@ def bench_linear_attention(g) -> dict:
     errors["triton_no_hi_lo"] = rel_err(ours(), exact)
     times["triton_no_hi_lo"] = bench_us(ours)
     tla.CONFIG = tuned
+    return dict(errors=errors, times_us=times)
+
+
+def bench_qk_norm(g) -> dict:
+    """q and k from their projections as a block makes them, RMS-normed and ReLU'd: by separate norms, then the
+    attention (eager, and compiled: inductor's norm kernels, what the pass ran before `qk_norm`), against the norms
+    inside the kernels (`qk_norm`, compiled: k's 1/RMS an inductor reduction)."""
+    _, _, v, cos, sin, S0, z0 = la_inputs(g)
+    u_q, u_k = (torch.randn(B, N, H, d, generator=g).cuda().bfloat16() for _ in range(2))
+    norm = QKNorm(*(torch.randn(H * d, generator=g).cuda().bfloat16() for _ in range(2)), CFG.qk_norm_eps)
+    wide = QKNorm(norm.w_q.double(), norm.w_k.double(), norm.eps)
+    exact = linear_attention_ref(*normalized_qk(u_q.double(), u_k.double(), wide), v.double(), cos.double(),
+                                 sin.double(), S0.double(), z0.double())
+    apart = lambda: linear_attention(*normalized_qk(u_q, u_k, norm), v, cos, sin, S0, z0)  # noqa: E731
+    apart_compiled = torch.compile(apart)
+    fused = torch.compile(lambda: linear_attention(u_q, u_k, v, cos, sin, S0, z0, qk_norm=norm))
+    errors = dict(reference=rel_err(apart(), exact), reference_compiled=rel_err(apart_compiled(), exact),
+                  triton=rel_err(fused(), exact))
+    times = dict(reference=bench_us(apart), reference_compiled=bench_us(apart_compiled), triton=bench_us(fused))
     return dict(errors=errors, times_us=times)
 
 
@@ -277,12 +297,12 @@ def stack_bytes(compiled) -> int:
 
 
 def la_compile(kernel, dtype: str, block_n: int, stages: int, warps: int, arch: int, eps: str = "fp32"):
-    """A linear-attention kernel at head dim 112 (BLOCK_D 128) compiled for sm_<arch>; eps: the type its eps
-    argument is given (a launch passes fp32, inductor fp64)."""
+    """A linear-attention kernel at head dim 112 (BLOCK_D 128), norming q or k as the model has it, compiled for
+    sm_<arch>; eps: the type its eps argument is given (a launch passes fp32, inductor fp64)."""
     exact = dtype == "fp32"
     consts = dict(D=112, BLOCK_D=128, BLOCK_N=block_n, COS_ALIGN=8, PRECISION="ieee" if exact else None,
-                  HI_LO=not exact, UPCAST=False)
-    fp32 = ("S_ptr", "z_ptr", "cos_ptr", "sin_ptr")
+                  HI_LO=not exact, UPCAST=False, NORM=True)
+    fp32 = ("S_ptr", "z_ptr", "cos_ptr", "sin_ptr", "w_ptr", "r_ptr")
     signature = {name: ("*fp32" if name in fp32 else f"*{dtype}") if name.endswith("_ptr") else
                  eps if name == "eps" else "i32" for name in kernel.arg_names if name not in consts}
     return compile_for(kernel, signature, consts, arch, num_warps=warps, num_stages=stages)
@@ -333,6 +353,11 @@ def main():
     result["linear_attention"] = dict(cost=la, **bench_linear_attention(g))
     r = result["linear_attention"]
     print("  rel. error vs fp64: " + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
+    print_times(r["times_us"], la["bytes"])
+    r = result["qk_norm"] = bench_qk_norm(g)
+    print("the same from q and k's projections, with their RMSNorm + ReLU (reference: normed apart, then the "
+          "kernels; triton: normed inside them); rel. error vs fp64: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
     print_times(r["times_us"], la["bytes"])
     for per_token in (False, True):
         key = "ln_modulate_" + ("per_token" if per_token else "per_sample")

@@ -108,6 +108,11 @@ def _rope(x, cos_ptr, sin_ptr, rows, end, stride_cn,
 
 
 @triton.jit
+def _relu(x):
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays NaN, as in torch.relu
+
+
+@triton.jit
 def _hi_lo(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     """fp32 x as hi + lo in `dtype` (~16 significant bits for bf16), as tensor-core operands (fp32 if UPCAST)."""
     hi = x.to(dtype)
@@ -119,16 +124,19 @@ def _hi_lo(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _chunk_state_kernel(
-    k_ptr, v_ptr, cos_ptr, sin_ptr, S_ptr, z_ptr,  # S_ptr: (splits, B, H, D, D), z_ptr: (splits, B, H, D), fp32
+    k_ptr, v_ptr, cos_ptr, sin_ptr, w_ptr, r_ptr,  # w_ptr: (H * D,), r_ptr: (B, N) fp32, read if NORM
+    S_ptr, z_ptr,  # (splits, B, H, D, D), (splits, B, H, D) fp32
     N, H, tokens_per_split,
     stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_cn,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, COS_ALIGN: tl.constexpr,
-    PRECISION: tl.constexpr, HI_LO: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, HI_LO: tl.constexpr, UPCAST: tl.constexpr, NORM: tl.constexpr,
 ):
     split, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     n = tl.arange(0, BLOCK_N)
     c = tl.arange(0, BLOCK_D)
+    if NORM:
+        w = tl.load(w_ptr + h * D + c, mask=c < D, other=0.0)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     S = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
@@ -139,6 +147,9 @@ def _chunk_state_kernel(
         rows = n0 + n
         ok = (rows < end)[:, None] & (c < D)[None, :]  # (BLOCK_N, BLOCK_D)
         k = tl.load(k_base + rows[:, None] * stride_kn + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        if NORM:  # k from its projection: relu(u w) / RMS(u)
+            r = tl.load(r_ptr + b * N + rows, mask=rows < end, other=0.0)
+            k = _relu(k * w[None, :]) * r[:, None]
         v = tl.load(v_base + rows[:, None] * stride_vn + c[None, :], mask=ok, other=0.0)
         hi, lo = _hi_lo(_rope(k, cos_ptr, sin_ptr, rows, end, stride_cn, D, BLOCK_N, BLOCK_D, COS_ALIGN),
                         v.dtype, UPCAST)  # R k
@@ -157,11 +168,12 @@ def _chunk_state_kernel(
 
 @triton.jit
 def _chunk_output_kernel(
-    q_ptr, cos_ptr, sin_ptr, S_ptr, z_ptr, o_ptr,  # S_ptr: (B, H, D, D), z_ptr: (B, H, D) fp32; o: (B, N, H, D)
+    q_ptr, cos_ptr, sin_ptr, w_ptr,  # w_ptr: (H * D,) fp32, read if NORM
+    S_ptr, z_ptr, o_ptr,  # S_ptr: (B, H, D, D), z_ptr: (B, H, D) fp32; o: (B, N, H, D)
     N, H, tokens_per_program, eps,
     stride_qb, stride_qn, stride_qh, stride_ob, stride_on, stride_oh, stride_cn,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, COS_ALIGN: tl.constexpr,
-    PRECISION: tl.constexpr, HI_LO: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, HI_LO: tl.constexpr, UPCAST: tl.constexpr, NORM: tl.constexpr,
 ):
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -173,6 +185,8 @@ def _chunk_output_kernel(
     St = tl.load(S_ptr + bh * D * D + c[None, :] * D + c[:, None], mask=c_ok[:, None] & c_ok[None, :], other=0.0)
     St_hi, St_lo = _hi_lo(St, dtype, UPCAST)
     z = tl.load(z_ptr + bh * D + c, mask=c_ok, other=0.0)
+    if NORM:
+        w = tl.load(w_ptr + h * D + c, mask=c_ok, other=0.0)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     o_base = o_ptr + b * stride_ob + h * stride_oh
     start = tile * tokens_per_program
@@ -181,6 +195,8 @@ def _chunk_output_kernel(
         rows = n0 + n
         ok = (rows < end)[:, None] & c_ok[None, :]
         q = tl.load(q_base + rows[:, None] * stride_qn + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        if NORM:  # q from its projection: relu(u w); its RMS would cancel (the top of linear_attention.py)
+            q = _relu(q * w[None, :])
         hi, lo = _hi_lo(_rope(q, cos_ptr, sin_ptr, rows, end, stride_cn, D, BLOCK_N, BLOCK_D, COS_ALIGN),
                         dtype, UPCAST)  # R q
         num = tl.dot(hi, St_hi, input_precision=PRECISION)
@@ -194,7 +210,7 @@ def _chunk_output_kernel(
                  mask=ok)
 
 
-def _check(q, k, v, cos, sin, S0, z0):
+def _check(q, k, v, cos, sin, S0, z0, w_q, w_k, r_k):
     B, N, H, d = q.shape
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"linear_attention: q, k, v must share one (B, N, H, d) shape, got {q.shape}, {k.shape}, "
@@ -209,6 +225,10 @@ def _check(q, k, v, cos, sin, S0, z0):
     if S0 is not None and (S0.shape != (B, H, d, d) or z0.shape != (B, H, d)):
         raise ValueError(f"linear_attention: S0, z0 must be {(B, H, d, d)}, {(B, H, d)}, got {tuple(S0.shape)}, "
                          f"{tuple(z0.shape)}")
+    norm = [a is not None for a in (w_q, w_k, r_k)]
+    if any(norm) and (not all(norm) or w_q.shape != (H * d,) or w_k.shape != (H * d,) or r_k.shape != (B, N)):
+        raise ValueError(f"linear_attention: the q/k norm needs w_q, w_k ({H * d},) and r_k {(B, N)}, got "
+                         f"{[None if a is None else tuple(a.shape) for a in (w_q, w_k, r_k)]}")
 
 
 def _dot_meta(x: torch.Tensor, cos: torch.Tensor, block_n: int) -> dict:
@@ -224,8 +244,10 @@ def _dot_meta(x: torch.Tensor, cos: torch.Tensor, block_n: int) -> dict:
                 UPCAST=interpret, num_stages=stages)
 
 
-def chunk_state_triton(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Pass 1: (S_c, z_c) of the chunk, fp32. k, v: (B, N, H, d), last dim contiguous; cos, sin fp32 contiguous."""
+def chunk_state_triton(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       w: torch.Tensor | None = None, r: torch.Tensor | None = None):
+    """Pass 1: (S_c, z_c) of the chunk, fp32. k, v: (B, N, H, d), last dim contiguous; cos, sin fp32 contiguous;
+    w (H * d,), r (B, N) fp32 contiguous: k is a projection, normed here as relu(k w) r."""
     B, N, H, d = k.shape
     meta = _dot_meta(v, cos, CONFIG.state_block_n)
     tiles = triton.cdiv(N, meta["BLOCK_N"])
@@ -235,20 +257,21 @@ def chunk_state_triton(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin:
     S_part = triton_common.empty((splits, B, H, d, d), torch.float32, k.device)
     z_part = triton_common.empty((splits, B, H, d), torch.float32, k.device)
     wrap_triton(_chunk_state_kernel)[(splits, B * H)](
-        k, v, cos, sin, S_part, z_part, N, H, per_split,
+        k, v, cos, sin, cos if w is None else w, cos if r is None else r, S_part, z_part, N, H, per_split,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), cos.stride(0),
-        num_warps=CONFIG.state_warps, **meta)
+        num_warps=CONFIG.state_warps, NORM=w is not None, **meta)
     return S_part.sum(0), z_part.sum(0)  # a fixed-order sum: deterministic, unlike atomics
 
 
-def chunk_output_triton(q, cos, sin, S, z, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """Pass 2: o (B, N, H, d) in `dtype` from q and the total (S, z), fp32 contiguous."""
+def chunk_output_triton(q, cos, sin, S, z, eps: float, dtype: torch.dtype, w=None) -> torch.Tensor:
+    """Pass 2: o (B, N, H, d) in `dtype` from q and the total (S, z), fp32 contiguous; w (H * d,) fp32: q is a
+    projection, normed here as relu(q w)."""
     B, N, H, d = q.shape
     o = triton_common.empty((B, N, H, d), dtype, q.device)
     wrap_triton(_chunk_output_kernel)[(triton.cdiv(N, CONFIG.out_tokens), B * H)](
-        q, cos, sin, S, z, o, N, H, CONFIG.out_tokens, eps,
+        q, cos, sin, cos if w is None else w, S, z, o, N, H, CONFIG.out_tokens, eps,
         q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2), cos.stride(0),
-        num_warps=CONFIG.out_warps, **_dot_meta(q, cos, CONFIG.out_block_n))
+        num_warps=CONFIG.out_warps, NORM=w is not None, **_dot_meta(q, cos, CONFIG.out_block_n))
     return o
 
 
@@ -256,13 +279,16 @@ def chunk_output_triton(q, cos, sin, S, z, eps: float, dtype: torch.dtype) -> to
 def linear_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     S0: torch.Tensor | None, z0: torch.Tensor | None, eps: float,
+    w_q: torch.Tensor | None = None, w_k: torch.Tensor | None = None, r_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns o (B, N, H, d) in v's dtype and this chunk's own (S_c, z_c), fp32."""
-    _check(q, k, v, cos, sin, S0, z0)
+    """Returns o (B, N, H, d) in v's dtype and this chunk's own (S_c, z_c), fp32. With w_q, w_k (H * d,) and r_k
+    (B, N), q and k are projections: the kernels norm them as `_reference_op` in linear_attention.py says."""
+    _check(q, k, v, cos, sin, S0, z0, w_q, w_k, r_k)
     dtype = v.dtype
     q, k, v = (x.to(dtype) for x in (q, k, v))
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))  # other strides are free
     cos, sin = (x.float().contiguous() for x in (cos, sin))
-    S_c, z_c = chunk_state_triton(k, v, cos, sin)
+    w_q, w_k, r_k = (None if x is None else x.float().contiguous() for x in (w_q, w_k, r_k))
+    S_c, z_c = chunk_state_triton(k, v, cos, sin, w_k, r_k)
     S, z = (S_c + S0.float(), z_c + z0.float()) if S0 is not None else (S_c, z_c)
-    return chunk_output_triton(q, cos, sin, S.contiguous(), z.contiguous(), eps, dtype), S_c, z_c
+    return chunk_output_triton(q, cos, sin, S.contiguous(), z.contiguous(), eps, dtype, w_q), S_c, z_c

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longsana.kernels.glu_conv import glu_conv
-from longsana.kernels.linear_attention import apply_rope, linear_attention
+from longsana.kernels.linear_attention import QKNorm, apply_rope, linear_attention, rms_norm
 from longsana.kernels.ln_modulate import ln_modulate
 
 from .config import TransformerConfig
@@ -46,8 +46,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return x.to(self.weight.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MLP2(nn.Module):
@@ -83,7 +82,8 @@ class TimestepEmbed(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """ReLU linear attention, RoPE on the numerator only (the maths is in kernels/linear_attention.py)."""
+    """ReLU linear attention, RoPE on the numerator only; q and k RMS-normed over all heads' channels first (the
+    maths, those norms included, is in kernels/linear_attention.py)."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -96,25 +96,24 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, S=None, z=None, update_state=False, chunk_tokens=None):
         """x: (B, N, D). S: (B, H, d, d), z: (B, H, d) fp32 running sums of earlier chunks, updated in place.
         chunk_tokens: token counts of consecutive chunks for a block-causal pass over a whole sequence."""
-        q = F.relu(self.norm_q(self.to_q(x))).unflatten(-1, (self.heads, -1))  # (B, N, H, d)
-        k = F.relu(self.norm_k(self.to_k(x))).unflatten(-1, (self.heads, -1))
-        v = self.to_v(x).unflatten(-1, (self.heads, -1))
+        q, k, v = (p(x).unflatten(-1, (self.heads, -1)) for p in (self.to_q, self.to_k, self.to_v))  # (B, N, H, d)
+        norm = QKNorm(self.norm_q.weight, self.norm_k.weight, self.norm_q.eps)  # relu(norm(q)), relu(norm(k))
         if chunk_tokens is not None:
-            o = self.block_causal(q, k, v, rope, chunk_tokens)
+            o = self.block_causal(q, k, v, rope, norm, chunk_tokens)
         elif update_state:
-            o, (S_c, z_c) = linear_attention(q, k, v, *rope, S, z, eps=self.eps, return_state=True)
+            o, (S_c, z_c) = linear_attention(q, k, v, *rope, S, z, eps=self.eps, return_state=True, qk_norm=norm)
             S.add_(S_c)
             z.add_(z_c)
         else:
-            o = linear_attention(q, k, v, *rope, S, z, eps=self.eps)
+            o = linear_attention(q, k, v, *rope, S, z, eps=self.eps, qk_norm=norm)
         return self.to_out[0](o.flatten(-2))
 
-    def block_causal(self, q, k, v, rope, chunk_tokens):
+    def block_causal(self, q, k, v, rope, norm, chunk_tokens):
         """The streaming recurrence over the chunks of one sequence, without in-place updates (differentiable)."""
         outs, S, z = [], None, None
         for sl in _slices(chunk_tokens):
             o, (S_c, z_c) = linear_attention(q[:, sl], k[:, sl], v[:, sl], rope[0][sl], rope[1][sl], S, z,
-                                             eps=self.eps, return_state=True)
+                                             eps=self.eps, return_state=True, qk_norm=norm)
             S, z = (S_c, z_c) if S is None else (S + S_c, z + z_c)
             outs.append(o)
         return torch.cat(outs, dim=1)
@@ -175,9 +174,9 @@ class TemporalConv(nn.Conv2d):
         super().__init__(dim, dim, (3, 1), padding=(1, 0), bias=False)
 
     def forward(self, z, tail=None, chunk_ends=None):
-        W = self.weight[..., 0].permute(2, 0, 1)  # (3, D_out, D_in): the taps
-        before, now, after = F.linear(z, W.flatten(0, 1)).chunk(3, dim=-1)
-        first = None if tail is None else F.linear(tail.to(z.dtype), W[0])
+        W = self.weight[..., 0].permute(2, 0, 1).flatten(0, 1)  # (3 D_out, D_in): the taps stacked, W0 first
+        before, now, after = F.linear(z, W).chunk(3, dim=-1)
+        first = None if tail is None else F.linear(tail.to(z.dtype), W[: self.out_channels])
         return shifted_sum(before, now, after, first, chunk_ends)
 
 

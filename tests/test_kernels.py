@@ -35,7 +35,8 @@ from longsana.benchmarks.kernels import SHARED_MEMORY, compile_for, la_compile, 
 from longsana.config import TransformerConfig  # noqa: E402
 from longsana.kernels import triton_common, triton_glu_conv, triton_linear_attention, triton_ln_modulate  # noqa: E402,E501
 from longsana.kernels.glu_conv import glu_conv, glu_conv_ref  # noqa: E402
-from longsana.kernels.linear_attention import chunk_state, linear_attention, linear_attention_ref  # noqa: E402
+from longsana.kernels.linear_attention import (QKNorm, chunk_state, linear_attention, linear_attention_ref,  # noqa: E402
+                                                normalized_qk)
 from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_fp8, ln_modulate_fp8_ref, ln_modulate_ref  # noqa: E402,E501
 from longsana.kernels.quantize import FP8, FP8_MAX  # noqa: E402
 from longsana.testing import needs_cuda, rel_err  # noqa: E402
@@ -159,6 +160,58 @@ def test_linear_attention_matches_reference(B, N, H, d, dtype, with_state, fused
     assert rel_err(z_c, z_ref) < TOL[torch.float32]
     o_only = linear_attention(q, k, v, cos, sin, S0, z0, backend="triton")
     assert torch.equal(o_only, o)
+
+
+def projections(B, N, H, d, dtype, g):
+    """q, k as their projections (signed, of any scale, per token: the norm removes it), v, and the norm's weights
+    (signed: the ReLU after them matters)."""
+    scale = torch.logspace(-2, 2, N)[None, :, None, None]
+    q, k, v = (torch.randn(B, N, H, d, generator=g) * s for s in (scale, scale.flip(1), 1))
+    w_q, w_k = torch.randn(2, H * d, generator=g)
+    return *(a.to(DEVICE, dtype) for a in (q, k, v)), QKNorm(w_q.to(DEVICE, dtype), w_k.to(DEVICE, dtype), 1e-5)
+
+
+@runs_triton
+@pytest.mark.parametrize("B,N,H,d,dtype,with_state,fused", LA_CASES)
+def test_linear_attention_norms_q_and_k(B, N, H, d, dtype, with_state, fused):
+    """qk_norm: q and k given as projections, RMS-normed (over all heads' channels) and ReLU'd inside the kernels,
+    against the fp64 reference of the norms and the attention; the output as accurate as from normed inputs."""
+    g = torch.Generator().manual_seed(N * 1000 + d + 1)
+    q, k, v, norm = projections(B, N, H, d, dtype, g)
+    cos, sin = rope_tables(N, d, g)
+    S0, z0 = past_state(B, 7, H, d, g) if with_state else (None, None)
+    o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True, backend="triton", qk_norm=norm)
+    wide = QKNorm(*(w.double() for w in norm[:2]), norm.eps)
+    q_ref, k_ref = normalized_qk(q.double(), k.double(), wide)
+    o_ref, (S_ref, z_ref) = linear_attention_ref(q_ref, k_ref, v.double(), cos, sin, S0, z0, return_state=True)
+    for out in (o, S_c, z_c):
+        assert torch.isfinite(out).all(), "an output element was left unwritten (NaN poison survived)"
+    assert rel_err(o, o_ref) < TOL[dtype]
+    assert rel_err(S_c, S_ref) < TOL[torch.float32] and rel_err(z_c, z_ref) < TOL[torch.float32]
+    on_cpu = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True, backend="torch", qk_norm=norm)
+    assert rel_err(on_cpu[0], o_ref) < TOL[dtype]  # the reference backend: the norms in the model's dtype
+
+
+@runs_triton
+def test_qk_norm_gradients_are_the_reference_gradients():
+    """Training through the normed entry point: gradients for the projections, v, the norm weights and a carried
+    state equal those of the plain norms then attention (q's RMS, which the kernels skip, changes no gradient)."""
+    g = torch.Generator().manual_seed(6)
+    B, N, H, d = 2, 37, 2, 40
+    q, k, v, norm = projections(B, N, H, d, torch.float32, g)
+    cos, sin = rope_tables(N, d, g)
+    S0, z0 = past_state(B, 7, H, d, g)
+    weights = [torch.randn(B, N, H, d, generator=g).to(DEVICE), torch.randn(B, H, d, d, generator=g).to(DEVICE),
+               torch.randn(B, H, d, generator=g).to(DEVICE)]
+    grads = {}
+    for backend in ("triton", "torch"):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v, norm.w_q, norm.w_k, S0, z0)]
+        o, (S_c, z_c) = linear_attention(*inputs[:3], cos, sin, *inputs[5:], return_state=True, backend=backend,
+                                         qk_norm=QKNorm(*inputs[3:5], norm.eps))
+        loss = sum((a * w).sum() for a, w in zip((o, S_c, z_c), weights))
+        grads[backend] = torch.autograd.grad(loss, inputs)
+    for a, b in zip(grads["triton"], grads["torch"]):
+        assert b.abs().sum() > 0 and rel_err(a, b) < 1e-4
 
 
 GLU_CASES = [  # (B, frames, height, width, C, dtype): pixel and channel counts that are not multiples of the tiles
@@ -337,6 +390,8 @@ def test_dispatch():
         linear_attention(q, k, v, cos[:, :3], sin, backend="triton")
     with pytest.raises(ValueError, match="S0 and z0"):
         linear_attention(q, k, v, cos, sin, S0=torch.zeros(1, 1, 40, 40, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="q/k norm needs"):
+        linear_attention(q, k, v, cos, sin, backend="triton", qk_norm=QKNorm(cos[0], cos[0], 1e-5))
     h, weight, bias = glu_inputs(1, 2, 3, 5, 4, torch.float32, g)
     with pytest.raises(ValueError, match="multiple of 3 x 4"):
         glu_conv(h, weight, bias, 3, 4, backend="triton")
@@ -534,6 +589,20 @@ def test_glu_conv_full_shape(silu, phases, block_x, monkeypatch):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_attention_norms_q_and_k_full_shape(tuned, dtype):
+    g = torch.Generator().manual_seed(4)
+    B, N, H, d = FULL.values()
+    q, k, v, norm = projections(B, N, H, d, dtype, g)
+    cos, sin = rope_tables(N, d, g)
+    S0, z0 = past_state(B, N, H, d, g)
+    o = linear_attention(q, k, v, cos, sin, S0, z0, qk_norm=norm)
+    wide = QKNorm(*(w.double() for w in norm[:2]), norm.eps)
+    o_ref = linear_attention_ref(*normalized_qk(q.double(), k.double(), wide), v.double(), cos, sin, S0, z0)
+    assert torch.isfinite(o).all() and rel_err(o, o_ref) < TOL[dtype]
+
+
+@needs_cuda
 @pytest.mark.parametrize("per_token", [False, True])
 def test_ln_modulate_full_shape(per_token):
     g = torch.Generator().manual_seed(1)
@@ -564,22 +633,24 @@ def test_compile_and_cuda_graph(tuned, monkeypatch):
     x = torch.randn(B, N, H * d, generator=g).to(DEVICE, torch.bfloat16)
     mod = torch.randn(B, 1, 2, H * d, generator=g).to(DEVICE)
     weight, bias = glu_inputs(1, 1, 30, 52, H * d, torch.bfloat16, g)[1:]  # N = one 30 x 52 frame
+    norm = QKNorm(*torch.randn(2, H * d, generator=g).to(DEVICE, torch.bfloat16), 1e-5)
 
     def block(x, q, k, v):
         h = ln_modulate(x, mod[:, :, 0], mod[:, :, 1])
         o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True)
+        o_normed = linear_attention(q, k, v, cos, sin, S0, z0, qk_norm=norm)  # q, k as projections
         u = glu_conv(torch.cat([x, h], dim=-1), weight, bias, 30, 52, backend="triton")
         x_q, x_s = ln_modulate_fp8(x, mod[:, :, 0], mod[:, :, 1])  # inductor compiles it its own way (eps in fp64)
-        return h, o, S_c, u, x_s, x_q.float()
+        return h, o, S_c, o_normed, u, x_s, x_q.float()
 
-    names = ("h", "o", "S_c", "u", "x_s", "x_q")
+    names = ("h", "o", "S_c", "o_normed", "u", "x_s", "x_q")
     eager = block(x, q, k, v)
     compiled = torch.compile(block, fullgraph=True)(x, q, k, v)
     # Inductor recompiles the same kernels (its own fp contraction, its own order for the sum of the pass-1
     # partials): a few 1-ulp bf16 differences; in the e4m3 values, those differences a step apart. Every comparison
     # is reported, so that one GPU run names each output that is off and by how much.
-    rel = {n: rel_err(b, a) for n, a, b in zip(names[:5], eager, compiled)}
-    x_q_differ = (eager[5] != compiled[5]).float().mean().item()
+    rel = {n: rel_err(b, a) for n, a, b in zip(names[:6], eager, compiled)}
+    x_q_differ = (eager[6] != compiled[6]).float().mean().item()
     assert max(rel.values()) < 1e-4 and x_q_differ <= 0.01, (rel, x_q_differ)
 
     static = [t.clone() for t in (x, q, k, v)]
