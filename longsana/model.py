@@ -419,11 +419,12 @@ class LongSANATransformer(nn.Module):
     def rebase_state(self, state: State, delta: int) -> None:
         """Shift every stored position by -delta (exact): S' = S R_delta, i.e. each row of S, a vector in key
         space, is rotated by -delta frames on the time channels. New chunks must then use positions - delta."""
-        t_dim = self.cfg.rope_split[0]
+        t_dim = self.cfg.rope_split[0]  # the time channels lead each head's channels (`rope`: time, rows, columns)
         freqs = 1.0 / self.cfg.rope_theta ** (torch.arange(0, t_dim, 2, dtype=torch.float64) / t_dim)
-        angles = torch.zeros(self.cfg.head_dim // 2, dtype=torch.float64)
-        angles[: t_dim // 2] = -delta * freqs
-        S = state.S.flatten(0, 2)  # (L*B*H, d_v, d_k): rows are key-space vectors
-        rows = S.reshape(-1, 1, 1, self.cfg.head_dim)  # as (tokens=rows, N=1, heads=1, d) for apply_rope
-        cos, sin = (a.float().to(S.device)[None] for a in (angles.cos(), angles.sin()))
-        S.copy_(apply_rope(rows, cos, sin).view_as(S))
+        angles = (-delta * freqs)[None]  # (1, t_dim / 2)
+        cos, sin = (a.float().to(state.S.device) for a in (angles.cos(), angles.sin()))
+        # a layer and sample at a time: temporaries of ~0.2 MB at 480p, which the allocator's cached small blocks
+        # take; the whole state's at once (~40 MB) made it reserve a new segment minutes into a stream
+        for S in state.S.flatten(0, 1):  # (H, d_v, d_k): rows are key-space vectors
+            t = S[..., :t_dim]
+            t.copy_(apply_rope(t.reshape(-1, 1, 1, t_dim), cos, sin).view_as(t))  # rows as (tokens, 1, 1, t_dim)
