@@ -256,7 +256,7 @@ def chunk_state_triton(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin:
     splits = triton.cdiv(N, per_split)
     S_part = triton_common.empty((splits, B, H, d, d), torch.float32, k.device)
     z_part = triton_common.empty((splits, B, H, d), torch.float32, k.device)
-    wrap_triton(_chunk_state_kernel)[(splits, B * H)](
+    wrap_triton(_chunk_state_kernel)[(splits, B * H)](  # without w and r, cos stands in (NORM off: never read)
         k, v, cos, sin, cos if w is None else w, cos if r is None else r, S_part, z_part, N, H, per_split,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), cos.stride(0),
         num_warps=CONFIG.state_warps, NORM=w is not None, **meta)
@@ -268,7 +268,7 @@ def chunk_output_triton(q, cos, sin, S, z, eps: float, dtype: torch.dtype, w=Non
     projection, normed here as relu(q w)."""
     B, N, H, d = q.shape
     o = triton_common.empty((B, N, H, d), dtype, q.device)
-    wrap_triton(_chunk_output_kernel)[(triton.cdiv(N, CONFIG.out_tokens), B * H)](
+    wrap_triton(_chunk_output_kernel)[(triton.cdiv(N, CONFIG.out_tokens), B * H)](  # without w, cos stands in
         q, cos, sin, cos if w is None else w, S, z, o, N, H, CONFIG.out_tokens, eps,
         q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2), cos.stride(0),
         num_warps=CONFIG.out_warps, NORM=w is not None, **_dot_meta(q, cos, CONFIG.out_block_n))

@@ -171,6 +171,13 @@ def projections(B, N, H, d, dtype, g):
     return *(a.to(DEVICE, dtype) for a in (q, k, v)), QKNorm(w_q.to(DEVICE, dtype), w_k.to(DEVICE, dtype), 1e-5)
 
 
+def normed_reference(q, k, v, cos, sin, S0, z0, norm: QKNorm, return_state=False):
+    """The fp64 reference of linear attention on q and k given as projections: the norms, then the attention."""
+    wide = QKNorm(norm.w_q.double(), norm.w_k.double(), norm.eps)
+    return linear_attention_ref(*normalized_qk(q.double(), k.double(), wide), v.double(), cos, sin, S0, z0,
+                                return_state=return_state)
+
+
 @runs_triton
 @pytest.mark.parametrize("B,N,H,d,dtype,with_state,fused", LA_CASES)
 def test_linear_attention_norms_q_and_k(B, N, H, d, dtype, with_state, fused):
@@ -181,9 +188,7 @@ def test_linear_attention_norms_q_and_k(B, N, H, d, dtype, with_state, fused):
     cos, sin = rope_tables(N, d, g)
     S0, z0 = past_state(B, 7, H, d, g) if with_state else (None, None)
     o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True, backend="triton", qk_norm=norm)
-    wide = QKNorm(*(w.double() for w in norm[:2]), norm.eps)
-    q_ref, k_ref = normalized_qk(q.double(), k.double(), wide)
-    o_ref, (S_ref, z_ref) = linear_attention_ref(q_ref, k_ref, v.double(), cos, sin, S0, z0, return_state=True)
+    o_ref, (S_ref, z_ref) = normed_reference(q, k, v, cos, sin, S0, z0, norm, return_state=True)
     for out in (o, S_c, z_c):
         assert torch.isfinite(out).all(), "an output element was left unwritten (NaN poison survived)"
     assert rel_err(o, o_ref) < TOL[dtype]
@@ -597,8 +602,7 @@ def test_linear_attention_norms_q_and_k_full_shape(tuned, dtype):
     cos, sin = rope_tables(N, d, g)
     S0, z0 = past_state(B, N, H, d, g)
     o = linear_attention(q, k, v, cos, sin, S0, z0, qk_norm=norm)
-    wide = QKNorm(*(w.double() for w in norm[:2]), norm.eps)
-    o_ref = linear_attention_ref(*normalized_qk(q.double(), k.double(), wide), v.double(), cos, sin, S0, z0)
+    o_ref = normed_reference(q, k, v, cos, sin, S0, z0, norm)
     assert torch.isfinite(o).all() and rel_err(o, o_ref) < TOL[dtype]
 
 
