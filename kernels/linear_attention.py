@@ -44,11 +44,14 @@ class QKNorm(NamedTuple):
     eps: float
 
 
+def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim, kept, the mean square in fp32 (as diffusers and the original)."""
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / RMS(x) over the last dim, the mean square in fp32 (as diffusers and the original), in weight's dtype, times
-    weight."""
-    x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-    return x.to(weight.dtype) * weight
+    """x / RMS(x) over the last dim (`inverse_rms`), in weight's dtype, times weight."""
+    return (x * inverse_rms(x, eps)).to(weight.dtype) * weight
 
 
 def normalized_qk(q: torch.Tensor, k: torch.Tensor, norm: QKNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +118,6 @@ def linear_attention(q, k, v, cos, sin, S0=None, z0=None, eps: float = 1e-8, ret
         return linear_attention_ref(q, k, v, cos, sin, S0, z0, eps, return_state)
     w_q = w_k = r_k = None
     if qk_norm is not None:  # k's per-token 1/RMS: a reduction that the compiled block fuses with k's producer
-        w_q, w_k, r_k = qk_norm.w_q, qk_norm.w_k, torch.rsqrt(k.float().pow(2).mean((-2, -1)) + qk_norm.eps)
+        w_q, w_k, r_k = qk_norm.w_q, qk_norm.w_k, inverse_rms(k.flatten(-2), qk_norm.eps)[..., 0]
     o, S_c, z_c = linear_attention_triton(q, k, v, cos, sin, S0, z0, eps, w_q, w_k, r_k)
     return (o, (S_c, z_c)) if return_state else o
