@@ -103,7 +103,7 @@ class Fp8TemporalConv(nn.Module):
         first = None
         if tail is not None:
             d = before.shape[-1]
-            first = scaled_product(tail, self.taps.weight[:d], self.taps.weight_scale[:, :d].contiguous(), None,
+            first = scaled_product(tail, self.taps.weight[:d], self.taps.weight_scale[:, :d], None,
                                    self.taps.out_dtype)
         return shifted_sum(before, now, after, first, chunk_ends)
 
