@@ -3,10 +3,10 @@
 Prints a cost card (FLOPs, bytes, roofline floors on an H100: 781 TFLOP/s bf16 dense, 3.0 TB/s), checks accuracy
 against an fp64 run of the reference, then times each variant (median of `triton.testing.do_bench`, which warms
 up and flushes L2 between runs) against the eager PyTorch reference and the reference under torch.compile.
-`--sweep` first tunes both kernels' tiling by coordinate descent and reports the best configs. `--gemms` adds a
+`--sweep` first tunes the kernels' tiling by coordinate descent and reports the best configs. `--gemms` adds a
 block's matrix products (fp8.GEMMS) in bf16 and in FP8, with the FP8 input given quantized (as a norm that writes
-FP8 gives it) and quantized by a compiled `quantize_rows` of its own (an input no kernel writes in FP8): where FP8
-pays for its input's quantization. The last line is one JSON object with every number.
+FP8 gives it) and quantized by `quantize_rows` (the kernel) of its own (an input no kernel writes in FP8): where
+FP8 pays for its input's quantization. The last line is one JSON object with every number.
 
 `--shared-memory` needs no GPU: it compiles both linear-attention kernels for sm_80, sm_89 and sm_90 with Triton's
 compiler and ptxas, at head dim 112, in bf16 and fp32, for each tiling, and prints the shared memory per block
@@ -14,7 +14,8 @@ each needs beside each architecture's limit (what `triton_linear_attention.TILES
 
 Shapes: one 10-latent-frame chunk of the 2B model at 480p: B = 1, N = 15,600 tokens, H = 20 heads of d = 112,
 bf16; ln_modulate on (1, 15600, 2240) with per-sample (B, 1, D) or per-token (B, N, D) shift and scale; glu_conv
-(the FFN's SiLU + depthwise 3x3 + gate) on (1, 15600, 13440): 10 frames of 30 x 52 tokens, 2C = 13440.
+(the FFN's SiLU + depthwise 3x3 + gate) on (1, 15600, 13440): 10 frames of 30 x 52 tokens, 2C = 13440;
+quantize_rows on (1, 15600, 2240) (an attention output, z) and (1, 15600, 6720) (the FFN's gated middle).
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from longsana.fp8 import GEMMS, Fp8Linear, Fp8TemporalConv
 from longsana.kernels import triton_glu_conv as tglu
 from longsana.kernels import triton_linear_attention as tla
 from longsana.kernels import triton_ln_modulate as tln
+from longsana.kernels import triton_quantize as tq
 from longsana.kernels import glu_conv as glu_conv_module
 from longsana.kernels.glu_conv import glu_conv, glu_conv_ref
 from longsana.kernels.linear_attention import (QKNorm, chunk_state, linear_attention, linear_attention_ref,
                                                 normalized_qk)
 from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_fp8, ln_modulate_fp8_ref, ln_modulate_ref
-from longsana.kernels.quantize import quantize_rows
+from longsana.kernels.quantize import quantize_rows, quantize_rows_ref
 from longsana.model import Block, TemporalConv
 from longsana.testing import randomize_, rel_err
 
@@ -171,7 +173,9 @@ def sweep_all(g) -> dict:
     glu_conv_module.TRITON_AUTO = glu["triton_auto"] = glu["best_us"] < glu["reference_compiled_us"]
     print(f"  inductor's reference: {glu['reference_compiled_us']:.1f} us: \"auto\" runs the "
           f"{'kernel' if glu['triton_auto'] else 'reference'}")
-    return dict(linear_attention=la, ln_modulate=ln, glu_conv=glu)
+    x = torch.randn(B, N, D, generator=g).cuda().bfloat16()
+    quant = sweep(tq, dict(elements=[2048, 4096, 8192, 16384], num_warps=[2, 4, 8, 16]), lambda: quantize_rows(x))
+    return dict(linear_attention=la, ln_modulate=ln, glu_conv=glu, quantize_rows=quant)
 
 
 def glu_inputs(g):
@@ -223,6 +227,21 @@ def bench_ln_modulate(g, per_token: bool) -> dict:
                       fp8_fused=bench_us(lambda: ln_modulate_fp8(x, shift, scale)),
                       fp8_triton_then_quantize=bench_us(lambda: quantize_compiled(ln_modulate(x, shift, scale))),
                       fp8_reference_compiled=bench_us(lambda: fp8_ref_compiled(x, shift, scale))))
+
+
+def bench_quantize_rows(g, K: int) -> dict:
+    """A (1, N, K) bf16 activation quantized per row (the FP8 products' inputs that no kernel writes in FP8): the
+    kernel against the reference, eager and compiled; minimal bytes: x read once, e4m3 and the scales written."""
+    x = torch.randn(B, N, K, generator=g).cuda().bfloat16()
+    ref_compiled = torch.compile(quantize_rows_ref)
+    nbytes = x.numel() * 3 + B * N * 4
+    (q, s), (q_ref, s_ref) = quantize_rows(x), quantize_rows_ref(x)
+    differing = (q.float() != q_ref.float()).float().mean().item()
+    return dict(bytes=nbytes, floor_us=nbytes / PEAK_BYTES * 1e6, config=dataclasses.asdict(tq.CONFIG),
+                errors=dict(scales=rel_err(s, s_ref), e4m3_values_differing=differing),
+                times_us=dict(reference=bench_us(lambda: quantize_rows_ref(x)),
+                              reference_compiled=bench_us(lambda: ref_compiled(x)),
+                              triton=bench_us(lambda: quantize_rows(x))))
 
 
 def bench_gemms() -> dict:
@@ -369,6 +388,11 @@ def main():
     print(f"glu_conv (1, {N}, {2 * C}) bf16: {r['bytes'] / 1e6:.1f} MB -> floor {r['floor_us']:.1f} us; "
           "rel. error vs fp32: " + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
     print_times(r["times_us"], r["bytes"])
+    for K in (D, C):
+        r = result[f"quantize_rows_{K}"] = bench_quantize_rows(g, K)
+        print(f"quantize_rows (1, {N}, {K}) bf16 -> e4m3: {r['bytes'] / 1e6:.1f} MB -> floor {r['floor_us']:.1f} us; "
+              "against the reference: " + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
+        print_times(r["times_us"], r["bytes"])
     if args.gemms:
         print(f"a block's GEMMs (fp8.GEMMS) at {B * N} tokens, compiled:")
         result["gemms"] = bench_gemms()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from longsana.kernels.backend import HAS_TRITON, register_reference_backward, use_triton
-from longsana.kernels.quantize import QuantizedRows, quantize_rows
+from longsana.kernels.quantize import QuantizedRows, quantize_rows_ref
 
 if HAS_TRITON:
     from longsana.kernels.triton_ln_modulate import ln_modulate_fp8_triton, ln_modulate_triton
@@ -37,7 +37,7 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: 
 def ln_modulate_fp8_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                         eps: float = 1e-6) -> QuantizedRows:
     """`ln_modulate_ref` in fp32, its rows quantized: what an FP8 product of the result reads."""
-    return quantize_rows(ln_modulate_ref(x.float(), shift, scale, eps))
+    return quantize_rows_ref(ln_modulate_ref(x.float(), shift, scale, eps))
 
 
 def ln_modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,

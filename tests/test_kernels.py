@@ -33,12 +33,13 @@ triton = pytest.importorskip("triton")
 
 from longsana.benchmarks.kernels import SHARED_MEMORY, compile_for, la_compile, la_shared_memory, stack_bytes  # noqa: E402,E501
 from longsana.config import TransformerConfig  # noqa: E402
-from longsana.kernels import triton_common, triton_glu_conv, triton_linear_attention, triton_ln_modulate  # noqa: E402,E501
+from longsana.kernels import (triton_common, triton_glu_conv, triton_linear_attention, triton_ln_modulate,  # noqa: E402
+                              triton_quantize)
 from longsana.kernels.glu_conv import glu_conv, glu_conv_ref  # noqa: E402
 from longsana.kernels.linear_attention import (QKNorm, chunk_state, linear_attention, linear_attention_ref,  # noqa: E402
                                                 normalized_qk)
 from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_fp8, ln_modulate_fp8_ref, ln_modulate_ref  # noqa: E402,E501
-from longsana.kernels.quantize import FP8, FP8_MAX  # noqa: E402
+from longsana.kernels.quantize import FP8, FP8_MAX, quantize_rows, quantize_rows_ref  # noqa: E402
 from longsana.testing import needs_cuda, rel_err  # noqa: E402
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -320,6 +321,62 @@ def test_ln_modulate_fp8_matches_reference(B, N, D, dtype, per_token):
     assert rel_err(y.dequantized(), y_ref.dequantized()) < 1e-2
 
 
+QUANT_CASES = [  # (leading shape, K, dtype, strided): the attention outputs and z (2240), the FFN's middle (6720)
+    ((1, 3), 40, torch.float32, False),
+    ((2, 5), 112, torch.bfloat16, True),
+    ((3,), 2240, torch.float32, True),
+    ((1, 7), 6720, torch.bfloat16, False),
+]
+
+
+def quant_input(lead, K, dtype, strided, g):
+    """Rows of magnitudes 1e-2 .. 1e2 (one row zero), each with a range inside it; `strided`: a view of every
+    other row of a wider tensor, as a slice of a larger activation would be."""
+    x = torch.randn(*lead, 2 if strided else 1, K, generator=g) * torch.logspace(-1, 1, K)
+    x = x * torch.logspace(-2, 2, x[..., 0].numel()).view(x.shape[:-1] + (1,))
+    x.view(-1, K)[0] = 0
+    x = x.to(DEVICE, dtype)
+    return x[..., 0, :] if strided else x[..., 0, :].contiguous()
+
+
+@runs_triton
+@pytest.mark.parametrize("lead,K,dtype,strided", QUANT_CASES)
+def test_quantize_rows_matches_reference(lead, K, dtype, strided):
+    """The same scales, and the same e4m3 values but for the odd one that the GPU's division (within 2 ulp) puts on
+    the other side of a rounding boundary; every row's largest magnitude on e4m3's largest number."""
+    x = quant_input(lead, K, dtype, strided, torch.Generator().manual_seed(K))
+    (q, s), (q_ref, s_ref) = quantize_rows(x, backend="triton"), quantize_rows_ref(x)
+    assert (q.dtype, q.shape, s.dtype, s.shape) == (FP8, x.shape, torch.float32, (*lead, 1))
+    assert torch.isfinite(q.float()).all() and torch.isfinite(s).all(), "an output element was left unwritten"
+    assert rel_err(s, s_ref) < 1e-6
+    assert (q.float().flatten(0, -2)[1:].abs().amax(-1) == FP8_MAX).all()  # row 0 is zero
+    assert (q.float() != q_ref.float()).float().mean() <= 0.01
+    assert rel_err(q.float() * s, q_ref.float() * s_ref) < 1e-2
+
+
+@runs_triton
+def test_quantize_rows_non_finite_rows_are_the_references():
+    """A NaN makes its row's scale NaN, an infinity its row's scale infinite and itself NaN, as in the reference:
+    either row dequantizes to NaN everywhere (Triton's own max and clamp drop NaN). Other rows are untouched."""
+    x = torch.randn(4, 40, generator=torch.Generator().manual_seed(9))
+    x[1, 3], x[2, 5], x[2, 6] = float("nan"), float("inf"), -float("inf")
+    x = x.to(DEVICE)
+    got, want = quantize_rows(x, backend="triton"), quantize_rows_ref(x)
+    assert torch.equal(got.scale.isnan(), want.scale.isnan()) and torch.equal(got.q.float().isnan(),
+                                                                               want.q.float().isnan())
+    assert got.dequantized()[1:3].isnan().all() and torch.isfinite(got.dequantized()[[0, 3]]).all()
+    assert torch.equal(got.scale[[0, 3]], want.scale[[0, 3]])
+
+
+@runs_triton
+def test_quantize_rows_too_wide_for_the_kernel_runs_the_reference(monkeypatch):
+    monkeypatch.setattr(triton_quantize, "MAX_K", 32)
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    assert not triton_quantize.supports(x)
+    got, want = quantize_rows(x, backend="triton"), quantize_rows_ref(x)
+    assert torch.equal(got.q.float(), want.q.float()) and torch.equal(got.scale, want.scale)
+
+
 @runs_triton
 @pytest.mark.parametrize("with_state", [False, True])
 def test_gradients_are_the_reference_gradients(with_state):
@@ -411,6 +468,7 @@ def test_auto_backend_uses_reference_on_cpu(monkeypatch):
     monkeypatch.setattr("longsana.kernels.ln_modulate.ln_modulate_triton", refuse)
     monkeypatch.setattr("longsana.kernels.ln_modulate.ln_modulate_fp8_triton", refuse)
     monkeypatch.setattr("longsana.kernels.glu_conv.glu_conv_triton", refuse)
+    monkeypatch.setattr(triton_quantize, "quantize_rows_triton", refuse)
     g = torch.Generator().manual_seed(0)
     q, k, v = qkv(1, 5, 1, 40, torch.float32, g)
     cos, sin = rope_tables(5, 40, g)
@@ -418,6 +476,7 @@ def test_auto_backend_uses_reference_on_cpu(monkeypatch):
     ln_modulate(q[0], q[0, :1], q[0, :1])
     ln_modulate_fp8(q[0], q[0, :1], q[0, :1])
     glu_conv(*glu_inputs(1, 1, 2, 3, 4, torch.float32, g), 2, 3)
+    quantize_rows(q[0])
 
 
 @pytest.mark.skipif(INTERPRETER, reason="Triton's interpreter would run the kernels on the fake tensors")
@@ -436,7 +495,9 @@ def test_fake_tensors_give_shapes():
         y_q, y_s = torch.ops.longsana.ln_modulate_fp8(q[:, :, 0], q[:, :1, 0], q[:, :, 1], 1e-6)
         h = torch.empty(2, 35, 48, dtype=torch.bfloat16, device=DEVICE)
         u = torch.ops.longsana.glu_conv(h, h.new_empty(48, 1, 3, 3), h.new_empty(48), 5, 7)
+        u_q, u_s = torch.ops.longsana.quantize_rows(h[:, :, :40])
     assert (u.shape, u.dtype) == ((2, 35, 24), torch.bfloat16)
+    assert (u_q.shape, u_q.dtype, u_s.shape, u_s.dtype) == ((2, 35, 40), FP8, (2, 35, 1), torch.float32)
     assert (o.shape, o.dtype) == (q.shape, q.dtype)
     assert (S_c.shape, S_c.dtype, z_c.shape) == (S0.shape, torch.float32, z0.shape)
     assert (y.shape, y.dtype) == ((2, 37, 112), torch.bfloat16)
@@ -512,6 +573,24 @@ def test_ln_modulate_compiles_for_gpus_in_fp32(arch, quant):
     compiled = compile_for(t._ln_modulate_kernel, ln_modulate_signature("*fp8e4nv" if quant else "*bf16"), consts,
                            arch, num_warps=tuned.num_warps)
     assert not FP64_MATH.findall(compiled.asm["ptx"])
+
+
+@pytest.mark.skipif(INTERPRETER, reason="compiles for GPUs; needs no interpreter")
+@pytest.mark.parametrize("arch", [89, 90])
+@pytest.mark.parametrize("K", [2240, 6720])
+def test_quantize_rows_compiles_for_gpus(arch, K):
+    """The quantization kernel at its default config and the model's widths, through Triton's compiler and ptxas for
+    Ada and Hopper (no GPU needed): NaN-propagating max and clamp lower to PTX, with no register spills, and the
+    rows are read as vector loads."""
+    tuned, block_k = triton_quantize.QuantizeConfig(), triton.next_power_of_2(K)
+    signature = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32", "stride_xm": "i32"}
+    consts = dict(ROWS=max(1, tuned.elements // block_k), BLOCK_K=block_k, FP8_MAX=FP8_MAX,
+                  AMAX_FLOOR=triton_quantize.AMAX_FLOOR)
+    compiled = compile_for(triton_quantize._quantize_rows_kernel, signature, consts, arch,
+                           divisible=("x_ptr", "q_ptr", "s_ptr", "K", "stride_xm"), num_warps=tuned.num_warps)
+    ptx = compiled.asm["ptx"]
+    assert stack_bytes(compiled) == 0
+    assert "max.NaN.f32" in ptx and "ld.global.b16" not in ptx
 
 
 @pytest.mark.skipif(INTERPRETER, reason="compiles for a GPU; needs no interpreter")
@@ -623,6 +702,16 @@ def test_ln_modulate_full_shape(per_token):
 
 
 @needs_cuda
+@pytest.mark.parametrize("K", [2240, 6720])
+def test_quantize_rows_full_shape(K):
+    """A chunk's attention output or z (2240 wide) and its FFN middle (6720), bf16, as the FP8 products get them."""
+    x = quant_input((1, FULL["N"]), K, torch.bfloat16, False, torch.Generator().manual_seed(K))
+    (q, s), (q_ref, s_ref) = quantize_rows(x), quantize_rows_ref(x)
+    assert torch.isfinite(q.float()).all() and torch.isfinite(s).all()
+    assert rel_err(s, s_ref) < 1e-6 and (q.float() != q_ref.float()).float().mean() <= 0.01
+
+
+@needs_cuda
 def test_compile_and_cuda_graph(tuned, monkeypatch):
     """The ops (the FP8 norm too) inside torch.compile(fullgraph=True) (no graph break) and a captured CUDA graph.
     Unpoisoned buffers: inductor traces the FP8 norm's allocation, and cannot compile a NaN fill of an e4m3 buffer
@@ -645,17 +734,18 @@ def test_compile_and_cuda_graph(tuned, monkeypatch):
         o_normed = linear_attention(q, k, v, cos, sin, S0, z0, qk_norm=norm)  # q, k as projections
         u = glu_conv(torch.cat([x, h], dim=-1), weight, bias, 30, 52, backend="triton")
         x_q, x_s = ln_modulate_fp8(x, mod[:, :, 0], mod[:, :, 1])  # inductor compiles it its own way (eps in fp64)
-        return h, o, S_c, o_normed, u, x_s, x_q.float()
+        u_q, u_s = quantize_rows(u)
+        return h, o, S_c, o_normed, u, x_s, u_s, x_q.float(), u_q.float()
 
-    names = ("h", "o", "S_c", "o_normed", "u", "x_s", "x_q")
+    names = ("h", "o", "S_c", "o_normed", "u", "x_s", "u_s", "x_q", "u_q")
     eager = block(x, q, k, v)
     compiled = torch.compile(block, fullgraph=True)(x, q, k, v)
     # Inductor recompiles the same kernels (its own fp contraction, its own order for the sum of the pass-1
     # partials): a few 1-ulp bf16 differences; in the e4m3 values, those differences a step apart. Every comparison
     # is reported, so that one GPU run names each output that is off and by how much.
-    rel = {n: rel_err(b, a) for n, a, b in zip(names[:6], eager, compiled)}
-    x_q_differ = (eager[6] != compiled[6]).float().mean().item()
-    assert max(rel.values()) < 1e-4 and x_q_differ <= 0.01, (rel, x_q_differ)
+    rel = {n: rel_err(b, a) for n, a, b in zip(names[:7], eager, compiled)}
+    q_differ = {n: (a != b).float().mean().item() for n, a, b in zip(names[7:], eager[7:], compiled[7:])}
+    assert max(rel.values()) < 1e-4 and max(q_differ.values()) <= 0.01, (rel, q_differ)
 
     static = [t.clone() for t in (x, q, k, v)]
     block(*static)  # warm up (compiles the kernels) outside the capture
