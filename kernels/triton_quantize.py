@@ -1,11 +1,12 @@
 """Triton row-wise FP8 quantization in one read; semantics: `quantize_rows_ref` in quantize.py.
 
 The FP8 products quantize every input that no kernel of ours writes in FP8 already: the two attention outputs, the
-FFN's gated middle, z before the temporal conv (longsana/fp8.py). Compiled by inductor, quantize_rows_ref is a
-reduction over a row wider than inductor keeps in registers (2240 and 6720 channels, its limit is 1024), so it reads
-each row twice, once for the row's largest magnitude and once to quantize it, and for z it made two kernels. Here a
-program holds a few whole rows (padded to the next power of 2 with a mask, as the LayerNorm kernel does): each row
-is read once, its largest magnitude taken from registers, and written once in e4m3 with its scale.
+residual stream that the cross-attention's q reads, the FFN's gated middle, z before the temporal conv (fp8.py).
+Compiled by inductor, quantize_rows_ref is a reduction over a row wider than inductor keeps in registers (2240 and 6720
+channels, its limit is 1024), so it reads each row twice, once for the row's largest magnitude and once to quantize it,
+and for z it made two kernels. Here a program holds a few whole rows (padded to the next power of 2 with a mask, as the
+LayerNorm kernel does): each row is read once, its largest magnitude taken from registers, and written once in e4m3 with
+its scale.
 
 NaN and infinity behave as in the reference: the row maximum and the clamp propagate NaN (Triton's max and clamp
 would drop it), so a NaN makes its row's scale NaN, and an infinity makes the row's scale infinite and its own
@@ -24,7 +25,6 @@ from torch.library import triton_op, wrap_triton
 from longsana.kernels import triton_common
 from longsana.kernels.quantize import AMAX_FLOOR, FP8, FP8_MAX
 
-
 MAX_K = 16384  # the widest row a program holds in registers (at 8 warps, 64 fp32 a thread); wider: the reference
 
 
@@ -42,6 +42,7 @@ CONFIG = QuantizeConfig()
 
 @triton.jit
 def _max_keep_nan(a, b):
+    """A row maximum's combine step that keeps NaN (tl.max's does not)."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
@@ -70,13 +71,13 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., K), any float dtype -> (e4m3 (..., K) contiguous, fp32 scales (..., 1))."""
     K = x.shape[-1]
     rows = x.reshape(-1, K)  # a view for the activations the products get (rows evenly spaced)
-    if K > 0 and rows.stride(-1) != 1:
+    if rows.stride(-1) != 1:
         rows = rows.contiguous()
     q = triton_common.empty(x.shape, FP8, x.device)
     s = triton_common.empty((*x.shape[:-1], 1), torch.float32, x.device)
     M, block_k = rows.shape[0], triton.next_power_of_2(K)
     per_program = max(1, CONFIG.elements // block_k)
-    if M and K:
+    if M:
         wrap_triton(_quantize_rows_kernel)[(triton.cdiv(M, per_program),)](
             rows, q, s, M, K, rows.stride(0), ROWS=per_program, BLOCK_K=block_k, FP8_MAX=FP8_MAX,
             AMAX_FLOOR=AMAX_FLOOR, num_warps=CONFIG.num_warps)

@@ -7,14 +7,14 @@ q and out, the FFN's 1x1 up and down projections (`Fp8Linear`), and the temporal
 per prompt) and the final layer stay bf16; the norms compute in fp32, as before, and write e4m3.
 
 Each product is y = (x_q * s_x) (W_q * s_W)^T + b: W_q, s_W quantized once, one scale per output row; x quantized per
-token row (kernels/quantize.py), one scale per row, so one outlier token does not cost the others their precision.
-Where the input is made matters: quantized by separate eager kernels, every activation is read and written once
-more, which can cost more than FP8 saves. So the norms that feed q, k, v and the FFN's up-projection write FP8
-themselves (`Fp8LnModulate`: the LayerNorm-modulate kernel quantizes the rows it holds), and the other inputs (the
-attention outputs, the residual stream for the cross-attention's q, the FFN's gated middle, z) are quantized by
-`quantize_rows`, on GPUs a kernel that reads each row once (inductor's own code for it read each row twice). On a GPU `torch._scaled_mm` runs the product (PyTorch's row-wise FP8 GEMM, compute
-capability 8.9 and up) with fast accumulation (FAST_ACCUM); on the CPU, which has no FP8 units, the same product runs
-in fp32 on the quantized operands.
+token row (kernels/quantize.py), one scale per row, so one outlier token does not cost the others their precision. Where
+the input is made matters: quantized by separate eager kernels, every activation is read and written once more, which
+can cost more than FP8 saves. So the norms that feed q, k, v and the FFN's up-projection write FP8 themselves
+(`Fp8LnModulate`: the LayerNorm-modulate kernel quantizes the rows it holds), and the other inputs (the attention
+outputs, the residual stream for the cross-attention's q, the FFN's gated middle, z) are quantized by `quantize_rows`,
+on GPUs a kernel that reads each row once (inductor's own code for it read each row twice). On a GPU `torch._scaled_mm`
+runs the product (PyTorch's row-wise FP8 GEMM, compute capability 8.9 and up) with fast accumulation (FAST_ACCUM); on
+the CPU, which has no FP8 units, the same product runs in fp32 on the quantized operands.
 """
 
 from __future__ import annotations

@@ -713,10 +713,10 @@ def test_quantize_rows_full_shape(K):
 
 @needs_cuda
 def test_compile_and_cuda_graph(tuned, monkeypatch):
-    """The ops (the FP8 norm too) inside torch.compile(fullgraph=True) (no graph break) and a captured CUDA graph.
-    Unpoisoned buffers: inductor traces the FP8 norm's allocation, and cannot compile a NaN fill of an e4m3 buffer
-    (Triton has no e4m3 scalar constant: the failure seen on the H100); the other tests check every element is
-    written."""
+    """The ops (the FP8 norm and quantize_rows too) inside torch.compile(fullgraph=True) (no graph break) and a
+    captured CUDA graph. Unpoisoned buffers: inductor traces the FP8 ops' allocations, and cannot compile a NaN fill
+    of an e4m3 buffer (Triton has no e4m3 scalar constant: the failure seen on the H100); the other tests check every
+    element is written."""
     monkeypatch.setattr(triton_common, "empty", UNPOISONED)
     g = torch.Generator().manual_seed(2)
     B, N, H, d = 1, 1560, 20, 112
