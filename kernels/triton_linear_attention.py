@@ -28,7 +28,6 @@ tensor-core arithmetic up to the summation order.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -73,8 +72,10 @@ def tile(dtype: torch.dtype, shared_memory: int | None) -> tuple[int, int] | Non
     return None
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def _shared_memory(device: torch.device) -> int | None:
+    """Shared memory per block on `device`, None without a limit (the interpreter). A constant to torch.compile,
+    which takes its value while tracing (through a functools.cache it traced the call, with a warning each time)."""
     if device.type != "cuda":
         return None  # the interpreter
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin

@@ -515,6 +515,19 @@ def test_tile_is_the_largest_that_fits():
     assert tile(torch.float32, None) == (64, 2)  # no limit (the interpreter): the largest
 
 
+def test_tile_lookup_is_a_constant_to_torch_compile():
+    """The device's shared memory, which picks the tile, is taken as a value while tracing: no graph break, and no
+    dynamo warning about tracing a cached function (one on every compile with functools.cache)."""
+    import warnings
+
+    x = torch.ones(2, 3, 1, 40)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.compile(lambda x: x * triton_linear_attention.supports(x), fullgraph=True, backend="eager")
+        assert torch.equal(traced(x), x)
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
+
+
 @runs_triton
 def test_what_no_tile_fits_runs_the_reference():
     """Head dims over 128 and fp64 go to the reference, even when the Triton backend is asked for."""
