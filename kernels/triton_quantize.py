@@ -61,6 +61,11 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm,
     tl.store(q_ptr + row[:, None].to(tl.int64) * K + c[None, :], q.to(q_ptr.dtype.element_ty), mask=ok)
 
 
+def rows_per_program(K: int) -> int:
+    """Whole rows of K channels (padded to a power of 2) in CONFIG.elements, at least one."""
+    return max(1, CONFIG.elements // triton.next_power_of_2(K))
+
+
 def supports(x: torch.Tensor) -> bool:
     """Whether the kernel takes x's rows: at most MAX_K wide."""
     return x.shape[-1] <= MAX_K
@@ -75,10 +80,9 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = rows.contiguous()
     q = triton_common.empty(x.shape, FP8, x.device)
     s = triton_common.empty((*x.shape[:-1], 1), torch.float32, x.device)
-    M, block_k = rows.shape[0], triton.next_power_of_2(K)
-    per_program = max(1, CONFIG.elements // block_k)
+    M, per_program = rows.shape[0], rows_per_program(K)
     if M:
         wrap_triton(_quantize_rows_kernel)[(triton.cdiv(M, per_program),)](
-            rows, q, s, M, K, rows.stride(0), ROWS=per_program, BLOCK_K=block_k, FP8_MAX=FP8_MAX,
+            rows, q, s, M, K, rows.stride(0), ROWS=per_program, BLOCK_K=triton.next_power_of_2(K), FP8_MAX=FP8_MAX,
             AMAX_FLOOR=AMAX_FLOOR, num_warps=CONFIG.num_warps)
     return q, s

@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -518,8 +519,6 @@ def test_tile_is_the_largest_that_fits():
 def test_tile_lookup_is_a_constant_to_torch_compile():
     """The device's shared memory, which picks the tile, is taken as a value while tracing: no graph break, and no
     dynamo warning about tracing a cached function (one on every compile with functools.cache)."""
-    import warnings
-
     x = torch.ones(2, 3, 1, 40)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -595,12 +594,12 @@ def test_quantize_rows_compiles_for_gpus(arch, K):
     """The quantization kernel at its default config and the model's widths, through Triton's compiler and ptxas for
     Ada and Hopper (no GPU needed): NaN-propagating max and clamp lower to PTX, with no register spills, and the
     rows are read as vector loads."""
-    tuned, block_k = triton_quantize.QuantizeConfig(), triton.next_power_of_2(K)
+    t = triton_quantize
     signature = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32", "stride_xm": "i32"}
-    consts = dict(ROWS=max(1, tuned.elements // block_k), BLOCK_K=block_k, FP8_MAX=FP8_MAX,
-                  AMAX_FLOOR=triton_quantize.AMAX_FLOOR)
-    compiled = compile_for(triton_quantize._quantize_rows_kernel, signature, consts, arch,
-                           divisible=("x_ptr", "q_ptr", "s_ptr", "K", "stride_xm"), num_warps=tuned.num_warps)
+    consts = dict(ROWS=t.rows_per_program(K), BLOCK_K=triton.next_power_of_2(K), FP8_MAX=FP8_MAX,
+                  AMAX_FLOOR=t.AMAX_FLOOR)
+    compiled = compile_for(t._quantize_rows_kernel, signature, consts, arch,
+                           divisible=("x_ptr", "q_ptr", "s_ptr", "K", "stride_xm"), num_warps=t.CONFIG.num_warps)
     ptx = compiled.asm["ptx"]
     assert stack_bytes(compiled) == 0
     assert "max.NaN.f32" in ptx and "ld.global.b16" not in ptx
