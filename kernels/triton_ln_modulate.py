@@ -6,9 +6,9 @@ each row is read once, its mean and variance taken in fp32 from registers, and t
 scale are read through strides, so per-sample (B, 1, D), per-token (B, N, D) and strided views (rows of a
 (B, N, 6, D) tensor of modulations) all work without a copy.
 
-Because a program holds whole rows, the FP8 variant (QUANT) quantizes each row from registers too (its largest
-magnitude, kernels/quantize.py) and writes e4m3 and one scale per row: the next matrix product's input in half the
-bytes, without a bf16 round trip through memory.
+Because a program holds whole rows, the FP8 variant (QUANT) quantizes each row from registers too
+(`triton_quantize.quantized_rows`, from its largest magnitude) and writes e4m3 and one scale per row: the next
+matrix product's input in half the bytes, without a bf16 round trip through memory.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from longsana.kernels import triton_common
+from longsana.kernels.triton_quantize import quantized_rows
 from longsana.kernels.quantize import AMAX_FLOOR, FP8, FP8_MAX
 
 
@@ -57,8 +58,7 @@ def _ln_modulate_kernel(
                     other=0.0)
     y = xc * rstd[:, None] * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
     if QUANT:  # padding columns hold shift = 0, so they do not count in the row's largest magnitude
-        s = tl.maximum(tl.max(tl.abs(y), axis=1), AMAX_FLOOR) / FP8_MAX
-        y = tl.clamp(y / s[:, None], -FP8_MAX, FP8_MAX)
+        y, s = quantized_rows(y, FP8_MAX, AMAX_FLOOR)
         tl.store(s_ptr + row, s, mask=row < M)
     tl.store(y_ptr + row[:, None] * D + c[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 

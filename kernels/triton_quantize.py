@@ -47,6 +47,15 @@ def _max_keep_nan(a, b):
 
 
 @triton.jit
+def quantized_rows(x, FP8_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+    """fp32 rows x (ROWS, BLOCK), padding columns 0 -> (x / s within e4m3's range, to be cast; s (ROWS,) fp32):
+    `quantize_rows_ref` on rows a program holds. Shared by every kernel that writes an FP8 product's input."""
+    amax = tl.reduce(tl.abs(x), 1, _max_keep_nan)  # padding holds 0: no effect on a row's largest magnitude
+    s = tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL) / FP8_MAX
+    return tl.clamp(x / s[:, None], -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL), s
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm,
                           ROWS: tl.constexpr, BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr,
                           AMAX_FLOOR: tl.constexpr):
@@ -54,9 +63,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm,
     c = tl.arange(0, BLOCK_K)
     ok = (row < M)[:, None] & (c < K)[None, :]  # (ROWS, BLOCK_K)
     x = tl.load(x_ptr + row[:, None].to(tl.int64) * stride_xm + c[None, :], mask=ok, other=0.0).to(tl.float32)
-    amax = tl.reduce(tl.abs(x), 1, _max_keep_nan)  # padding holds 0: no effect on a row's largest magnitude
-    s = tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL) / FP8_MAX
-    q = tl.clamp(x / s[:, None], -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    q, s = quantized_rows(x, FP8_MAX, AMAX_FLOOR)
     tl.store(s_ptr + row, s, mask=row < M)
     tl.store(q_ptr + row[:, None].to(tl.int64) * K + c[None, :], q.to(q_ptr.dtype.element_ty), mask=ok)
 
