@@ -30,9 +30,10 @@ MAX_K = 16384  # the widest row a program holds in registers (at 8 warps, 64 fp3
 
 @dataclass
 class QuantizeConfig:
-    """Elements per program (whole rows: elements // the padded row width, at least one) and warps. The fastest
-    measured on an H100 (Triton 3.6) at a chunk's 15,600 rows of 2240 and 6720: 40.8 and 109.1 us, against 94.0 and
-    290.7 us for inductor's compiled reference (benchmarks/RESULTS.md, 2026-12-07); benchmarks/kernels.py --sweep."""
+    """Elements per program (whole rows: elements // the padded row width, at least one) and warps: the fastest of a
+    sweep on an H100 (Triton 3.6). There, at a chunk's 15,600 rows of 2240 and 6720, `benchmarks/kernels.py` timed
+    55.7 and 109.0 us against 92.7 and 288.0 us for inductor's compiled reference (benchmarks/RESULTS.md,
+    2026-12-07); its --sweep tunes them."""
     elements: int = 16384
     num_warps: int = 8
 
