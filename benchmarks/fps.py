@@ -55,7 +55,7 @@ from longsana.benchmarks.vae import ceilings, decoder_cost, gb, sync, timed
 from longsana.cli import set_process_defaults
 from longsana.config import get_config
 from longsana.engine import ChunkEngine, autotune_cudnn
-from longsana.fast_vae import accelerate, default_layout
+from longsana.fast_vae import GraphedDecoder, accelerate, default_layout
 from longsana.fp8 import to_fp8
 from longsana.model import LongSANATransformer
 from longsana.step import EagerStep
@@ -491,16 +491,17 @@ def bench_stages(pipe: Pipeline, a, hw) -> dict:
     runs it; of which the uint8 conversion, timed alone on a video of the same size), and the copy of the frames to
     pinned host memory. Their sum is a chunk's serial time: what the stream takes without overlapping the decode
     with the next chunk's transformer work. Also how long the transformer step's launch held the host (`launch_s`,
-    of `transformer_s`): a graph replay is meant to return at once; a launch that waits keeps the stream's frames
-    and the device worker's other jobs waiting too."""
+    of `transformer_s`) and the decode's (`decode_launch_s`): a graph replay is meant to return at once; a launch
+    that waits keeps the stream's frames and the device worker's other jobs waiting too."""
     m, dev, vae = pipe.model, pipe.device, pipe.vae
     accelerate(vae.decoder, compile=dev.type == "cuda")  # as make_step does
     timesteps = tuple(map(float, pipe.spec.denoise_timesteps))
     engine = ChunkEngine(m, hw, timesteps, vae_device=pipe.vae_device)
-    dec = StreamingDecoder(vae, a.height, a.width, max_latent_frames_per_call=a.vae_frames_per_call)
+    dec = (GraphedDecoder if pipe.vae_device.type == "cuda" else StreamingDecoder)(  # as the stream makes it
+        vae, a.height, a.width, max_latent_frames_per_call=a.vae_frames_per_call)
     text = pipe.prompts.get(PROMPTS[0], pipe.spec.motion_score).ctx
     stages: dict[str, list[float]] = {"transformer": [], "decode": [], "host copy": []}
-    launch = []
+    launch, decode_launch = [], []
     warm = 5  # the first chunk's length, then the steady length's two variants (x0 slots alternate): a first use
     # and a graph capture each
     pending, pos = None, 0
@@ -512,6 +513,7 @@ def bench_stages(pipe: Pipeline, a, hw) -> dict:
         sync(dev)
         t.append(time.perf_counter())
         frames = dec.decode(x0)
+        decode_launched = time.perf_counter()
         sync(pipe.vae_device)
         t.append(time.perf_counter())
         host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=dev.type == "cuda")
@@ -519,6 +521,7 @@ def bench_stages(pipe: Pipeline, a, hw) -> dict:
         t.append(time.perf_counter())
         if i >= warm:
             launch.append(launched - t[0])
+            decode_launch.append(decode_launched - t[1])
             for key, t0, t1 in zip(stages, t, t[1:]):
                 stages[key].append(t1 - t0)
         pending, pos = (x0, pos), pos + n
@@ -527,12 +530,13 @@ def bench_stages(pipe: Pipeline, a, hw) -> dict:
     uint8 = timed(lambda: to_uint8(video), pipe.vae_device, 2, a.reps)["median_s"]
     r = {f"{key.replace(' ', '_')}_s": statistics.median(ts) for key, ts in stages.items()}
     r |= dict(uint8_s=uint8, serial_s=sum(r.values()), launch_s=statistics.median(launch),
-              frames=vae.cfg.temporal_stride * a.chunk)
+              decode_launch_s=statistics.median(decode_launch), frames=vae.cfg.temporal_stride * a.chunk)
     r["serial_fps"] = r["frames"] / r["serial_s"]
     print(f"## stages of a steady chunk ({r['frames']} frames), each alone, medians of {a.reps}: "
           + ", ".join(f"{key} {r[key.replace(' ', '_') + '_s'] * 1e3:.1f} ms" for key in stages)
-          + f" (of the transformer, its launch held the host {r['launch_s'] * 1e3:.1f} ms; of the decode, the uint8"
-          f" conversion {uint8 * 1e3:.1f} ms); serial {r['serial_s'] * 1e3:.1f} ms = {r['serial_fps']:.1f} FPS")
+          + f" (of the transformer, its launch held the host {r['launch_s'] * 1e3:.1f} ms; of the decode, its launch"
+          f" {r['decode_launch_s'] * 1e3:.1f} ms and the uint8 conversion {uint8 * 1e3:.1f} ms); serial"
+          f" {r['serial_s'] * 1e3:.1f} ms = {r['serial_fps']:.1f} FPS")
     return r
 
 
@@ -558,20 +562,23 @@ def bench_vae(pipe: Pipeline, a, hw) -> dict:
     ours = default_layout(vae.decoder)  # the stream's layout
     flipped = f"channels-last {'off' if ours else 'on'}"  # the other layout, side by side
     layouts = {ours: "as the stream runs it", not ours: flipped}
-    per_call = a.vae_frames_per_call  # the stream's
-    variants = {layouts[ours]: (vae, per_call, None)}  # (vae, max_latent_frames_per_call, channels_last)
+    per_call, graphs = a.vae_frames_per_call, dev.type == "cuda"  # the stream's
+    # (vae, max_latent_frames_per_call, channels_last, CUDA graphs)
+    variants = {layouts[ours]: (vae, per_call, None, graphs)}
+    if graphs:  # what the graphs save, always beside them
+        variants["launched op by op (no CUDA graphs)"] = (vae, per_call, None, False)
     if a.vae_variants:
-        variants[layouts[not ours]] = (vae, per_call, not ours)
+        variants[layouts[not ours]] = (vae, per_call, not ours, graphs)
     if a.vae_variants and dev.type == "cuda":
-        variants["plain (no fast_vae)"] = (make_vae(vae.cfg, dev, vae.dtype), per_call, None)
+        variants["plain (no fast_vae)"] = (make_vae(vae.cfg, dev, vae.dtype), per_call, None, False)
         other = 2 if per_call == 1 else 1
-        variants[f"{other} latent frame{'s' * (other > 1)} per call"] = (vae, other, None)
+        variants[f"{other} latent frame{'s' * (other > 1)} per call"] = (vae, other, None, graphs)
     r = dict(variants={})
     print(f"## VAE streaming decode, {vae.dtype}, steady chunks of {a.chunk} latent frames")
-    for name, (v, pieces, channels_last) in variants.items():
+    for name, (v, pieces, channels_last, graphed) in variants.items():
         try:
             with decoder_layout(v, channels_last):
-                out = vae_ours(v, a.height, a.width, a.chunk, pieces, 1, max(2, a.reps // 2), z_first)
+                out = vae_ours(v, a.height, a.width, a.chunk, pieces, 1, max(2, a.reps // 2), z_first, graphed)
         except Exception as e:  # a variant that fails is reported, not fatal
             print(f"  {name}: failed: {type(e).__name__}: {e}")
             continue
@@ -591,7 +598,7 @@ def bench_vae(pipe: Pipeline, a, hw) -> dict:
     want = StreamingDecoder(ref, a.height, a.width).decode_float(z_first)
     got = StreamingDecoder(vae, a.height, a.width).decode_float(z_first)
     r["bf16_vs_fp32_err"] = rel_err(got, want)
-    best, pieces, channels_last = variants[r["best_variant"]]
+    best, pieces, channels_last, _ = variants[r["best_variant"]]
     with decoder_layout(best, channels_last):
         r["best_vs_fp32_err"] = rel_err(StreamingDecoder(best, a.height, a.width, max_latent_frames_per_call=pieces)
                                         .decode_float(z_first), want)

@@ -4,7 +4,8 @@ tiny size, any device).
 Full size: the Wan 2.1 VAE (random weights, PyTorch's default init: never zeros) decoding 480x832. It prints
   - a cost card: decoder FLOPs and unfused op traffic per video frame (counted on meta tensors), weight and
     cache bytes, and the ceilings they imply at the matmul throughput and copy bandwidth measured in this run;
-  - ours: StreamingDecoder with the fast path (`fast_vae.accelerate`, compiled on a GPU; --plain: without),
+  - ours: StreamingDecoder with the fast path (`fast_vae.accelerate`, compiled on a GPU, where its pieces replay
+    CUDA graphs as a stream's do: GraphedDecoder; --plain: without),
     per dtype, per layout (--channels-last: channels-last and PyTorch's default, both by default) and per
     `max_latent_frames_per_call` (the sub-piece size), the median time of a steady-state chunk of --chunk latent
     frames (4 x chunk video frames) and of a stream's first chunk of 1 + chunk latents (1 + 4 x chunk frames),
@@ -30,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from longsana.config import VAEConfig, get_config
 from longsana.engine import CUDNN_TRIALS, autotune_cudnn
-from longsana.fast_vae import CHANNELS_LAST, accelerate
+from longsana.fast_vae import CHANNELS_LAST, GraphedDecoder, accelerate
 from longsana.testing import rel_err
 from longsana.vae import CausalCache, Decoder, StreamingDecoder, WanVAE
 
@@ -110,15 +111,16 @@ def timed(fn, device: torch.device, warmup: int, reps: int, before=None) -> dict
 
 
 def bench_ours(vae: WanVAE, height: int, width: int, chunk: int, pieces: int, warmup: int, reps: int,
-               z_first: torch.Tensor) -> dict:
-    dec = StreamingDecoder(vae, height, width, max_latent_frames_per_call=pieces)
+               z_first: torch.Tensor, graphs: bool = False) -> dict:
+    """Our decoder's first and steady chunks; with `graphs`, its pieces replayed as CUDA graphs (GraphedDecoder)."""
+    dec = (GraphedDecoder if graphs else StreamingDecoder)(vae, height, width, max_latent_frames_per_call=pieces)
     ts = vae.cfg.temporal_stride
     first = timed(lambda: dec.decode(z_first), vae.device, warmup, reps, before=dec.reset)
     dec.reset()
     dec.decode(z_first)
     z = torch.randn(1, vae.cfg.z_dim, chunk, *z_first.shape[3:], device=vae.device)
     steady = timed(lambda: dec.decode(z), vae.device, warmup, reps)
-    return dict(max_latent_frames_per_call=pieces, cache_bytes=dec.nbytes,
+    return dict(max_latent_frames_per_call=pieces, graphs=graphs, cache_bytes=dec.nbytes,
                 steady_fps=ts * chunk / steady["median_s"], steady_s=steady["median_s"],
                 steady_peak_bytes=steady["peak_bytes"],
                 first_fps=(1 + ts * chunk) / first["median_s"], first_s=first["median_s"],
@@ -160,7 +162,7 @@ def bench_dtype(vae: WanVAE, name: str, a: argparse.Namespace, z_first: torch.Te
             torch._dynamo.reset()  # one (dtype, layout)'s graphs at a time: all of them pass the recompile limit
             accelerate(vae.decoder, compile=a.compile, channels_last=channels_last)
         for m in (int(x) for x in a.pieces.split(",")):
-            r = bench_ours(vae, a.height, a.width, a.chunk, m, a.warmup, a.reps, z_first)
+            r = bench_ours(vae, a.height, a.width, a.chunk, m, a.warmup, a.reps, z_first, graphs=a.graphs)
             out["ours"].append(r | dict(channels_last=channels_last))
             print(f"ours {name} {layout_name(channels_last)} max_latent_frames_per_call={m}: steady "
                   f"{r['steady_fps']:.1f} FPS ({r['steady_s']:.3f} s / {ts * a.chunk} frames, peak "
@@ -235,7 +237,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         vae = WanVAE(cfg).eval().requires_grad_(False)
-    a.compile = device.type == "cuda"
+    a.compile = a.graphs = device.type == "cuda"  # as a stream runs the decoder
     s = cfg.spatial_stride
     z_first = torch.randn(1, cfg.z_dim, 1 + a.chunk, a.height // s, a.width // s, device=device)
     print(f"# VAE decode benchmark on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: "
@@ -243,8 +245,8 @@ def main(argv=None) -> dict:
           f"({sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M params), tf32={a.tf32}, "
           f"cudnn.benchmark={a.cudnn_benchmark} (trials {a.cudnn_trials}), {'plain' if a.plain else 'fast path'}")
     result = dict(bench="vae", device=str(device), height=a.height, width=a.width, chunk=a.chunk, tiny=a.tiny,
-                  plain=a.plain, tf32=a.tf32, cudnn_benchmark=a.cudnn_benchmark, cudnn_trials=a.cudnn_trials,
-                  channels_last=a.channels_last, channels_last_default=CHANNELS_LAST)
+                  plain=a.plain, graphs=a.graphs, tf32=a.tf32, cudnn_benchmark=a.cudnn_benchmark,
+                  cudnn_trials=a.cudnn_trials, channels_last=a.channels_last, channels_last_default=CHANNELS_LAST)
     result |= {name: bench_dtype(vae, name, a, z_first) for name in a.dtypes.split(",")}
     print(json.dumps(result))
     return result

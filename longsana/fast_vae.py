@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .engine import compiled
-from .vae import (CausalCache, CausalConv3d, ChannelRMSNorm, Decoder, Encoder, Resample, ResBlock, memory_format_of,
-                  per_frame, per_video)
+from .vae import (CausalCache, CausalConv3d, ChannelRMSNorm, Decoder, Encoder, Resample, ResBlock, StreamingDecoder,
+                  WanVAE, memory_format_of, per_frame, per_video)
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default, which ChannelRMSNorm uses
 CHANNELS_LAST = True  # accelerate's default layout on GPUs, the faster of the two on the H200 (benchmarks/fps.py)
@@ -82,6 +82,59 @@ def accelerate(decoder: nn.Module, compile: bool, channels_last: bool | None = N
                 m.conv_shortcut.forward = partial(_conv, m.conv_shortcut)
         elif isinstance(m, Resample) and m.mode.startswith("up"):
             m.resample.forward = partial(_upsample_conv, m.resample[1])
+
+
+class GraphedDecoder(StreamingDecoder):
+    """A StreamingDecoder on a GPU whose pieces replay CUDA graphs once the stream has started: one launch per piece
+    instead of some 200 kernels launched one by one from Python, each with the compiled prologues' guards to check.
+    Launched eagerly, a steady 10-latent chunk at 480p took 344 ms on an H100 of which its kernels ran 306 ms: the
+    GPU waited for the host in between, and the host, busy launching the decode, launched the next chunk's
+    transformer work only after it (benchmarks/RESULTS.md, 2026-12-07).
+
+    A graph per piece length (`max_latent_frames_per_call`, and shorter last pieces): its first use runs eagerly,
+    which compiles the prologues for its shapes and lets cuDNN pick its algorithms; its second is captured, then
+    replayed; later ones replay. The stream's first piece (one frame out, the cache still empty) always runs
+    eagerly: it takes other paths through the decoder. Graphs read the piece from a static input and write its
+    frames to a static output that `decode` copies out; the cache's buffers never move (StreamingDecoder), so reset,
+    snapshot and restore work as before. All graphs of a decoder share one memory pool (they run one at a time, in
+    stream order); the capture returns the eager runs' cached activations to the GPU first (torch.cuda.graph empties
+    the allocator's cache), so the pool takes their place."""
+
+    def __init__(self, vae: WanVAE, height: int, width: int, batch: int = 1, max_latent_frames_per_call: int = 2):
+        if vae.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the VAE on a CUDA device, not {vae.device}")
+        super().__init__(vae, height, width, batch, max_latent_frames_per_call)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}  # by latent frames: graph, in, out
+        self._uses: dict[int, int] = {}
+        self._pool = None
+        self._capture_stream = torch.cuda.Stream(vae.device)
+
+    def _frames(self, z_norm: Tensor) -> Tensor:
+        f = z_norm.shape[2]
+        if not self.cache.started:
+            return super()._frames(z_norm)
+        if f not in self.graphs:
+            self._uses[f] = self._uses.get(f, 0) + 1
+            if self._uses[f] == 1:
+                return super()._frames(z_norm)
+            self.graphs[f] = self._capture(z_norm)
+        graph, z_in, frames = self.graphs[f]
+        z_in.copy_(z_norm)
+        graph.replay()
+        self.cache.t += f  # what Decoder.forward counts, which a replay does not run
+        return frames
+
+    def _capture(self, z_norm: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        """A piece like z_norm recorded (not run): the graph, its static input and output."""
+        graph, t = torch.cuda.CUDAGraph(), self.cache.t
+        with torch.cuda.device(self.vae.device):
+            z_in = torch.empty(z_norm.shape, dtype=z_norm.dtype, device=self.vae.device)
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream,
+                                  capture_error_mode="thread_local"):
+                frames = super()._frames(z_in)
+        self.cache.t = t  # the capture ran the Python code, not the kernels: the replay is the piece's work
+        self._pool = graph.pool()
+        return graph, z_in, frames
 
 
 def default_layout(decoder: nn.Module) -> bool:

@@ -54,7 +54,7 @@ import torch
 from .chunk import Chunk
 from .config import DEFAULT_CONFIG, ModelSpec, VAEConfig, get_config
 from .engine import ChunkEngine, autotune_cudnn
-from .fast_vae import accelerate
+from .fast_vae import GraphedDecoder, accelerate
 from .fp8 import is_fp8, to_fp8
 from .model import LongSANATransformer, TextKV
 from .rewind import RewindPoint, RewindRing, points_for
@@ -245,8 +245,7 @@ class Stream:
         if settings.transition_frames < 0:
             raise ValueError(f"transition_frames must be >= 0, got {settings.transition_frames}")
         self.step = make_step(pipe, self.latent_hw, settings)
-        self.decoder = StreamingDecoder(pipe.vae, height, width,
-                                        max_latent_frames_per_call=settings.vae_frames_per_call)
+        self.decoder = make_decoder(pipe, height, width, settings)
         x0_shape = (1, pipe.model.cfg.in_channels, settings.chunk_frames + 1, *self.latent_hw)  # the longest chunk
         capacity = points_for(settings.rewind_seconds, self.fps, self.stride * settings.chunk_frames)
         self.ring = RewindRing(capacity, x0_shape, pipe.device, self.step.side)
@@ -634,7 +633,7 @@ def blend_text(a: TextKV, b: TextKV, w: float) -> TextKV:
 def make_step(pipe: Pipeline, latent_hw: tuple[int, int], settings: StreamSettings) -> ChunkStep:
     """The one place that chooses how a stream runs: the fast engine (by default on a GPU) or the eager reference,
     the decoder's fast path (compiled with the engine), and where the decodes run (the VAE's device)."""
-    fast = settings.compile if settings.compile is not None else pipe.device.type == "cuda"
+    fast = _fast(pipe, settings)
     accelerate(pipe.vae.decoder, compile=fast)
     if fast and pipe.device.type == "cuda":
         autotune_cudnn()
@@ -642,6 +641,19 @@ def make_step(pipe: Pipeline, latent_hw: tuple[int, int], settings: StreamSettin
         return EagerStep(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps, pipe.vae_device)
     return ChunkEngine(pipe.model, latent_hw, settings.timesteps, settings.bf16_timesteps, compile=True,
                        vae_device=pipe.vae_device)
+
+
+def make_decoder(pipe: Pipeline, height: int, width: int, settings: StreamSettings) -> StreamingDecoder:
+    """The stream's decoder, as make_step's choice goes: with the fast engine on a GPU, its pieces replay CUDA
+    graphs."""
+    graphs = _fast(pipe, settings) and pipe.vae_device.type == "cuda"
+    return (GraphedDecoder if graphs else StreamingDecoder)(pipe.vae, height, width,
+                                                            max_latent_frames_per_call=settings.vae_frames_per_call)
+
+
+def _fast(pipe: Pipeline, settings: StreamSettings) -> bool:
+    """Whether a stream runs the fast path: `settings.compile`, by default on a GPU."""
+    return settings.compile if settings.compile is not None else pipe.device.type == "cuda"
 
 
 def latent_frames(num_frames: int, stride: int = VAEConfig().temporal_stride) -> int:

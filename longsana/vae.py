@@ -466,9 +466,10 @@ class StreamingDecoder:
         B, n = self.batch, self.frames_out(self._check(z_norm))
         out = torch.empty(B, n, self.height, self.width, 3, dtype=torch.uint8, device=self.vae.device)
         t = 0
-        for video in self._pieces(z_norm):
-            out[:, t:t + video.shape[2]] = to_uint8(video)
-            t += video.shape[2]
+        for z in self._pieces(z_norm):
+            frames = self._frames(z)
+            out[:, t:t + frames.shape[1]] = frames
+            t += frames.shape[1]
         return out[0] if B == 1 else out
 
     @torch.no_grad()
@@ -476,16 +477,26 @@ class StreamingDecoder:
         """Like decode, but the video itself: (B, 3, n, H, W) in [-1, 1], in the VAE's dtype (PyTorch's default
         layout: decode writes the uint8 frames straight from the decoder's)."""
         self._check(z_norm)
-        return torch.cat(list(self._pieces(z_norm)), dim=2).contiguous()
+        return torch.cat([self._video(z) for z in self._pieces(z_norm)], dim=2).contiguous()
 
     def _pieces(self, z_norm: Tensor):
-        """Decoded video of successive pieces of the chunk, each clamped to [-1, 1]."""
+        """The chunk's latents in the pieces the decoder takes, each decoded before the next is cut: the stream's
+        first latent frame alone, then at most `max_latent_frames_per_call` at a time."""
         s, f = 0, z_norm.shape[2]
         while s < f:
             e = s + (self.max_latent_frames_per_call if self.cache.started else 1)
-            z = z_norm[:, :, s:e].to(self.mean.device, torch.float32) * self.std + self.mean
-            yield self.vae.decoder(self.vae.post_quant_conv(z.to(self.vae.dtype)), self.cache).clamp_(-1, 1)
+            yield z_norm[:, :, s:e]
             s = e
+
+    def _video(self, z_norm: Tensor) -> Tensor:
+        """One piece's video (B, 3, n, H, W), clamped to [-1, 1]; the cache moves past the piece."""
+        z = z_norm.to(self.mean.device, torch.float32) * self.std + self.mean
+        return self.vae.decoder(self.vae.post_quant_conv(z.to(self.vae.dtype)), self.cache).clamp_(-1, 1)
+
+    def _frames(self, z_norm: Tensor) -> Tensor:
+        """One piece's uint8 frames (B, n, H, W, 3): all the device work of a piece (fast_vae.GraphedDecoder
+        replays it as a CUDA graph)."""
+        return to_uint8(self._video(z_norm))
 
     def _check(self, z_norm: Tensor) -> int:
         B, C, h, w = self.latent_shape

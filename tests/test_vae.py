@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from longsana.config import VAEConfig, get_config
-from longsana.fast_vae import _upsample_conv, accelerate, default_layout
+from longsana.fast_vae import GraphedDecoder, _upsample_conv, accelerate, default_layout
 from longsana.loading import CheckpointError
 from longsana.rewind import _host_buffers
 from longsana.testing import diffusers_vae, needs_cuda, rel_err
@@ -517,4 +517,48 @@ def test_channels_last_bf16_decode_at_a_moderate_size(monkeypatch):
     dec.reset()
     frames = torch.cat([dec.decode(z_norm[:, :, s:e]) for s, e in ((0, 3), (3, 6))], dim=0)
     assert torch.equal(frames, to_uint8(got)[0])
+    torch._dynamo.reset()
+
+
+@needs_cuda
+def test_graphed_decoder_replays_the_decode_launched_op_by_op(monkeypatch):
+    """GraphedDecoder (fast_vae), as a stream's decodes run (compiled, channels-last, on a side stream): chunk after
+    chunk, across a reset and a restore, its frames, cache and frame count equal those of the same decoder launched
+    op by op, bitwise (cuDNN's deterministic algorithms: both run the same kernels); one graph per piece length,
+    captured at its second steady use. A replay that read a stale piece or cache, or left the cache behind, would
+    differ."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    vae = WanVAE(CFG).eval().requires_grad_(False).cuda()
+    accelerate(vae.decoder, compile=True, channels_last=True)
+    z_norm = torch.randn(B, CFG.z_dim, 16, h, w, device="cuda")
+    eager = StreamingDecoder(vae, H, W, batch=B, max_latent_frames_per_call=2)
+    graphed = GraphedDecoder(vae, H, W, batch=B, max_latent_frames_per_call=2)
+    side = torch.cuda.Stream()
+
+    def both(s, e):
+        with torch.cuda.stream(side):
+            frames = eager.decode(z_norm[:, :, s:e]), graphed.decode(z_norm[:, :, s:e])
+        side.synchronize()
+        assert torch.equal(*frames) and eager.latent_frames == graphed.latent_frames == e
+        assert all(torch.equal(b, graphed.cache.frames[k]) for k, b in eager.cache.frames.items())
+        return frames[1]
+
+    # pieces: 1 (the first latent frame) + 2 | 2 + 1 | 2 + 1 | 2 + 2 | 2 + 1: the 2's captured in the second chunk,
+    # the 1's in the third, replayed from then on
+    chunks = [(0, 3), (3, 6), (6, 9), (9, 13), (13, 16)]
+    out = [both(s, e) for s, e in chunks[:2]]
+    snap = graphed.snapshot()
+    out += [both(s, e) for s, e in chunks[2:]]
+    assert sorted(graphed.graphs) == [1, 2] and graphed._uses == {1: 2, 2: 2}
+    graphed.restore(snap)
+    with torch.cuda.stream(side):
+        again = graphed.decode(z_norm[:, :, 6:9])
+    side.synchronize()
+    assert torch.equal(again, out[2])
+    eager.reset()
+    graphed.reset()
+    assert all(torch.equal(both(s, e), want) for (s, e), want in zip(chunks[:3], out))
     torch._dynamo.reset()
