@@ -86,10 +86,11 @@ def accelerate(decoder: nn.Module, compile: bool, channels_last: bool | None = N
 
 class GraphedDecoder(StreamingDecoder):
     """A StreamingDecoder on a GPU whose pieces replay CUDA graphs once the stream has started: one launch per piece
-    instead of some 200 kernels launched one by one from Python, each with the compiled prologues' guards to check.
-    Launched eagerly, a steady 10-latent chunk at 480p took 344 ms on an H100 of which its kernels ran 306 ms: the
-    GPU waited for the host in between, and the host, busy launching the decode, launched the next chunk's
-    transformer work only after it (benchmarks/RESULTS.md, 2026-12-07).
+    instead of some 105 kernels and copies launched from Python one by one, with the compiled prologues' guards
+    checked at each. The GPU's work is the same, and so is its time: a steady 10-latent chunk at 480p decoded in
+    340 ms on an H100 either way (the GPU sets the pace, not the host). What changes is the host: the launch of a
+    chunk's decode returns after 2 ms, and the device worker, the one thread that launches every stream's work, is
+    free at once for the next chunk's transformer work or another stream's (benchmarks/RESULTS.md, 2026-12-07).
 
     A graph per piece length (`max_latent_frames_per_call`, and shorter last pieces): its first use runs eagerly,
     which compiles the prologues for its shapes and lets cuDNN pick its algorithms; its second is captured, then
