@@ -199,7 +199,8 @@ def main(argv=None) -> dict:
     capacity = int(alone[0].get("fps", 0) // fps)
     print(f"## card: one stream alone {alone[0].get('fps', float('nan')):.1f} FPS -> at most {capacity} real-time "
           f"streams at {fps} fps on this device")
-    report("alone", alone, fps, memory=res["memory_alone"])
+    report("alone (the first stream: its first frames wait for the engine's compilation)", alone, fps,
+           memory=res["memory_alone"])
 
     print("## several streams, unpaced")
     for n in range(2, a.max_streams + 1):

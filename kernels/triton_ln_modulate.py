@@ -9,6 +9,11 @@ scale are read through strides, so per-sample (B, 1, D), per-token (B, N, D) and
 Because a program holds whole rows, the FP8 variant (QUANT) quantizes each row from registers too
 (`triton_quantize.quantized_rows`, from its largest magnitude) and writes e4m3 and one scale per row: the next
 matrix product's input in half the bytes, without a bf16 round trip through memory.
+
+The residual variant (ADD) takes the branch output a that the block adds to its residual stream just before the
+norm (the cross-attention's, before the FFN's norm): it writes x + a, rounded to x's dtype as PyTorch's addition
+rounds it, and normalizes that rounded row. Separately, the addition reads x and a and writes the sum, and the norm
+reads the sum again; here that second read is gone, and so is a launch.
 """
 
 from __future__ import annotations
@@ -37,16 +42,22 @@ CONFIG = LnModulateConfig()
 
 @triton.jit
 def _ln_modulate_kernel(
-    x_ptr, shift_ptr, scale_ptr, y_ptr, s_ptr,  # s_ptr: the row scales (QUANT only)
+    x_ptr, a_ptr, shift_ptr, scale_ptr, y_ptr, s_ptr, sum_ptr,  # s_ptr: row scales (QUANT); a, sum: ADD only
     M, N, D, eps,  # M = B * N rows
-    stride_xb, stride_xn, stride_sb, stride_sn, stride_sd, stride_cb, stride_cn, stride_cd,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, FP8_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+    stride_xb, stride_xn, stride_ab, stride_an, stride_sb, stride_sn, stride_sd, stride_cb, stride_cn, stride_cd,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, ADD: tl.constexpr, FP8_MAX: tl.constexpr,
+    AMAX_FLOOR: tl.constexpr,
 ):
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # b * N + n; y is contiguous (B, N, D)
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # b * N + n; y and the sum are contiguous (B, N, D)
     b, n = row // N, row % N
     c = tl.arange(0, BLOCK_D)
     ok = (row < M)[:, None] & (c < D)[None, :]  # (ROWS, BLOCK_D)
-    x = tl.load(x_ptr + (b * stride_xb + n * stride_xn)[:, None] + c[None, :], mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + (b * stride_xb + n * stride_xn)[:, None] + c[None, :], mask=ok, other=0.0)
+    if ADD:  # the residual stream's new rows, rounded as `x + a` rounds them; the norm reads those
+        a = tl.load(a_ptr + (b * stride_ab + n * stride_an)[:, None] + c[None, :], mask=ok, other=0.0)
+        x = (x.to(tl.float32) + a.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row[:, None] * D + c[None, :], x, mask=ok)
+    x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(ok, x - mean[:, None], 0.0)
     # eps to fp32 first: inductor passes a Python float as fp64, which would turn the rest of the row's arithmetic
@@ -64,19 +75,23 @@ def _ln_modulate_kernel(
 
 
 def _launch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, y: torch.Tensor,
-            s: torch.Tensor | None) -> None:
-    """The kernel over x (B, N, D) into y, and into the row scales s (B, N, 1) when given (QUANT)."""
+            s: torch.Tensor | None, a: torch.Tensor | None = None, total: torch.Tensor | None = None) -> None:
+    """The kernel over x (B, N, D) into y, into the row scales s (B, N, 1) when given (QUANT), and with a (ADD)
+    over x + a, which it writes to `total`."""
     if x.ndim != 3:
         raise ValueError(f"ln_modulate: x must be (B, N, D), got shape {tuple(x.shape)}")
+    if a is not None and (a.shape != x.shape or a.dtype != x.dtype):
+        raise ValueError(f"ln_modulate: the residual's addend must be x's shape and dtype {tuple(x.shape)}, "
+                         f"{x.dtype}; got {tuple(a.shape)}, {a.dtype}")
     shift, scale = torch.broadcast_to(shift, x.shape), torch.broadcast_to(scale, x.shape)  # strides 0 where broadcast
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x, a = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (x, a))
     B, N, D = x.shape
+    a_strides = (0, 0) if a is None else (a.stride(0), a.stride(1))
     wrap_triton(_ln_modulate_kernel)[(triton.cdiv(B * N, CONFIG.rows),)](
-        x, shift, scale, y, y if s is None else s, B * N, N, D, eps,
-        x.stride(0), x.stride(1), *shift.stride(), *scale.stride(),
-        ROWS=CONFIG.rows, BLOCK_D=triton.next_power_of_2(D), QUANT=s is not None, FP8_MAX=FP8_MAX,
-        AMAX_FLOOR=AMAX_FLOOR, num_warps=CONFIG.num_warps)
+        x, x if a is None else a, shift, scale, y, y if s is None else s, y if total is None else total,
+        B * N, N, D, eps, x.stride(0), x.stride(1), *a_strides, *shift.stride(), *scale.stride(),
+        ROWS=CONFIG.rows, BLOCK_D=triton.next_power_of_2(D), QUANT=s is not None, ADD=a is not None,
+        FP8_MAX=FP8_MAX, AMAX_FLOOR=AMAX_FLOOR, num_warps=CONFIG.num_warps)
 
 
 @triton_op("longsana::ln_modulate", mutates_args=())
@@ -95,3 +110,23 @@ def ln_modulate_fp8_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     s = triton_common.empty((*x.shape[:-1], 1), torch.float32, x.device)
     _launch(x, shift, scale, eps, y, s)
     return y, s
+
+
+@triton_op("longsana::add_ln_modulate", mutates_args=())
+def add_ln_modulate_triton(x: torch.Tensor, a: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + a, ln_modulate of it) in one pass; a: x's shape and dtype."""
+    total, y = (triton_common.empty(x.shape, x.dtype, x.device) for _ in range(2))
+    _launch(x, shift, scale, eps, y, None, a, total)
+    return total, y
+
+
+@triton_op("longsana::add_ln_modulate_fp8", mutates_args=())
+def add_ln_modulate_fp8_triton(x: torch.Tensor, a: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x + a, its ln_modulate quantized per row: e4m3, fp32 scales) in one pass."""
+    total = triton_common.empty(x.shape, x.dtype, x.device)
+    y = triton_common.empty(x.shape, FP8, x.device)
+    s = triton_common.empty((*x.shape[:-1], 1), torch.float32, x.device)
+    _launch(x, shift, scale, eps, y, s, a, total)
+    return total, y, s

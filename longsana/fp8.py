@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from longsana.kernels.ln_modulate import ln_modulate_fp8
+from longsana.kernels.ln_modulate import add_ln_modulate_fp8, ln_modulate_fp8
 from longsana.kernels.quantize import QuantizedRows, quantize_rows
 
 from .model import LnModulate, LongSANATransformer, TemporalConv, shifted_sum
@@ -93,6 +93,9 @@ class Fp8LnModulate(LnModulate):
 
     def forward(self, x, shift, scale) -> QuantizedRows:
         return ln_modulate_fp8(x, shift, scale, self.eps)
+
+    def add(self, x, a, shift, scale) -> tuple[torch.Tensor, QuantizedRows]:
+        return add_ln_modulate_fp8(x, a, shift, scale, self.eps)
 
 
 class Fp8TemporalConv(nn.Module):

@@ -32,7 +32,7 @@ from torch import nn
 
 from longsana.kernels.glu_conv import glu_conv
 from longsana.kernels.linear_attention import QKNorm, apply_rope, linear_attention, rms_norm
-from longsana.kernels.ln_modulate import ln_modulate
+from longsana.kernels.ln_modulate import add_ln_modulate, ln_modulate
 
 from .config import TransformerConfig
 
@@ -216,6 +216,10 @@ class LnModulate(nn.Module):
     def forward(self, x, shift, scale):
         return ln_modulate(x, shift, scale, self.eps)
 
+    def add(self, x, a, shift, scale):
+        """(x + a, forward(x + a)): a residual add and this norm of its result, in one pass over the rows."""
+        return add_ln_modulate(x, a, shift, scale, self.eps)
+
 
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig):
@@ -241,8 +245,7 @@ class Block(nn.Module):
         if state_only:  # the tail is the FFN's z at the last frame, which the FFN computes frame by frame
             x, mods, grid = x[:, -hw:], mods[:, -hw:], (1, *grid[1:])  # mods: per sample, or per token
         shift_mlp, scale_mlp, gate_mlp = mods[:, :, 3:].unbind(2)
-        x = x + self.attn2(x, k, v, bias)
-        h = self.norm2(x, shift_mlp, scale_mlp)
+        x, h = self.norm2.add(x, self.attn2(x, k, v, bias), shift_mlp, scale_mlp)  # x + attn2, and its norm
         return x + gate_mlp * self.ff(h, *grid, tail=tail, update_state=update_state, chunk_ends=chunk_ends)
 
 

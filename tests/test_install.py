@@ -32,17 +32,18 @@ root = pathlib.Path.cwd().resolve()
 assert sys.path[0] == "", sys.path[0]
 assert kernels.__file__ and hasattr(kernels, "get_kernel"), f"kernels is not Hugging Face's: {kernels.__path__}"
 calls = []
-for name in ("linear_attention", "ln_modulate"):
+for name, module in (("linear_attention", "linear_attention"), ("ln_modulate", "ln_modulate"),
+                     ("add_ln_modulate", "ln_modulate")):
     f = getattr(m, name)
     source = pathlib.Path(sys.modules[f.__module__].__file__).resolve()
-    assert f.__module__ == f"longsana.kernels.{name}" and source == root / "kernels" / f"{name}.py", (f, source)
+    assert f.__module__ == f"longsana.kernels.{module}" and source == root / "kernels" / f"{module}.py", (f, source)
     setattr(m, name, lambda *a, _f=f, _name=name, **kw: calls.append(_name) or _f(*a, **kw))
 cfg = get_config("tiny").transformer
 with torch.no_grad():
     out = m.LongSANATransformer(cfg).eval()(torch.randn(1, cfg.in_channels, 2, 4, 4),
                                             torch.randn(1, 6, cfg.caption_channels), torch.tensor([500.0]))
 assert out.isfinite().all()
-print(calls.count("linear_attention"), calls.count("ln_modulate"), cfg.num_layers)
+print(calls.count("linear_attention"), calls.count("ln_modulate"), calls.count("add_ln_modulate"), cfg.num_layers)
 """
 
 
@@ -50,8 +51,8 @@ print(calls.count("linear_attention"), calls.count("ln_modulate"), cfg.num_layer
 def test_transformers_and_our_kernels_from_the_repository_root():
     run = subprocess.run([sys.executable, "-c", FROM_THE_ROOT], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    attention, modulate, layers = map(int, run.stdout.split())
-    assert (attention, modulate) == (layers, 2 * layers)
+    attention, modulate, add_modulate, layers = map(int, run.stdout.split())
+    assert (attention, modulate, add_modulate) == (layers, layers, layers)
 
 
 def test_no_folder_at_the_root_is_a_package_but_longsana():

@@ -39,7 +39,8 @@ from longsana.kernels import (triton_common, triton_glu_conv, triton_linear_atte
 from longsana.kernels.glu_conv import glu_conv, glu_conv_ref  # noqa: E402
 from longsana.kernels.linear_attention import (QKNorm, chunk_state, linear_attention, linear_attention_ref,  # noqa: E402
                                                 normalized_qk)
-from longsana.kernels.ln_modulate import ln_modulate, ln_modulate_fp8, ln_modulate_fp8_ref, ln_modulate_ref  # noqa: E402,E501
+from longsana.kernels.ln_modulate import (add_ln_modulate, add_ln_modulate_fp8, ln_modulate,  # noqa: E402
+                                          ln_modulate_fp8, ln_modulate_fp8_ref, ln_modulate_ref)
 from longsana.kernels.quantize import FP8, FP8_MAX, quantize_rows, quantize_rows_ref  # noqa: E402
 from longsana.testing import needs_cuda, rel_err  # noqa: E402
 
@@ -322,6 +323,62 @@ def test_ln_modulate_fp8_matches_reference(B, N, D, dtype, per_token):
     assert rel_err(y.dequantized(), y_ref.dequantized()) < 1e-2
 
 
+def residual_inputs(B, N, D, dtype, per_token, g):
+    """x and the branch output a that the block adds to it (a strided view: every other D-wide half of a wider
+    tensor), and shift, scale as strided rows of a modulation tensor."""
+    x = (3 * torch.randn(B, N, D, generator=g) + 1).to(DEVICE, dtype)
+    a = torch.randn(B, N, 2 * D, generator=g).to(DEVICE, dtype)[..., D:]
+    mods = torch.randn(B, N if per_token else 1, 6, D, generator=g).to(DEVICE, dtype)
+    return x, a, mods[:, :, 0], mods[:, :, 1]
+
+
+def assert_is_the_sum(total, x, a):
+    """x + a as PyTorch rounds it; under the interpreter, whose fp32 -> bf16 conversion truncates, within bf16's
+    tolerance instead."""
+    assert total.dtype == x.dtype and total.shape == x.shape and torch.isfinite(total).all()
+    if CUDA or x.dtype == torch.float32:
+        assert torch.equal(total, x + a)
+    else:
+        assert rel_err(total, x + a) < TOL[x.dtype]
+
+
+@runs_triton
+@pytest.mark.parametrize("B,N,D,dtype,per_token", LN_CASES)
+def test_add_ln_modulate_matches_reference(B, N, D, dtype, per_token):
+    """The residual add before the norm, in the norm's pass: the sum, and the norm of that sum."""
+    x, a, shift, scale = residual_inputs(B, N, D, dtype, per_token, torch.Generator().manual_seed(D + N + 2))
+    total, y = add_ln_modulate(x, a, shift, scale, backend="triton")
+    assert_is_the_sum(total, x, a)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert torch.isfinite(y).all(), "an output element was left unwritten (NaN poison survived)"
+    assert rel_err(y, ln_modulate_ref(total, shift, scale)) < TOL[dtype]  # the norm of the sum it wrote
+
+
+@runs_triton
+@pytest.mark.parametrize("B,N,D,dtype,per_token", LN_CASES)
+def test_add_ln_modulate_fp8_matches_reference(B, N, D, dtype, per_token):
+    x, a, shift, scale = residual_inputs(B, N, D, dtype, per_token, torch.Generator().manual_seed(D + N + 3))
+    total, y = add_ln_modulate_fp8(x, a, shift, scale, backend="triton")
+    assert_is_the_sum(total, x, a)
+    y_ref = ln_modulate_fp8_ref(total, shift, scale)  # the norm of the sum it wrote
+    (q, s), (q_ref, s_ref) = y, y_ref
+    assert (q.dtype, q.shape, s.dtype, s.shape) == (FP8, x.shape, torch.float32, (B, N, 1))
+    assert torch.isfinite(q.float()).all() and torch.isfinite(s).all(), "an output element was left unwritten"
+    assert rel_err(s, s_ref) < 1e-5
+    assert (q.float().abs().amax(-1) == FP8_MAX).all()
+    assert (q.float() != q_ref.float()).float().mean() <= 0.01
+    assert rel_err(y.dequantized(), y_ref.dequantized()) < 1e-2
+
+
+@runs_triton
+def test_add_ln_modulate_refuses_an_addend_unlike_x():
+    x, a, shift, scale = residual_inputs(1, 3, 40, torch.float32, False, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="addend must be x's shape and dtype"):
+        add_ln_modulate(x, a[:, :2], shift, scale, backend="triton")
+    with pytest.raises(ValueError, match="addend must be x's shape and dtype"):
+        add_ln_modulate_fp8(x, a.double(), shift, scale, backend="triton")
+
+
 QUANT_CASES = [  # (leading shape, K, dtype, strided): the attention outputs and z (2240), the FFN's middle (6720)
     ((1, 3), 40, torch.float32, False),
     ((2, 5), 112, torch.bfloat16, True),
@@ -468,6 +525,8 @@ def test_auto_backend_uses_reference_on_cpu(monkeypatch):
     monkeypatch.setattr("longsana.kernels.linear_attention.linear_attention_triton", refuse)
     monkeypatch.setattr("longsana.kernels.ln_modulate.ln_modulate_triton", refuse)
     monkeypatch.setattr("longsana.kernels.ln_modulate.ln_modulate_fp8_triton", refuse)
+    monkeypatch.setattr("longsana.kernels.ln_modulate.add_ln_modulate_triton", refuse)
+    monkeypatch.setattr("longsana.kernels.ln_modulate.add_ln_modulate_fp8_triton", refuse)
     monkeypatch.setattr("longsana.kernels.glu_conv.glu_conv_triton", refuse)
     monkeypatch.setattr(triton_quantize, "quantize_rows_triton", refuse)
     g = torch.Generator().manual_seed(0)
@@ -476,6 +535,8 @@ def test_auto_backend_uses_reference_on_cpu(monkeypatch):
     linear_attention(q, k, v, cos, sin)
     ln_modulate(q[0], q[0, :1], q[0, :1])
     ln_modulate_fp8(q[0], q[0, :1], q[0, :1])
+    add_ln_modulate(q[0], k[0], q[0, :1], q[0, :1])
+    add_ln_modulate_fp8(q[0], k[0], q[0, :1], q[0, :1])
     glu_conv(*glu_inputs(1, 1, 2, 3, 4, torch.float32, g), 2, 3)
     quantize_rows(q[0])
 
@@ -494,6 +555,8 @@ def test_fake_tensors_give_shapes():
         o, S_c, z_c = torch.ops.longsana.linear_attention(q, q, q, cos, cos, S0, z0, 1e-8)
         y = torch.ops.longsana.ln_modulate(q[:, :, 0], q[:, :1, 0], q[:, :, 1], 1e-6)
         y_q, y_s = torch.ops.longsana.ln_modulate_fp8(q[:, :, 0], q[:, :1, 0], q[:, :, 1], 1e-6)
+        r, r_y = torch.ops.longsana.add_ln_modulate(q[:, :, 0], q[:, :, 1], q[:, :1, 0], q[:, :, 1], 1e-6)
+        r8, r_q, r_s = torch.ops.longsana.add_ln_modulate_fp8(q[:, :, 0], q[:, :, 1], q[:, :1, 0], q[:, :, 1], 1e-6)
         h = torch.empty(2, 35, 48, dtype=torch.bfloat16, device=DEVICE)
         u = torch.ops.longsana.glu_conv(h, h.new_empty(48, 1, 3, 3), h.new_empty(48), 5, 7)
         u_q, u_s = torch.ops.longsana.quantize_rows(h[:, :, :40])
@@ -503,6 +566,8 @@ def test_fake_tensors_give_shapes():
     assert (S_c.shape, S_c.dtype, z_c.shape) == (S0.shape, torch.float32, z0.shape)
     assert (y.shape, y.dtype) == ((2, 37, 112), torch.bfloat16)
     assert (y_q.shape, y_q.dtype, y_s.shape, y_s.dtype) == ((2, 37, 112), FP8, (2, 37, 1), torch.float32)
+    assert all((t.shape, t.dtype) == ((2, 37, 112), torch.bfloat16) for t in (r, r_y, r8))
+    assert (r_q.shape, r_q.dtype, r_s.shape, r_s.dtype) == ((2, 37, 112), FP8, (2, 37, 1), torch.float32)
 
 
 # ---- tiles that fit a GPU's shared memory ----
@@ -567,20 +632,24 @@ FP64_MATH = re.compile(r"\b(?:add|sub|mul|div|fma|sqrt|rcp)\.[a-z.]*f64\b")  # f
 
 def ln_modulate_signature(y: str) -> dict:
     """The LayerNorm-modulate kernel's argument types, eps as fp64: inductor types a Python float so."""
-    strides = ("stride_xb", "stride_xn", "stride_sb", "stride_sn", "stride_sd", "stride_cb", "stride_cn", "stride_cd")
-    return {"x_ptr": "*bf16", "shift_ptr": "*bf16", "scale_ptr": "*bf16", "y_ptr": y, "s_ptr": "*fp32",
-            "M": "i32", "N": "i32", "D": "i32", "eps": "fp64", **dict.fromkeys(strides, "i32")}
+    strides = ("stride_xb", "stride_xn", "stride_ab", "stride_an", "stride_sb", "stride_sn", "stride_sd",
+               "stride_cb", "stride_cn", "stride_cd")
+    return {"x_ptr": "*bf16", "a_ptr": "*bf16", "shift_ptr": "*bf16", "scale_ptr": "*bf16", "y_ptr": y,
+            "s_ptr": "*fp32", "sum_ptr": "*bf16", "M": "i32", "N": "i32", "D": "i32", "eps": "fp64",
+            **dict.fromkeys(strides, "i32")}
 
 
 @pytest.mark.skipif(INTERPRETER, reason="compiles for GPUs; needs no interpreter")
 @pytest.mark.parametrize("arch", [89, 90])
 @pytest.mark.parametrize("quant", [False, True])
-def test_ln_modulate_compiles_for_gpus_in_fp32(arch, quant):
-    """The LayerNorm-modulate kernel, bf16 out or e4m3 out (the FP8 blocks' norms), tuned config, full width, through
-    Triton's compiler and ptxas for Ada and Hopper (no GPU needed), with eps typed fp64 as inductor passes it: no fp64
-    arithmetic (on the H200 Triton 3.6 could not lower the e4m3 store from fp64 under inductor)."""
+@pytest.mark.parametrize("add", [False, True])
+def test_ln_modulate_compiles_for_gpus_in_fp32(arch, quant, add):
+    """The LayerNorm-modulate kernel, bf16 out or e4m3 out (the FP8 blocks' norms), with or without the residual add,
+    tuned config, full width, through Triton's compiler and ptxas for Ada and Hopper (no GPU needed), with eps typed
+    fp64 as inductor passes it: no fp64 arithmetic (on the H200 Triton 3.6 could not lower the e4m3 store from fp64
+    under inductor)."""
     tuned, t = triton_ln_modulate.LnModulateConfig(), triton_ln_modulate
-    consts = dict(ROWS=tuned.rows, BLOCK_D=triton.next_power_of_2(TransformerConfig().dim), QUANT=quant,
+    consts = dict(ROWS=tuned.rows, BLOCK_D=triton.next_power_of_2(TransformerConfig().dim), QUANT=quant, ADD=add,
                   FP8_MAX=FP8_MAX, AMAX_FLOOR=t.AMAX_FLOOR)
     compiled = compile_for(t._ln_modulate_kernel, ln_modulate_signature("*fp8e4nv" if quant else "*bf16"), consts,
                            arch, num_warps=tuned.num_warps)
@@ -711,6 +780,13 @@ def test_ln_modulate_full_shape(per_token):
     (q, s), (q_ref, s_ref) = y, y_ref
     assert rel_err(s, s_ref) < 1e-5 and (q.float() != q_ref.float()).float().mean() <= 0.01
     assert rel_err(y.dequantized(), y_ref.dequantized()) < 1e-2
+    a = torch.randn(x.shape, generator=g).to(DEVICE, torch.bfloat16)
+    total, y = add_ln_modulate(x, a, shift, scale)
+    assert torch.equal(total, x + a) and rel_err(y, ln_modulate_ref(x + a, shift, scale)) < TOL[torch.bfloat16]
+    total, (q, s) = add_ln_modulate_fp8(x, a, shift, scale)
+    q_ref, s_ref = ln_modulate_fp8_ref(x + a, shift, scale)
+    assert torch.equal(total, x + a) and rel_err(s, s_ref) < 1e-5
+    assert (q.float() != q_ref.float()).float().mean() <= 0.01
 
 
 @needs_cuda
@@ -747,16 +823,18 @@ def test_compile_and_cuda_graph(tuned, monkeypatch):
         u = glu_conv(torch.cat([x, h], dim=-1), weight, bias, 30, 52, backend="triton")
         x_q, x_s = ln_modulate_fp8(x, mod[:, :, 0], mod[:, :, 1])  # inductor compiles it its own way (eps in fp64)
         u_q, u_s = quantize_rows(u)
-        return h, o, S_c, o_normed, u, x_s, u_s, x_q.float(), u_q.float()
+        r, r_h = add_ln_modulate(x, h, mod[:, :, 0], mod[:, :, 1])
+        r8, (r_q, r_s) = add_ln_modulate_fp8(x, h, mod[:, :, 0], mod[:, :, 1])
+        return h, o, S_c, o_normed, u, x_s, u_s, r, r_h, r8, r_s, x_q.float(), u_q.float(), r_q.float()
 
-    names = ("h", "o", "S_c", "o_normed", "u", "x_s", "u_s", "x_q", "u_q")
+    names = ("h", "o", "S_c", "o_normed", "u", "x_s", "u_s", "r", "r_h", "r8", "r_s", "x_q", "u_q", "r_q")
     eager = block(x, q, k, v)
     compiled = torch.compile(block, fullgraph=True)(x, q, k, v)
     # Inductor recompiles the same kernels (its own fp contraction, its own order for the sum of the pass-1
     # partials): a few 1-ulp bf16 differences; in the e4m3 values, those differences a step apart. Every comparison
     # is reported, so that one GPU run names each output that is off and by how much.
-    rel = {n: rel_err(b, a) for n, a, b in zip(names[:7], eager, compiled)}
-    q_differ = {n: (a != b).float().mean().item() for n, a, b in zip(names[7:], eager[7:], compiled[7:])}
+    rel = {n: rel_err(b, a) for n, a, b in zip(names[:11], eager, compiled)}
+    q_differ = {n: (a != b).float().mean().item() for n, a, b in zip(names[11:], eager[11:], compiled[11:])}
     assert max(rel.values()) < 1e-4 and max(q_differ.values()) <= 0.01, (rel, q_differ)
 
     static = [t.clone() for t in (x, q, k, v)]
