@@ -55,11 +55,11 @@ from longsana.benchmarks.vae import ceilings, decoder_cost, gb, sync, timed
 from longsana.cli import set_process_defaults
 from longsana.config import get_config
 from longsana.engine import ChunkEngine, autotune_cudnn
-from longsana.fast_vae import GraphedDecoder, accelerate, default_layout
+from longsana.fast_vae import accelerate, default_layout
 from longsana.fp8 import to_fp8
 from longsana.model import LongSANATransformer
 from longsana.step import EagerStep
-from longsana.stream import Pipeline, StreamSettings
+from longsana.stream import Pipeline, StreamSettings, make_decoder
 from longsana.testing import nearly_zero, randomize_, rel_err
 from longsana.text import CHI_SANA, TextEncoder, build_gemma2, build_word_tokenizer
 from longsana.vae import StreamingDecoder, WanVAE, to_uint8
@@ -495,10 +495,9 @@ def bench_stages(pipe: Pipeline, a, hw) -> dict:
     that waits keeps the stream's frames and the device worker's other jobs waiting too."""
     m, dev, vae = pipe.model, pipe.device, pipe.vae
     accelerate(vae.decoder, compile=dev.type == "cuda")  # as make_step does
-    timesteps = tuple(map(float, pipe.spec.denoise_timesteps))
-    engine = ChunkEngine(m, hw, timesteps, vae_device=pipe.vae_device)
-    dec = (GraphedDecoder if pipe.vae_device.type == "cuda" else StreamingDecoder)(  # as the stream makes it
-        vae, a.height, a.width, max_latent_frames_per_call=a.vae_frames_per_call)
+    settings = StreamSettings.from_spec(pipe.spec, vae_frames_per_call=a.vae_frames_per_call)
+    engine = ChunkEngine(m, hw, settings.timesteps, vae_device=pipe.vae_device)
+    dec = make_decoder(pipe, a.height, a.width, settings)  # as the stream makes it
     text = pipe.prompts.get(PROMPTS[0], pipe.spec.motion_score).ctx
     stages: dict[str, list[float]] = {"transformer": [], "decode": [], "host copy": []}
     launch, decode_launch = [], []
