@@ -214,24 +214,12 @@ def _reserved() -> int:
 
 def bench_stream(pipe: Pipeline, a) -> dict:
     r = {}
-    sync_all(pipe)
-    t0 = time.perf_counter()
     settings = dict(vae_frames_per_call=a.vae_frames_per_call)
-    warm = pipe.stream(PROMPTS[0], seed=0, **settings)  # compiles the blocks (once per process) and captures its graphs
-    it = iter(warm)
-    for _ in range(a.warmup_chunks):
-        next(it)
-    sync_all(pipe)
-    r["warmup_s"] = time.perf_counter() - t0
-    warm.close()
-    del warm, it
-    gc.collect()
-    if pipe.device.type == "cuda":
-        torch.cuda.empty_cache()
+    r["warmup_s"] = pipe.warm_up(say=lambda line: None, **settings)  # as `longsana serve` runs before it serves
     reset_peaks(pipe)
     where = " and ".join(map(str, devices_of(pipe)))
-    print(f"## stream (fast engine, default settings, on {where}): warm-up of {a.warmup_chunks} chunks "
-          f"(compilation, graph captures) {r['warmup_s']:.1f} s")
+    warm = "nothing to compile" if r["warmup_s"] is None else f"{r['warmup_s']:.1f} s"
+    print(f"## stream (fast engine, default settings, on {where}): warm-up (Pipeline.warm_up: compilation) {warm}")
 
     t0 = time.perf_counter()
     pipe.prompts.get(PROMPTS[2], pipe.spec.motion_score)
@@ -713,7 +701,6 @@ def main(argv=None) -> dict:
     p.add_argument("--tiny", action="store_true", help="tiny config and size: a smoke test for any machine")
     p.add_argument("--chunks", type=int, default=240, help="steady-state chunks of the stream (240 = 10 min video)")
     p.add_argument("--settle", type=int, default=4, help="chunks before the steady state is measured")
-    p.add_argument("--warmup-chunks", type=int, default=6)
     p.add_argument("--vae-frames-per-call", type=int, default=StreamSettings.vae_frames_per_call,
                    help="the main stream's StreamSettings.vae_frames_per_call")
     p.add_argument("--variant-chunks", type=int, default=12,
@@ -750,7 +737,7 @@ def main(argv=None) -> dict:
     spec = get_config("tiny" if a.tiny else "longsana-2b-480p")
     a.height, a.width, a.chunk = spec.height, spec.width, spec.chunk_frames
     if a.tiny:
-        a.chunks, a.settle, a.warmup_chunks, a.variant_chunks, a.reps = 6, 2, 2, 4, 2
+        a.chunks, a.settle, a.variant_chunks, a.reps = 6, 2, 4, 2
     device, vae_device = devices[0], devices[-1]
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the "current" GPU of the memory readings and the kernels launched here

@@ -2,6 +2,7 @@
 
 Full LongSANA 2B / 480x832 shapes with random weights, bf16, one pipeline (one set of weights, one device worker:
 worker.py), each stream on its own thread as the server's producers run them. It prints, in order:
+  0. the warm-up that `longsana serve` runs before it serves (Pipeline.warm_up: compilation, on a GPU), timed;
   1. the card: one stream alone, unpaced: its FPS, and the most real-time streams that rate implies (FPS / fps);
   2. N streams at once, unpaced (as fast as the GPU gives them frames), started together and started apart:
      each stream's FPS after its first --settle chunks, the time to its first frames, and any error, and the
@@ -113,6 +114,7 @@ def serve_rounds(a) -> None:
     n paced streams and answer with one JSON line."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = build(a, device)
+    pipe.warm_up(say=lambda line: None)  # as a worker of `longsana serve --gpus` does before it says it is ready
     print(json.dumps({"ready": torch.cuda.get_device_name() if device.type == "cuda" else "CPU"}), flush=True)
     for line in sys.stdin:
         n = int(line)
@@ -193,13 +195,17 @@ def main(argv=None) -> dict:
           f"{next(pipe.model.parameters()).dtype}, {datetime.date.today()}")
     res = dict(bench="streams", device=name, torch=torch.__version__, date=str(datetime.date.today()), tiny=a.tiny)
 
-    take_peak(device)  # (the build's)
+    res["warm_up_s"] = pipe.warm_up(say=lambda line: None)  # as `longsana serve` does before it serves
+    if res["warm_up_s"] is not None:
+        print(f"## warm-up (a stream of two chunks and a switch, as `longsana serve` runs before serving): "
+              f"{res['warm_up_s']:.1f} s")
+    take_peak(device)  # (the build's and the warm-up's)
     alone = run_streams(pipe, 1, a.chunks, a.settle)
     res["alone"], res["memory_alone"] = alone[0], take_peak(device)
     capacity = int(alone[0].get("fps", 0) // fps)
     print(f"## card: one stream alone {alone[0].get('fps', float('nan')):.1f} FPS -> at most {capacity} real-time "
           f"streams at {fps} fps on this device")
-    report("alone (the first stream: its first frames wait for the engine's compilation)", alone, fps,
+    report("alone (the first viewer after the warm-up)", alone, fps,
            memory=res["memory_alone"])
 
     print("## several streams, unpaced")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import math
 import statistics
 import threading
@@ -66,6 +67,7 @@ from .worker import DeviceWorker, Later, cuda_healthy
 SEED_STRIDE = 1_000_003  # chunk c of a stream seeded s draws its noise from seed s * SEED_STRIDE + c
 LEAD_MARGIN = 1.25  # a switch's lead allows this many chunks' median making time for the new one
 LANDINGS = 64  # requests whose landing frame a stream remembers (Stream.landing)
+WARM_UP_PROMPTS = ("a quiet lake at dawn, mist drifting over the water", "the same lake at night under a full moon")
 
 
 @dataclass
@@ -179,6 +181,37 @@ class Pipeline:
         check_size(height, width)
         settings = StreamSettings.from_spec(self.spec, **settings)
         return self.worker.run(Stream, self, prompt, seed, height, width, num_frames, settings)
+
+    def warm_up(self, height: int | None = None, width: int | None = None,
+                say: Callable[[str], None] = functools.partial(print, flush=True), **settings) -> float | None:
+        """Make a short stream (`stream`'s arguments) and drop it, so that the first viewer's stream starts as fast
+        as later ones: the fast path compiles once per process (every chunk length, the decoder's pieces) and cuDNN
+        picks its algorithms once per shape, which the first stream would otherwise wait for (90 s for LongSANA 2B
+        on an H200). Two chunks (the first, one latent frame longer, and a steady one started ahead of the decode),
+        then a switch cut into the chunk after them. `say` gets a line before and after. Returns the seconds it
+        took; None where such streams run the eager path, which compiles nothing."""
+        if not _fast(self, StreamSettings.from_spec(self.spec, **settings)):
+            return None
+        say(f"Warming up on {self.device}: compiling the engine for {height or self.spec.height}x"
+            f"{width or self.spec.width} streams (once per start)...")
+        t0 = time.perf_counter()
+        stream = self.stream(WARM_UP_PROMPTS[0], height=height, width=width, **settings)
+        try:
+            chunks = iter(stream)
+            while (chunk := next(chunks)).index < 2:
+                pass
+            switch = stream.set_prompt(WARM_UP_PROMPTS[1], at_frame=chunk.start_frame)
+            while next(chunks).request != switch:
+                pass
+        finally:
+            stream.close()
+        del stream, chunks
+        gc.collect()
+        if self.device.type == "cuda":  # its blocks and graph pools back to the device: the first viewer's stream
+            torch.cuda.empty_cache()  # then takes the memory a stream of a fresh process takes
+        seconds = time.perf_counter() - t0
+        say(f"Warmed up in {seconds:.0f} s.")
+        return seconds
 
 
 def resolve_model(path_or_name: str | Path, spec: str | ModelSpec | None) -> tuple[Path, ModelSpec]:

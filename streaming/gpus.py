@@ -66,7 +66,7 @@ from typing import NamedTuple
 import numpy as np
 
 STATUS_SECONDS = 0.5  # how often a worker reports its load, admission and health
-START_SECONDS = 600.0  # how long a worker may take to load its model
+START_SECONDS = 600.0  # how long a worker may take to load its model and warm up
 STOP_SECONDS = 5.0  # how long a stopped worker may take to exit before it is killed
 # Restarting a worker that died. An OOM kill or a crash is usually a one-off, so the first restart comes at once
 # (after 1 s, which lets the driver free the dead process's memory); each further restart within the window waits
@@ -147,9 +147,10 @@ def _visible(group: tuple[int, ...]) -> str:
 
 
 # -- the worker process ------------------------------------------------------------------------------------------------
-def _serve(conn, model: str, group: tuple[int, ...], dtype: str | None, spec: str | None) -> None:
-    """The worker process: load the pipeline, say it is ready (or why not), then answer calls until the server
-    goes away."""
+def _serve(conn, model: str, group: tuple[int, ...], dtype: str | None, spec: str | None,
+           warm_up: dict | None) -> None:
+    """The worker process: load the pipeline and warm it up for streams of `warm_up` (stream kwargs; None: not),
+    say it is ready (or why not), then answer calls until the server goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: the server stops us
     if model != "synthetic":
         os.environ["CUDA_VISIBLE_DEVICES"] = _visible(group)  # before torch loads: this worker sees its GPUs only
@@ -158,6 +159,8 @@ def _serve(conn, model: str, group: tuple[int, ...], dtype: str | None, spec: st
     device, vae_device = devices(tuple(range(len(group))))  # numbered as this worker sees them: its GPUs only
     try:
         pipe = make_pipeline(model, device, dtype, spec, vae_device=vae_device)
+        if warm_up is not None:
+            pipe.warm_up(say=lambda line: print(f"GPU worker {gpu_name(group)}: {line}", flush=True), **warm_up)
     except Exception as e:  # noqa: BLE001 (any loading error goes to the server, which reports it)
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
@@ -363,7 +366,7 @@ class GpuWorker:
     when it is stopped."""
 
     def __init__(self, group: tuple[int, ...], model: str, dtype: str | None, spec: str | None, context,
-                 on_lost=lambda worker: None):
+                 on_lost=lambda worker: None, warm_up: dict | None = None):
         self.group, self.name = group, gpu_name(group)
         self.failure: str | None = None  # why the process is gone
         self._status = {"load": 0.0, "admits": (False, "starting"), "failure": None}
@@ -373,7 +376,7 @@ class GpuWorker:
         self._stopping: str | None = None  # how the process ended, when the server stopped it
         self._on_lost, self._lost = on_lost, False
         self._conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, model, group, dtype, spec),
+        self.process = context.Process(target=_serve, args=(child, model, group, dtype, spec, warm_up),
                                        name=f"longsana-gpu{self.name}")
         self.process.start()
         child.close()
@@ -648,11 +651,12 @@ class GpuPool:
     `with`) to stop the workers."""
 
     def __init__(self, groups: list[tuple[int, ...]], model: str, dtype: str | None = None, spec: str | None = None,
-                 max_streams: int = 2, start_timeout: float = START_SECONDS):
+                 max_streams: int = 2, start_timeout: float = START_SECONDS, warm_up: dict | None = None):
         self.model, self.max_streams = model, max_streams  # max_streams: per worker
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
-        self.supervisors = [Supervisor(group, functools.partial(GpuWorker, group, model, dtype, spec, context),
-                                       start_timeout) for group in groups]
+        # (a worker warms up as it loads: one that is restarted does too)
+        self.supervisors = [Supervisor(group, functools.partial(GpuWorker, group, model, dtype, spec, context,
+                                                                warm_up=warm_up), start_timeout) for group in groups]
         atexit.register(self.close)  # before multiprocessing's own exit handler, which would wait for them
         try:
             ready = [w.wait_ready(start_timeout) for w in self.workers]  # they load at once: wait for them all

@@ -821,18 +821,28 @@ def make_pipeline(model: str, device: str | None = None, dtype: str | None = Non
                                     vae_device=vae_device, fp8=dtype == "fp8")
 
 
-def check_stream_kwargs(pipe, stream_kwargs: dict) -> None:
-    """ValueError if the model cannot make video of the configured size (the server's own limit, even sides for
-    H.264, is ServerConfig's), or the synthetic source is given chunk settings, which it does not have, so that a bad
-    --height/--width or --chunk-frames fails at startup, not when a stream starts."""
-    synthetic = isinstance(pipe, SyntheticPipeline) or getattr(pipe, "model", None) == "synthetic"  # a GpuPool's
-    if synthetic and (given := [n for n in CHUNK_SETTINGS if n in stream_kwargs]):
+def model_spec(model: str, spec: str | None):
+    """The ModelSpec that `make_pipeline` loads `model` with, read without loading it; None for the synthetic
+    source. FileNotFoundError or KeyError, as make_pipeline's, for a model it cannot load."""
+    if model == "synthetic":
+        return None
+    from longsana.stream import resolve_model
+
+    return resolve_model(model, spec)[1]
+
+
+def check_stream_kwargs(spec, stream_kwargs: dict) -> None:
+    """ValueError if the model (its ModelSpec; None: the synthetic source) cannot make video of the configured size
+    (the server's own limit, even sides for H.264, is ServerConfig's), or the synthetic source is given chunk
+    settings, which it does not have, so that a bad --height/--width or --chunk-frames fails at startup, before the
+    model loads, not when a stream starts."""
+    if spec is None and (given := [n for n in CHUNK_SETTINGS if n in stream_kwargs]):
         raise ConfigError(given[0], f"the synthetic source has no {given[0]}: it stands in for a model")
-    if synthetic or not {"height", "width"} & stream_kwargs.keys():
+    if spec is None or not {"height", "width"} & stream_kwargs.keys():
         return  # the synthetic source makes any size; the model's own size is one it can make
     from longsana.stream import check_size
 
-    check_size(stream_kwargs.get("height", pipe.spec.height), stream_kwargs.get("width", pipe.spec.width))
+    check_size(stream_kwargs.get("height", spec.height), stream_kwargs.get("width", spec.width))
 
 
 class ServerThread:
@@ -988,10 +998,13 @@ def _use_preset(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="GPUs to serve from, a worker process each, every stream placed on the least loaded: 0,1; or "
                    "0+1,2+3 for workers that span two GPUs (the transformer on the first, the decoder on the "
                    "second). --max-streams is then per worker. One GPU (or pair) runs in this process.")
+@click.option("--warm-up/--no-warm-up", default=True, show_default=True,
+              help="Before serving, make a short stream and drop it, so that the first viewer's stream does not wait "
+                   "for the engine's compilation (a minute or two on a GPU; nothing to do on a CPU).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in a browser.")
 def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width, chunk_frames, switch_chunk_frames,
               piece_frames, stun, ice_loopback, client_timeout, request_timeout, max_connections, max_downloads,
-              recording_keep_seconds, allow_origin, allow_host, gpus, open_browser):
+              recording_keep_seconds, allow_origin, allow_host, gpus, warm_up, open_browser):
     """Stream videos to browsers: open the printed URL, type a prompt, press Enter."""
     given = dict(height=height, width=width, chunk_frames=chunk_frames, switch_chunk_frames=switch_chunk_frames,
                  piece_frames=piece_frames)
@@ -1006,16 +1019,18 @@ def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width
                               allowed_hosts=tuple(allow_host))
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint=f"--{OPTION_NAMES.get(e.name, e.name.replace('_', '-'))}")
-    limit_malloc_arenas()
-    pipe = _open_pipeline(model, device, dtype, spec, gpus, max_streams)
-    if isinstance(pipe, GpuPool):  # --max-streams is per worker; the server's limit is theirs together
-        config = replace(config, max_streams=max_streams * len(pipe.workers))
     try:
-        check_stream_kwargs(pipe, stream_kwargs)
+        check_stream_kwargs(model_spec(model, spec), stream_kwargs)
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint=f"--{e.name.replace('_', '-')}") from None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--height / --width") from None
+    except (FileNotFoundError, KeyError) as e:
+        raise click.ClickException(str(e)) from None
+    limit_malloc_arenas()
+    pipe = _open_pipeline(model, device, dtype, spec, gpus, max_streams, stream_kwargs if warm_up else None)
+    if isinstance(pipe, GpuPool):  # --max-streams is per worker; the server's limit is theirs together
+        config = replace(config, max_streams=max_streams * len(pipe.workers))
     if not is_loopback(host):
         click.echo(f"warning: listening on {host}, so other machines can reach this server, and there is no login: "
                    f"anyone who reaches port {port} can start streams. Browsers must use this machine's IP address, "
@@ -1030,9 +1045,10 @@ def serve_cmd(host, port, model, spec, device, dtype, max_streams, height, width
 
 
 def _open_pipeline(model: str, device: str | None, dtype: str | None, spec: str | None,
-                   gpus: list[tuple[int, ...]] | None, max_streams: int):
-    """The video source: in this process (no --gpus, or one GPU or pair), else a GpuPool of worker processes.
-    One line of error for a model that cannot load or a GPU this machine lacks."""
+                   gpus: list[tuple[int, ...]] | None, max_streams: int, warm_up: dict | None):
+    """The video source: in this process (no --gpus, or one GPU or pair), else a GpuPool of worker processes;
+    warmed up for streams of `warm_up` (stream kwargs; None: not), each worker as it loads. One line of error for a
+    model that cannot load or a GPU this machine lacks."""
     if gpus and device:
         raise click.BadParameter("--gpus names the devices: leave out --device", param_hint="--gpus")
     try:
@@ -1042,8 +1058,11 @@ def _open_pipeline(model: str, device: str | None, dtype: str | None, spec: str 
         raise click.BadParameter(str(e), param_hint="--gpus") from None
     try:
         if gpus and len(gpus) > 1:
-            return GpuPool(gpus, model, dtype, spec, max_streams=max_streams)
+            return GpuPool(gpus, model, dtype, spec, max_streams=max_streams, warm_up=warm_up)
         device, vae_device = devices(gpus[0]) if gpus else (device, None)
-        return make_pipeline(model, device, dtype, spec, vae_device=vae_device)
+        pipe = make_pipeline(model, device, dtype, spec, vae_device=vae_device)
     except (FileNotFoundError, ValueError, KeyError, WorkerStartError) as e:
         raise click.ClickException(str(e)) from None
+    if warm_up is not None:
+        pipe.warm_up(**warm_up)
+    return pipe

@@ -56,6 +56,10 @@ class SyntheticPipeline:
         sizes = (sizes,) if isinstance(sizes, int) else sizes
         return SyntheticStream(self, check_prompt(prompt), seed, height or self.height, width or self.width, sizes)
 
+    def warm_up(self, say=None, **stream_kwargs) -> None:
+        """`Pipeline.warm_up`'s interface: nothing here compiles, so nothing to warm."""
+        return None
+
     def _count(self, delta: int) -> None:
         with self._lock:
             self.open_streams += delta

@@ -268,6 +268,35 @@ def test_an_endless_stream_compiles_before_its_first_frame(pipe, monkeypatch):
     stream.close()
 
 
+def test_warm_up_leaves_the_first_stream_nothing_to_compile(monkeypatch):
+    """After Pipeline.warm_up (what `longsana serve` runs before it serves), a stream of the same settings compiles
+    nothing, through its first chunks and a switch cut into a chunk: its first frames wait for no compilation. On
+    the eager path there is nothing to warm."""
+    pipe = tiny_pipeline(seed=7)  # a model of its own: prepare() remembers the models it prepared
+    warm_up_then_stream(pipe, monkeypatch, switch_chunk_frames=1, compile=True)
+    assert pipe.warm_up(say=pytest.fail, compile=False) is None
+
+
+def warm_up_then_stream(pipe, monkeypatch, **settings):
+    """Warm `pipe` up, then run a stream of `settings` with a switch; assert that it compiled nothing."""
+    torch._dynamo.reset()
+    counter = CompileCounter()  # counts every graph compiled with the engine's options: the blocks, the VAE's
+    monkeypatch.setitem(engine_mod.COMPILE_OPTIONS, "backend", counter)
+    said = []
+    assert pipe.warm_up(say=said.append, **settings) > 0
+    warmed = counter.frame_count
+    assert warmed > 0 and said[0].startswith(f"Warming up on {pipe.device}") and said[1].startswith("Warmed up in")
+    stream = pipe.stream(P, seed=4, **settings)
+    chunks = iter(stream)
+    for _ in range(3):
+        chunk = next(chunks)
+    stream.set_prompt(Q, at_frame=chunk.start_frame)
+    for _ in range(6):
+        next(chunks)
+    stream.close()
+    assert counter.frame_count == warmed
+
+
 def test_fp8_blocks_compile_and_match_the_eager_step(monkeypatch):
     """FP8 layers (row quantization, the scaled product) trace into the one shared block graph, functionalized: the
     compiled engine equals the eager step on the same FP8 model."""
@@ -491,6 +520,12 @@ def gpu_pipeline():
     pipe.text.model.cuda().bfloat16()
     pipe.device = torch.device("cuda")
     return pipe
+
+
+@needs_cuda
+def test_warm_up_on_the_gpu_leaves_the_first_stream_nothing_to_compile(monkeypatch):
+    """As on the CPU, with a GPU's defaults: the fast path, the decoder's pieces replayed as CUDA graphs."""
+    warm_up_then_stream(gpu_pipeline(), monkeypatch, switch_chunk_frames=1)
 
 
 @needs_cuda

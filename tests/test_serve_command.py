@@ -14,7 +14,6 @@ from longsana.cli import main as cli
 from longsana.streaming import server
 from longsana.streaming.gpus import GpuPool
 from longsana.streaming.server import ServerConfig, make_pipeline, read_preset
-from longsana.streaming.synthetic import SyntheticPipeline
 
 
 @pytest.fixture
@@ -22,9 +21,13 @@ def serve(monkeypatch):
     """Run `longsana serve ARGS` up to the point where it would serve: (exit code, output, ServerConfig or None)."""
     got = {}
 
+    class Pipe:
+        def warm_up(self, **stream_kwargs):
+            got["warm_up"] = stream_kwargs
+
     def make_pipeline(model, *args, **kwargs):
         got["pipeline"] = model, *args, kwargs
-        return f"pipe of {model}"
+        return Pipe()
 
     monkeypatch.setattr(server, "make_pipeline", make_pipeline)
     monkeypatch.setattr(server, "_serve_forever", lambda pipe, config, open_browser: config)
@@ -94,8 +97,21 @@ def test_chunk_settings_reach_the_streams(serve, tmp_path):
         assert code == 2 and len(errors) == 1 and message in errors[0], output
         assert "Traceback" not in output and config is None, output
     with pytest.raises(server.ConfigError, match="the synthetic source has no piece_frames") as e:
-        server.check_stream_kwargs(SyntheticPipeline(), {"height": 64, "piece_frames": 1})
+        server.check_stream_kwargs(None, {"height": 64, "piece_frames": 1})
     assert e.value.name == "piece_frames"  # (the command names the option from it, as for the others)
+
+
+def test_the_model_warms_up_before_it_serves(serve):
+    """The pipeline warms up for streams of the server's settings (Pipeline.warm_up) before serving, unless
+    --no-warm-up; a size the model cannot make is refused before the model loads."""
+    code, output, config = serve("--chunk-frames", "5", "--height", "320")
+    assert code == 0 and serve.got["warm_up"] == {"chunk_frames": 5, "height": 320}, output
+    code, output, config = serve("--no-warm-up")
+    assert code == 0 and "pipeline" in serve.got and "warm_up" not in serve.got, output
+    code, output, config = serve("--height", "100")
+    errors = [line for line in output.splitlines() if line.startswith("Error")]
+    assert code == 2 and len(errors) == 1 and "--height / --width" in errors[0] and "multiples of 32" in errors[0]
+    assert "pipeline" not in serve.got and "Traceback" not in output, output
 
 
 def test_an_unknown_preset_names_the_known_ones(serve):
