@@ -294,10 +294,7 @@ LN_CASES = [  # (B, N, D, dtype, per_token)
 @runs_triton
 @pytest.mark.parametrize("B,N,D,dtype,per_token", LN_CASES)
 def test_ln_modulate_matches_reference(B, N, D, dtype, per_token):
-    g = torch.Generator().manual_seed(D + N)
-    x = (3 * torch.randn(B, N, D, generator=g) + 1).to(DEVICE, dtype)  # a mean and a spread to normalize away
-    mods = torch.randn(B, N if per_token else 1, 6, D, generator=g).to(DEVICE, dtype)
-    shift, scale = mods[:, :, 0], mods[:, :, 1]  # strided views, as the model passes them
+    x, shift, scale = ln_inputs(B, N, D, dtype, per_token, torch.Generator().manual_seed(D + N))
     y = ln_modulate(x, shift, scale, backend="triton")
     assert y.dtype == x.dtype and y.shape == x.shape
     assert torch.isfinite(y).all(), "an output element was left unwritten (NaN poison survived)"
@@ -309,11 +306,9 @@ def test_ln_modulate_matches_reference(B, N, D, dtype, per_token):
 def test_ln_modulate_fp8_matches_reference(B, N, D, dtype, per_token):
     """The FP8 variant: the same row scales as quantizing the fp32 result, and the same e4m3 values but for the odd
     one that an fp32 rounding difference in the row's statistics puts on the other side of a rounding boundary."""
-    g = torch.Generator().manual_seed(D + N + 1)
-    x = (3 * torch.randn(B, N, D, generator=g) + 1).to(DEVICE, dtype)
-    mods = torch.randn(B, N if per_token else 1, 6, D, generator=g).to(DEVICE, dtype)
-    y = ln_modulate_fp8(x, mods[:, :, 0], mods[:, :, 1], backend="triton")
-    assert_quantized_like(y, ln_modulate_fp8_ref(x, mods[:, :, 0], mods[:, :, 1]), x.shape)
+    x, shift, scale = ln_inputs(B, N, D, dtype, per_token, torch.Generator().manual_seed(D + N + 1))
+    y = ln_modulate_fp8(x, shift, scale, backend="triton")
+    assert_quantized_like(y, ln_modulate_fp8_ref(x, shift, scale), x.shape)
 
 
 def assert_quantized_like(y, y_ref, shape):
@@ -328,13 +323,19 @@ def assert_quantized_like(y, y_ref, shape):
     assert rel_err(y.dequantized(), y_ref.dequantized()) < 1e-2
 
 
-def residual_inputs(B, N, D, dtype, per_token, g):
-    """x and the branch output a that the block adds to it (a strided view: every other D-wide half of a wider
-    tensor), and shift, scale as strided rows of a modulation tensor."""
+def ln_inputs(B, N, D, dtype, per_token, g):
+    """x, with a mean and a spread to normalize away, and shift, scale as strided rows of a modulation tensor, as
+    the model passes them."""
     x = (3 * torch.randn(B, N, D, generator=g) + 1).to(DEVICE, dtype)
-    a = torch.randn(B, N, 2 * D, generator=g).to(DEVICE, dtype)[..., D:]
     mods = torch.randn(B, N if per_token else 1, 6, D, generator=g).to(DEVICE, dtype)
-    return x, a, mods[:, :, 0], mods[:, :, 1]
+    return x, mods[:, :, 0], mods[:, :, 1]
+
+
+def residual_inputs(B, N, D, dtype, per_token, g):
+    """ln_inputs and the branch output a that the block adds to x (a strided view: every other D-wide half of a
+    wider tensor): x, a, shift, scale."""
+    x, shift, scale = ln_inputs(B, N, D, dtype, per_token, g)
+    return x, torch.randn(B, N, 2 * D, generator=g).to(DEVICE, dtype)[..., D:], shift, scale
 
 
 def assert_is_the_sum(total, x, a):
