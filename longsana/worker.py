@@ -210,6 +210,7 @@ class DeviceWorker:
                 self._run(job)
             for key, fn in polls:
                 self._poll(key, fn)
+            job = polls = fn = None  # keep nothing of an owner while idle: a closed stream's memory is freed now
 
     def _run(self, job: _Job) -> None:
         start = time.monotonic()

@@ -10,12 +10,14 @@ rounding. The CUDA tests (skipped without a GPU) check graph replays against the
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import statistics
 import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -295,6 +297,27 @@ def warm_up_then_stream(pipe, monkeypatch, **settings):
         next(chunks)
     stream.close()
     assert counter.frame_count == warmed
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_closed_stream_is_freed_while_the_worker_idles(pipe, monkeypatch, compile):
+    """A stream that was closed and dropped is freed although no more work comes to the device worker (whose thread
+    held its last job, and the fast path's poll, until the next came): a viewer's GPU memory (state, buffers, CUDA
+    graphs) goes when the viewer does, and the warm-up's before the first viewer comes."""
+    monkeypatch.setitem(engine_mod.COMPILE_OPTIONS, "backend", "eager")
+    stream = pipe.stream(P, seed=1, compile=compile)
+    chunks = iter(stream)
+    for _ in range(3):
+        next(chunks)
+    freed = threading.Event()
+    weakref.finalize(stream, freed.set)
+    stream.close()
+    del stream, chunks
+    for _ in range(100):
+        gc.collect()
+        if freed.wait(0.05):
+            break
+    assert freed.is_set()
 
 
 def test_fp8_blocks_compile_and_match_the_eager_step(monkeypatch):
