@@ -45,6 +45,7 @@ import math
 import statistics
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -67,6 +68,7 @@ from .worker import DeviceWorker, Later, cuda_healthy
 SEED_STRIDE = 1_000_003  # chunk c of a stream seeded s draws its noise from seed s * SEED_STRIDE + c
 LEAD_MARGIN = 1.25  # a switch's lead allows this many chunks' median making time for the new one
 LANDINGS = 64  # requests whose landing frame a stream remembers (Stream.landing)
+WARM_UP_RELEASE_SECONDS = 10.0  # the most Pipeline.warm_up waits for its stream to be freed
 WARM_UP_PROMPTS = ("a quiet lake at dawn, mist drifting over the water", "the same lake at night under a full moon")
 
 
@@ -196,6 +198,8 @@ class Pipeline:
             f"{width or self.spec.width} streams (once per start)...")
         t0 = time.perf_counter()
         stream = self.stream(WARM_UP_PROMPTS[0], height=height, width=width, **settings)
+        gone = threading.Event()
+        weakref.finalize(stream, gone.set)
         try:
             chunks = iter(stream)
             while (chunk := next(chunks)).index < 2:
@@ -206,7 +210,10 @@ class Pipeline:
         finally:
             stream.close()
         del stream, chunks
-        gc.collect()
+        deadline = time.monotonic() + WARM_UP_RELEASE_SECONDS
+        while not gone.is_set() and time.monotonic() < deadline:  # until the device worker has let go of it too
+            gc.collect()
+            gone.wait(0.01)
         if self.device.type == "cuda":  # its blocks and graph pools back to the device: the first viewer's stream
             torch.cuda.empty_cache()  # then takes the memory a stream of a fresh process takes
         seconds = time.perf_counter() - t0

@@ -32,10 +32,12 @@ every waiting and later job at once with `DeviceFailed`, and `failure` says why 
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import itertools
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +46,8 @@ import torch
 
 _DONE = object()  # the end of a stream's generator, carried back from the worker
 POLL_SECONDS = 0.002  # while polls are registered, the idle worker calls them this often (a step is ~0.1 s at 480p)
+EXIT_SECONDS = 5.0  # at exit, how long the interpreter waits for a worker to finish its job and end
+_STARTED: weakref.WeakSet = weakref.WeakSet()  # workers whose thread has started
 
 
 class DeviceFailed(RuntimeError):
@@ -121,6 +125,7 @@ class DeviceWorker:
         self._owners: dict[int, object] = {}  # streams iterating now (by id)
         self._polls: dict[int, Callable[[], bool]] = {}  # by owner id: called between jobs until they return False
         self._thread: threading.Thread | None = None
+        self._exiting = False
 
     # -- submitting work (any thread) ----------------------------------------------------------------------------
     def run(self, fn: Callable, *args, deadline: float | None = None, owner: object = None):
@@ -195,13 +200,25 @@ class DeviceWorker:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=f"{self.name}-worker", daemon=True)
             self._thread.start()
+            _STARTED.add(self)
+
+    def _end(self) -> None:
+        """At exit: let the job under way finish, then end the thread while the interpreter still runs. A daemon
+        thread that frees a tensor once finalization has begun aborts the process ("terminate called without an
+        active exception"), and this one frees what it last held of a stream when it next wakes."""
+        with self._cv:
+            self._exiting = True
+            self._cv.notify()
+        self._thread.join(EXIT_SECONDS)
 
     def _loop(self) -> None:
         while True:
             self._see_run()
             with self._cv:
-                while not self._jobs and not self._polls and not self._running:
+                while not self._jobs and not self._polls and not self._running and not self._exiting:
                     self._cv.wait()
+                if self._exiting:
+                    return
                 if not self._jobs:
                     self._cv.wait(POLL_SECONDS)
                 job = heapq.heappop(self._jobs) if self._jobs else None
@@ -271,3 +288,9 @@ class DeviceWorker:
         for job in jobs:
             job.error = DeviceFailed(f"{self.name}: {error}")
             job.done.set()
+
+
+@atexit.register
+def _end_workers() -> None:
+    for worker in list(_STARTED):
+        worker._end()

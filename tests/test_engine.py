@@ -32,6 +32,7 @@ from longsana.engine import AHEAD_QUEUED, ChunkEngine
 from longsana.fp8 import to_fp8
 from longsana.model import LongSANATransformer
 from longsana.step import EagerStep, SideStream
+from longsana.stream import Stream
 from longsana.testing import (SWITCH_PROMPTS, needs_cuda, randomize_, rel_err, skip_without_fp8, switch_schedule,
                               tiny_pipeline, uncompiled)
 
@@ -288,6 +289,7 @@ def warm_up_then_stream(pipe, monkeypatch, **settings):
     assert pipe.warm_up(say=said.append, **settings) > 0
     warmed = counter.frame_count
     assert warmed > 0 and said[0].startswith(f"Warming up on {pipe.device}") and said[1].startswith("Warmed up in")
+    assert not any(type(o) is Stream and o.pipe is pipe for o in gc.get_objects())  # freed before the cache empties
     stream = pipe.stream(P, seed=4, **settings)
     chunks = iter(stream)
     for _ in range(3):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from longsana import worker as worker_mod
 from longsana.worker import DeviceFailed, DeviceWorker, Later, covered
 
 
@@ -271,3 +272,16 @@ def test_a_failed_device_ends_every_stream_and_says_why():
     with pytest.raises(DeviceFailed, match="cuda:0"):
         worker.run(lambda: 1)
     assert worker.admits()[0] is False
+
+
+def test_a_worker_ends_its_thread_at_exit():
+    """The exit hook (`_end_workers`, which ends every started worker) lets a worker end its thread while the
+    interpreter still runs, even one that a poll keeps waking: a daemon thread that frees a tensor (what it last held
+    of a closed stream) once finalization has begun aborts the process."""
+    w = DeviceWorker()
+    w.poll(lambda: True)
+    assert w.run(lambda: 7) == 7
+    assert w in worker_mod._STARTED and w._thread.is_alive()
+    w._end()
+    assert not w._thread.is_alive()
+
