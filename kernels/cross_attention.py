@@ -1,0 +1,44 @@
+"""Cross-attention from the video tokens to the prompt: softmax(q k^T / sqrt(d) + bias) v, per head.
+
+q comes as the block's tokens (B, N, H*d), the layout of the q projection's output and of the out projection's
+input; the prompt's k, v come as (B, H, L, d), computed once per prompt (`model.TextKV`); bias (B, 1, 1, L) is the
+prompt's padding (0 to keep, -10000 to drop) or None. The output is (B, N, H*d), ready for the out projection.
+
+This file holds the plain PyTorch reference, which faster implementations must match (PyTorch's
+scaled_dot_product_attention between two transposes), and the entry point `cross_attention`, which runs the Triton
+kernel (triton_cross_attention.py) on GPUs where TRITON_AUTO says so and the reference elsewhere, or either by name
+(backend=, LONGSANA_KERNELS). With a prompt of a few hundred tokens the whole of k and v for a head sits in cache
+while a program streams its tile of q through it, so the kernel reads q and writes the output once, in the tokens'
+own layout (no transposed copies). Either way differentiable (the Triton op's backward is the reference's).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from longsana.kernels.backend import HAS_TRITON, register_reference_backward, use_triton
+
+if HAS_TRITON:
+    from longsana.kernels.triton_cross_attention import cross_attention_triton, supports
+
+TRITON_AUTO = False  # whether "auto" runs the kernel on GPUs: not until it is timed faster than the reference
+
+
+def cross_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """q: (B, N, H*d); k, v: (B, H, L, d); bias: (B, 1, 1, L) or None. Returns (B, N, H*d) in q's dtype."""
+    qh = q.unflatten(-1, (k.shape[1], -1)).transpose(1, 2)  # (B, H, N, d)
+    return F.scaled_dot_product_attention(qh, k, v, attn_mask=bias).transpose(1, 2).flatten(-2)
+
+
+if HAS_TRITON:
+    register_reference_backward(cross_attention_triton, cross_attention_ref)
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                    backend: str | None = None) -> torch.Tensor:
+    """`cross_attention_ref`'s contract, run by the Triton kernel where `use_triton` says so and it takes the head
+    dim and dtype (`supports`)."""
+    if not use_triton(q, backend, auto=TRITON_AUTO) or not supports(k):
+        return cross_attention_ref(q, k, v, bias)
+    return cross_attention_triton(q, k, v, bias)
