@@ -16,7 +16,8 @@ Shapes: one 10-latent-frame chunk of the 2B model at 480p: B = 1, N = 15,600 tok
 bf16; ln_modulate on (1, 15600, 2240) with per-sample (B, 1, D) or per-token (B, N, D) shift and scale; glu_conv
 (the FFN's SiLU + depthwise 3x3 + gate) on (1, 15600, 13440): 10 frames of 30 x 52 tokens, 2C = 13440;
 quantize_rows on (1, 15600, 2240) (an attention output, z) and (1, 15600, 6720) (the FFN's gated middle).
-cross_attention from (1, 15600, 2240) to a 300-token prompt of which 120 are kept (20 heads of 112).
+cross_attention from (1, 15600, 2240) to a 300-token prompt (20 heads of 112) of which 20, 120 or all 300 tokens
+are kept: the kernel reads only the kept ones, the reference all.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ CFG = TransformerConfig()  # the 2B model
 B, N, H, d = 1, 15600, CFG.num_heads, CFG.head_dim
 D = CFG.dim
 FRAME_HW, C = (30, 52), CFG.ffn_dim  # tokens of a latent frame at 480p; the FFN's hidden width (3 D)
-L, L_KEPT = 300, 120  # the prompt's tokens, as the text encoder pads them, and those a typical prompt keeps
+L, KEPT = 300, (20, 120, 300)  # the prompt padded by the text encoder; tokens a short, a long, a full one keeps
 
 
 def bench_us(fn) -> float:
@@ -172,7 +173,7 @@ def sweep_all(g) -> dict:
     glu = sweep(tglu, dict(silu=["tanh", "tanh_bf16x2"], phases=[4, 7, 13], block_x=[4, 8, 16], block_c=[16, 32, 64],
                            num_warps=[4, 8], num_stages=[1, 2], rows=[8, 16]),
                 lambda: glu_conv(h, weight, bias, *FRAME_HW, backend="triton"))
-    q, k, v, bias = xa_inputs(g)
+    q, k, v, bias = xa_inputs(g, KEPT[1])
     xa = sweep(txa, dict(block_m=[32, 64, 128], block_l=[16, 32, 64, 128], num_warps=[4, 8], num_stages=[1, 2, 3]),
                lambda: cross_attention(q, k, v, bias, backend="triton"))
     xa_ref = torch.compile(cross_attention_ref)
@@ -191,24 +192,25 @@ def sweep_all(g) -> dict:
     return dict(linear_attention=la, ln_modulate=ln, glu_conv=glu, quantize_rows=quant, cross_attention=xa)
 
 
-def xa_inputs(g):
+def xa_inputs(g, kept: int):
     """q (B, N, D) as the q projection and its norm give it; the prompt's k, v (B, H, L, d), views of (B, L, H, d)
-    memory as `CrossAttention.text_kv` gives them; the bias of a prompt of L_KEPT tokens."""
+    memory as `CrossAttention.text_kv` gives them; the bias of a prompt of `kept` tokens."""
     q = torch.randn(B, N, D, generator=g).cuda().bfloat16()
     shape = (B, L, CFG.cross_num_heads, CFG.cross_head_dim)
     k, v = (torch.randn(shape, generator=g).cuda().bfloat16().transpose(1, 2) for _ in range(2))
     bias = torch.zeros(B, 1, 1, L, device="cuda", dtype=torch.bfloat16)
-    bias[..., L_KEPT:] = -10000.0
+    bias[..., kept:] = -10000.0
     return q, k, v, bias
 
 
-def bench_cross_attention(g) -> dict:
-    """The kernel against the reference (PyTorch's SDPA between the two transposes), eager and compiled; minimal
-    bytes: q read and the output written once (k and v, 2.7 MB, are read from cache)."""
-    q, k, v, bias = xa_inputs(g)
+def bench_cross_attention(g, kept: int) -> dict:
+    """The kernel against the reference (PyTorch's SDPA between the two transposes), eager and compiled, for a prompt
+    of `kept` tokens; FLOPs of those keys (the reference computes all L); minimal bytes: q read and the output written
+    once (k and v, 2.7 MB, are read from cache)."""
+    q, k, v, bias = xa_inputs(g, kept)
     exact = cross_attention_ref(q.double(), k.double(), v.double(), bias.double())
     ref_compiled = torch.compile(cross_attention_ref)
-    flops, nbytes = 4 * B * N * L * D, 2 * q.numel() * 2
+    flops, nbytes = 4 * B * N * kept * D, 2 * q.numel() * 2
     ours = lambda: cross_attention(q, k, v, bias, backend="triton")  # noqa: E731
     return dict(
         flops=flops, bytes=nbytes, floor_us=floor_us(flops, nbytes), config=dataclasses.asdict(txa.CONFIG),
@@ -433,11 +435,12 @@ def main():
         print(f"quantize_rows (1, {N}, {K}) bf16 -> e4m3: {r['bytes'] / 1e6:.1f} MB -> floor {r['floor_us']:.1f} us; "
               "against the reference: " + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
         print_times(r["times_us"], r["bytes"])
-    r = result["cross_attention"] = bench_cross_attention(g)
-    print(f"cross_attention (1, {N}, {D}) to {L} prompt tokens, bf16: {r['flops'] / 1e9:.1f} GFLOP, "
-          f"{r['bytes'] / 1e6:.1f} MB -> floor {r['floor_us']:.1f} us; rel. error vs fp64: "
-          + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
-    print_times(r["times_us"], r["bytes"])
+    for kept in KEPT:
+        r = result[f"cross_attention_{kept}"] = bench_cross_attention(g, kept)
+        print(f"cross_attention (1, {N}, {D}) to {kept} of {L} prompt tokens, bf16: {r['flops'] / 1e9:.1f} GFLOP, "
+              f"{r['bytes'] / 1e6:.1f} MB -> floor {r['floor_us']:.1f} us; rel. error vs fp64: "
+              + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
+        print_times(r["times_us"], r["bytes"])
     if args.gemms:
         print(f"a block's GEMMs (fp8.GEMMS) at {B * N} tokens, compiled:")
         result["gemms"] = bench_gemms()

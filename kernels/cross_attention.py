@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from longsana.kernels.backend import HAS_TRITON, register_reference_backward, use_triton
+from longsana.kernels.linear_attention import inverse_rms, rms_norm
 
 if HAS_TRITON:
     from longsana.kernels.triton_cross_attention import cross_attention_triton, supports
@@ -31,14 +32,25 @@ def cross_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     return F.scaled_dot_product_attention(qh, k, v, attn_mask=bias).transpose(1, 2).flatten(-2)
 
 
+def _reference_op(q, k, v, bias, w=None, r=None):
+    """The reference with the Triton op's signature: its backward. With w and r (1/RMS of q's rows), q is a projection
+    normed as `rms_norm` norms it."""
+    if w is not None:
+        q = (q * r[..., None]).to(w.dtype) * w
+    return cross_attention_ref(q, k, v, bias)
+
+
 if HAS_TRITON:
-    register_reference_backward(cross_attention_triton, cross_attention_ref)
+    register_reference_backward(cross_attention_triton, _reference_op)
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                    backend: str | None = None) -> torch.Tensor:
+                    backend: str | None = None, q_norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """`cross_attention_ref`'s contract, run by the Triton kernel where `use_triton` says so and it takes the head
-    dim and dtype (`supports`)."""
+    dim and dtype (`supports`). With q_norm = (weight, eps), q is the projection and `rms_norm(q, weight, eps)` what
+    attends: the kernel norms q as it loads it, from the tokens' 1/RMS (a reduction over q, read once), instead of a
+    norm that writes q normed and the kernel reading that back."""
     if not use_triton(q, backend, auto=TRITON_AUTO) or not supports(k):
-        return cross_attention_ref(q, k, v, bias)
-    return cross_attention_triton(q, k, v, bias)
+        return cross_attention_ref(q if q_norm is None else rms_norm(q, *q_norm), k, v, bias)
+    w, r = (None, None) if q_norm is None else (q_norm[0], inverse_rms(q, q_norm[1])[..., 0])
+    return cross_attention_triton(q, k, v, bias, w, r)

@@ -138,7 +138,8 @@ class CrossAttention(nn.Module):
         return k, v
 
     def forward(self, x, k, v, bias):
-        return self.to_out[0](cross_attention(self.norm_q(self.to_q(x)), k, v, bias))
+        q_norm = (self.norm_q.weight, self.norm_q.eps)  # norm_q's, applied inside (kernels/cross_attention.py)
+        return self.to_out[0](cross_attention(self.to_q(x), k, v, bias, q_norm=q_norm))
 
 
 class Pointwise(nn.Conv2d):

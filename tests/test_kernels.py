@@ -39,7 +39,7 @@ from longsana.kernels import (triton_common, triton_cross_attention, triton_glu_
 from longsana.kernels.cross_attention import cross_attention, cross_attention_ref  # noqa: E402
 from longsana.kernels.glu_conv import glu_conv, glu_conv_ref  # noqa: E402
 from longsana.kernels.linear_attention import (QKNorm, chunk_state, linear_attention, linear_attention_ref,  # noqa: E402
-                                                normalized_qk)
+                                                inverse_rms, normalized_qk, rms_norm)
 from longsana.kernels.ln_modulate import (add_ln_modulate, add_ln_modulate_fp8, ln_modulate,  # noqa: E402
                                           ln_modulate_fp8, ln_modulate_fp8_ref, ln_modulate_ref)
 from longsana.kernels.quantize import FP8, FP8_MAX, quantize_rows, quantize_rows_ref  # noqa: E402
@@ -441,6 +441,18 @@ def prompt_attention_inputs(B, N, H, d, L, dtype, g, padded=True):
     return q, k, v, ((~kept).to(dtype) * -10000.0)[:, None, None, :].to(DEVICE)
 
 
+def rms_norm_as_the_kernel_rounds(q, w, eps):
+    """`rms_norm(q, w, eps)`, whose two roundings to q's dtype the interpreter does by truncation (the GPU, as
+    PyTorch, to nearest)."""
+    if not INTERPRETER or q.dtype == torch.float32:
+        return rms_norm(q, w, eps)
+
+    def truncated(x):
+        return (x.float().contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32).to(q.dtype)
+
+    return truncated(truncated(q.float() * inverse_rms(q, eps)).float() * w.float())
+
+
 CROSS_CASES = [  # (B, N, H, d, L, dtype, padded): token and key counts that are not multiples of the tiles
     (1, 1, 1, 40, 1, torch.float32, False),
     (2, 37, 3, 40, 7, torch.bfloat16, True),
@@ -451,20 +463,51 @@ CROSS_CASES = [  # (B, N, H, d, L, dtype, padded): token and key counts that are
 
 @runs_triton
 @pytest.mark.parametrize("B,N,H,d,L,dtype,padded", CROSS_CASES)
-def test_cross_attention_matches_reference(B, N, H, d, L, dtype, padded):
-    """Against the reference in fp64 on the same (rounded) inputs; the padded keys of the shorter prompt change
-    nothing."""
+@pytest.mark.parametrize("normed", [False, True])
+def test_cross_attention_matches_reference(B, N, H, d, L, dtype, padded, normed):
+    """Against the reference in fp64 on the same (rounded) inputs, q given normed or as its projection with the norm's
+    weight (normed in the kernel); the padded keys of the shorter prompt change nothing."""
     g = torch.Generator().manual_seed(N + L)
     q, k, v, bias = prompt_attention_inputs(B, N, H, d, L, dtype, g, padded)
-    o = cross_attention(q, k, v, bias, backend="triton")
+    q_norm = (1 + 0.5 * torch.randn(H * d, generator=g)).to(DEVICE, dtype), 1e-6
+    o = cross_attention(q, k, v, bias, backend="triton", q_norm=q_norm if normed else None)
     assert o.dtype == q.dtype and o.shape == q.shape
     assert torch.isfinite(o).all(), "an output element was left unwritten (NaN poison survived)"
-    exact = cross_attention_ref(*(x if x is None else x.double() for x in (q, k, v, bias)))
+    q_in = rms_norm_as_the_kernel_rounds(q, *q_norm) if normed else q
+    exact = cross_attention_ref(*(x if x is None else x.double() for x in (q_in, k, v, bias)))
     assert rel_err(o, exact) < TOL[dtype]
-    if padded and B > 1:  # what the second prompt's padding holds is not seen
-        v2 = v.clone()
-        v2[1, :, -5:] = 1e3
-        assert torch.equal(cross_attention(q, k, v2, bias, backend="triton")[1], o[1])
+    if normed:  # the norm in the kernel is rms_norm's arithmetic
+        assert torch.equal(o, cross_attention(q_in, k, v, bias, backend="triton"))
+    if padded and B > 1:  # the second prompt's padding is never read: even NaN there changes nothing
+        k2, v2 = k.clone(), v.clone()
+        k2[1, :, -5:], v2[1, :, -5:] = float("nan"), float("nan")
+        o2 = cross_attention(q, k2, v2, bias, backend="triton", q_norm=q_norm if normed else None)
+        assert torch.equal(o2[1], o[1])
+
+
+@runs_triton
+@pytest.mark.parametrize("kind", ["all padding", "a hole", "soft tail", "per-sample rows"])
+def test_cross_attention_reads_every_key_with_a_weight(kind):
+    """Keys after the last one above NO_WEIGHT_BIAS are skipped, no others: a row of padding only (the reference
+    weighs all its keys alike), padding between kept keys, a tail of small but nonzero weights (a blend of two
+    prompts gives such biases), and two samples' rows of different lengths against one of them broadcast."""
+    B, N, H, d, L = 2, 19, 2, 40, 45
+    q, k, v, _ = prompt_attention_inputs(B, N, H, d, L, torch.float32, torch.Generator().manual_seed(5), False)
+    bias = torch.zeros(B, 1, 1, L)
+    if kind == "all padding":
+        bias[:] = -10000.0
+    elif kind == "a hole":
+        bias[..., 3:30] = -10000.0
+    elif kind == "soft tail":
+        bias[..., 20:] = -5.0
+    else:
+        bias[0, ..., 9:], bias[1, ..., 33:] = -10000.0, -10000.0
+    bias = bias.to(DEVICE)
+    for b in (bias, bias[:1]):
+        o = cross_attention(q, k, v, b, backend="triton")
+        exact = cross_attention_ref(q.double(), k.double(), v.double(), b.double())
+        assert torch.isfinite(o).all()  # fp32 scores near -10000 keep 1e-3 of their value: the reference's error too
+        assert rel_err(o, exact) < max(TOL[torch.float32], 2 * rel_err(cross_attention_ref(q, k, v, b), exact))
 
 
 @runs_triton
@@ -475,6 +518,8 @@ def test_cross_attention_checks_its_inputs():
                         ((q, k, v, bias[..., :3]), "bias must be"), ((q.double(), k, v, bias), "share a dtype")):
         with pytest.raises(ValueError, match=match):
             cross_attention(*args, backend="triton")
+    with pytest.raises(ValueError, match="q's norm needs its weight"):
+        cross_attention(q, k, v, bias, backend="triton", q_norm=(q.new_ones(5), 1e-6))
     assert torch.equal(cross_attention(q, k, v, bias, backend="torch"), cross_attention_ref(q, k, v, bias))
 
 
@@ -490,26 +535,27 @@ def test_gradients_are_the_reference_gradients(with_state):
     S0, z0 = past_state(B, 7, H, d, g) if with_state else (None, None)
     x = (3 * torch.randn(B, N, H * d, generator=g) + 1).to(DEVICE)
     mods = torch.randn(B, 1, 2, H * d, generator=g).to(DEVICE)
+    w_c = 1 + torch.randn(H * d, generator=g).to(DEVICE)  # the cross-attention's q norm weight
     weights = [torch.randn(B, N, H, d, generator=g).to(DEVICE), torch.randn(B, H, d, d, generator=g).to(DEVICE),
-               torch.randn(B, H, d, generator=g).to(DEVICE), torch.randn(B, N, H * d, generator=g).to(DEVICE)]
-
-    weights.append(torch.randn(B, N, H * d, generator=g).to(DEVICE))
+               torch.randn(B, H, d, generator=g).to(DEVICE), torch.randn(B, N, H * d, generator=g).to(DEVICE),
+               torch.randn(B, N, H * d, generator=g).to(DEVICE)]
 
     def loss(backend, *inputs):  # a weighted sum of all outputs: every output's gradient flows back
-        q, k, v, S0, z0, x, shift, scale = inputs
+        q, k, v, S0, z0, x, shift, scale, w_c = inputs
         o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True, backend=backend)
         y = ln_modulate(x, shift, scale, backend=backend)
-        c = cross_attention(x, k.transpose(1, 2)[:, :, :9], v.transpose(1, 2)[:, :, :9], None, backend=backend)
+        c = cross_attention(x, k.transpose(1, 2)[:, :, :9], v.transpose(1, 2)[:, :, :9], None, backend=backend,
+                            q_norm=(w_c, 1e-6))
         if backend == "triton":  # the Triton ops ran, with their own backward (no fallback to the reference)
             assert all("longsana_" in type(a.grad_fn).__name__ for a in (o, y, c))
         return sum((a * w).sum() for a, w in zip((o, S_c, z_c, y, c), weights))
 
     inputs = [t if t is None else t.clone().requires_grad_() for t in (q, k, v, S0, z0, x, mods[:, :, 0],
-                                                                        mods[:, :, 1])]
+                                                                        mods[:, :, 1], w_c)]
     wrt = [t for t in inputs if t is not None]
     got = torch.autograd.grad(loss("triton", *inputs), wrt)
     want = torch.autograd.grad(loss("torch", *inputs), wrt)
-    assert len(got) == (8 if with_state else 6)
+    assert len(got) == (9 if with_state else 7)
     for a, b in zip(got, want):
         assert a.shape == b.shape and b.abs().sum() > 0
         assert rel_err(a, b) < TOL[torch.float32]
@@ -742,10 +788,12 @@ def test_cross_attention_compiles_for_gpus(arch, dtype):
     arithmetic, and the shared memory the architecture has."""
     t = triton_cross_attention
     tiling = t.tiling(torch.float32 if dtype == "fp32" else torch.bfloat16)
-    consts = dict(D=112, BLOCK_D=128, BLOCK_M=tiling.block_m, BLOCK_L=tiling.block_l, HAS_BIAS=True,
+    consts = dict(D=112, BLOCK_D=128, BLOCK_M=tiling.block_m, BLOCK_L=tiling.block_l, HAS_BIAS=True, BLOCK_ALL_L=512,
+                  NO_WEIGHT=t.NO_WEIGHT_BIAS, NORM=True,
                   PRECISION="ieee" if dtype == "fp32" else None, UPCAST=False, LOG2E=t.LOG2E)
     kernel = t._cross_attention_kernel
-    signature = {name: (f"*{dtype}" if name.endswith("_ptr") else "fp64" if name == "qk_scale" else "i32")
+    signature = {name: ("*fp32" if name == "r_ptr" else f"*{dtype}" if name.endswith("_ptr")
+                        else "fp64" if name == "qk_scale" else "i32")
                  for name in kernel.arg_names if name not in consts}
     compiled = compile_for(kernel, signature, consts, arch, divisible=("q_ptr", "k_ptr", "v_ptr", "o_ptr"),
                            num_warps=tiling.num_warps, num_stages=tiling.num_stages)
@@ -851,6 +899,9 @@ def test_cross_attention_full_shape(dtype, monkeypatch):
     exact = cross_attention_ref(q.double(), k.double(), v.double(), bias.double())
     assert torch.isfinite(o).all()
     assert rel_err(o, exact) < max(TOL[dtype], 1.5 * rel_err(cross_attention_ref(q, k, v, bias), exact))
+    q_norm = (1 + 0.5 * torch.randn(20 * 112, generator=torch.Generator().manual_seed(8))).to(DEVICE, dtype), 1e-6
+    o = cross_attention(q, k, v, bias, backend="triton", q_norm=q_norm)  # q as its projection, normed inside
+    assert torch.equal(o, cross_attention(rms_norm(q, *q_norm), k, v, bias, backend="triton"))
 
 
 @needs_cuda
@@ -905,7 +956,7 @@ def test_compile_and_cuda_graph(tuned, monkeypatch):
         o, (S_c, z_c) = linear_attention(q, k, v, cos, sin, S0, z0, return_state=True)
         o_normed = linear_attention(q, k, v, cos, sin, S0, z0, qk_norm=norm)  # q, k as projections
         u = glu_conv(torch.cat([x, h], dim=-1), weight, bias, 30, 52, backend="triton")
-        c = cross_attention(h, *prompt, backend="triton")
+        c = cross_attention(h, *prompt, backend="triton", q_norm=(norm.w_q, 1e-6))
         x_q, x_s = ln_modulate_fp8(x, mod[:, :, 0], mod[:, :, 1])  # inductor compiles it its own way (eps in fp64)
         u_q, u_s = quantize_rows(u)
         r, r_h = add_ln_modulate(x, h, mod[:, :, 0], mod[:, :, 1])
