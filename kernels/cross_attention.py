@@ -2,14 +2,16 @@
 
 q comes as the block's tokens (B, N, H*d), the layout of the q projection's output and of the out projection's
 input; the prompt's k, v come as (B, H, L, d), computed once per prompt (`model.TextKV`); bias (B, 1, 1, L) is the
-prompt's padding (0 to keep, -10000 to drop) or None. The output is (B, N, H*d), ready for the out projection.
+prompt's padding (0 to keep, -10000 to drop; a blend of two prompts gives values between) or None. The output is
+(B, N, H*d), ready for the out projection.
 
 This file holds the plain PyTorch reference, which faster implementations must match (PyTorch's
 scaled_dot_product_attention between two transposes), and the entry point `cross_attention`, which runs the Triton
 kernel (triton_cross_attention.py) on GPUs where TRITON_AUTO says so and the reference elsewhere, or either by name
-(backend=, LONGSANA_KERNELS). With a prompt of a few hundred tokens the whole of k and v for a head sits in cache
-while a program streams its tile of q through it, so the kernel reads q and writes the output once, in the tokens'
-own layout (no transposed copies). Either way differentiable (the Triton op's backward is the reference's).
+(backend=, LONGSANA_KERNELS). The kernel reads q and writes the output once, in the tokens' own layout (no
+transposed copies), reads only the keys the prompt uses (the text encoder pads every prompt to 300 tokens; a typical
+one uses a few dozen), and takes q's RMSNorm with it (`q_norm`). Either way differentiable (the Triton op's backward
+is the reference's).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from longsana.kernels.linear_attention import inverse_rms, rms_norm
 if HAS_TRITON:
     from longsana.kernels.triton_cross_attention import cross_attention_triton, supports
 
-TRITON_AUTO = False  # whether "auto" runs the kernel on GPUs: not until it is timed faster than the reference
+TRITON_AUTO = True  # "auto" runs the kernel on GPUs: faster than cuDNN's attention for typical prompts (H100: 79
+# against 191 us a block at 18 of the 300 tokens, 117 at 120), slower for one that fills the window (H200: 226 us)
 
 
 def cross_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -39,12 +39,12 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the GPU's exponential is
 
 @dataclass
 class CrossAttentionConfig:
-    """The tiling of 16-bit inputs: the largest that Triton 3.9's ptxas compiles for sm_89 and sm_90 without register
-    spills (128 query tokens spill 48-152 bytes a thread); not yet tuned on a GPU (benchmarks/kernels.py --sweep)."""
+    """The tiling of 16-bit inputs: the fastest of 8 timed on an H100 at a chunk's 15,600 tokens, 20 heads of 112, for
+    prompts of 18 and of 120 tokens (benchmarks/RESULTS.md, 2026-12-07)."""
     block_m: int = 64  # query tokens per program
     block_l: int = 64  # keys per tile
-    num_stages: int = 2
-    num_warps: int = 8
+    num_stages: int = 1
+    num_warps: int = 4
 
 
 CONFIG = CrossAttentionConfig()
