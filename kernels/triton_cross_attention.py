@@ -15,6 +15,10 @@ key's score beats the prompt's best by some 900 (scores of RMS-normed q and k ar
 is what the reference computes from the whole row. Padded keys are never read, so what they hold (even NaN) cannot
 reach the output.
 
+With NORM, q arrives as its projection u and is normed as it is loaded, with rms_norm's arithmetic (u times the
+token's 1/RMS, given, rounded to the dtype, times the weight, rounded): the norm's pass that wrote q normed, and this
+kernel's read of it, become a reduction that reads u once (the entry point's `inverse_rms`).
+
 Scores, the softmax and the accumulator are fp32; 16-bit inputs multiply on tensor cores in their dtype, the
 probabilities rounded to it before the product with v (as flash attention does); fp32 inputs use exact fp32 ("ieee")
 products. Triton's interpreter multiplies bf16 tiles as raw 16-bit integers, so under it (UPCAST) the operands,
