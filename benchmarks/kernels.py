@@ -3,7 +3,7 @@
 Prints a cost card (FLOPs, bytes, roofline floors on an H100: 781 TFLOP/s bf16 dense, 3.0 TB/s), checks accuracy
 against an fp64 run of the reference, then times each variant (median of `triton.testing.do_bench`, which warms
 up and flushes L2 between runs) against the eager PyTorch reference and the reference under torch.compile.
-`--sweep` first tunes the kernels' tiling by coordinate descent and reports the best configs. `--gemms` adds a
+`--sweep` first tunes the kernels' tilings by coordinate descent and reports the best configs. `--gemms` adds a
 block's matrix products (fp8.GEMMS) in bf16 and in FP8, with the FP8 input given quantized (as a norm that writes
 FP8 gives it) and quantized by `quantize_rows` (the kernel) of its own (an input no kernel writes in FP8): where
 FP8 pays for its input's quantization. The last line is one JSON object with every number.
@@ -16,6 +16,8 @@ Shapes: one 10-latent-frame chunk of the 2B model at 480p: B = 1, N = 15,600 tok
 bf16; ln_modulate on (1, 15600, 2240) with per-sample (B, 1, D) or per-token (B, N, D) shift and scale; glu_conv
 (the FFN's SiLU + depthwise 3x3 + gate) on (1, 15600, 13440): 10 frames of 30 x 52 tokens, 2C = 13440;
 quantize_rows on (1, 15600, 2240) (an attention output, z) and (1, 15600, 6720) (the FFN's gated middle).
+cross_attention from (1, 15600, 2240) to a 300-token prompt (20 heads of 112) of which 20, 120 or all 300 tokens
+are kept: the kernel reads only the kept ones, the reference all.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ import triton
 
 from longsana.config import TransformerConfig
 from longsana.fp8 import GEMMS, Fp8Linear, Fp8TemporalConv
+from longsana.kernels import cross_attention as cross_attention_module
+from longsana.kernels import triton_cross_attention as txa
 from longsana.kernels import triton_glu_conv as tglu
 from longsana.kernels import triton_linear_attention as tla
 from longsana.kernels import triton_ln_modulate as tln
 from longsana.kernels import triton_quantize as tq
 from longsana.kernels import glu_conv as glu_conv_module
+from longsana.kernels.cross_attention import cross_attention, cross_attention_ref
 from longsana.kernels.glu_conv import glu_conv, glu_conv_ref
 from longsana.kernels.linear_attention import (QKNorm, chunk_state, linear_attention, linear_attention_ref,
                                                 normalized_qk)
@@ -51,6 +56,7 @@ CFG = TransformerConfig()  # the 2B model
 B, N, H, d = 1, 15600, CFG.num_heads, CFG.head_dim
 D = CFG.dim
 FRAME_HW, C = (30, 52), CFG.ffn_dim  # tokens of a latent frame at 480p; the FFN's hidden width (3 D)
+L, KEPT = 300, (20, 120, 300)  # the prompt padded by the text encoder; tokens a short, a long, a full one keeps
 
 
 def bench_us(fn) -> float:
@@ -167,6 +173,14 @@ def sweep_all(g) -> dict:
     glu = sweep(tglu, dict(silu=["tanh", "tanh_bf16x2"], phases=[4, 7, 13], block_x=[4, 8, 16], block_c=[16, 32, 64],
                            num_warps=[4, 8], num_stages=[1, 2], rows=[8, 16]),
                 lambda: glu_conv(h, weight, bias, *FRAME_HW, backend="triton"))
+    q, k, v, bias = xa_inputs(g, KEPT[1])
+    xa = sweep(txa, dict(block_m=[32, 64, 128], block_l=[16, 32, 64, 128], num_warps=[4, 8], num_stages=[1, 2, 3]),
+               lambda: cross_attention(q, k, v, bias, backend="triton"))
+    xa_ref = torch.compile(cross_attention_ref)
+    xa["reference_compiled_us"] = bench_us(lambda: xa_ref(q, k, v, bias))
+    cross_attention_module.TRITON_AUTO = xa["triton_auto"] = xa["best_us"] < xa["reference_compiled_us"]
+    print(f"  cross-attention, inductor's reference: {xa['reference_compiled_us']:.1f} us: \"auto\" runs the "
+          f"{'kernel' if xa['triton_auto'] else 'reference'}")
     # the kernel or the reference compiled by inductor, whichever is faster, for "auto" in this process
     ref_compiled = torch.compile(glu_conv_ref)
     glu["reference_compiled_us"] = bench_us(lambda: ref_compiled(h, weight, bias, *FRAME_HW))
@@ -175,7 +189,35 @@ def sweep_all(g) -> dict:
           f"{'kernel' if glu['triton_auto'] else 'reference'}")
     x = torch.randn(B, N, D, generator=g).cuda().bfloat16()
     quant = sweep(tq, dict(elements=[2048, 4096, 8192, 16384], num_warps=[2, 4, 8, 16]), lambda: quantize_rows(x))
-    return dict(linear_attention=la, ln_modulate=ln, glu_conv=glu, quantize_rows=quant)
+    return dict(linear_attention=la, ln_modulate=ln, glu_conv=glu, quantize_rows=quant, cross_attention=xa)
+
+
+def xa_inputs(g, kept: int):
+    """q (B, N, D) as the q projection and its norm give it; the prompt's k, v (B, H, L, d), views of (B, L, H, d)
+    memory as `CrossAttention.text_kv` gives them; the bias of a prompt of `kept` tokens."""
+    q = torch.randn(B, N, D, generator=g).cuda().bfloat16()
+    shape = (B, L, CFG.cross_num_heads, CFG.cross_head_dim)
+    k, v = (torch.randn(shape, generator=g).cuda().bfloat16().transpose(1, 2) for _ in range(2))
+    bias = torch.zeros(B, 1, 1, L, device="cuda", dtype=torch.bfloat16)
+    bias[..., kept:] = -10000.0
+    return q, k, v, bias
+
+
+def bench_cross_attention(g, kept: int) -> dict:
+    """The kernel against the reference (PyTorch's SDPA between the two transposes), eager and compiled, for a prompt
+    of `kept` tokens; FLOPs of those keys (the reference computes all L); minimal bytes: q read and the output written
+    once (k and v, 2.7 MB, are read from cache)."""
+    q, k, v, bias = xa_inputs(g, kept)
+    exact = cross_attention_ref(q.double(), k.double(), v.double(), bias.double())
+    ref_compiled = torch.compile(cross_attention_ref)
+    flops, nbytes = 4 * B * N * kept * D, 2 * q.numel() * 2
+    ours = lambda: cross_attention(q, k, v, bias, backend="triton")  # noqa: E731
+    return dict(
+        flops=flops, bytes=nbytes, floor_us=floor_us(flops, nbytes), config=dataclasses.asdict(txa.CONFIG),
+        errors=dict(reference=rel_err(cross_attention_ref(q, k, v, bias), exact), triton=rel_err(ours(), exact)),
+        times_us=dict(reference=bench_us(lambda: cross_attention_ref(q, k, v, bias)),
+                      reference_compiled=bench_us(lambda: ref_compiled(q, k, v, bias)), triton=bench_us(ours),
+                      triton_cuda_graph=bench_us(cuda_graph(ours))))
 
 
 def glu_inputs(g):
@@ -392,6 +434,12 @@ def main():
         r = result[f"quantize_rows_{K}"] = bench_quantize_rows(g, K)
         print(f"quantize_rows (1, {N}, {K}) bf16 -> e4m3: {r['bytes'] / 1e6:.1f} MB -> floor {r['floor_us']:.1f} us; "
               "against the reference: " + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
+        print_times(r["times_us"], r["bytes"])
+    for kept in KEPT:
+        r = result[f"cross_attention_{kept}"] = bench_cross_attention(g, kept)
+        print(f"cross_attention (1, {N}, {D}) to {kept} of {L} prompt tokens, bf16: {r['flops'] / 1e9:.1f} GFLOP, "
+              f"{r['bytes'] / 1e6:.1f} MB -> floor {r['floor_us']:.1f} us; rel. error vs fp64: "
+              + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()))
         print_times(r["times_us"], r["bytes"])
     if args.gemms:
         print(f"a block's GEMMs (fp8.GEMMS) at {B * N} tokens, compiled:")

@@ -16,8 +16,8 @@ Inside a chunk everything is bidirectional; the right side of a chunk's temporal
 
 Layouts: tokens are ordered (frame, row, col), so a (B, N, D) activation is also (B, F, H*W, D) channels-last.
 
-Kernels: linear attention, LayerNorm-modulate and the FFN's SiLU + depthwise conv + gate come from kernels/ (Triton on
-CUDA, the PyTorch reference elsewhere).
+Kernels: linear attention, LayerNorm-modulate, the FFN's SiLU + depthwise conv + gate and the cross-attention come
+from kernels/ (each kernel's entry point picks Triton or its PyTorch reference).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longsana.kernels.cross_attention import cross_attention
 from longsana.kernels.glu_conv import glu_conv
 from longsana.kernels.linear_attention import QKNorm, apply_rope, linear_attention, rms_norm
 from longsana.kernels.ln_modulate import add_ln_modulate, ln_modulate
@@ -137,9 +138,8 @@ class CrossAttention(nn.Module):
         return k, v
 
     def forward(self, x, k, v, bias):
-        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.to_out[0](o.transpose(1, 2).flatten(-2))
+        q_norm = (self.norm_q.weight, self.norm_q.eps)  # norm_q's, applied inside (kernels/cross_attention.py)
+        return self.to_out[0](cross_attention(self.to_q(x), k, v, bias, q_norm=q_norm))
 
 
 class Pointwise(nn.Conv2d):
