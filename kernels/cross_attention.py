@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from longsana.kernels.backend import HAS_TRITON, register_reference_backward, use_triton
-from longsana.kernels.linear_attention import inverse_rms, rms_norm
+from longsana.kernels.linear_attention import inverse_rms, rms_norm, rms_scaled
 
 if HAS_TRITON:
     from longsana.kernels.triton_cross_attention import cross_attention_triton, supports
@@ -39,7 +39,7 @@ def _reference_op(q, k, v, bias, w=None, r=None):
     """The reference with the Triton op's signature: its backward. With w and r (1/RMS of q's rows), q is a projection
     normed as `rms_norm` norms it."""
     if w is not None:
-        q = (q * r[..., None]).to(w.dtype) * w
+        q = rms_scaled(q, r[..., None], w)
     return cross_attention_ref(q, k, v, bias)
 
 

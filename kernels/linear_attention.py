@@ -51,7 +51,13 @@ def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / RMS(x) over the last dim (`inverse_rms`), in weight's dtype, times weight."""
-    return (x * inverse_rms(x, eps)).to(weight.dtype) * weight
+    return rms_scaled(x, inverse_rms(x, eps), weight)
+
+
+def rms_scaled(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`rms_norm`'s arithmetic with x's 1/RMS given (r, broadcast over the last dim): x r in weight's dtype, times
+    weight."""
+    return (x * r).to(weight.dtype) * weight
 
 
 def normalized_qk(q: torch.Tensor, k: torch.Tensor, norm: QKNorm) -> tuple[torch.Tensor, torch.Tensor]:
