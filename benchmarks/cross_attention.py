@@ -23,9 +23,9 @@ import types
 
 import torch
 import triton
-from torch.profiler import ProfilerActivity, profile
 
 from longsana import fp8
+from longsana.benchmarks.fps import profile
 from longsana.config import TransformerConfig
 from longsana.kernels import triton_cross_attention as txa
 from longsana.kernels.cross_attention import cross_attention, cross_attention_ref
@@ -85,20 +85,6 @@ def with_backend(m, backend: str, inside: bool = False):
     return m
 
 
-def top_kernels(f, n: int = 14) -> float:
-    """Print the n longest kernels of a forward (5 profiled); returns the kernels' total ms a forward."""
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(5):
-            f()
-        torch.cuda.synchronize()
-    ev = [e for e in p.key_averages() if e.self_device_time_total > 0]
-    total = sum(e.self_device_time_total for e in ev) / 5 / 1e3
-    print(f"    total {total:.3f} ms of kernels per forward")
-    for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:n]:
-        print(f"    {e.self_device_time_total / 5 / 1e3:7.3f} ms  {e.count // 5:4d}x  {e.key[:90]}")
-    return total
-
-
 def bench_model(g, kept: int) -> dict:
     cfg = TransformerConfig(num_layers=4)
     ref = randomize_(LongSANATransformer(cfg).eval()).cuda()
@@ -133,8 +119,7 @@ def bench_model(g, kept: int) -> dict:
                   f"sdpa {rel_err(outs[f'{p} kernel+norm'], outs[f'{p} sdpa']):.2e}", flush=True)
         for name in models:
             if not name.endswith(" kernel"):
-                print(name)
-                res[name]["kernels_ms"] = top_kernels(fns[name])
+                res[name]["kernels"] = profile(fns[name], f"a forward of {name} (5 profiled)", 14, calls=5)
     return res
 
 

@@ -360,24 +360,26 @@ def _p95(xs) -> float:
     return sorted(xs)[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))]
 
 
-def profile(fn, title: str, rows: int) -> list:
-    """The GPU kernels of one fn() call, by self device time (the top `rows`)."""
+def profile(fn, title: str, rows: int, calls: int = 1) -> list:
+    """The GPU kernels of an fn() call (averaged over `calls` calls), by self device time (the top `rows`)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     fn()
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
+        for _ in range(calls):
+            fn()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     events.sort(key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in events)
+    total = sum(e.self_device_time_total for e in events) / calls
     print(f"  profile of {title}: {total / 1e3:.1f} ms of kernels")
     out = []
     for e in events[:rows]:
-        out.append(dict(name=e.key[:90], ms=e.self_device_time_total / 1e3, calls=e.count))
-        print(f"    {e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key[:90]}")
+        ms, n = e.self_device_time_total / calls / 1e3, e.count // calls
+        out.append(dict(name=e.key[:90], ms=ms, calls=n))
+        print(f"    {ms:8.2f} ms {n:5d}x  {e.key[:90]}")
     return out
 
 
