@@ -51,8 +51,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
                     backend: str | None = None, q_norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """`cross_attention_ref`'s contract, run by the Triton kernel where `use_triton` says so and it takes the head
     dim and dtype (`supports`). With q_norm = (weight, eps), q is the projection and `rms_norm(q, weight, eps)` what
-    attends: the kernel norms q as it loads it, from the tokens' 1/RMS (a reduction over q, read once), instead of a
-    norm that writes q normed and the kernel reading that back."""
+    attends: the kernel takes the norm inside, the weight on the keys and the tokens' 1/RMS (a reduction over q, read
+    once) on the scores, instead of a norm that writes q normed and the kernel reading that back."""
     if not use_triton(q, backend, auto=TRITON_AUTO) or not supports(k):
         return cross_attention_ref(q if q_norm is None else rms_norm(q, *q_norm), k, v, bias)
     w, r = (None, None) if q_norm is None else (q_norm[0], inverse_rms(q, q_norm[1])[..., 0])

@@ -39,7 +39,7 @@ from longsana.kernels import (triton_common, triton_cross_attention, triton_glu_
 from longsana.kernels.cross_attention import cross_attention, cross_attention_ref  # noqa: E402
 from longsana.kernels.glu_conv import glu_conv, glu_conv_ref  # noqa: E402
 from longsana.kernels.linear_attention import (QKNorm, chunk_state, linear_attention, linear_attention_ref,  # noqa: E402
-                                                inverse_rms, normalized_qk, rms_norm)
+                                                normalized_qk, rms_norm)
 from longsana.kernels.ln_modulate import (add_ln_modulate, add_ln_modulate_fp8, ln_modulate,  # noqa: E402
                                           ln_modulate_fp8, ln_modulate_fp8_ref, ln_modulate_ref)
 from longsana.kernels.quantize import FP8, FP8_MAX, quantize_rows, quantize_rows_ref  # noqa: E402
@@ -441,18 +441,6 @@ def prompt_attention_inputs(B, N, H, d, L, dtype, g, padded=True):
     return q, k, v, ((~kept).to(dtype) * -10000.0)[:, None, None, :].to(DEVICE)
 
 
-def rms_norm_as_the_kernel_rounds(q, w, eps):
-    """`rms_norm(q, w, eps)`, whose two roundings to q's dtype the interpreter does by truncation (the GPU, as
-    PyTorch, to nearest)."""
-    if not INTERPRETER or q.dtype == torch.float32:
-        return rms_norm(q, w, eps)
-
-    def truncated(x):
-        return (x.float().contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32).to(q.dtype)
-
-    return truncated(truncated(q.float() * inverse_rms(q, eps)).float() * w.float())
-
-
 CROSS_CASES = [  # (B, N, H, d, L, dtype, padded): token and key counts that are not multiples of the tiles
     (1, 1, 1, 40, 1, torch.float32, False),
     (2, 37, 3, 40, 7, torch.bfloat16, True),
@@ -466,18 +454,16 @@ CROSS_CASES = [  # (B, N, H, d, L, dtype, padded): token and key counts that are
 @pytest.mark.parametrize("normed", [False, True])
 def test_cross_attention_matches_reference(B, N, H, d, L, dtype, padded, normed):
     """Against the reference in fp64 on the same (rounded) inputs, q given normed or as its projection with the norm's
-    weight (normed in the kernel); the padded keys of the shorter prompt change nothing."""
+    weight (normed in the kernel, against rms_norm in fp64); the padded keys of the shorter prompt change nothing."""
     g = torch.Generator().manual_seed(N + L)
     q, k, v, bias = prompt_attention_inputs(B, N, H, d, L, dtype, g, padded)
     q_norm = (1 + 0.5 * torch.randn(H * d, generator=g)).to(DEVICE, dtype), 1e-6
     o = cross_attention(q, k, v, bias, backend="triton", q_norm=q_norm if normed else None)
     assert o.dtype == q.dtype and o.shape == q.shape
     assert torch.isfinite(o).all(), "an output element was left unwritten (NaN poison survived)"
-    q_in = rms_norm_as_the_kernel_rounds(q, *q_norm) if normed else q
+    q_in = rms_norm(q.double(), q_norm[0].double(), q_norm[1]) if normed else q
     exact = cross_attention_ref(*(x if x is None else x.double() for x in (q_in, k, v, bias)))
     assert rel_err(o, exact) < TOL[dtype]
-    if normed:  # the norm in the kernel is rms_norm's arithmetic
-        assert torch.equal(o, cross_attention(q_in, k, v, bias, backend="triton"))
     if padded and B > 1:  # the second prompt's padding is never read: even NaN there changes nothing
         k2, v2 = k.clone(), v.clone()
         k2[1, :, -5:], v2[1, :, -5:] = float("nan"), float("nan")
@@ -901,7 +887,9 @@ def test_cross_attention_full_shape(dtype, monkeypatch):
     assert rel_err(o, exact) < max(TOL[dtype], 1.5 * rel_err(cross_attention_ref(q, k, v, bias), exact))
     q_norm = (1 + 0.5 * torch.randn(20 * 112, generator=torch.Generator().manual_seed(8))).to(DEVICE, dtype), 1e-6
     o = cross_attention(q, k, v, bias, backend="triton", q_norm=q_norm)  # q as its projection, normed inside
-    assert torch.equal(o, cross_attention(rms_norm(q, *q_norm), k, v, bias, backend="triton"))
+    exact = cross_attention_ref(rms_norm(q.double(), q_norm[0].double(), q_norm[1]), k.double(), v.double(),
+                                bias.double())
+    assert rel_err(o, exact) < max(TOL[dtype], 1.5 * rel_err(cross_attention(q, k, v, bias, "torch", q_norm), exact))
 
 
 @needs_cuda
