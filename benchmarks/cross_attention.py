@@ -26,34 +26,28 @@ import triton
 
 from longsana import fp8
 from longsana.benchmarks.fps import profile
+from longsana.benchmarks.kernels import D, L, N, bench_us, xa_inputs
 from longsana.config import TransformerConfig
 from longsana.kernels import triton_cross_attention as txa
 from longsana.kernels.cross_attention import cross_attention, cross_attention_ref
 from longsana.model import LongSANATransformer
 from longsana.testing import randomize_, rel_err
 
-N, H, d, L = 15600, 20, 112, 300  # a 10-latent-frame chunk's tokens at 480p; the prompt's heads; its padded length
 KEPT = (18, 64, 120, 200, 300)
 TILINGS = ((64, 64, 2, 8), (64, 64, 1, 4), (128, 64, 1, 8), (128, 32, 1, 8), (64, 32, 1, 4), (128, 64, 2, 8),
            (32, 64, 1, 4), (64, 16, 1, 4))  # (block_m, block_l, num_stages, num_warps)
 SWEPT_AT = (18, 120)  # kept tokens at which TILINGS are timed
 
 
-def bench_ms(f) -> float:
-    return triton.testing.do_bench(f, warmup=10, rep=200, return_mode="median")
-
-
-def bench_op(g, default_only: bool) -> dict:
-    q = torch.randn(1, N, H * d, device="cuda", generator=g).bfloat16()
-    k, v = (torch.randn(1, L, H, d, device="cuda", generator=g).bfloat16().transpose(1, 2) for _ in range(2))
-    w = (1 + 0.5 * torch.randn(H * d, device="cuda", generator=g)).bfloat16()
-    r = torch.rand(1, N, device="cuda", generator=g) + 0.5
+def bench_op(default_only: bool) -> dict:
+    g = torch.Generator().manual_seed(0)
+    w = (1 + 0.5 * torch.randn(D, generator=g)).cuda().bfloat16()
+    r = (torch.rand(1, N, generator=g) + 0.5).cuda()
     default, res = txa.CONFIG, {}
     for kept in KEPT:
-        bias = torch.zeros(1, 1, 1, L, device="cuda", dtype=torch.bfloat16)
-        bias[..., kept:] = -10000.0
+        q, k, v, bias = xa_inputs(g, kept)
         exact = cross_attention_ref(q.double(), k.double(), v.double(), bias.double())
-        row = res[kept] = dict(sdpa_us=bench_ms(lambda: cross_attention_ref(q, k, v, bias)) * 1e3,
+        row = res[kept] = dict(sdpa_us=bench_us(lambda: cross_attention_ref(q, k, v, bias)),
                                sdpa_err=rel_err(cross_attention_ref(q, k, v, bias), exact), kernel={})
         lines = [f"kept {kept:3d}: SDPA {row['sdpa_us']:7.1f} us (err {row['sdpa_err']:.2e})"]
         swept = kept in SWEPT_AT and not default_only
@@ -61,13 +55,13 @@ def bench_op(g, default_only: bool) -> dict:
             txa.CONFIG, name = t, f"{t.block_m}x{t.block_l} s{t.num_stages} w{t.num_warps}"
             try:
                 o = cross_attention(q, k, v, bias, backend="triton")
-                us = bench_ms(lambda: cross_attention(q, k, v, bias, backend="triton")) * 1e3
+                us = bench_us(lambda: cross_attention(q, k, v, bias, backend="triton"))
                 row["kernel"][name] = dict(us=us, err=rel_err(o, exact))
                 lines.append(f"  {name}: {us:7.1f} us (err {rel_err(o, exact):.2e})")
             except Exception as e:  # noqa: BLE001 (a tiling that does not compile or fit: reported, the rest go on)
                 lines.append(f"  {name}: {type(e).__name__} {str(e)[:80]}")
         txa.CONFIG = default
-        row["kernel_norm_inside_us"] = bench_ms(lambda: txa.cross_attention_triton(q, k, v, bias, w, r)) * 1e3
+        row["kernel_norm_inside_us"] = bench_us(lambda: txa.cross_attention_triton(q, k, v, bias, w, r))
         lines.append(f"  default tiling, q normed inside (w, r given): {row['kernel_norm_inside_us']:7.1f} us")
         print("\n".join(lines), flush=True)
     return res
@@ -112,7 +106,7 @@ def bench_model(g, kept: int) -> dict:
             print(f"{name:<16} compiled; rel. err vs fp32 {res[name]['err_vs_fp32']:.3e}", flush=True)
         for rnd in range(2):
             for name, f in fns.items():
-                res[name]["ms"].append(bench_ms(f))
+                res[name]["ms"].append(bench_us(f) / 1e3)
                 print(f"round {rnd}: {name:<16} {res[name]['ms'][-1]:8.3f} ms", flush=True)
         for p in ("bf16", "fp8"):
             print(f"{p}: kernel vs sdpa {rel_err(outs[f'{p} kernel'], outs[f'{p} sdpa']):.2e}, kernel+norm vs "
@@ -131,14 +125,13 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.cross_attention needs a CUDA GPU")
-    print(f"## cost card: q and the output {2 * N * H * d * 2 / 1e6:.0f} MB from memory a block, on "
+    print(f"## cost card: q and the output {2 * N * D * 2 / 1e6:.0f} MB from memory a block, on "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    g = torch.Generator("cuda").manual_seed(0)
     result = dict(bench="cross_attention", device=torch.cuda.get_device_name(), config=vars(a))
     if "op" in a.parts:
-        result["op"] = bench_op(g, a.default_only)
+        result["op"] = bench_op(a.default_only)
     if "model" in a.parts:
-        result["model"] = bench_model(g, a.kept)
+        result["model"] = bench_model(torch.Generator("cuda").manual_seed(0), a.kept)
     print(json.dumps(result))
     return result
 

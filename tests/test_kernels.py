@@ -430,6 +430,8 @@ def test_quantize_rows_too_wide_for_the_kernel_runs_the_reference(monkeypatch):
     assert not triton_quantize.supports(x)
     got, want = quantize_rows(x, backend="triton"), quantize_rows_ref(x)
     assert torch.equal(got.q.float(), want.q.float()) and torch.equal(got.scale, want.scale)
+
+
 def prompt_attention_inputs(B, N, H, d, L, dtype, g, padded=True):
     """q (B, N, H*d) as the q projection gives it; k, v (B, H, L, d) as `CrossAttention.text_kv` gives them (views
     of (B, L, H, d) memory); the padding bias of prompts of different lengths (0 kept, -10000 dropped), or None."""
