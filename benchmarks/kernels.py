@@ -345,16 +345,33 @@ def compile_for(kernel, signature: dict[str, str], consts: dict, arch: int, divi
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def stack_bytes(compiled) -> int:
-    """Bytes of stack a thread of a compiled kernel uses: register spills, read off its cubin by the cuobjdump that
-    Triton carries. Nonzero means the kernel spills (on the H200 an unrolled glu_conv spilled 4.5 KB and ran 12x
-    slower than inductor's unfused code)."""
+def cuobjdump(compiled, flag: str) -> str:
+    """The output of the cuobjdump that Triton carries, run with `flag` on a compiled kernel's cubin."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return max(int(n) for n in re.findall(r"STACK:(\d+)", usage))
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def stack_bytes(compiled) -> int:
+    """Bytes of stack a thread of a compiled kernel uses: register spills. Nonzero means the kernel spills (on the
+    H200 an unrolled glu_conv spilled 4.5 KB and ran 12x slower than inductor's unfused code)."""
+    return max(int(n) for n in re.findall(r"STACK:(\d+)", cuobjdump(compiled, "-res-usage")))
+
+
+def loop_instructions(compiled) -> list[str]:
+    """The machine (SASS) instructions of a compiled kernel's last loop, from the target of its last backward
+    branch to the branch: what a thread issues per iteration, the cost of a kernel that is bound by issuing them."""
+    lines = re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.+?)\s*;", cuobjdump(compiled, "-sass"), re.M)
+    start = end = None
+    for addr, text in lines:
+        target = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < int(addr, 16):
+            start, end = int(target.group(1), 16), int(addr, 16)
+    if start is None:
+        raise ValueError("no loop in this kernel")
+    return [text for addr, text in lines if start <= int(addr, 16) <= end]
 
 
 def la_compile(kernel, dtype: str, block_n: int, stages: int, warps: int, arch: int, eps: str = "fp32"):

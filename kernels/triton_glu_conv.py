@@ -13,9 +13,15 @@ and right neighbours of tile j's columns are tiles j - 1 and j + 1, already SiLU
 and tile K - 1's right neighbours are loaded (from L1) and SiLU'd a second time, K + 2 tiles a row instead of 3K.
 At 480p a row is 52 columns: 7 tiles of 8 (56 lanes) or 4 of 16 (64). The taps (9, 2C) come in fp32, tap-major,
 loaded once per program; the SiLU of the bf16 input can run two elements an instruction ("tanh_bf16x2").
-Compiled for sm_90 (Triton 3.6, on a CPU), a thread's row step at the default setting is 627 SASS instructions for
-its 14 pixels of both halves, where the kernel before this design spent 1,351 on 16 (3x the SiLUs, the taps
-converted from bf16 in every step), over 31 steps a 30-row frame instead of 34.
+
+What a row step issues beyond its 252 multiply-adds (a thread's 14 pixels of both halves, 9 taps each) is kept
+small: the frame's height, width and channels are compile-time constants (one build per resolution), so every load
+and store of a step is a fixed offset from one address, not a 64-bit address computed per tile; the packed SiLU
+hands its two results out as fp32 (a shift and a mask); the gate half sums g / 2 (its taps and bias halved, exact),
+which is what its SiLU takes; the sums are written as FMAs (Triton 3.9 left some as a multiply and an add).
+Compiled for sm_90 on a CPU (`tests/test_kernels.py` counts it), the default setting's row step is 494 SASS
+instructions with Triton 3.6 and 496 with 3.9, against 627 and 641 before, and 1,351 for 16 pixels in the kernel
+before the phases (3x the SiLUs, the taps converted from bf16 in every step).
 
 Tried and dropped: a pixel's neighbours taken from other lanes (tl.gather, warp shuffles) rather than loaded again
 was slower than loading (1,113 against 857 us a block, H200), rows loaded through a Hopper TMA descriptor no faster
@@ -39,7 +45,8 @@ SILU_MODES = ("exp", "tanh", "tanh_bf16x2")
 @dataclass
 class GluConvConfig:
     """Tiling and SiLU: the fastest measured on an H100 (Triton 3.6), 379.6 us a block against 909.1 us for the
-    reference compiled by inductor (benchmarks/RESULTS.md, 2026-12-07). benchmarks/kernels.py --sweep tunes them."""
+    reference compiled by inductor (benchmarks/RESULTS.md, 2026-12-07; before the row step's cut above, which is not
+    timed yet). benchmarks/kernels.py --sweep tunes them."""
     phases: int = 7  # K: a strip's row as K interleaved tiles (above); a strip is K x block_x columns
     block_x: int = 8  # columns of a tile, a power of 2: 7 x 8 covers a 52-pixel row at 480p with 4 lanes to spare
     block_c: int = 32  # output channels per program
@@ -56,22 +63,23 @@ CONFIG = GluConvConfig()
 
 
 @triton.jit
-def _silu(x, TANH: tl.constexpr):
-    """fp32 x -> SiLU(x) = x sigmoid(x), sigmoid(x) = (1 + tanh(x / 2)) / 2."""
+def _silu_of_double(h, TANH: tl.constexpr):
+    """fp32 h -> SiLU(2 h) = 2h sigmoid(2h) = h + h tanh(h): one FMA after the tanh."""
     if TANH:
-        half = 0.5 * x
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [half], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-        return half + half * t  # one FMA
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [h], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.fma(h, t, h)
+    x = 2.0 * h
     return x / (1.0 + tl.exp(-x))
 
 
 @triton.jit
 def _silu_bf16x2(x):
-    """bf16 x -> SiLU(x) in bf16, two elements an instruction: h = x/2 (exact), h + h tanh(h) (sm_90)."""
+    """bf16 x -> SiLU(x) rounded to bf16, returned in fp32: h = x/2 (exact), h + h tanh(h), two elements an
+    instruction (sm_90); the bf16 pair comes out as two fp32 values (a shift and a mask), not unpacked by the caller."""
     return tl.inline_asm_elementwise(
-        "{ .reg .b32 c, h, t; mov.b32 c, 0x3F003F00; mul.rn.bf16x2 h, $1, c; tanh.approx.bf16x2 t, h; "
-        "fma.rn.bf16x2 $0, h, t, h; }", "=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
+        "{ .reg .b32 c, h, t, s; mov.b32 c, 0x3F003F00; mul.rn.bf16x2 h, $2, c; tanh.approx.bf16x2 t, h; "
+        "fma.rn.bf16x2 s, h, t, h; shl.b32 $0, s, 16; and.b32 $1, s, 0xffff0000; }", "=r,=r,r", [x],
+        dtype=tl.float32, is_pure=True, pack=2)
 
 
 @triton.jit
@@ -84,20 +92,21 @@ def _silu_row(h_frame, r, x, half, c, H, W, C, SILU: tl.constexpr, EVEN_C: tl.co
         ok = ok & (c < C)[None, :]
     h = tl.load(h_frame + (r * W + x)[:, None] * (2 * C) + half * C + c[None, :], mask=ok, other=0.0)
     if SILU == 2:
-        return _silu_bf16x2(h).to(tl.float32)
-    return _silu(h.to(tl.float32), SILU == 1)
+        return _silu_bf16x2(h)
+    return _silu_of_double(0.5 * h.to(tl.float32), SILU == 1)
 
 
 @triton.jit
-def _taps(w_ptr, half, c, C, EVEN_C: tl.constexpr):
-    """The nine fp32 taps of half `half` for channels c, kernel row-major, each (1, BLOCK_C); w_ptr: (9, 2C)."""
+def _taps(w_ptr, half, c, C, scale, EVEN_C: tl.constexpr):
+    """The nine fp32 taps of half `half` for channels c times `scale`, kernel row-major, each (1, BLOCK_C); w_ptr:
+    (9, 2C)."""
     taps = ()
     for t in tl.static_range(9):
         w = w_ptr + t * 2 * C + half * C + c
         if EVEN_C:
-            taps = taps + (tl.load(w)[None, :],)
+            taps = taps + (scale * tl.load(w)[None, :],)
         else:
-            taps = taps + (tl.load(w, mask=c < C, other=0.0)[None, :],)
+            taps = taps + (scale * tl.load(w, mask=c < C, other=0.0)[None, :],)
     return taps
 
 
@@ -116,16 +125,16 @@ def _sweep_row(h_frame, r, xk, half, c, H, W, C, above, level, bias, taps, K: tl
     below = ()
     for j in tl.static_range(K):
         left, mid, right = s[j], s[j + 1], s[j + 2]
-        new_above = new_above + (above[j] + left * w6 + mid * w7 + right * w8,)
-        new_level = new_level + (level[j] + left * w3 + mid * w4 + right * w5,)
-        below = below + (bias + left * w0 + mid * w1 + right * w2,)
+        new_above = new_above + (tl.fma(right, w8, tl.fma(mid, w7, tl.fma(left, w6, above[j]))),)
+        new_level = new_level + (tl.fma(right, w5, tl.fma(mid, w4, tl.fma(left, w3, level[j]))),)
+        below = below + (tl.fma(right, w2, tl.fma(mid, w1, tl.fma(left, w0, bias))),)
     return new_above, new_level, below
 
 
 @triton.jit
 def _glu_conv_kernel(
     h_ptr, w_ptr, b_ptr, o_ptr,  # h: (frames, H*W, 2C) contiguous; w: (9, 2C) fp32; b: (2C,); o: (frames, H*W, C)
-    H, W, C,
+    H: tl.constexpr, W: tl.constexpr, C: tl.constexpr,  # constants: each row step's loads at fixed offsets
     BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, K: tl.constexpr, SILU: tl.constexpr,
     STAGES: tl.constexpr, EVEN_C: tl.constexpr,  # EVEN_C: C is a multiple of BLOCK_C, no channel masks
 ):
@@ -139,7 +148,7 @@ def _glu_conv_kernel(
     o_frame = o_ptr + frame.to(tl.int64) * H * W * C
     zero = tl.zeros((BLOCK_X, BLOCK_C), tl.float32)
     bias_a = zero + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    bias_g = zero + tl.load(b_ptr + C + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    bias_g = zero + 0.5 * tl.load(b_ptr + C + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     zeros = ()
     level_a = ()
     level_g = ()
@@ -152,8 +161,9 @@ def _glu_conv_kernel(
     # row, the padding: its loads are masked off)
     y1 = tl.minimum(y0 + ROWS, H)  # past the strip's last row
     above_a, above_g = zeros, zeros
-    # the taps in registers for the whole sweep: loaded in the loop, they cost more instructions and registers
-    taps_a, taps_g = _taps(w_ptr, 0, c, C, EVEN_C), _taps(w_ptr, 1, c, C, EVEN_C)
+    # the taps in registers for the whole sweep (loaded in the loop, they cost more instructions and registers); the
+    # gate half's halved, as its bias is, so that it sums g / 2 (exact in fp32), what its SiLU takes (_silu_of_double)
+    taps_a, taps_g = _taps(w_ptr, 0, c, C, 1.0, EVEN_C), _taps(w_ptr, 1, c, C, 0.5, EVEN_C)
     for r in tl.range(tl.maximum(y0 - 1, 0), y1 + 1, num_stages=STAGES):
         a, level_a, below_a = _sweep_row(h_frame, r, xk, 0, c, H, W, C, above_a, level_a, bias_a, taps_a, K, SILU,
                                          EVEN_C)
@@ -163,7 +173,7 @@ def _glu_conv_kernel(
             x = xk + j
             y = x * 0 + r - 1
             ok = ((y >= y0) & (y < y1) & (x < W))[:, None] & c_ok[None, :]
-            gated = a[j] * _silu(g[j], SILU > 0)
+            gated = a[j] * _silu_of_double(g[j], SILU > 0)
             tl.store(o_frame + (y * W + x)[:, None] * C + c[None, :], gated.to(o_ptr.dtype.element_ty), mask=ok)
         above_a, level_a, above_g, level_g = level_a, below_a, level_g, below_g
 
@@ -193,9 +203,8 @@ def glu_conv_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, h
     taps = weight.new_empty((9, C2), dtype=torch.float32).copy_(weight.reshape(C2, 9).t())
     strips = triton.cdiv(height, CONFIG.rows) * triton.cdiv(width, CONFIG.phases * CONFIG.block_x)
     grid = (frames, strips, triton.cdiv(C, CONFIG.block_c))
-    wrap_triton(_glu_conv_kernel)[grid](h, taps, bias.contiguous(), o, height, width, C,
+    wrap_triton(_glu_conv_kernel)[grid](h, taps, bias.contiguous(), o, H=height, W=width, C=C,
                                         BLOCK_X=CONFIG.block_x, BLOCK_C=CONFIG.block_c, ROWS=CONFIG.rows,
-                                        K=CONFIG.phases,
-                                        SILU=silu_mode(h), STAGES=CONFIG.num_stages, EVEN_C=C % CONFIG.block_c == 0,
-                                        num_warps=CONFIG.num_warps)
+                                        K=CONFIG.phases, SILU=silu_mode(h), STAGES=CONFIG.num_stages,
+                                        EVEN_C=C % CONFIG.block_c == 0, num_warps=CONFIG.num_warps)
     return o
