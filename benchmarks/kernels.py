@@ -376,14 +376,16 @@ def loop_instructions(compiled) -> list[str]:
 
 def la_compile(kernel, dtype: str, block_n: int, stages: int, warps: int, arch: int, eps: str = "fp32"):
     """A linear-attention kernel at head dim 112 (BLOCK_D 128), norming q or k as the model has it, compiled for
-    sm_<arch>; eps: the type its eps argument is given (a launch passes fp32, inductor fp64)."""
+    sm_<arch> with the alignment of the model's launch: pointers, strides and token counts multiples of 16 (not the
+    head count). eps: the type its eps argument is given (a launch passes fp32, inductor fp64)."""
     exact = dtype == "fp32"
     consts = dict(D=112, BLOCK_D=128, BLOCK_N=block_n, COS_ALIGN=8, PRECISION="ieee" if exact else None,
                   HI_LO=not exact, UPCAST=False, NORM=True)
     fp32 = ("S_ptr", "z_ptr", "cos_ptr", "sin_ptr", "w_ptr", "r_ptr")
     signature = {name: ("*fp32" if name in fp32 else f"*{dtype}") if name.endswith("_ptr") else
                  eps if name == "eps" else "i32" for name in kernel.arg_names if name not in consts}
-    return compile_for(kernel, signature, consts, arch, num_warps=warps, num_stages=stages)
+    aligned = [name for name in signature if name not in ("H", "eps")]
+    return compile_for(kernel, signature, consts, arch, divisible=aligned, num_warps=warps, num_stages=stages)
 
 
 def la_shared_memory(kernel, dtype: str, block_n: int, stages: int, warps: int, arch: int) -> int:

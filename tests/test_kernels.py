@@ -661,6 +661,7 @@ def test_fake_tensors_give_shapes():
 def test_tile_is_the_largest_that_fits():
     tile = triton_linear_attention.tile
     assert tile(torch.bfloat16, SHARED_MEMORY[90]) == (128, 2)  # the tuned default
+    assert tile(torch.bfloat16, SHARED_MEMORY[80]) == (64, 2)  # an A100 lacks the 225 KB of (128, 2)
     assert tile(torch.float32, SHARED_MEMORY[90]) == (64, 2)  # (128, 2) would take 256 KB
     assert tile(torch.float16, SHARED_MEMORY[89]) == tile(torch.float32, SHARED_MEMORY[89]) == (64, 1)
     assert tile(torch.float32, 64 * 1024) is None and tile(torch.float64, None) is None
