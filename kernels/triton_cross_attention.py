@@ -21,7 +21,8 @@ and the kernel scales each row's scores by its r with the softmax scale. The nor
 this kernel's read of it, become a reduction that reads u once (the entry point's `inverse_rms`), and q goes to the
 tensor cores as it is loaded: normed in registers instead, Triton loaded it again from shared memory for every key
 tile (compiled for sm_90: 16 ldmatrix against 8 without the norm; the tests count them), and the kernel took 105
-against 79 us a block at 18 kept keys, 269 against 218 at 300 (H100). The result is rms_norm's to rounding, not bitwise: q normed is never rounded to the dtype, w k is.
+against 79 us a block at 18 kept keys, 269 against 218 at 300 (H100). The result is rms_norm's to rounding, not
+bitwise: q normed is never rounded to the dtype, w k is.
 
 Scores, the softmax and the accumulator are fp32; 16-bit inputs multiply on tensor cores in their dtype, the
 probabilities rounded to it before the product with v (as flash attention does); fp32 inputs use exact fp32 ("ieee")
